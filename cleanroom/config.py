@@ -1,0 +1,88 @@
+"""Loading pydantic-validated configuration files (TOML or JSON) with clear, typed errors.
+
+Used for attestation policies, site and coordinator configuration: a missing file, bad syntax
+or a schema violation becomes one :class:`ConfigError` naming the file and every bad field.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, PlainSerializer, ValidationError
+
+from cleanroom.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or JSON (anything else) document into a dict."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            doc: Any = tomllib.loads(text)
+        else:
+            doc = json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a table/object")
+    return doc
+
+
+def load_model(model: type[M], path: Path, **context: Any) -> M:
+    """Validate the document at ``path`` against ``model``; ``context`` reaches validators."""
+    doc = read_document(Path(path))
+    try:
+        return model.model_validate(doc, context={"base_dir": Path(path).parent, **context})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def parse_model(model: type[M], data: dict[str, Any], source: str = "input") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def _hex_to_bytes(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0x")
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise ValueError("not a hex string") from None
+    return value
+
+
+def hex_bytes(size: int | None = None) -> Any:
+    """A bytes field written as hex in files; ``size`` (bytes) is enforced when given."""
+
+    def check(value: Any) -> Any:
+        value = _hex_to_bytes(value)
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError("expected a hex string")
+        if size is not None and len(value) != size:
+            raise ValueError(f"expected {size} bytes ({2 * size} hex digits), got {len(value)}")
+        return bytes(value)
+
+    return Annotated[bytes, BeforeValidator(check), PlainSerializer(lambda b: b.hex(),
+                                                                    return_type=str)]

@@ -1,0 +1,98 @@
+"""One error hierarchy for the whole project.
+
+Every failure a caller can act on is a subclass of :class:`CleanroomError`, so the CLI and the
+daemons can turn any of them into a clear message and an exit code instead of a traceback.
+Attestation errors name the field that was wrong, the value found and the value expected.
+"""
+
+from __future__ import annotations
+
+
+class CleanroomError(Exception):
+    """Base class of every error Cleanroom FL raises on purpose."""
+
+
+# --------------------------------------------------------------------------- attestation
+
+
+class AttestationError(CleanroomError):
+    """Base class of evidence parsing and verification errors."""
+
+
+class ParseError(AttestationError):
+    """Evidence bytes do not form a well-formed structure.
+
+    ``field`` names the report/quote field that was wrong (``"VERSION"``, ``"header.tee_type"``...).
+    """
+
+    def __init__(self, field: str, detail: str) -> None:
+        self.field = field
+        self.detail = detail
+        super().__init__(f"field {field}: {detail}")
+
+
+class UnsupportedFormatError(ParseError):
+    """The bytes are neither an SEV-SNP report nor a TDX quote, or a version we do not know."""
+
+
+class CertificateError(AttestationError):
+    """A certificate could not be parsed, or is not the kind of certificate expected."""
+
+
+class CollateralError(AttestationError):
+    """TDX collateral (TCB info, QE identity, CRLs) is malformed, unsigned or out of date."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigError(CleanroomError):
+    """A configuration or policy file is missing, unreadable or invalid.
+
+    The message names the file and, for schema errors, every field that was wrong.
+    """
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class ProtocolError(CleanroomError):
+    """A wire message is malformed, out of place, or fails a binding check."""
+
+
+class EnvelopeError(ProtocolError):
+    """A ciphertext envelope could not be opened (wrong key, wrong binding, tampering)."""
+
+
+class UpdateRejected(ProtocolError):
+    """A decrypted model update failed validation (shape, dtype, finite values, norm)."""
+
+
+class SiteRefusal(CleanroomError):
+    """A site refuses a piece of work; ``code`` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+class PrivacyBudgetExceeded(SiteRefusal):
+    """Training would take the site past its (epsilon, delta) budget."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("privacy-budget", detail)
+
+
+class LedgerError(CleanroomError):
+    """The sealed privacy ledger is unreadable, tampered with, or sealed under another key."""
+
+
+class AuditChainError(CleanroomError):
+    """The audit chain is malformed or fails verification; ``index`` is the first bad entry."""
+
+    def __init__(self, index: int | None, detail: str) -> None:
+        self.index = index
+        self.detail = detail
+        where = f"entry {index}" if index is not None else "audit log"
+        super().__init__(f"{where}: {detail}")

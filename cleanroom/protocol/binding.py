@@ -1,0 +1,47 @@
+"""The report_data binding: what a site's evidence must commit to, computed by both sides.
+
+``report_data = SHA-512(tag || run || round || site || nonce || site key || model digest ||
+node key)`` with every field length-prefixed, so no two different tuples hash the same input.
+The coordinator recomputes it from *its own* challenge and compares it to the hardware
+report_data (constant time); a stale nonce, a replayed report, another site's key or another
+model all change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+DOMAIN_TAG = b"cleanroom-fl/attestation-binding/v1"
+NONCE_SIZE = 32
+REPORT_DATA_SIZE = 64
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack("<I", len(value)) + value
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Everything the evidence binds for one (run, round, site) challenge."""
+
+    run_id: str
+    round: int
+    site: str
+    nonce: bytes
+    site_public_key: bytes  # raw HPKE public key of the site's ephemeral key pair
+    model_digest: str  # hex SHA-256 of the global model the site is about to receive
+    node_public_key: bytes = b""  # Flower node identity key (deployment), empty in simulation
+
+    def report_data(self) -> bytes:
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        h = hashlib.sha512(_field(DOMAIN_TAG))
+        for part in (self.run_id.encode(), struct.pack("<Q", self.round), self.site.encode(),
+                     self.nonce, self.site_public_key, bytes.fromhex(self.model_digest),
+                     self.node_public_key):
+            h.update(_field(part))
+        digest = h.digest()
+        assert len(digest) == REPORT_DATA_SIZE
+        return digest

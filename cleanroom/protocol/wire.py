@@ -1,0 +1,97 @@
+"""Wire schemas both sides agree on (pydantic v2), independent of the transport.
+
+A Flower adapter (``cleanroom.protocol.flower``) puts these into message records; nothing here
+imports Flower. Binary fields are hex in JSON; large binary payloads (evidence, ciphertexts)
+travel beside the JSON header as raw bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from cleanroom.config import hex_bytes
+
+PROTOCOL_VERSION = 1
+
+Hex32 = hex_bytes(32)
+HexDigest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+SiteName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DpPlan(_Wire):
+    """What the coordinator asks for; each site still applies its own budget and caps."""
+
+    enabled: bool = True
+    epsilon: float = Field(1.0, gt=0, description="Target epsilon per site for the whole run.")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class TrainPlan(_Wire):
+    """Training work for one run; lets a site check its budget before it attests."""
+
+    rounds: int = Field(gt=0, le=100_000)
+    local_steps: int = Field(gt=0, le=100_000, description="DP-SGD steps per round.")
+    sample_rate: float = Field(gt=0, le=1, description="Poisson sampling rate per step.")
+    lr: float = Field(gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    dp: DpPlan = DpPlan()
+    model: str = Field(description="Model name in the registry (models/).")
+    model_architecture_digest: HexDigest
+    max_update_norm: float = Field(gt=0, description="L2 bound on (update - global model).")
+
+
+class AttestChallenge(_Wire):
+    """Coordinator -> site, first message of every round."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    run_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=1)
+    nonce: Hex32  # type: ignore[valid-type]
+    coordinator_public_key: Hex32  # type: ignore[valid-type]
+    model_digest: HexDigest
+    plan: TrainPlan
+    coordinator_id: str = Field(default="", max_length=128,
+                                description="Fingerprint of the coordinator's signing key.")
+    issued_at: float
+
+
+class Refusal(_Wire):
+    """A site's typed refusal (privacy budget, policy, approval...)."""
+
+    code: str = Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")
+    detail: str = Field(max_length=2000)
+
+
+class AttestResponse(_Wire):
+    """Site -> coordinator. Evidence and its endorsement travel as raw bytes beside this."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    site: SiteName
+    run_id: str
+    round: int
+    nonce: Hex32  # type: ignore[valid-type]
+    site_public_key: Hex32 | None = None  # type: ignore[valid-type]
+    node_public_key: str = Field("", max_length=512, description="hex, deployment only")
+    provider: str = ""
+    refusal: Refusal | None = None
+
+
+class EnvelopeHeader(_Wire):
+    """Describes a ciphertext (model to a site, update back); the bytes travel beside it."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    direction: Literal["model", "update", "evaluate"]
+    run_id: str
+    round: int
+    site: SiteName
+    model_digest: HexDigest
+    suite: str
+    ciphertext_sha256: HexDigest

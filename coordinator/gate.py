@@ -1,0 +1,193 @@
+"""The attestation gate: fresh challenges, evidence verification, admission decisions.
+
+Flower-independent and synchronous: the strategy wrapper asks it for a challenge per site and
+round, and hands it each reply. A site is admitted only if its reply echoes an unused nonce the
+coordinator issued to that node for this run and round, its evidence verifies against the
+policy, and the hardware REPORT_DATA equals the binding the coordinator computes itself.
+Issued and consumed nonces are persisted, so a replay is refused even after a restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cleanroom.attestation import trust
+from cleanroom.attestation.evidence import Endorsements, trusted_amd_chains, verify_evidence
+from cleanroom.attestation.validate.policy import Policy
+from cleanroom.attestation.verdict import Verdict
+from cleanroom.errors import ProtocolError
+from cleanroom.protocol.binding import NONCE_SIZE, Binding
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, TrainPlan
+
+log = logging.getLogger(__name__)
+
+
+class NonceStore:
+    """Issued / consumed nonces; persisted as fsync'd JSON lines when ``path`` is given."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._issued: dict[str, tuple[str, int, int]] = {}
+        self._consumed: set[str] = set()
+        self._lock = threading.Lock()
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # torn last line after a crash: that nonce was never sent
+                if rec.get("op") == "issue":
+                    self._issued[rec["nonce"]] = (rec["run_id"], int(rec["round"]),
+                                                  int(rec["node"]))
+                elif rec.get("op") == "consume":
+                    self._consumed.add(rec["nonce"])
+
+    def _write(self, rec: dict[str, object]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def issue(self, run_id: str, round: int, node_id: int) -> bytes:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        with self._lock:
+            self._issued[nonce.hex()] = (run_id, round, node_id)
+            self._write({"op": "issue", "nonce": nonce.hex(), "run_id": run_id,
+                         "round": round, "node": node_id})
+        return nonce
+
+    def consume(self, nonce: bytes, run_id: str, round: int, node_id: int) -> str | None:
+        """Mark used; returns None if fine, else why the nonce is not acceptable."""
+        key = nonce.hex()
+        with self._lock:
+            issued = self._issued.get(key)
+            if issued is None:
+                return "nonce was never issued by this coordinator"
+            if issued != (run_id, round, node_id):
+                return f"nonce was issued for run {issued[0]} round {issued[1]} node " \
+                       f"{issued[2]}, not this one"
+            if key in self._consumed:
+                return "nonce was already used (replay)"
+            self._consumed.add(key)
+            self._write({"op": "consume", "nonce": key})
+        return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gate's decision about one site for one round."""
+
+    node_id: int
+    site: str | None
+    admitted: bool
+    reason: str
+    verdict: Verdict | None = None
+    site_public_key: bytes | None = None
+    evidence_sha256: str | None = None
+    refusal_code: str | None = None
+    verify_seconds: float = 0.0
+
+    def summary(self) -> dict[str, object]:
+        """Audit/report view: digests and reasons, never evidence bytes or keys."""
+        out: dict[str, object] = {"node_id": self.node_id, "site": self.site,
+                                  "admitted": self.admitted, "reason": self.reason,
+                                  "evidence_sha256": self.evidence_sha256}
+        if self.verdict is not None and self.verdict.claims is not None:
+            c = self.verdict.claims
+            out.update(measurement=c.measurement.hex(), format=c.format, root=c.root,
+                       simulated=c.simulated, debug=c.debug)
+        if self.verdict is not None:
+            out["checks"] = [f"{'ok' if k.passed else 'FAIL'} {k.name}"
+                             for k in self.verdict.checks]
+        if self.refusal_code:
+            out["refusal"] = self.refusal_code
+        return out
+
+
+class AttestationGate:
+    """Issues challenges and admits or quarantines sites."""
+
+    def __init__(self, policy: Policy, nonces: NonceStore | None = None, *,
+                 coordinator_id: str = "",
+                 clock: Callable[[], dt.datetime] | None = None,
+                 node_keys: dict[int, bytes] | None = None,
+                 node_sites: dict[int, str] | None = None) -> None:
+        self.policy = policy
+        self.nonces = nonces or NonceStore()
+        self.coordinator_id = coordinator_id
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.node_keys = node_keys
+        self.node_sites = node_sites
+        self._chains: tuple[trust.AmdChain, ...] = trusted_amd_chains(policy)
+        self.policy_digest = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()
+
+    def challenge(self, *, run_id: str, round: int, node_id: int, model_digest: str,
+                  coordinator_public_key: bytes, plan: TrainPlan) -> AttestChallenge:
+        return AttestChallenge(run_id=run_id, round=round,
+                               nonce=self.nonces.issue(run_id, round, node_id),
+                               coordinator_public_key=coordinator_public_key,
+                               model_digest=model_digest, plan=plan,
+                               coordinator_id=self.coordinator_id, issued_at=time.time())
+
+    def admit(self, node_id: int, challenge: AttestChallenge, response: AttestResponse,
+              evidence: bytes, endorsement: bytes) -> Admission:
+        site = response.site
+        evidence_sha = hashlib.sha256(evidence).hexdigest() if evidence else None
+
+        def quarantine(reason: str, **kw: object) -> Admission:
+            return Admission(node_id=node_id, site=site, admitted=False, reason=reason,
+                             evidence_sha256=evidence_sha, **kw)  # type: ignore[arg-type]
+
+        if (response.run_id, response.round, response.nonce) != (
+                challenge.run_id, challenge.round, challenge.nonce):
+            return quarantine("protocol: reply does not answer this round's challenge "
+                              "(run, round or nonce differ)")
+        if self.node_sites is not None and self.node_sites.get(node_id) != site:
+            return quarantine(f"identity: node {node_id} is registered as "
+                              f"{self.node_sites.get(node_id)!r}, not {site!r}")
+        if response.refusal is not None:
+            label = response.refusal.code.replace("-", " ")
+            return quarantine(f"{label}: {response.refusal.detail}",
+                              refusal_code=response.refusal.code)
+        problem = self.nonces.consume(challenge.nonce, challenge.run_id, challenge.round,
+                                      node_id)
+        if problem is not None:
+            return quarantine(f"freshness: {problem}")
+        if response.site_public_key is None or not evidence:
+            return quarantine("protocol: no evidence or no site key in the reply")
+        node_key = bytes.fromhex(response.node_public_key) if response.node_public_key else b""
+        if self.node_keys is not None and self.node_keys.get(node_id, b"") != node_key:
+            return quarantine("identity: the node key bound in the evidence is not the key "
+                              f"this node authenticated with (node {node_id})")
+        binding = Binding(run_id=challenge.run_id, round=challenge.round, site=site,
+                          nonce=challenge.nonce, site_public_key=response.site_public_key,
+                          model_digest=challenge.model_digest, node_public_key=node_key)
+        policy = self.policy.model_copy(update={"report_data": binding.report_data()})
+        start = time.perf_counter()
+        verdict = verify_evidence(evidence, policy=policy, at=self.clock(),
+                                  endorsements=Endorsements(key_certificate=endorsement or None),
+                                  amd_chains=self._chains)
+        elapsed = time.perf_counter() - start
+        if not verdict.accepted:
+            return quarantine(f"attestation: {verdict.summary}", verdict=verdict,
+                              verify_seconds=elapsed)
+        return Admission(node_id=node_id, site=site, admitted=True, reason="attested",
+                         verdict=verdict, site_public_key=response.site_public_key,
+                         evidence_sha256=evidence_sha, verify_seconds=elapsed)
+
+
+def protocol_failure(node_id: int, exc: ProtocolError | Exception) -> Admission:
+    return Admission(node_id=node_id, site=None, admitted=False, reason=f"protocol: {exc}")

@@ -1,0 +1,378 @@
+"""ConfidentialStrategy: adds attestation and end-to-end encryption to any Flower strategy.
+
+It wraps an ``flwr.serverapp.strategy`` strategy (FedAvg, FedProx, FedAdam, FedYogi, FedMedian,
+Krum, ...) and changes only the steps confidentiality touches:
+
+* ``configure_train``: challenge every connected node with a fresh nonce; verify the evidence
+  (:class:`coordinator.gate.AttestationGate`); quarantine the failures for this round; let the
+  inner strategy sample and configure *only attested nodes*; replace each message's plaintext
+  ArrayRecord by an HPKE ciphertext to the key that node's evidence bound.
+* ``aggregate_train``: open each reply with this round's coordinator key, validate the update
+  (names, shapes, dtypes, finite, norm bound), hand the plaintext to the inner strategy.
+* ``configure_evaluate``: the same encryption for the evaluation model, attested nodes only.
+* ``aggregate_evaluate`` / ``summary``: passed through, plus the round record.
+
+Example::
+
+    strategy = ConfidentialStrategy(FedAdam(), gate=AttestationGate(policy), plan=plan)
+    strategy.start(grid, initial_arrays, num_rounds=5)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from cleanroom.errors import CleanroomError, ProtocolError
+from cleanroom.protocol.arrays import arrays_digest
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+from cleanroom.protocol.flower import (
+    ATTEST_MESSAGE_TYPE,
+    ENVELOPE_RECORD,
+    arrays_to_numpy,
+    challenge_content,
+    envelope_header,
+    open_arrays,
+    read_attest,
+    seal_arrays,
+)
+from cleanroom.protocol.wire import AttestChallenge, TrainPlan
+from coordinator.gate import Admission, AttestationGate
+from coordinator.validation import validate_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRound:
+    """What happened with one site in one round (digests and metrics only)."""
+
+    site: str
+    node_id: int
+    admission: dict[str, Any]
+    admitted: bool
+    reason: str
+    model_ciphertext_sha256: str | None = None
+    update_ciphertext_sha256: str | None = None
+    update_norm: float | None = None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """Everything the coordinator knows about one round; feeds reports, MLflow and the audit."""
+
+    round: int
+    run_id: str
+    model_digest: str
+    sites: dict[str, SiteRound] = field(default_factory=dict)
+    aggregate_digest: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    started_at: float = field(default_factory=time.time)
+    attestation_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    seconds: float = 0.0
+    skipped: str | None = None
+
+    @property
+    def attested(self) -> list[str]:
+        return sorted(s.site for s in self.sites.values() if s.admitted)
+
+    @property
+    def quarantined(self) -> dict[str, str]:
+        return {s.site: s.reason for s in sorted(self.sites.values(), key=lambda s: s.site)
+                if not s.admitted}
+
+
+class AttestedGrid(Grid):
+    """A view of a Grid that lists only the nodes attested this round."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._nodes = list(node_ids)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass
+class _Session:
+    node_id: int
+    site: str
+    public_key: bytes
+
+
+def required_nodes(inner: Strategy) -> int:
+    """How many nodes the inner strategy insists on (it would wait forever for fewer)."""
+    need = 1
+    for attr in ("min_available_nodes", "min_train_nodes"):
+        value = getattr(inner, attr, None)
+        if isinstance(value, int):
+            need = max(need, value)
+    return need
+
+
+class ConfidentialStrategy(Strategy):
+    """Wraps ``inner`` so that only attested sites train, on encrypted models and updates."""
+
+    def __init__(self, inner: Strategy, *, gate: AttestationGate, plan: TrainPlan,
+                 attest_timeout: float = 120.0,
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        if not isinstance(inner, Strategy):
+            raise ValueError("inner must be a flwr.serverapp.strategy.Strategy")
+        if isinstance(inner, ConfidentialStrategy):
+            raise ValueError("inner is already confidential")
+        if attest_timeout <= 0:
+            raise ValueError("attest_timeout must be > 0")
+        self.inner = inner
+        self.gate = gate
+        self.plan = plan
+        self.attest_timeout = attest_timeout
+        self.on_round = on_round
+        self.min_sites = required_nodes(inner)
+        self.records: list[RoundRecord] = []
+        self._current: RoundRecord | None = None
+        self._keys: KeyPair | None = None
+        self._sessions: dict[int, _Session] = {}
+        self._global: OrderedDict[str, np.ndarray] | None = None
+        self._site_names: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _run_id(grid: Grid) -> str:
+        return str(grid.run.run_id)
+
+    def _label(self, node_id: int, claimed: str | None = None) -> str:
+        if claimed:
+            self._site_names[node_id] = claimed
+        return self._site_names.get(node_id, f"node-{node_id}")
+
+    def _quarantine(self, record: RoundRecord, admission: Admission) -> None:
+        site = self._label(admission.node_id, admission.site)
+        record.sites[site] = SiteRound(site=site, node_id=admission.node_id,
+                                       admission=admission.summary(), admitted=False,
+                                       reason=admission.reason)
+        log.warning("round %d: %s quarantined: %s", record.round, site, admission.reason)
+
+    # ------------------------------------------------------------------ attestation
+    def _attest(self, server_round: int, grid: Grid, record: RoundRecord) -> None:
+        run_id = record.run_id
+        node_ids = list(grid.get_node_ids())
+        challenges: dict[int, AttestChallenge] = {}
+        messages = []
+        for node_id in node_ids:
+            challenge = self.gate.challenge(
+                run_id=run_id, round=server_round, node_id=node_id,
+                model_digest=record.model_digest,
+                coordinator_public_key=self._keys.public_bytes,  # type: ignore[union-attr]
+                plan=self.plan)
+            challenges[node_id] = challenge
+            content = challenge_content(challenge)
+            record.bytes_sent += len(challenge.model_dump_json())
+            messages.append(Message(content, node_id, ATTEST_MESSAGE_TYPE,
+                                    group_id=str(server_round)))
+        start = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=self.attest_timeout))
+        record.attestation_seconds = time.perf_counter() - start
+        answered: set[int] = set()
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if node_id not in challenges or node_id in answered:
+                continue
+            answered.add(node_id)
+            if reply.has_error():
+                self._quarantine(record, Admission(node_id, None, False,
+                                                   f"site error: {reply.error.reason}"))
+                continue
+            try:
+                response, evidence, endorsement = read_attest(reply.content)
+            except ProtocolError as exc:
+                self._quarantine(record, Admission(node_id, None, False, f"protocol: {exc}"))
+                continue
+            record.bytes_received += len(evidence) + len(endorsement)
+            taken = {s.site for s in record.sites.values()}
+            if response.site in taken:
+                self._quarantine(record, Admission(node_id, None, False,
+                                                   f"identity: site name {response.site!r} "
+                                                   "already answered this round"))
+                continue
+            admission = self.gate.admit(node_id, challenges[node_id], response, evidence,
+                                        endorsement)
+            record.verify_seconds += admission.verify_seconds
+            if not admission.admitted:
+                self._quarantine(record, admission)
+                continue
+            site = self._label(node_id, admission.site)
+            self._sessions[node_id] = _Session(node_id, site,
+                                               admission.site_public_key)  # type: ignore[arg-type]
+            record.sites[site] = SiteRound(site=site, node_id=node_id,
+                                           admission=admission.summary(), admitted=True,
+                                           reason="attested")
+        for node_id in node_ids:
+            if node_id not in answered:
+                self._quarantine(record, Admission(node_id, None, False,
+                                                   "no attestation reply before the timeout"))
+
+    def _seal_messages(self, messages: Iterable[Message], direction: str, record: RoundRecord,
+                       model_digest: str) -> list[Message]:
+        sealed = []
+        for msg in messages:
+            session = self._sessions.get(msg.metadata.dst_node_id)
+            if session is None:  # inner strategy chose a node we did not admit: never send
+                log.error("inner strategy addressed unattested node %d; message dropped",
+                          msg.metadata.dst_node_id)
+                continue
+            context = EnvelopeContext(direction, record.run_id, record.round,  # type: ignore[arg-type]
+                                      session.site, model_digest)
+            content, header = seal_arrays(msg.content, session.public_key, context)
+            ciphertext = content.config_records[ENVELOPE_RECORD]["ciphertext"]
+            record.bytes_sent += len(ciphertext)  # type: ignore[arg-type]
+            if direction == "model":
+                record.sites[session.site].model_ciphertext_sha256 = header.ciphertext_sha256
+            msg.content = content
+            sealed.append(msg)
+        return sealed
+
+    # ------------------------------------------------------------------ Strategy API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = arrays_to_numpy(arrays)
+        record = RoundRecord(round=server_round, run_id=self._run_id(grid),
+                             model_digest=arrays_digest(self._global))
+        self._current = record
+        self._keys = KeyPair.generate()
+        self._sessions = {}
+        self._attest(server_round, grid, record)
+        attested = sorted(self._sessions)
+        if len(attested) < self.min_sites:
+            record.skipped = (f"only {len(attested)} site(s) attested, the strategy needs "
+                              f"{self.min_sites}: no training this round")
+            log.error("round %d: %s", server_round, record.skipped)
+            return []
+        config["model"] = self.plan.model
+        inner_msgs = self.inner.configure_train(server_round, arrays, config,
+                                                AttestedGrid(grid, attested))
+        return self._seal_messages(inner_msgs, "model", record, record.model_digest)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self._current
+        assert record is not None and self._keys is not None and self._global is not None
+        plain: list[Message] = []
+        for reply in replies:
+            session = self._sessions.get(reply.metadata.src_node_id)
+            if session is None:
+                continue
+            site_round = record.sites[session.site]
+            if reply.has_error():
+                self._reject(record, session.site, f"site error: {reply.error.reason}")
+                continue
+            try:
+                header = envelope_header(reply.content)
+                context = EnvelopeContext("update", record.run_id, server_round, session.site,
+                                          record.model_digest)
+                content, update = open_arrays(reply.content, self._keys, context)
+                site_round.update_ciphertext_sha256 = header.ciphertext_sha256
+                record.bytes_received += len(
+                    reply.content.config_records[ENVELOPE_RECORD]["ciphertext"])  # type: ignore[arg-type]
+                site_round.update_norm = validate_update(update, self._global,
+                                                         max_norm=self.plan.max_update_norm)
+            except CleanroomError as exc:
+                self._reject(record, session.site, f"update rejected: {exc}")
+                continue
+            for metrics in content.metric_records.values():
+                site_round.train_metrics = {k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                                            if isinstance(v, (int, float))}
+            reply.content = content
+            plain.append(reply)
+        if not plain:
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round, plain)
+        if arrays is not None:
+            record.aggregate_digest = arrays_digest(arrays_to_numpy(arrays))
+        return arrays, metrics
+
+    def _reject(self, record: RoundRecord, site: str, reason: str) -> None:
+        site_round = record.sites[site]
+        site_round.admitted = False
+        site_round.reason = reason
+        self._sessions = {k: v for k, v in self._sessions.items() if v.site != site}
+        log.warning("round %d: %s", record.round, reason)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        record = self._current
+        if record is None or record.skipped or not self._sessions:
+            return []
+        config["model"] = self.plan.model
+        inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
+                                                   AttestedGrid(grid, sorted(self._sessions)))
+        digest = arrays_digest(arrays_to_numpy(arrays))
+        return self._seal_messages(inner_msgs, "evaluate", record, digest)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        record = self._current
+        replies = list(replies)
+        ok = []
+        for reply in replies:
+            session = self._sessions.get(reply.metadata.src_node_id)
+            if session is None or record is None:
+                continue
+            if reply.has_error():
+                log.warning("round %d: evaluation error at %s: %s", server_round, session.site,
+                            reply.error.reason)
+                continue
+            for metrics in reply.content.metric_records.values():
+                record.sites[session.site].eval_metrics = {
+                    k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                    if isinstance(v, (int, float))}
+            ok.append(reply)
+        result = self.inner.aggregate_evaluate(server_round, ok) if ok else None
+        if record is not None:
+            record.seconds = time.time() - record.started_at
+            self.records.append(record)
+            self._sessions = {}
+            self._keys = None  # round keys live for one round
+            if self.on_round is not None:
+                self.on_round(record)
+        return result
+
+    def summary(self) -> None:
+        log.info("ConfidentialStrategy: attested, HPKE-encrypted rounds around %s",
+                 type(self.inner).__name__)
+        self.inner.summary()
+
+

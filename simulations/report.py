@@ -1,0 +1,116 @@
+"""report.json and report.png of a federated run, built from the coordinator's round records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from coordinator.strategy import RoundRecord
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) -> dict[str, Any]:
+    """One element of report["rounds"]; ``epsilon_so_far`` carries each site's cumulative ε."""
+    metrics = {site: {"accuracy": s.eval_metrics["accuracy"], "loss": s.eval_metrics["loss"]}
+               for site, s in sorted(record.sites.items())
+               if "accuracy" in s.eval_metrics and "loss" in s.eval_metrics}
+    for site, s in record.sites.items():
+        if "epsilon-run" in s.train_metrics:
+            epsilon_so_far[site] = s.train_metrics["epsilon-run"]
+        else:
+            epsilon_so_far.setdefault(site, None)
+    return {
+        "round": record.round,
+        "attested": record.attested,
+        "quarantined": record.quarantined,
+        "metrics": metrics,
+        "accuracy_mean": _mean([m["accuracy"] for m in metrics.values()]),
+        "loss_mean": _mean([m["loss"] for m in metrics.values()]),
+        "epsilon": dict(sorted(epsilon_so_far.items())),
+        "skipped": record.skipped,
+        "model_digest": record.model_digest,
+        "aggregate_digest": record.aggregate_digest,
+        "update_norm": {site: s.update_norm for site, s in sorted(record.sites.items())
+                        if s.update_norm is not None},
+        "bytes_sent": record.bytes_sent,
+        "bytes_received": record.bytes_received,
+        "seconds": round(record.seconds, 4),
+        "attestation_seconds": round(record.attestation_seconds, 4),
+        "verify_seconds": round(record.verify_seconds, 4),
+    }
+
+
+def build_report(records: list[RoundRecord], **extra: Any) -> dict[str, Any]:
+    epsilon: dict[str, float | None] = {}
+    rounds = [round_entry(r, epsilon) for r in records]
+    final_metrics = next((r["metrics"] for r in reversed(rounds) if r["metrics"]), {})
+    report: dict[str, Any] = {
+        "rounds": rounds,
+        "final": {
+            "accuracy_mean": _mean([m["accuracy"] for m in final_metrics.values()]),
+            "accuracy": {s: m["accuracy"] for s, m in final_metrics.items()},
+            "loss": {s: m["loss"] for s, m in final_metrics.items()},
+            "epsilon": dict(sorted(epsilon.items())),
+        },
+    }
+    report.update(extra)
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    path = Path(out_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    return path
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Accuracy and ε per round, per site, with quarantines marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    sites = sorted({s for r in rounds for s in (*r["attested"], *r["quarantined"])})
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sites)}
+    fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(12, 4.5))
+    xs = [r["round"] for r in rounds]
+    for site in sites:
+        acc = [r["metrics"].get(site, {}).get("accuracy", math.nan) for r in rounds]
+        ax_acc.plot(xs, acc, marker="o", ms=3, lw=1, color=colors[site], label=site)
+        eps = [r["epsilon"].get(site) for r in rounds]
+        eps_vals = [math.nan if e is None else e for e in eps]
+        ax_eps.plot(xs, eps_vals, marker="o", ms=3, lw=1, color=colors[site], label=site)
+    mean = [math.nan if r["accuracy_mean"] is None else r["accuracy_mean"] for r in rounds]
+    ax_acc.plot(xs, mean, color="black", lw=2.5, label="client average")
+    first = True
+    for r in rounds:
+        for site in r["quarantined"]:
+            ax_acc.axvline(r["round"], color="red", alpha=0.08, lw=6)
+            ax_acc.scatter([r["round"]], [0.02 + 0.04 * sites.index(site)], marker="x",
+                           color=colors[site], s=40, label="quarantined" if first else None)
+            first = False
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title("Accuracy per site (x = quarantined that round)")
+    ax_acc.legend(fontsize=7, loc="lower right")
+    ax_eps.set_xlabel("round")
+    ax_eps.set_ylabel("cumulative ε (this run)")
+    ax_eps.set_title("Privacy spent per site")
+    if any(e is not None for r in rounds for e in r["epsilon"].values()):
+        ax_eps.legend(fontsize=7, loc="upper left")
+    else:
+        ax_eps.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax_eps.transAxes)
+    for ax in (ax_acc, ax_eps):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(xs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,150 @@
+"""Simulation scenarios: honest federations and the hostile sites we defend against.
+
+Each hostile behaviour is a real attack on the protocol, not a flag the coordinator reads:
+
+* ``tampered-site`` - the site runs modified code (a copy of ``site_agent`` whose DP noise is
+  switched off); the simulated TEE measures that code, so its MEASUREMENT differs.
+* ``replayed-evidence`` - the site re-sends evidence it recorded earlier (last round's, or a
+  report captured before the run for round 1) instead of fresh evidence.
+* ``forged-evidence`` - the site alters its report after the AMD-SP signed it (signature breaks).
+* ``debug-enclave`` - the site's guest was launched with the DEBUG policy bit.
+* ``over-budget`` - the site's lifetime privacy budget is tiny; it refuses and is quarantined.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cleanroom.attestation.abi import snp as abi
+from cleanroom.attestation.simulated import measure_code
+from site_agent.enclave import EnclaveProvider, Evidence
+
+SCENARIOS: dict[str, str] = {
+    "honest": "all sites honest",
+    "tampered-site": "one site runs modified code (different measurement)",
+    "replayed-evidence": "one site re-sends last round's evidence",
+    "forged-evidence": "one site alters its signed report (bad signature)",
+    "debug-enclave": "one site's enclave has the debug policy bit set",
+    "over-budget": "one site has a tiny privacy budget",
+}
+OVER_BUDGET_EPSILON = 0.05
+TAMPER_TARGET = "training.py"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """The hostile behaviour of one site (``kind`` is a scenario name)."""
+
+    kind: str
+
+
+class ReplayingProvider:
+    """Wraps an honest provider and answers every challenge with previously seen evidence."""
+
+    def __init__(self, inner: EnclaveProvider) -> None:
+        self.inner = inner
+        self.name = inner.name
+        # Evidence captured before the run (for a challenge that is not this run's).
+        self._last: Evidence = inner.evidence(os.urandom(abi.REPORT_DATA_SIZE))
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        replayed = self._last
+        self._last = self.inner.evidence(report_data)  # keep "last round's" for the next one
+        return replayed
+
+    def sealing_key(self, label: bytes) -> bytes:
+        return self.inner.sealing_key(label)
+
+
+class ForgingProvider:
+    """Wraps an honest provider and edits the report after signing (e.g. a better TCB)."""
+
+    def __init__(self, inner: EnclaveProvider) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        honest = self.inner.evidence(report_data)
+        forged = bytearray(honest.data)
+        forged[abi.OFF_GUEST_SVN] ^= 0x01  # claim another guest SVN; the signature now fails
+        return Evidence(honest.format, bytes(forged), honest.endorsement, honest.provider)
+
+    def sealing_key(self, label: bytes) -> bytes:
+        return self.inner.sealing_key(label)
+
+
+def tampered_code_measurement(code_roots: list[Path]) -> bytes:
+    """Measurement of a modified copy of the site code: DP noise forced to zero."""
+    with tempfile.TemporaryDirectory(prefix="cleanroom-tampered-") as tmp:
+        roots = []
+        for root in code_roots:
+            dst = Path(tmp) / root.name
+            shutil.copytree(root, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            roots.append(dst)
+        target = next((r / TAMPER_TARGET for r in roots if (r / TAMPER_TARGET).exists()), None)
+        if target is None:
+            target = roots[0] / "tampered.py"
+            target.write_text("")
+        with open(target, "a") as fh:
+            fh.write("\n# tampered build: exfiltrate updates without noise\nNOISE_OVERRIDE = 0.0\n")
+        return measure_code(roots)
+
+
+class SimulatedSites:
+    """Maps a Flower node (its ``partition-id``) to that site's runtime, per process.
+
+    Picklable (only configurations travel to simulation workers); each worker process builds
+    the runtimes it needs once: providers load the site's persistent simulated chip from its
+    state folder, hostile sites get their faulty provider.
+    """
+
+    def __init__(self, configs: list, faults: dict[str, Fault]) -> None:
+        self.configs = list(configs)
+        self.faults = dict(faults)
+        self._cache: dict[int, object] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"configs": self.configs, "faults": self.faults}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.configs = state["configs"]  # type: ignore[assignment]
+        self.faults = state["faults"]  # type: ignore[assignment]
+        self._cache = {}
+
+    def site_index(self, ctx: object) -> int:
+        node_config = ctx.node_config  # type: ignore[attr-defined]
+        return int(node_config["partition-id"])
+
+    def __call__(self, ctx: object):  # -> SiteRuntime
+        index = self.site_index(ctx)
+        runtime = self._cache.get(index)
+        if runtime is None:
+            runtime = self._build(index)
+            self._cache[index] = runtime
+        return runtime
+
+    def _build(self, index: int):  # -> SiteRuntime
+        from cleanroom.attestation.simulated import load_simulated_root
+        from site_agent.enclave import SimulatedProvider
+        from site_agent.runtime import build_runtime, code_measurement, site_code_roots
+
+        config = self.configs[index]
+        fault = self.faults.get(config.site)
+        root = load_simulated_root(config.enclave.simulated_root)
+        state = config.state_dir / "enclave"
+        kind = fault.kind if fault else "honest"
+        if kind == "tampered-site":
+            measurement = tampered_code_measurement(site_code_roots())
+        else:
+            measurement = code_measurement()
+        provider: EnclaveProvider = SimulatedProvider.launch(
+            root, state, measurement, debug=(kind == "debug-enclave"))
+        if kind == "replayed-evidence":
+            provider = ReplayingProvider(provider)
+        elif kind == "forged-evidence":
+            provider = ForgingProvider(provider)
+        return build_runtime(config, provider)

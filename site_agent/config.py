@@ -1,0 +1,103 @@
+"""Site configuration (pydantic): what a hospital's IT team writes in ``site.toml``.
+
+Every section documents its fields; unknown keys are refused so a typo never silently changes
+behaviour. Paths are resolved relative to the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from cleanroom.config import load_model
+from cleanroom.protocol.wire import SiteName
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    if value is not None and base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+class DataConfig(_Section):
+    """Where the site's data is. It is read inside the enclave and never leaves it."""
+
+    kind: Literal["heart-disease", "synthetic"] = "heart-disease"
+    name: str = Field(description="heart-disease: cleveland|hungary|switzerland|va; "
+                      "synthetic: any label")
+    path: Path | None = Field(None, description="Folder with the data files (default: the "
+                              "vendored copy).")
+    index: int = Field(0, ge=0, description="synthetic: partition index")
+    n_train: int = Field(200, gt=0)
+    n_test: int = Field(100, gt=0)
+    seed: int = 0
+
+    _resolve_path = field_validator("path")(classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+class EnclaveConfig(_Section):
+    """The site's TEE evidence provider."""
+
+    provider: Literal["simulated", "configfs-tsm"] = "simulated"
+    tsm_root: Path = Field(Path("/sys/kernel/config/tsm/report"),
+                           description="configfs-tsm report folder")
+    privlevel: int | None = Field(None, ge=0, le=3, description="SNP VMPL to request")
+    vcek_path: Path | None = Field(None, description="VCEK/VLEK PEM when the host provides "
+                                   "no certificate table")
+    sealing_secret_path: Path | None = Field(None, description="configfs-tsm: file holding "
+                                             "the enclave-derived sealing secret")
+    simulated_root: Path | None = Field(None, description="simulated: folder written by "
+                                        "'cleanroom attest simulate-root'")
+
+    _resolve_paths = field_validator("tsm_root", "vcek_path", "sealing_secret_path",
+                                     "simulated_root")(
+        classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+class PrivacyConfig(_Section):
+    """The site's differential-privacy budget (its own; the coordinator cannot raise it)."""
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    lifetime_epsilon: float = Field(10.0, gt=0, description="Total epsilon over all runs.")
+    max_epsilon_per_run: float = Field(1.0, gt=0, description="Cap on one run's epsilon.")
+    allow_no_dp: bool = Field(False, description="Accept runs without DP (never for real "
+                              "patient data).")
+
+
+class SitePolicyConfig(_Section):
+    """Which work this site accepts (job approval and allow-lists)."""
+
+    coordinators: list[str] = Field(default_factory=list, description="Allowed coordinator key "
+                                    "fingerprints (hex). Any if empty.")
+    models: list[str] = Field(default_factory=list, description="Allowed model architecture "
+                              "digests. Any if empty.")
+    require_approval: bool = Field(False, description="New runs wait for 'cleanroom site "
+                                   "approve RUN_ID'.")
+
+
+class SiteConfig(_Section):
+    """Everything one site agent needs."""
+
+    site: SiteName
+    state_dir: Path = Field(description="Sealed store: ledger, approvals, enclave state.")
+    data: DataConfig
+    enclave: EnclaveConfig = EnclaveConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    policy: SitePolicyConfig = SitePolicyConfig()
+    node_public_key: Path | None = Field(None, description="Flower node auth public key "
+                                         "(deployment): bound into every attestation.")
+    seed: int = 0
+
+    _resolve_paths = field_validator("state_dir", "node_public_key")(
+        classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    return load_model(SiteConfig, Path(path))

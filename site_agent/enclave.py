@@ -1,0 +1,245 @@
+"""Enclave providers: where a site gets its TEE evidence and its sealing key.
+
+* :class:`ConfigfsTsmProvider` - Linux configfs-tsm (``/sys/kernel/config/tsm/report``), the
+  kernel interface that serves both SEV-SNP (provider ``sev_guest``) and TDX (``tdx_guest``)
+  guests. It writes the 64-byte report_data to ``inblob`` and reads ``outblob`` (the report or
+  quote) and, for SNP, ``auxblob`` (the host-provided certificate table holding the VCEK).
+* :class:`SimulatedProvider` - the simulated TEE (:mod:`cleanroom.attestation.simulated`),
+  for development and the simulation; same report format, simulated root.
+
+A provider never decides whether its evidence is good; the coordinator does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cleanroom.attestation.abi.amd_cert import load_certificates, pick_key_certificate
+from cleanroom.attestation.simulated import (
+    SimulatedChip,
+    SimulatedRoot,
+    SimulatedTcb,
+    issue_vcek,
+    write_private,
+)
+from cleanroom.errors import CleanroomError
+
+log = logging.getLogger(__name__)
+
+REPORT_DATA_SIZE = 64
+DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
+MAX_BLOB = 64 * 1024
+
+# GUIDs of the SEV-SNP extended-report certificate table (GHCB spec / SNP ABI).
+GUID_VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
+GUID_VLEK = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
+GUID_ASK = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
+GUID_ARK = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
+CERT_TABLE_ENTRY = 24  # 16-byte GUID, u32 offset, u32 length
+
+
+class EnclaveError(CleanroomError):
+    """The enclave provider could not produce evidence or a key."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a site sends to prove its enclave: the raw report/quote and its endorsement."""
+
+    format: str  # "sev-snp" | "tdx"
+    data: bytes
+    endorsement: bytes = b""  # SNP: VCEK/VLEK (PEM or DER); TDX: empty (PCK chain is inside)
+    provider: str = ""
+
+
+class EnclaveProvider(Protocol):
+    """Interface of every provider."""
+
+    name: str
+
+    def evidence(self, report_data: bytes) -> Evidence: ...
+
+    def sealing_key(self, label: bytes) -> bytes: ...
+
+
+# ----------------------------------------------------------------------------- configfs-tsm
+
+
+def parse_cert_table(aux: bytes) -> dict[uuid.UUID, bytes]:
+    """Parse the SNP certificate table (GUID, offset, length entries, zero entry ends it)."""
+    table: dict[uuid.UUID, bytes] = {}
+    pos = 0
+    while pos + CERT_TABLE_ENTRY <= len(aux):
+        guid = uuid.UUID(bytes_le=aux[pos:pos + 16])
+        offset = int.from_bytes(aux[pos + 16:pos + 20], "little")
+        length = int.from_bytes(aux[pos + 20:pos + 24], "little")
+        if guid.int == 0 and offset == 0 and length == 0:
+            return table
+        if offset + length > len(aux) or length == 0:
+            raise EnclaveError(f"auxblob certificate entry {guid} is out of range")
+        table[guid] = aux[offset:offset + length]
+        pos += CERT_TABLE_ENTRY
+    raise EnclaveError("auxblob certificate table has no terminating entry")
+
+
+class ConfigfsTsmProvider:
+    """Evidence from Linux configfs-tsm, for real SEV-SNP and TDX guests."""
+
+    def __init__(self, root: Path = DEFAULT_TSM_ROOT, *, privlevel: int | None = None,
+                 vcek_path: Path | None = None, sealing_secret_path: Path | None = None) -> None:
+        self.root = Path(root)
+        self.privlevel = privlevel
+        self.vcek_path = vcek_path
+        self.sealing_secret_path = sealing_secret_path
+        self.name = "configfs-tsm"
+
+    def available(self) -> bool:
+        return self.root.is_dir()
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_BLOB + 1)
+        except OSError as exc:
+            raise EnclaveError(f"cannot read {path}: {exc.strerror}") from None
+        if len(data) > MAX_BLOB:
+            raise EnclaveError(f"{path} is larger than {MAX_BLOB} bytes")
+        return data
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise EnclaveError(f"report_data must be {REPORT_DATA_SIZE} bytes")
+        if not self.available():
+            raise EnclaveError(f"{self.root} does not exist: is configfs mounted and is this a "
+                               "SEV-SNP or TDX guest with the tsm report module loaded?")
+        entry = self.root / f"cleanroom-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            entry.mkdir()
+        except OSError as exc:
+            raise EnclaveError(f"cannot create {entry}: {exc.strerror}") from None
+        try:
+            provider = self._read(entry / "provider").decode(errors="replace").strip()
+            if self.privlevel is not None:
+                (entry / "privlevel").write_text(str(self.privlevel))
+            generation_before = self._read(entry / "generation").strip()
+            with open(entry / "inblob", "wb") as fh:
+                fh.write(report_data)
+            outblob = self._read(entry / "outblob")
+            aux = self._read(entry / "auxblob") if (entry / "auxblob").exists() else b""
+            generation_after = self._read(entry / "generation").strip()
+            expected = str(int(generation_before or b"0") + 1).encode()
+            if generation_after != expected:
+                raise EnclaveError("configfs-tsm report changed while reading (another writer "
+                                   f"used {entry.name}); retry")
+        finally:
+            try:
+                entry.rmdir()
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("could not remove %s: %s", entry, exc.strerror)
+        if provider.startswith("sev_guest"):
+            return Evidence("sev-snp", outblob, self._snp_endorsement(aux), self.name)
+        if provider.startswith("tdx_guest"):
+            return Evidence("tdx", outblob, b"", self.name)
+        raise EnclaveError(f"unknown configfs-tsm provider {provider!r}")
+
+    def _snp_endorsement(self, aux: bytes) -> bytes:
+        if aux:
+            table = parse_cert_table(aux)
+            for guid in (GUID_VCEK, GUID_VLEK):
+                if guid in table:
+                    return table[guid]
+        if self.vcek_path is not None:
+            try:
+                data = self.vcek_path.read_bytes()
+            except OSError as exc:
+                raise EnclaveError(f"cannot read VCEK {self.vcek_path}: {exc.strerror}") from None
+            pick_key_certificate(load_certificates(data))  # fail early on a wrong file
+            return data
+        raise EnclaveError("the host provides no certificate table (auxblob) and no vcek_path is "
+                           "configured: fetch the VCEK from AMD KDS once and set vcek_path")
+
+    def sealing_key(self, label: bytes) -> bytes:
+        """Key for the sealed store.
+
+        The SEV-SNP derived key comes from the guest device (MSG_KEY_REQ), which configfs-tsm
+        does not expose; a deployment passes it through ``sealing_secret_path`` (a file the
+        guest's boot obtains from ``/dev/sev-guest`` or a key broker, readable only by the
+        daemon). We derive per-label keys from it.
+        """
+        if self.sealing_secret_path is None:
+            raise EnclaveError("no sealing secret configured (sealing_secret_path)")
+        try:
+            secret = self.sealing_secret_path.read_bytes()
+        except OSError as exc:
+            raise EnclaveError(f"cannot read sealing secret: {exc.strerror}") from None
+        if len(secret) < 32:
+            raise EnclaveError("sealing secret must be at least 32 bytes")
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"cleanroom-fl/sealing-key/v1\0" + label).derive(secret)
+
+
+# ----------------------------------------------------------------------------- simulated
+
+CHIP_KEY = "chip_vcek_key.pem"
+CHIP_ID = "chip_id.bin"
+
+
+class SimulatedProvider:
+    """The simulated TEE for one site; its chip (VCEK key, chip id) persists in ``state_dir``.
+
+    The measurement is computed at launch from the code the site runs, so it changes when the
+    code does; the chip identity and hence the sealing key survive restarts.
+    """
+
+    def __init__(self, chip: SimulatedChip) -> None:
+        self.chip = chip
+        self.name = "simulated"
+
+    @classmethod
+    def launch(cls, root: SimulatedRoot, state_dir: Path, measurement: bytes, *,
+               debug: bool = False) -> SimulatedProvider:
+        state_dir = Path(state_dir)
+        key_path, id_path = state_dir / CHIP_KEY, state_dir / CHIP_ID
+        if key_path.exists() and id_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise EnclaveError(f"{key_path} is not an EC key")
+            chip_id = id_path.read_bytes()
+        else:
+            key = ec.generate_private_key(ec.SECP384R1())
+            chip_id = secrets.token_bytes(64)
+            write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+            write_private(id_path, chip_id)
+        tcb = SimulatedTcb()
+        _, vcek = issue_vcek(root, chip_id, tcb, key=key)
+        chip = SimulatedChip(vcek_key=key, vcek=vcek, chip_id=chip_id, measurement=measurement,
+                             tcb=tcb)
+        if debug:
+            from cleanroom.attestation.abi.snp import POLICY_DEBUG_BIT
+
+            chip.guest_policy |= 1 << POLICY_DEBUG_BIT
+        return cls(chip)
+
+    @property
+    def measurement(self) -> bytes:
+        return self.chip.measurement
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        return Evidence("sev-snp", self.chip.report(report_data), self.chip.vcek_pem, self.name)
+
+    def sealing_key(self, label: bytes) -> bytes:
+        return self.chip.derived_key(label)

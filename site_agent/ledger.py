@@ -1,0 +1,158 @@
+"""The site's privacy ledger: every DP charge, sealed, persisted, and checked against budgets.
+
+One ledger per site lives across rounds, runs and restarts (it is a :class:`SealedJournal`).
+The accountant is never re-made per round: epsilon is always recomputed from the *whole* charge
+history with the same RDP accountant that calibrated the noise. A charge is written in two
+phases: ``reserve`` (before training, with the planned steps, after checking both budgets) and
+``commit`` (after training, with the steps actually taken, before the update leaves the site).
+A crash between the two leaves the reservation, which still counts: conservative, never lost,
+never counted twice (charges are keyed by run and round).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
+from site_agent.sealed import SealedJournal
+
+log = logging.getLogger(__name__)
+
+EPSILON_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One DP charge: ``steps`` Gaussian steps at ``noise_multiplier`` and ``sample_rate``."""
+
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    status: str  # "reserved" | "committed"
+    epsilon_after: float | None = None  # run-cumulative epsilon after this charge
+    recorded_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:{self.round}"
+
+    def history_entry(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Epsilon after a planned charge: for this run and over the site's lifetime."""
+
+    epsilon_round: float
+    epsilon_run: float
+    epsilon_lifetime: float
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    if not history:
+        return 0.0
+    from site_agent.training import epsilon_spent
+
+    return float(epsilon_spent(history, delta))
+
+
+class PrivacyLedger:
+    """Sealed, persistent DP accounting for one site."""
+
+    def __init__(self, path: Path, key: bytes, *, delta: float, lifetime_epsilon: float,
+                 run_epsilon: float | None = None) -> None:
+        if not 0 < delta < 1:
+            raise LedgerError(f"delta must be in (0, 1), got {delta}")
+        if lifetime_epsilon <= 0:
+            raise LedgerError(f"lifetime epsilon must be > 0, got {lifetime_epsilon}")
+        self.journal = SealedJournal(path, key, label="privacy-ledger")
+        self.delta = delta
+        self.lifetime_epsilon = lifetime_epsilon
+        self.run_epsilon = run_epsilon
+
+    def charges(self) -> list[Charge]:
+        """Effective charges: the latest record per (run, round), in first-seen order."""
+        latest: dict[str, Charge] = {}
+        for rec in self.journal.records():
+            if rec.get("kind") != "charge":
+                continue
+            charge = Charge(run_id=rec["run_id"], round=int(rec["round"]),
+                            noise_multiplier=float(rec["noise_multiplier"]),
+                            sample_rate=float(rec["sample_rate"]), steps=int(rec["steps"]),
+                            status=rec["status"], epsilon_after=rec.get("epsilon_after"),
+                            recorded_at=float(rec.get("recorded_at", 0.0)))
+            latest[charge.key] = charge
+        return list(latest.values())
+
+    def spent(self, run_id: str | None = None) -> float:
+        """Epsilon spent so far, over one run or (None) over the site's lifetime."""
+        history = [c.history_entry() for c in self.charges()
+                   if run_id is None or c.run_id == run_id]
+        return epsilon_of(history, self.delta)
+
+    def project(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
+                steps: int) -> Projection:
+        """Epsilon if this charge were added (replacing an earlier record of the same round)."""
+        key = f"{run_id}:{round}"
+        others = [c for c in self.charges() if c.key != key]
+        planned = (noise_multiplier, sample_rate, steps)
+        run_hist = [c.history_entry() for c in others if c.run_id == run_id]
+        life_hist = [c.history_entry() for c in others]
+        return Projection(epsilon_round=epsilon_of([planned], self.delta),
+                          epsilon_run=epsilon_of([*run_hist, planned], self.delta),
+                          epsilon_lifetime=epsilon_of([*life_hist, planned], self.delta))
+
+    def check(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
+              steps: int) -> Projection:
+        """Raise :class:`PrivacyBudgetExceeded` if the charge would pass either budget."""
+        if noise_multiplier <= 0 or not 0 < sample_rate <= 1 or steps < 0:
+            raise PrivacyBudgetExceeded(
+                f"invalid DP parameters (noise {noise_multiplier}, rate {sample_rate}, "
+                f"steps {steps}): training without noise cannot be accounted")
+        p = self.project(run_id, round, noise_multiplier, sample_rate, steps)
+        if p.epsilon_lifetime > self.lifetime_epsilon + EPSILON_TOLERANCE:
+            raise PrivacyBudgetExceeded(
+                f"round {round} would bring lifetime epsilon to {p.epsilon_lifetime:.3f} > "
+                f"budget {self.lifetime_epsilon:g} (delta {self.delta:g}); spent so far "
+                f"{self.spent():.3f}")
+        if self.run_epsilon is not None and p.epsilon_run > self.run_epsilon + EPSILON_TOLERANCE:
+            raise PrivacyBudgetExceeded(
+                f"round {round} would bring this run's epsilon to {p.epsilon_run:.3f} > "
+                f"per-run budget {self.run_epsilon:g}")
+        return p
+
+    def _append(self, charge: Charge) -> None:
+        self.journal.append({
+            "kind": "charge", "run_id": charge.run_id, "round": charge.round,
+            "noise_multiplier": charge.noise_multiplier, "sample_rate": charge.sample_rate,
+            "steps": charge.steps, "status": charge.status, "delta": self.delta,
+            "epsilon_after": charge.epsilon_after, "recorded_at": charge.recorded_at,
+        })
+
+    def reserve(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
+                steps: int) -> Projection:
+        """Check both budgets, then durably record the planned charge."""
+        p = self.check(run_id, round, noise_multiplier, sample_rate, steps)
+        self._append(Charge(run_id, round, noise_multiplier, sample_rate, steps, "reserved",
+                            p.epsilon_run, time.time()))
+        return p
+
+    def commit(self, run_id: str, round: int, steps_taken: int) -> Projection:
+        """Record the steps actually taken for a reserved round (durable before returning)."""
+        reserved = {c.key: c for c in self.charges()}.get(f"{run_id}:{round}")
+        if reserved is None:
+            raise LedgerError(f"no reservation for run {run_id} round {round}")
+        if steps_taken > reserved.steps:
+            raise LedgerError(f"run {run_id} round {round}: took {steps_taken} steps, "
+                              f"reserved only {reserved.steps}")
+        p = self.project(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
+                         steps_taken)
+        self._append(Charge(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
+                            steps_taken, "committed", p.epsilon_run, time.time()))
+        return p

@@ -1,0 +1,125 @@
+"""Binding, envelopes and the canonical array encoding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cleanroom.errors import EnvelopeError, ProtocolError
+from cleanroom.protocol.arrays import arrays_digest, decode_arrays, encode_arrays
+from cleanroom.protocol.binding import Binding
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair, open_sealed, seal
+
+DIGEST = "ab" * 32
+
+
+def binding(**kw) -> Binding:
+    base = dict(run_id="7", round=3, site="cleveland", nonce=b"\x01" * 32,
+                site_public_key=b"\x02" * 32, model_digest=DIGEST)
+    base.update(kw)
+    return Binding(**base)
+
+
+def test_binding_is_64_bytes_and_deterministic():
+    assert len(binding().report_data()) == 64
+    assert binding().report_data() == binding().report_data()
+
+
+@pytest.mark.parametrize("change", [
+    {"run_id": "8"}, {"round": 4}, {"site": "hungary"}, {"nonce": b"\x03" * 32},
+    {"site_public_key": b"\x04" * 32}, {"model_digest": "cd" * 32},
+    {"node_public_key": b"node-key"},
+])
+def test_every_bound_field_changes_report_data(change):
+    assert binding(**change).report_data() != binding().report_data()
+
+
+def test_length_prefix_prevents_ambiguity():
+    a = binding(run_id="1", site="2x")
+    b = binding(run_id="12", site="x")
+    assert a.report_data() != b.report_data()
+
+
+def test_nonce_size_enforced():
+    with pytest.raises(ValueError):
+        binding(nonce=b"short").report_data()
+
+
+def ctx(**kw) -> EnvelopeContext:
+    base = dict(direction="model", run_id="1", round=1, site="va", model_digest=DIGEST)
+    base.update(kw)
+    return EnvelopeContext(**base)
+
+
+def test_envelope_roundtrip():
+    kp = KeyPair.generate()
+    ct = seal(b"secret model", kp.public_bytes, ctx())
+    assert b"secret model" not in ct
+    assert open_sealed(ct, kp, ctx()) == b"secret model"
+
+
+@pytest.mark.parametrize("other", [
+    {"direction": "update"}, {"run_id": "2"}, {"round": 2}, {"site": "cleveland"},
+    {"model_digest": "cd" * 32},
+])
+def test_envelope_refuses_other_context(other):
+    kp = KeyPair.generate()
+    ct = seal(b"secret", kp.public_bytes, ctx())
+    with pytest.raises(EnvelopeError):
+        open_sealed(ct, kp, ctx(**other))
+
+
+def test_envelope_refuses_other_key_and_tampering():
+    kp = KeyPair.generate()
+    ct = seal(b"secret", kp.public_bytes, ctx())
+    with pytest.raises(EnvelopeError):
+        open_sealed(ct, KeyPair.generate(), ctx())
+    tampered = bytearray(ct)
+    tampered[-1] ^= 1
+    with pytest.raises(EnvelopeError):
+        open_sealed(bytes(tampered), kp, ctx())
+
+
+def test_bad_public_key_typed():
+    with pytest.raises(EnvelopeError):
+        seal(b"x", b"short", ctx())
+
+
+def test_arrays_roundtrip_and_digest():
+    arrays = OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3),
+                         b=np.array([1.5], dtype=np.float64))
+    out = decode_arrays(encode_arrays(arrays))
+    assert list(out) == ["w", "b"]
+    for k in arrays:
+        assert out[k].dtype == arrays[k].dtype and np.array_equal(out[k], arrays[k])
+    assert arrays_digest(out) == arrays_digest(arrays)
+    changed = OrderedDict(arrays, b=np.array([1.5000001], dtype=np.float64))
+    assert arrays_digest(changed) != arrays_digest(arrays)
+
+
+def test_arrays_refuse_unsupported_dtype():
+    with pytest.raises(ProtocolError):
+        encode_arrays({"x": np.array(["a"])})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decode_arrays_random_bytes_only_typed_errors(data):
+    with contextlib.suppress(ProtocolError):
+        decode_arrays(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 255))
+def test_decode_arrays_mutations_only_typed_errors(pos, value):
+    blob = bytearray(encode_arrays({"w": np.ones((3, 2), np.float32)}))
+    blob[pos % len(blob)] = value
+    with contextlib.suppress(ProtocolError):
+        decode_arrays(bytes(blob))
+
+

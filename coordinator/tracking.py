@@ -57,6 +57,13 @@ class MlflowTracker:
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=subdir)
 
+    def log_model(self, model: Any, registered_name: str) -> None:
+        """Log the final (aggregated) torch model and register it in the model registry."""
+        import mlflow.pytorch
+
+        mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
+                                 pip_requirements=["torch", "cleanroom-fl"])
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 
@@ -74,5 +81,7 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
+
+    def log_model(self, model: Any, registered_name: str) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...

@@ -108,6 +108,7 @@ def run_simulation(config: SimulationConfig,
     from coordinator.strategies import build_strategy
     from coordinator.strategy import ConfidentialStrategy, RoundRecord
     from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
+    from coordinator.model_card import build_model_card, write_model_card
     from models import architecture_digest
     from simulations.report import build_report, plot_report, round_entry, write_report
     from simulations.scenarios import SCENARIOS, Fault, SimulatedSites
@@ -144,6 +145,7 @@ def run_simulation(config: SimulationConfig,
     gate = AttestationGate(policy, NonceStore(out / "coordinator" / "nonces.jsonl"),
                            coordinator_id="simulation-coordinator")
     inner = build_strategy(config.strategy, min_nodes=2, **config.strategy_options)
+    audit = open_audit(out / "audit.jsonl", state / "coordinator" / "audit_signing_key.pem")
 
     tracker: Any = NullTracker()
     if config.tracking:
@@ -162,9 +164,19 @@ def run_simulation(config: SimulationConfig,
             "code_measurement": code_measurement().hex(),
         })
 
+    from coordinator.audit import public_key_hex
+    from coordinator.receipts import code_version, round_receipt
+
+    audit.append("run-start", {
+        "coordinator_public_key": public_key_hex(audit.key), "code_version": code_version(),
+        "run_id": str(config.seed + 1), "strategy": config.strategy, "sites": names,
+        "scenario": config.scenario, "policy_digest": gate.policy_digest,
+        "measurements": [m.hex() for m in policy.measurements],
+        "plan": plan.model_dump(mode="json")})
     epsilon_so_far: dict[str, float | None] = {}
 
     def record_round(record: RoundRecord) -> None:
+        audit.append("round-receipt", round_receipt(record, policy_digest=gate.policy_digest))
         entry = round_entry(record, dict(epsilon_so_far))
         for site, s in record.sites.items():
             if "epsilon-run" in s.train_metrics:
@@ -195,8 +207,22 @@ def run_simulation(config: SimulationConfig,
         if status != "FINISHED":
             tracker.end(status)
 
+    final_digest = None
+    if final_arrays is not None:
+        from cleanroom.protocol.arrays import arrays_digest
+        from cleanroom.protocol.flower import arrays_to_numpy
+
+        final_digest = arrays_digest(arrays_to_numpy(final_arrays))
+    last = strategy.records[-1] if strategy.records else None
+    head = audit.append("run-end", {
+        "rounds": len(strategy.records), "final_model_sha256": final_digest,
+        "attested_last_round": last.attested if last else [],
+        "epsilon": {s: e for s, e in epsilon_so_far.items()}})
+    tracker.set_tags({"audit_head": head, "audit_entries": str(audit.seq),
+                      "code_version": code_version()})
     report = build_report(
         strategy.records,
+        audit_log=str(audit.path), audit_head=head,
         mlflow={"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         config=config.model_dump(mode="json"),
         scenario={"name": config.scenario, "hostile_site": hostile,
@@ -206,18 +232,65 @@ def run_simulation(config: SimulationConfig,
                 "simulated_root": str(root.bundle_path)},
         seconds=round(time.time() - started, 3),
     )
+    report["model_card"] = str(out / "model_card.md")
     report_path = write_report(report, out)
     plot_path = plot_report(report, out / "report.png")
+    card = build_model_card(report, site_samples=_site_samples(strategy.records),
+                            architecture_digest=plan.model_architecture_digest,
+                            final_model_sha256=final_digest)
+    card_paths = write_model_card(card, out)
+    for path in card_paths:
+        tracker.log_artifact(path, "model_card")
     if final_arrays is not None:
         model_path = _save_model(final_arrays, out / "final_model.npz")
         tracker.log_artifact(model_path)
+        tracker.log_model(_torch_model(config.model, final_arrays),
+                          registered_name=f"cleanroom-{config.dataset}-{config.model}")
     tracker.log_artifact(report_path)
+    tracker.log_artifact(audit.path)
     tracker.log_artifact(plot_path)
     if report["final"]["accuracy_mean"] is not None:
         tracker.log_metrics({"final_accuracy_mean": report["final"]["accuracy_mean"]},
                             step=config.rounds)
     tracker.end("FINISHED")
     return SimulationResult(report, report_path, plot_path, time.time() - started)
+
+
+def open_audit(path: Path, key_path: Path) -> Any:
+    """The coordinator's audit log, with its signing key created on first use (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from cleanroom.attestation.simulated import write_private
+    from coordinator.audit import AuditLog, load_signing_key
+
+    if not key_path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return AuditLog(path, load_signing_key(key_path))
+
+
+def _site_samples(records: list[Any]) -> dict[str, dict[str, int]]:
+    samples: dict[str, dict[str, int]] = {}
+    for record in records:
+        for site, s in record.sites.items():
+            entry = samples.setdefault(site, {})
+            if "num-examples" in s.train_metrics:
+                entry["train"] = int(s.train_metrics["num-examples"])
+            if "num-examples" in s.eval_metrics:
+                entry["test"] = int(s.eval_metrics["num-examples"])
+    return samples
+
+
+def _torch_model(name: str, arrays: Any) -> Any:
+    from cleanroom.protocol.flower import arrays_to_numpy
+    from models import build_model, set_parameters
+
+    model = build_model(name)
+    set_parameters(model, arrays_to_numpy(arrays))
+    return model
 
 
 def _save_model(arrays: Any, path: Path) -> Path:

@@ -88,6 +88,10 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge) -> RoundSe
         raise SiteRefusal("model-not-allowed", f"model {plan.model} (architecture "
                           f"{plan.model_architecture_digest[:16]}...) is not allowed by this "
                           "site's policy")
+    if policy.require_approval and not runtime.approvals.is_approved(challenge.run_id):
+        raise SiteRefusal("approval-required", f"run {challenge.run_id} is not approved by "
+                          f"site {runtime.site}: approve it with 'cleanroom site approve "
+                          f"{challenge.run_id}'")
     from models import architecture_digest
 
     if architecture_digest(plan.model) != plan.model_architecture_digest:

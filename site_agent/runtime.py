@@ -17,6 +17,7 @@ from site_agent.data import SiteData, load_heart_disease_site, synthetic_site
 
 from cleanroom.attestation.simulated import load_simulated_root, measure_code
 from cleanroom.errors import ConfigError
+from site_agent.approvals import Approvals
 from site_agent.config import SiteConfig
 from site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from site_agent.ledger import PrivacyLedger
@@ -80,6 +81,10 @@ class SiteRuntime:
         if d.kind == "heart-disease":
             return load_heart_disease_site(d.name, d.path)
         return synthetic_site(d.name, d.index, d.n_train, d.n_test, d.seed)
+
+    @cached_property
+    def approvals(self) -> Approvals:
+        return Approvals(self.config.state_dir, self.provider.sealing_key(b"approvals"))
 
     def session_key(self) -> bytes:
         return self.provider.sealing_key(b"session")

@@ -137,8 +137,7 @@ class ChainResult:
 
 def iter_entries(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as fh:
-        for index, line in enumerate(fh):
-            yield index, line
+        yield from enumerate(fh)
 
 
 def verify_chain(path: Path, public_key: ed25519.Ed25519PublicKey | None = None,

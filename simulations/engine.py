@@ -105,10 +105,10 @@ def run_simulation(config: SimulationConfig,
     from cleanroom.attestation.validate.policy import Policy
     from cleanroom.protocol.wire import DpPlan, TrainPlan
     from coordinator.gate import AttestationGate, NonceStore
+    from coordinator.model_card import build_model_card, write_model_card
     from coordinator.strategies import build_strategy
     from coordinator.strategy import ConfidentialStrategy, RoundRecord
     from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
-    from coordinator.model_card import build_model_card, write_model_card
     from models import architecture_digest
     from simulations.report import build_report, plot_report, round_entry, write_report
     from simulations.scenarios import SCENARIOS, Fault, SimulatedSites

@@ -53,7 +53,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _describe(entry: dict) -> list[str]:
-    when = dt.datetime.fromtimestamp(entry.get("time", 0), dt.timezone.utc).isoformat()
+    when = dt.datetime.fromtimestamp(entry.get("time", 0), dt.UTC).isoformat()
     body = entry.get("body", {})
     lines = [f"#{entry.get('seq')} {entry.get('kind')} at {when}"]
     if entry.get("kind") == "round-receipt":

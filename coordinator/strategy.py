@@ -41,6 +41,7 @@ from cleanroom.protocol.flower import (
     arrays_to_numpy,
     challenge_content,
     envelope_header,
+    numpy_to_arrays,
     open_arrays,
     read_attest,
     seal_arrays,
@@ -321,8 +322,20 @@ class ConfidentialStrategy(Strategy):
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, plain)
         if arrays is not None:
+            arrays = self._keep_schema(arrays)
             record.aggregate_digest = arrays_digest(arrays_to_numpy(arrays))
         return arrays, metrics
+
+    def _keep_schema(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Keep the model's parameter dtypes: server optimisers (FedAdam...) compute in
+        float64, but the sites' model (and its digest) is defined in the original dtypes."""
+        assert self._global is not None
+        aggregated = arrays_to_numpy(arrays)
+        if list(aggregated) != list(self._global):
+            raise ProtocolError("the inner strategy changed the model's parameter names")
+        return numpy_to_arrays(OrderedDict(
+            (name, np.asarray(value).astype(self._global[name].dtype, copy=False))
+            for name, value in aggregated.items()))
 
     def _reject(self, record: RoundRecord, site: str, reason: str) -> None:
         site_round = record.sites[site]

@@ -27,6 +27,8 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, artifact_dir: Path, experiment: str = EXPERIMENT,
                  run_name: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("DO_NOT_TRACK", "true")
         import mlflow
 
         self.mlflow = mlflow
@@ -57,11 +59,12 @@ class MlflowTracker:
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=subdir)
 
-    def log_model(self, model: Any, registered_name: str) -> None:
+    def log_model(self, model: Any, registered_name: str, input_example: Any) -> None:
         """Log the final (aggregated) torch model and register it in the model registry."""
         import mlflow.pytorch
 
         mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
+                                 input_example=input_example,
                                  pip_requirements=["torch", "cleanroom-fl"])
 
     def end(self, status: str = "FINISHED") -> None:
@@ -82,6 +85,6 @@ class NullTracker:
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
 
-    def log_model(self, model: Any, registered_name: str) -> None: ...
+    def log_model(self, model: Any, registered_name: str, input_example: Any) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...

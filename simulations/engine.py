@@ -244,8 +244,13 @@ def run_simulation(config: SimulationConfig,
     if final_arrays is not None:
         model_path = _save_model(final_arrays, out / "final_model.npz")
         tracker.log_artifact(model_path)
-        tracker.log_model(_torch_model(config.model, final_arrays),
-                          registered_name=f"cleanroom-{config.dataset}-{config.model}")
+        import numpy as np
+
+        torch_model = _torch_model(config.model, final_arrays)
+        n_features = next(iter(torch_model.parameters())).shape[-1]
+        tracker.log_model(torch_model,
+                          registered_name=f"cleanroom-{config.dataset}-{config.model}",
+                          input_example=np.zeros((1, n_features), dtype=np.float32))
     tracker.log_artifact(report_path)
     tracker.log_artifact(audit.path)
     tracker.log_artifact(plot_path)

@@ -24,6 +24,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class InProcessGrid(Grid):
                  tap: WireTap | None = None) -> None:
         self.nodes = nodes
         self._run = Run.create_empty(run_id)
+        # Flower 1.41 stamps new instruction messages with the process's task identity; here
+        # the process plays the ServerApp (replies take their metadata from the instruction).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
         self._replies: dict[str, Message] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         self.tap = tap
@@ -64,6 +70,7 @@ class InProcessGrid(Grid):
 
     def set_run(self, run: Run) -> None:
         self._run = run
+        TaskIdentity.run_id = run.run_id
 
     @property
     def run(self) -> Run:

@@ -151,6 +151,8 @@ class ConfidentialMod:
         except SiteRefusal as refusal:
             log.info("site %s refuses run %s round %d: %s", runtime.site, challenge.run_id,
                      challenge.round, refusal.code)
+            runtime.activity.record("refused", challenge.run_id, challenge.round,
+                                    code=refusal.code, detail=refusal.detail)
             response = AttestResponse.model_validate(
                 {**response_base, "refusal": Refusal(code=refusal.code, detail=refusal.detail)})
             return Message(attest_content(response), reply_to=msg)
@@ -172,6 +174,10 @@ class ConfidentialMod:
             {**response_base, "site_public_key": keys.public_bytes.hex()})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
+        runtime.activity.record("attested", challenge.run_id, challenge.round,
+                                evidence_sha256=_digest(evidence.data),
+                                model_digest=challenge.model_digest,
+                                coordinator=challenge.coordinator_id)
         return Message(attest_content(response, evidence.data, evidence.endorsement),
                        reply_to=msg)
 
@@ -235,6 +241,9 @@ class ConfidentialMod:
             metrics["epsilon-run"] = projection.epsilon_run
             metrics["epsilon-lifetime"] = projection.epsilon_lifetime
             metrics["delta"] = settings.delta
+        runtime.activity.record("trained", challenge.run_id, challenge.round,
+                                steps=int(metrics.get(METRIC_STEPS, 0)),  # type: ignore[arg-type]
+                                epsilon_run=metrics.get("epsilon-run"))
         sealed, _ = seal_arrays(reply.content, challenge.coordinator_public_key,
                                 EnvelopeContext("update", challenge.run_id, challenge.round,
                                                 runtime.site, challenge.model_digest))

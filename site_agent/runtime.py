@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from site_agent.data import SiteData, load_heart_disease_site, synthetic_site
-
 from cleanroom.attestation.simulated import load_simulated_root, measure_code
 from cleanroom.errors import ConfigError
+from site_agent.activity import Activity
 from site_agent.approvals import Approvals
 from site_agent.config import SiteConfig
+from site_agent.data import SiteData, load_heart_disease_site, synthetic_site
 from site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from site_agent.ledger import PrivacyLedger
 
@@ -81,6 +81,10 @@ class SiteRuntime:
         if d.kind == "heart-disease":
             return load_heart_disease_site(d.name, d.path)
         return synthetic_site(d.name, d.index, d.n_train, d.n_test, d.seed)
+
+    @cached_property
+    def activity(self) -> Activity:
+        return Activity(self.config.state_dir, self.provider.sealing_key(b"activity"))
 
     @cached_property
     def approvals(self) -> Approvals:

@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower logs every step at INFO through its own handler; keep it for -vv.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO if args.verbose >= 2 else logging.WARNING)
+    flwr_logger.propagate = False
     try:
         return int(args.func(args) or 0)
     except CleanroomError as exc:

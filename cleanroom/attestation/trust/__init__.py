@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cleanroom.attestation.abi.amd_cert import load_certificates
 from cleanroom.attestation.abi.snp import Product
 from cleanroom.errors import CertificateError
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -54,6 +57,9 @@ def amd_chains() -> tuple[AmdChain, ...]:
     chains: list[AmdChain] = []
     for product in Product:
         stem = f"amd_{product.value.lower()}"
+        if not resources.files(__name__).joinpath(f"{stem}_ark.pem").is_file():
+            log.error("no pinned AMD ARK for %s: its evidence cannot verify", product.value)
+            continue
         ark = _read_package_pem(f"{stem}_ark.pem")
         for key, inter in (("vcek", "ask"), ("vlek", "asvk")):
             filename = f"{stem}_{inter}.pem"

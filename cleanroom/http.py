@@ -1,0 +1,119 @@
+"""Shared pieces of the daemons' HTTP APIs (aiohttp): bearer-token auth with roles, JSON errors.
+
+Tokens are stored hashed (SHA-256) in a JSON file ``{"<sha256 hex>": "operator" | "auditor"}``;
+the plaintext token is shown once when it is created and never stored. Auditors may only read;
+operators may also act. Every error is a JSON body ``{"error": ...}`` with the right status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cleanroom.errors import CleanroomError, ConfigError
+
+ROLES = ("operator", "auditor")
+READ, WRITE = "read", "write"
+ROLE_KEY = web.AppKey("roles", dict)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: token file not found") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read token file: {exc}") from None
+    if not isinstance(doc, dict) or any(r not in ROLES for r in doc.values()):
+        raise ConfigError(f"{path}: expected {{sha256-of-token: role}} with roles {ROLES}")
+    return dict(doc)
+
+
+def add_token(path: Path, role: str) -> str:
+    """Create a token with ``role``, store its hash (file mode 0600), return the token."""
+    if role not in ROLES:
+        raise ConfigError(f"role must be one of {ROLES}")
+    tokens = load_tokens(path) if Path(path).exists() else {}
+    token = new_token()
+    tokens[hash_token(token)] = role
+    from cleanroom.attestation.simulated import write_private
+
+    write_private(Path(path), json.dumps(tokens, indent=2).encode())
+    return token
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def requires(access: str) -> Callable[[Handler], Handler]:
+    """Mark a handler as needing READ (operator or auditor) or WRITE (operator) access."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.cleanroom_access = access  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def role_of(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return None
+    digest = hash_token(header[len("Bearer "):].strip())
+    for stored, role in request.app[ROLE_KEY].items():
+        if hmac.compare_digest(stored, digest):
+            return str(role)
+    return None
+
+
+@web.middleware
+async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    access = getattr(handler, "cleanroom_access", None)
+    if access is not None:
+        role = role_of(request)
+        if role is None:
+            return json_error(401, "missing or unknown bearer token")
+        if access == WRITE and role != "operator":
+            return json_error(403, f"role {role} is read-only")
+        request["role"] = role
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except CleanroomError as exc:
+        return json_error(400, str(exc))
+    except (ValueError, KeyError) as exc:
+        return json_error(400, f"bad request: {exc}")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise CleanroomError("request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise CleanroomError("request body must be a JSON object")
+    return body
+
+
+def make_app(tokens: dict[str, str]) -> web.Application:
+    app = web.Application(middlewares=[auth_and_errors], client_max_size=64 * 1024)
+    app[ROLE_KEY] = tokens
+    return app

@@ -1,0 +1,1 @@
+"""Local simulations, vendored data sets and studies of Cleanroom FL."""

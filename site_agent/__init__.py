@@ -1,0 +1,1 @@
+"""Cleanroom FL site agent: what runs inside each hospital's enclave."""

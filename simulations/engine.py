@@ -294,7 +294,8 @@ def _torch_model(name: str, arrays: Any) -> Any:
     from models import build_model, set_parameters
 
     model = build_model(name)
-    set_parameters(model, arrays_to_numpy(arrays))
+    set_parameters(model, {k: v.astype("float32", copy=False)
+                           for k, v in arrays_to_numpy(arrays).items()})
     return model
 
 

@@ -10,9 +10,11 @@ the baseline benchmark measures.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from cleanroom.errors import ProtocolError
@@ -29,11 +31,14 @@ from site_agent.runtime import SiteRuntime
 log = logging.getLogger(__name__)
 
 
-def _arrays(msg: Message) -> ArrayRecord:
+def _arrays(msg: Message) -> OrderedDict[str, np.ndarray]:
+    """The model parameters of the message, as float32 (the models' dtype), like
+    ``load_state_dict`` would cast them; server optimisers may send float64."""
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         raise ProtocolError(f"expected one ArrayRecord, found {len(records)}")
-    return records[0]
+    return OrderedDict((k, v.astype(np.float32, copy=False) if v.dtype == np.float64 else v)
+                       for k, v in arrays_to_numpy(records[0]).items())
 
 
 def _settings(msg: Message, plain_defaults: dict[str, object] | None) -> dict[str, object]:
@@ -63,7 +68,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
             lr=float(s["lr"]), optimizer=str(s["optimizer"]),  # type: ignore[arg-type]
             momentum=float(s["momentum"]), max_grad_norm=float(s["max-grad-norm"]),  # type: ignore[arg-type]
             noise_multiplier=float(s["noise-multiplier"]) if dp else None)  # type: ignore[arg-type]
-        result = train_local(str(s["model"]), arrays_to_numpy(_arrays(msg)), runtime.data,
+        result = train_local(str(s["model"]), _arrays(msg), runtime.data,
                              settings, seed=int(s["seed"]))  # type: ignore[arg-type]
         metrics = MetricRecord({
             "num-examples": result.num_examples, "train-loss": float(result.train_loss),
@@ -80,7 +85,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
         config = msg.content.config_records.get("config", ConfigRecord())
         model = str(config.get("model", (plain_settings or {}).get("model", "logreg")))
         data = runtime.data
-        loss, accuracy = evaluate(model, arrays_to_numpy(_arrays(msg)), data.test_x,
+        loss, accuracy = evaluate(model, _arrays(msg), data.test_x,
                                   data.test_y)
         return Message(RecordDict({"metrics": MetricRecord({
             "num-examples": data.n_test, "loss": float(loss), "accuracy": float(accuracy)})}),

@@ -20,6 +20,7 @@ import secrets
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from cryptography import x509
@@ -126,8 +127,17 @@ def create_simulated_root(out_dir: Path, *, rsa_bits: int = RSA_BITS) -> Simulat
 
 
 def load_simulated_root(out_dir: Path) -> SimulatedRoot:
-    """Load a root written by :func:`create_simulated_root`."""
-    out_dir = Path(out_dir)
+    """Load a root written by :func:`create_simulated_root` (cached per process and folder)."""
+    out_dir = Path(out_dir).resolve()
+    try:
+        stamp = (out_dir / ASK_KEY).stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _load_simulated_root(out_dir, stamp)
+
+
+@lru_cache(maxsize=8)
+def _load_simulated_root(out_dir: Path, _stamp: int) -> SimulatedRoot:
     try:
         certs = load_certificates((out_dir / ROOT_BUNDLE).read_bytes())
         ask_key = serialization.load_pem_private_key((out_dir / ASK_KEY).read_bytes(), None)

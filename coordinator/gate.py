@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class NonceStore:
-    """Issued / consumed nonces; persisted as fsync'd JSON lines when ``path`` is given."""
+    """Issued / consumed nonces, persisted as JSON lines when ``path`` is given.
+
+    Appends are visible at once; :meth:`flush` makes them durable. The strategy flushes after
+    each attestation phase, before any model leaves, so a nonce consumed for an admitted site
+    is on disk before that admission has any effect.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path else None
@@ -58,7 +63,12 @@ class NonceStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+
+    def flush(self) -> None:
+        """Make every consumed nonce durable (call before sending any model)."""
+        if self.path is None or not self.path.exists():
+            return
+        with open(self.path, "rb+") as fh:
             os.fsync(fh.fileno())
 
     def issue(self, run_id: str, round: int, node_id: int) -> bytes:

@@ -245,6 +245,7 @@ class ConfidentialStrategy(Strategy):
             if node_id not in answered:
                 self._quarantine(record, Admission(node_id, None, False,
                                                    "no attestation reply before the timeout"))
+        self.gate.nonces.flush()
 
     def _seal_messages(self, messages: Iterable[Message], direction: str, record: RoundRecord,
                        model_digest: str) -> list[Message]:
@@ -389,3 +390,72 @@ class ConfidentialStrategy(Strategy):
         self.inner.summary()
 
 
+
+
+class ObservedStrategy(Strategy):
+    """Pass-through wrapper that only records rounds (the plaintext baseline of benchmarks).
+
+    No attestation, no encryption: it exists so the baseline is measured and reported the
+    same way as the confidential run.
+    """
+
+    def __init__(self, inner: Strategy, *, node_sites: dict[int, str] | None = None,
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        self.inner = inner
+        self.node_sites = node_sites or {}
+        self.on_round = on_round
+        self.records: list[RoundRecord] = []
+        self._current: RoundRecord | None = None
+
+    def _site(self, node_id: int) -> str:
+        return self.node_sites.get(node_id, f"node-{node_id}")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._current = RoundRecord(round=server_round, run_id=str(grid.run.run_id),
+                                    model_digest=arrays_digest(arrays_to_numpy(arrays)))
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        record = self._current
+        assert record is not None
+        for reply in replies:
+            site = self._site(reply.metadata.src_node_id)
+            ok = not reply.has_error()
+            record.sites[site] = SiteRound(site=site, node_id=reply.metadata.src_node_id,
+                                           admission={}, admitted=ok,
+                                           reason="plain" if ok else reply.error.reason)
+            if ok:
+                for metrics in reply.content.metric_records.values():
+                    record.sites[site].train_metrics = {
+                        k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                        if isinstance(v, (int, float))}
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        record = self._current
+        assert record is not None
+        for reply in replies:
+            site = self._site(reply.metadata.src_node_id)
+            if not reply.has_error() and site in record.sites:
+                for metrics in reply.content.metric_records.values():
+                    record.sites[site].eval_metrics = {
+                        k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                        if isinstance(v, (int, float))}
+        result = self.inner.aggregate_evaluate(server_round, replies)
+        record.seconds = time.time() - record.started_at
+        self.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return result
+
+    def summary(self) -> None:
+        self.inner.summary()

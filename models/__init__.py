@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
@@ -83,18 +84,29 @@ def build_model(name: str, n_features: int = 13, seed: int | None = None) -> nn.
     """A fresh float32 model; ``seed`` makes its initial weights reproducible.
 
     The forward pass returns logits of shape ``(n,)``. With ``seed=None`` the weights come from
-    torch's global generator; otherwise from a private generator (the global one is untouched).
+    torch's global generator; otherwise they are re-drawn (PyTorch's default initialisation)
+    from a private generator seeded with ``seed``, so they depend on nothing else.
     """
     factory = _check_name(name)
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
-    if seed is None:
-        model = factory(n_features)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = factory(n_features)
-    return model.to(torch.float32)
+    model = factory(n_features).to(torch.float32)
+    if seed is not None:
+        _reset_parameters(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``generator``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                if m.bias is not None:
+                    bound = 1.0 / math.sqrt(m.in_features) if m.in_features > 0 else 0.0
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif any(True for _ in m.parameters(recurse=False)):
+                raise NotImplementedError(f"no seeded initialisation for {type(m).__name__}")
 
 
 def _describe(name: str, n_features: int) -> dict[str, object]:

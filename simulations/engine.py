@@ -23,6 +23,7 @@ from cleanroom.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Backend = Literal["inprocess", "ray"]
+NODE_ID_BASE = 1000  # in-process node ids: NODE_ID_BASE + partition id
 
 
 class SimulationConfig(BaseModel):
@@ -56,6 +57,8 @@ class SimulationConfig(BaseModel):
     site_budget: float | None = Field(None, gt=0)
     confidential: bool = True
     progress: bool = True
+    workers: int = Field(4, ge=1, le=64, description="inprocess: sites served in parallel "
+                         "(threads), as real sites train at the same time")
     strategy_options: dict[str, float] = Field(default_factory=dict)
 
 
@@ -107,7 +110,7 @@ def run_simulation(config: SimulationConfig,
     from coordinator.gate import AttestationGate, NonceStore
     from coordinator.model_card import build_model_card, write_model_card
     from coordinator.strategies import build_strategy
-    from coordinator.strategy import ConfidentialStrategy, RoundRecord
+    from coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
     from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
     from models import architecture_digest
     from simulations.report import build_report, plot_report, round_entry, write_report
@@ -115,6 +118,8 @@ def run_simulation(config: SimulationConfig,
     from site_agent.runtime import code_measurement
 
     started = time.time()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every step at INFO
     if config.scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {config.scenario!r}; choose one of "
                           f"{', '.join(SCENARIOS)}")
@@ -198,7 +203,11 @@ def run_simulation(config: SimulationConfig,
         if on_round is not None:
             on_round(entry)
 
-    strategy = ConfidentialStrategy(inner, gate=gate, plan=plan, on_round=record_round)
+    if config.confidential:
+        strategy: Any = ConfidentialStrategy(inner, gate=gate, plan=plan, on_round=record_round)
+    else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
+        strategy = ObservedStrategy(inner, on_round=record_round, node_sites={
+            NODE_ID_BASE + i: name for i, name in enumerate(names)})
     status = "FAILED"
     try:
         final_arrays = _execute(config, strategy, sites, plan)
@@ -318,7 +327,7 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, plan: Any) -> 
 
     initial = numpy_to_arrays(get_parameters(build_model(config.model, seed=config.seed)))
     plain_settings = _plain_settings(config) if not config.confidential else None
-    runner = strategy if config.confidential else strategy.inner
+    runner = strategy
     n = len(sites.configs)
     if config.backend == "inprocess":
         from simulations.inprocess import InProcessGrid
@@ -326,8 +335,9 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, plan: Any) -> 
         app = make_client_app(sites, confidential=config.confidential,
                               plain_settings=plain_settings)
         grid = InProcessGrid.build(lambda _nid: app,
-                                   {1000 + i: {"partition-id": i, "num-partitions": n}
-                                    for i in range(n)}, run_id=config.seed + 1)
+                                   {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
+                                    for i in range(n)}, run_id=config.seed + 1,
+                                   workers=config.workers)
         result = runner.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds,
                               train_config=ConfigRecord({"model": config.model}),
                               evaluate_config=ConfigRecord({"model": config.model}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class SimulatedSites:
         self.configs = list(configs)
         self.faults = dict(faults)
         self._cache: dict[int, object] = {}
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
         return {"configs": self.configs, "faults": self.faults}
@@ -114,6 +116,7 @@ class SimulatedSites:
         self.configs = state["configs"]  # type: ignore[assignment]
         self.faults = state["faults"]  # type: ignore[assignment]
         self._cache = {}
+        self._lock = threading.Lock()
 
     def site_index(self, ctx: object) -> int:
         node_config = ctx.node_config  # type: ignore[attr-defined]
@@ -123,8 +126,11 @@ class SimulatedSites:
         index = self.site_index(ctx)
         runtime = self._cache.get(index)
         if runtime is None:
-            runtime = self._build(index)
-            self._cache[index] = runtime
+            with self._lock:
+                runtime = self._cache.get(index)
+                if runtime is None:
+                    runtime = self._build(index)
+                    self._cache[index] = runtime
         return runtime
 
     def _build(self, index: int):  # -> SiteRuntime

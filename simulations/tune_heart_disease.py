@@ -32,12 +32,13 @@ import argparse
 import itertools
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -223,6 +224,17 @@ def score(cfg: Config, epsilon: float | None, seeds: Sequence[int] = SEEDS) -> S
 
 # --------------------------------------------------------------------------- grids
 
+DEFAULT_CONFIG = Config(strategy="fedadam", model="logreg", rounds=5, local_steps=1,
+                        sample_rate=1.0, lr=0.3, optimizer="sgd", momentum=0.0,
+                        max_grad_norm=1.0, eta=0.3)
+"""The chosen defaults (docs/dp-tuning.md): FedAdam with server lr 0.3 (Flower's other
+defaults), 5 rounds of one full-batch DP-SGD step each; good with and without DP."""
+
+DEFAULT_SERVER_ETA: dict[str, float | None] = {"fedavg": None, "fedprox": None,
+                                               "fedadam": 0.3, "fedyogi": 0.1}
+"""Recommended server learning rate per strategy for the default schedule (None: no server
+lr / Flower's default)."""
+
 
 def _grid(base: Config, **axes: Iterable[object]) -> list[Config]:
     keys = list(axes)
@@ -230,52 +242,95 @@ def _grid(base: Config, **axes: Iterable[object]) -> list[Config]:
             for values in itertools.product(*(list(axes[k]) for k in keys))]
 
 
-def default_grid(quick: bool, dp: bool) -> list[Config]:
-    """The searched configurations (per strategy, the local optimiser and schedule)."""
-    out: list[Config] = []
+def _strategy_variants(quick: bool) -> list[Config]:
+    """Server side: each strategy with Flower's defaults plus a few server learning rates."""
     if quick:
-        for strategy in STRATEGIES:
-            out += _grid(Config(strategy=strategy, proximal_mu=0.1 if strategy == "fedprox"
-                                else 0.0),
-                         rounds=(3,) if dp else (5,), local_steps=(5,) if dp else (10,),
-                         lr=(0.1, 0.3) if strategy in ("fedavg", "fedprox") else (0.1,),
-                         model=("logreg",))
-        return out
-    rounds_steps = ((1, 5), (2, 5), (3, 5), (5, 5), (3, 10), (5, 10)) if dp else (
-        (1, 10), (3, 10), (5, 10), (10, 10), (20, 10), (5, 20))
-    for strategy in STRATEGIES:
-        mus = (0.01, 0.1) if strategy == "fedprox" else (0.0,)
-        lrs = (0.05, 0.1, 0.3) if strategy in ("fedavg", "fedprox") else (0.1, 0.3)
-        for model in ("logreg", "mlp"):
-            for (rounds, steps), lr, mu in itertools.product(rounds_steps, lrs, mus):
-                out.append(Config(strategy=strategy, model=model, rounds=rounds,
-                                  local_steps=steps, lr=lr, proximal_mu=mu))
-    # A few variations of the local optimiser around FedAvg.
-    out += _grid(Config(), rounds=(3,) if dp else (5,), local_steps=(5,) if dp else (10,),
-                 sample_rate=(0.5, 1.0), optimizer=("adam",), lr=(0.01, 0.03),
-                 max_grad_norm=(1.0,))
-    if dp:
-        out += _grid(Config(), rounds=(3,), local_steps=(5,), lr=(0.1, 0.3),
-                     max_grad_norm=(0.5, 2.0), sample_rate=(0.5, 1.0))
+        return [Config(strategy="fedavg"), Config(strategy="fedprox", proximal_mu=0.1),
+                Config(strategy="fedadam", eta=0.3), Config(strategy="fedyogi", eta=0.1)]
+    return ([Config(strategy="fedavg")]
+            + [Config(strategy="fedprox", proximal_mu=mu) for mu in (0.1, 1.0)]
+            + [Config(strategy="fedadam", eta=eta) for eta in (None, 0.3)]
+            + [Config(strategy="fedyogi", eta=eta) for eta in (None, 0.03, 0.1)])
+
+
+def default_grid(quick: bool, dp: bool) -> list[Config]:
+    """The searched configurations.
+
+    Full-batch (q=1) local SGD for every strategy variant, model, schedule (rounds x local
+    steps), client learning rate and (DP only) clipping norm, plus a side grid of Poisson
+    sub-sampling (q<1) and local Adam around FedAvg/FedAdam.
+    """
+    if quick:
+        schedules: tuple[tuple[int, int], ...] = ((5, 1), (5, 5))
+        models: tuple[str, ...] = ("logreg",)
+        lrs: tuple[float, ...] = (0.3,)
+        clips: tuple[float, ...] = (1.0,)
+    else:
+        schedules = ((3, 1), (5, 1), (10, 1), (20, 1), (5, 5), (10, 5))
+        if not dp:
+            schedules += ((10, 10),)
+        models = ("logreg", "mlp")
+        lrs = (0.3, 1.0)
+        clips = (0.5, 1.0) if dp else (1.0,)
+    out: list[Config] = []
+    for variant in _strategy_variants(quick):
+        for model, (rounds, steps), lr, clip in itertools.product(models, schedules, lrs, clips):
+            if variant.strategy == "fedprox" and steps == 1:
+                continue  # the proximal term has no effect on a single local step
+            out.append(replace(variant, model=model, rounds=rounds, local_steps=steps, lr=lr,
+                               max_grad_norm=clip))
+    if not quick:  # sub-sampled batches and a local Adam optimiser
+        for strategy in ("fedavg", "fedadam"):
+            out += _grid(Config(strategy=strategy, max_grad_norm=1.0), sample_rate=(0.1, 0.5),
+                         rounds=(5, 10), local_steps=(5, 10), lr=(0.3, 1.0))
+            out += _grid(Config(strategy=strategy, optimizer="adam", max_grad_norm=1.0),
+                         sample_rate=(0.5, 1.0), rounds=(5,), local_steps=(5,),
+                         lr=(0.01, 0.03))
     return out
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def score_all(jobs: Sequence[tuple[Config, float | None, tuple[int, ...]]],
+              workers: int) -> list[Score]:
+    """``score`` of every job, on ``workers`` processes (results in job order)."""
+    if workers <= 1:
+        return [score(c, e, s) for c, e, s in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                             initializer=_init_worker) as pool:
+        futures = [pool.submit(score, c, e, s) for c, e, s in jobs]
+        return [f.result() for f in futures]
 
 
 # --------------------------------------------------------------------------- report
 
 
 def _fmt(s: Score) -> str:
-    eps = "-" if s.epsilon is None else f"{s.epsilon:g}"
+    eps = "∞ (no DP)" if s.epsilon is None else f"{s.epsilon:g}"
     spent = "-" if s.eps_spent is None else f"{s.eps_spent:.3f}"
-    sites = " ".join(f"{a:.3f}" for a in s.site_mean)
-    return (f"| {s.cfg.label()} | {eps} | {spent} | {s.mean:.3f} ± {s.std:.3f} | {sites} |")
+    sites = " / ".join(f"{a:.3f}" for a in s.site_mean)
+    return f"| {s.cfg.label()} | {eps} | {spent} | {s.mean:.3f} ± {s.std:.3f} | {sites} |"
 
 
-HEADER = ("| config | ε target | ε spent (max site) | client-avg acc (mean ± std, 5 seeds) | "
-          "per-site acc (clev hung swit va) |\n|---|---|---|---|---|")
+HEADER = ("| config | ε target | ε spent (max over sites) | client-avg test acc (mean ± std) "
+          "| per-site acc (clev / hung / swit / va) |\n|---|---|---|---|---|")
 
 
-def print_table(title: str, scores: Sequence[Score], out: list[str]) -> None:
-    lines = [f"\n### {title}\n", HEADER, *(_fmt(s) for s in scores)]
+def print_table(title: str, scores: Sequence[Score], out: list[str], note: str = "") -> None:
+    lines = [f"\n### {title}\n", *([note, ""] if note else []), HEADER,
+             *(_fmt(s) for s in scores)]
     out.extend(lines)
     print("\n".join(lines), flush=True)
 
@@ -289,53 +344,75 @@ def best_per_strategy(scores: Sequence[Score]) -> list[Score]:
     return [best[k] for k in STRATEGIES if k in best]
 
 
+LEGEND = ("Config: strategy, model, R rounds, S local steps per round, q Poisson sampling "
+          "rate, local optimiser and lr, C clipping norm (DP only), eta server lr "
+          "(FedAdam/FedYogi; absent = Flower's default), mu FedProx proximal weight.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small grid (under a minute)")
-    p.add_argument("--epsilon", type=float, default=1.0, help="per-site budget for the DP "
-                   "search (default 1)")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run from the repository root with "
+                                "'python -m simulations.tune_heart_disease'.")
+    p.add_argument("--quick", action="store_true", help="small grid (about a minute)")
+    p.add_argument("--epsilon", type=float, default=1.0,
+                   help="per-site budget of the DP search (default 1)")
     p.add_argument("--curve", default="0.5,1,2,5,8", help="epsilons of the ε/accuracy curve")
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 5)")
-    p.add_argument("--top", type=int, default=8, help="rows of each ranked table")
-    p.add_argument("--no-dp-search", action="store_true", help="skip the non-DP search")
+    p.add_argument("--holdout-seeds", type=int, default=10,
+                   help="extra seeds N..N+K-1 to re-check the chosen defaults (default 10)")
+    p.add_argument("--top", type=int, default=10, help="rows of each ranked table")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes (default 2)")
     p.add_argument("--output", help="also write the tables (markdown) to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    torch.set_num_threads(1)
+    _init_worker()
     seeds = tuple(range(args.seeds))
-    out: list[str] = []
+    holdout = tuple(range(args.seeds, args.seeds + args.holdout_seeds))
+    curve_eps = [float(e) for e in args.curve.split(",") if e.strip()]
+    out: list[str] = [LEGEND]
+    print(LEGEND)
     started = time.perf_counter()
 
-    results: dict[str, list[Score]] = {}
-    for mode, eps in (("no DP", None), (f"DP ε={args.epsilon:g}", args.epsilon)):
-        if eps is None and args.no_dp_search:
-            continue
+    modes: tuple[tuple[str, float | None], ...] = (("no DP", None),
+                                                   (f"DP ε={args.epsilon:g}", args.epsilon))
+    ranked: dict[str, list[Score]] = {}
+    for mode, eps in modes:
         grid = default_grid(args.quick, dp=eps is not None)
         t0 = time.perf_counter()
-        scores = sorted((score(c, eps, seeds) for c in grid), key=lambda s: (-s.mean, s.std))
-        results[mode] = scores
-        print_table(f"{mode}: top {args.top} of {len(grid)} configs "
+        scores = sorted(score_all([(c, eps, seeds) for c in grid], args.workers),
+                        key=lambda s: (-s.mean, s.std))
+        ranked[mode] = scores
+        print_table(f"{mode}: top {args.top} of {len(grid)} configs, seeds 0..{args.seeds - 1} "
                     f"({time.perf_counter() - t0:.0f} s)", scores[:args.top], out)
         print_table(f"{mode}: best config per strategy", best_per_strategy(scores), out)
 
-    dp_scores = results.get(f"DP ε={args.epsilon:g}")
-    if dp_scores:
-        best = dp_scores[0].cfg
-        curve = [score(best, float(e), seeds) for e in args.curve.split(",")]
-        curve.append(score(best, None, seeds))
-        print_table(f"ε/accuracy curve of the best DP config ({best.label()}), δ={DELTA:g}",
-                    curve, out)
-        steps = best.rounds * best.local_steps
-        sigmas = ", ".join(f"ε={float(e):g}: sigma={noise_for(float(e), best.sample_rate, steps):.3f}"
-                           for e in args.curve.split(","))
-        line = f"\nnoise multipliers ({best.rounds * best.local_steps} steps): {sigmas}"
-        out.append(line)
-        print(line)
-        print(f"\nbest DP config: {asdict(best)}")
-    elapsed = f"\ntotal time: {time.perf_counter() - started:.0f} s"
+    default = DEFAULT_CONFIG
+    per_strategy = [replace(default, strategy=s, eta=DEFAULT_SERVER_ETA[s])
+                    for s in STRATEGIES if s != "fedprox"]
+    jobs = [(c, e, seeds) for e in (None, args.epsilon) for c in per_strategy]
+    jobs += [(default, e, holdout) for e in (None, args.epsilon)] if holdout else []
+    best_dp = ranked[modes[1][0]][0].cfg
+    jobs += [(c, e, seeds) for c in (best_dp, default) for e in (*curve_eps, None)]
+    results = score_all(jobs, args.workers)
+    n = len(per_strategy)
+    print_table("chosen defaults under each strategy (server lr: DEFAULT_SERVER_ETA)",
+                results[:2 * n], out)
+    rest = results[2 * n:]
+    if holdout:
+        print_table(f"chosen defaults on held-out seeds {holdout[0]}..{holdout[-1]}", rest[:2],
+                    out)
+        rest = rest[2:]
+    k = len(curve_eps) + 1
+    for title, cfg, scores in (("best DP config of the search", best_dp, rest[:k]),
+                               ("chosen defaults", default, rest[k:2 * k])):
+        steps = cfg.rounds * cfg.local_steps
+        sigmas = ", ".join(f"ε={e:g}: σ={noise_for(e, cfg.sample_rate, steps):.2f}"  # noqa: RUF001
+                           for e in curve_eps)
+        print_table(f"ε/accuracy curve, {title} ({cfg.label()}), δ={DELTA:g}", scores, out,
+                    note=f"Noise multipliers for {steps} steps at q={cfg.sample_rate:g}: {sigmas}")
+    elapsed = f"\ntotal time: {time.perf_counter() - started:.0f} s ({args.workers} workers)"
     out.append(elapsed)
     print(elapsed)
     if args.output:

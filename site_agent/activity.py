@@ -17,7 +17,8 @@ ACTIVITY_FILE = "activity.jsonl"
 
 class Activity:
     def __init__(self, state_dir: Path, key: bytes) -> None:
-        self.journal = SealedJournal(Path(state_dir) / ACTIVITY_FILE, key, label="activity")
+        self.journal = SealedJournal(Path(state_dir) / ACTIVITY_FILE, key, label="activity",
+                                     durable=False)
 
     def record(self, event: str, run_id: str, round: int, **detail: Any) -> None:
         self.journal.append({"at": time.time(), "event": event, "run_id": run_id,

@@ -41,13 +41,18 @@ def _arrays(msg: Message) -> OrderedDict[str, np.ndarray]:
                        for k, v in arrays_to_numpy(records[0]).items())
 
 
-def _settings(msg: Message, plain_defaults: dict[str, object] | None) -> dict[str, object]:
+def _settings(msg: Message, plain_defaults: dict[str, object] | None,
+              runtime: SiteRuntime) -> dict[str, object]:
     record = msg.content.config_records.get(TRAIN_SETTINGS_RECORD)
     if record is not None:
         return dict(record)
     if plain_defaults is None:
         raise ProtocolError(f"train message has no {TRAIN_SETTINGS_RECORD} record")
-    return dict(plain_defaults)
+    # Plaintext baseline: the same per-site, per-round seed the confidential mod would use.
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    return {**plain_defaults,
+            "seed": (runtime.config.seed * 1_000_003 + server_round) % (2**31)}
 
 
 def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidential: bool = True,
@@ -61,7 +66,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         runtime = runtime_for(ctx)
-        s = _settings(msg, plain_settings)
+        s = _settings(msg, plain_settings, runtime)
         dp = bool(s["dp"])
         settings = TrainSettings(
             local_steps=int(s["local-steps"]), sample_rate=float(s["sample-rate"]),  # type: ignore[arg-type]

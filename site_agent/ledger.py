@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
@@ -55,11 +56,17 @@ class Projection:
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of a charge history (the accountant is pure: cache its answers)."""
+    return _epsilon_cached(tuple(history), delta)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
     from site_agent.training import epsilon_spent
 
-    return float(epsilon_spent(history, delta))
+    return float(epsilon_spent(list(history), delta))
 
 
 class PrivacyLedger:
@@ -127,24 +134,27 @@ class PrivacyLedger:
                 f"per-run budget {self.run_epsilon:g}")
         return p
 
-    def _append(self, charge: Charge) -> None:
+    def _append(self, charge: Charge, *, durable: bool) -> None:
         self.journal.append({
             "kind": "charge", "run_id": charge.run_id, "round": charge.round,
             "noise_multiplier": charge.noise_multiplier, "sample_rate": charge.sample_rate,
             "steps": charge.steps, "status": charge.status, "delta": self.delta,
             "epsilon_after": charge.epsilon_after, "recorded_at": charge.recorded_at,
-        })
+        }, durable=durable)
 
     def reserve(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
                 steps: int) -> Projection:
-        """Check both budgets, then durably record the planned charge."""
+        """Check both budgets, then record the planned charge (visible to every process at
+        once, so concurrent work sees it; not fsync'd: until ``commit`` nothing is released,
+        so a reservation lost in a power cut loses no privacy)."""
         p = self.check(run_id, round, noise_multiplier, sample_rate, steps)
         self._append(Charge(run_id, round, noise_multiplier, sample_rate, steps, "reserved",
-                            p.epsilon_run, time.time()))
+                            p.epsilon_run, time.time()), durable=False)
         return p
 
     def commit(self, run_id: str, round: int, steps_taken: int) -> Projection:
-        """Record the steps actually taken for a reserved round (durable before returning)."""
+        """Record the steps actually taken (on disk before returning: call it before the
+        update leaves the site)."""
         reserved = {c.key: c for c in self.charges()}.get(f"{run_id}:{round}")
         if reserved is None:
             raise LedgerError(f"no reservation for run {run_id} round {round}")
@@ -154,5 +164,5 @@ class PrivacyLedger:
         p = self.project(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
                          steps_taken)
         self._append(Charge(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
-                            steps_taken, "committed", p.epsilon_run, time.time()))
+                            steps_taken, "committed", p.epsilon_run, time.time()), durable=True)
         return p

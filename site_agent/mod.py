@@ -67,6 +67,13 @@ def noise_for(epsilon: float, delta: float, sample_rate: float, total_steps: int
     return float(calibrate_noise(epsilon, delta, sample_rate, total_steps))
 
 
+@lru_cache(maxsize=16)
+def _architecture_digest(model: str) -> str:
+    from models import architecture_digest
+
+    return architecture_digest(model)
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     """What this site will do this round, decided by the site from its own config."""
@@ -92,9 +99,7 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge) -> RoundSe
         raise SiteRefusal("approval-required", f"run {challenge.run_id} is not approved by "
                           f"site {runtime.site}: approve it with 'cleanroom site approve "
                           f"{challenge.run_id}'")
-    from models import architecture_digest
-
-    if architecture_digest(plan.model) != plan.model_architecture_digest:
+    if _architecture_digest(plan.model) != plan.model_architecture_digest:
         raise SiteRefusal("model-mismatch", f"plan names model {plan.model} but its digest "
                           "differs from this site's definition")
     if not plan.dp.enabled:

@@ -80,7 +80,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 class SealedJournal:
     """Append-only, hash-chained, sealed JSON records in one file."""
 
-    def __init__(self, path: Path, key: bytes, label: str) -> None:
+    def __init__(self, path: Path, key: bytes, label: str, *, durable: bool = True) -> None:
+        """``durable=False`` skips fsync (informational logs only; never for the ledger)."""
+        self.durable = durable
         if len(key) != 32:
             raise LedgerError("sealing key must be 32 bytes")
         self.path = Path(path)
@@ -176,8 +178,11 @@ class SealedJournal:
     def head(self) -> str:
         return self._head
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Seal and append ``record``; returns only after the bytes are on disk."""
+    def append(self, record: dict[str, Any], *, durable: bool | None = None) -> None:
+        """Seal and append ``record``. With ``durable`` (default: the journal's setting) it
+        returns only after the bytes are on disk; without, they are visible to every other
+        process at once but may be lost in a power cut."""
+        durable = self.durable if durable is None else durable
         with self._lock, self._file_lock():
             self._refresh()
             seq = len(self._records)
@@ -194,8 +199,9 @@ class SealedJournal:
             with os.fdopen(fd, "ab") as fh:
                 fh.write(line + b"\n")
                 fh.flush()
-                os.fsync(fh.fileno())
-            if new_file:
+                if durable:
+                    os.fsync(fh.fileno())
+            if new_file and durable:
                 fsync_dir(self.path.parent)
             self._records.append(record)
             self._head = hashlib.sha256(line).hexdigest()

@@ -133,7 +133,7 @@ def train_local(model_name: str, global_params: Mapping[str, np.ndarray], data: 
     """
     if data.n_train < 1:
         raise ValueError(f"site {data.site} has no training rows")
-    model = build_model(model_name, n_features=data.n_features, seed=0)
+    model = build_model(model_name, n_features=data.n_features)
     set_parameters(model, global_params)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
@@ -219,7 +219,7 @@ def evaluate(model_name: str, params: Mapping[str, np.ndarray], x: np.ndarray,
         raise ValueError(f"x must be (n, d) and y (n,), got {x_arr.shape} and {y_arr.shape}")
     if x_arr.shape[0] == 0:
         raise ValueError("cannot evaluate on an empty set")
-    model = build_model(model_name, n_features=x_arr.shape[1], seed=0)
+    model = build_model(model_name, n_features=x_arr.shape[1])
     set_parameters(model, params)
     model.eval()
     with torch.no_grad():

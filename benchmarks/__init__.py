@@ -1,0 +1,1 @@
+"""Benchmarks of Cleanroom FL (scripts that print tables; never timed unit tests)."""

@@ -1,0 +1,75 @@
+"""Wall time of a 4-site round: confidential vs the same Flower run without attestation and
+encryption (same strategy, same DP training, same engine), as a ratio measured in one run.
+
+Both modes record every round's wall time (train + evaluate); round 1 (site start-up) is left
+out, and confidential and plain runs alternate so that machine noise hits both alike.
+Run: ``python -m benchmarks rounds [--rounds R] [--repeats K] [--backend inprocess|ray]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run_once(confidential: bool, rounds: int, backend: str, out: Path) -> tuple[float, Any]:
+    from simulations.defaults import STRATEGY_OPTIONS, training_defaults
+    from simulations.engine import SimulationConfig, run_simulation
+
+    values: dict[str, Any] = dict(training_defaults(dp=True))
+    values.update(rounds=rounds, confidential=confidential, tracking=False, progress=False,
+                  backend=backend, out=out,
+                  strategy_options=dict(STRATEGY_OPTIONS.get("fedadam", {})))
+    config = SimulationConfig(**values)
+    start = time.perf_counter()
+    result = run_simulation(config)
+    return time.perf_counter() - start, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks rounds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rounds-"))
+    per_round: dict[bool, list[float]] = {True: [], False: []}
+    breakdown: list[dict[str, float]] = []
+    run_once(True, 1, args.backend, tmp / "warm-c")  # imports, calibration caches
+    run_once(False, 1, args.backend, tmp / "warm-p")
+    for rep in range(args.repeats):
+        for confidential in ((True, False) if rep % 2 == 0 else (False, True)):
+            tag = f"{'c' if confidential else 'p'}{rep}"
+            _, result = run_once(confidential, args.rounds, args.backend, tmp / tag)
+            rounds = result.report["rounds"][1:]  # round 1 pays one-off site start-up
+            per_round[confidential].extend(r["seconds"] for r in rounds)
+            if confidential:
+                breakdown.extend({
+                    "attestation": r["attestation_seconds"], "verify": r["verify_seconds"],
+                    "bytes_sent": r["bytes_sent"], "bytes_received": r["bytes_received"],
+                } for r in rounds)
+    conf = statistics.median(per_round[True])
+    plain = statistics.median(per_round[False])
+    print(f"backend {args.backend}, 4 sites, {args.rounds} rounds x {args.repeats} repeats per "
+          "mode (alternating), median wall time of rounds 2..R (train + evaluate)")
+    print(f"{'mode':34s} {'s/round':>9s} {'p25':>8s} {'p75':>8s}")
+    for label, values in (("plain Flower (no attestation/HPKE)", per_round[False]),
+                          ("confidential (attested + HPKE)", per_round[True])):
+        q = statistics.quantiles(values, n=4)
+        print(f"{label:34s} {statistics.median(values):9.4f} {q[0]:8.4f} {q[2]:8.4f}")
+    print(f"{'ratio confidential / plain':34s} {conf / plain:9.3f}")
+    b = {k: statistics.mean(x[k] for x in breakdown) for k in breakdown[0]}
+    print(f"in a confidential round: attestation round trip {b['attestation']:.4f} s "
+          f"(evidence verification {b['verify']:.4f} s for 4 sites), "
+          f"{b['bytes_sent']:.0f} B sent / {b['bytes_received']:.0f} B received by the "
+          "coordinator in challenges, evidence and envelopes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

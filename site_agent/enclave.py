@@ -93,21 +93,18 @@ def parse_cert_table(aux: bytes) -> dict[uuid.UUID, bytes]:
     raise EnclaveError("auxblob certificate table has no terminating entry")
 
 
-class ConfigfsTsmProvider:
-    """Evidence from Linux configfs-tsm, for real SEV-SNP and TDX guests."""
+class TsmFs:
+    """The file operations on a configfs-tsm report entry (the kernel reacts to them).
 
-    def __init__(self, root: Path = DEFAULT_TSM_ROOT, *, privlevel: int | None = None,
-                 vcek_path: Path | None = None, sealing_secret_path: Path | None = None) -> None:
-        self.root = Path(root)
-        self.privlevel = privlevel
-        self.vcek_path = vcek_path
-        self.sealing_secret_path = sealing_secret_path
-        self.name = "configfs-tsm"
+    Kept as a seam so tests can emulate the kernel's reactions on a plain folder."""
 
-    def available(self) -> bool:
-        return self.root.is_dir()
+    def mkdir(self, entry: Path) -> None:
+        entry.mkdir()
 
-    def _read(self, path: Path) -> bytes:
+    def rmdir(self, entry: Path) -> None:
+        entry.rmdir()
+
+    def read(self, path: Path) -> bytes:
         try:
             with open(path, "rb") as fh:
                 data = fh.read(MAX_BLOB + 1)
@@ -117,6 +114,30 @@ class ConfigfsTsmProvider:
             raise EnclaveError(f"{path} is larger than {MAX_BLOB} bytes")
         return data
 
+    def write(self, path: Path, data: bytes) -> None:
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            raise EnclaveError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class ConfigfsTsmProvider:
+    """Evidence from Linux configfs-tsm, for real SEV-SNP and TDX guests."""
+
+    def __init__(self, root: Path = DEFAULT_TSM_ROOT, *, privlevel: int | None = None,
+                 vcek_path: Path | None = None, sealing_secret_path: Path | None = None,
+                 fs: TsmFs | None = None) -> None:
+        self.root = Path(root)
+        self.privlevel = privlevel
+        self.vcek_path = vcek_path
+        self.sealing_secret_path = sealing_secret_path
+        self.fs = fs or TsmFs()
+        self.name = "configfs-tsm"
+
+    def available(self) -> bool:
+        return self.root.is_dir()
+
     def evidence(self, report_data: bytes) -> Evidence:
         if len(report_data) != REPORT_DATA_SIZE:
             raise EnclaveError(f"report_data must be {REPORT_DATA_SIZE} bytes")
@@ -125,26 +146,27 @@ class ConfigfsTsmProvider:
                                "SEV-SNP or TDX guest with the tsm report module loaded?")
         entry = self.root / f"cleanroom-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            entry.mkdir()
+            self.fs.mkdir(entry)
         except OSError as exc:
             raise EnclaveError(f"cannot create {entry}: {exc.strerror}") from None
+        fs = self.fs
         try:
-            provider = self._read(entry / "provider").decode(errors="replace").strip()
+            provider = fs.read(entry / "provider").decode(errors="replace").strip()
             if self.privlevel is not None:
-                (entry / "privlevel").write_text(str(self.privlevel))
-            generation_before = self._read(entry / "generation").strip()
-            with open(entry / "inblob", "wb") as fh:
-                fh.write(report_data)
-            outblob = self._read(entry / "outblob")
-            aux = self._read(entry / "auxblob") if (entry / "auxblob").exists() else b""
-            generation_after = self._read(entry / "generation").strip()
-            expected = str(int(generation_before or b"0") + 1).encode()
-            if generation_after != expected:
+                fs.write(entry / "privlevel", str(self.privlevel).encode())
+            generation_before = int(fs.read(entry / "generation").strip() or b"0")
+            fs.write(entry / "inblob", report_data)
+            outblob = fs.read(entry / "outblob")
+            aux = fs.read(entry / "auxblob") if (entry / "auxblob").exists() else b""
+            generation_after = int(fs.read(entry / "generation").strip() or b"0")
+            if generation_after != generation_before + 1:
                 raise EnclaveError("configfs-tsm report changed while reading (another writer "
                                    f"used {entry.name}); retry")
+        except ValueError:
+            raise EnclaveError(f"{entry}/generation is not a number") from None
         finally:
             try:
-                entry.rmdir()
+                fs.rmdir(entry)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     log.warning("could not remove %s: %s", entry, exc.strerror)

@@ -53,8 +53,8 @@ PRODUCTS = ("Milan", "Genoa", "Turin")
 VECTORS = [
     {"file": "snp/milan_v2_vcek_oak.bin", "cert": "snp/milan_v2_vcek_oak_vcek.pem",
      "notes": "project-oak/oak oak_attestation_verification/testdata/oc_evidence.textproto "
-              "(root_layer.remote_attestation_report) + oc_vcek_milan.pem; Oak Containers on GCP-like "
-              "Milan host, generated 2024-03-22 per the file header."},
+              "(root_layer.remote_attestation_report) + oc_vcek_milan.pem; real Oak Containers evidence, "
+              "generated 2024-03-22 per the file header."},
     {"file": "snp/milan_v3_vcek_azure_sidecar.bin", "cert": "snp/milan_v3_vcek_azure_sidecar_vcek.pem",
      "notes": "microsoft/confidential-sidecar-containers pkg/attest/platform_cert_fetcher_test.go "
               "(hex report + THIM cert chain); Azure Container Instances Milan."},
@@ -85,7 +85,7 @@ VECTORS = [
     {"file": "snp/negative/milan_v2_vlek_aws_constellation_report_invalid.bin",
      "cert": "snp/milan_v2_vlek_aws_constellation_vlek.pem", "expect_fail": "signature",
      "notes": "NEGATIVE: edgelesssys/constellation internal/attestation/aws/snp/testdata/report_invalid.hex = "
-              "report_valid.hex with one nibble of REPORT_ID (0x14e) changed (0x80 -> 0x90); the report "
+              "report_valid.hex with one byte of REPORT_ID changed (offset 0x150: 0x8c -> 0x9c); the report "
               "signature must not verify. Cert chain is valid."},
     {"file": "tdx/dcap-qvl_tappd_tdx10_v4.dat", "cert": None,
      "notes": "Phala-Network/dcap-qvl dcap-qvl-js/sample/quote-from-tappd.hex (already vendored as "

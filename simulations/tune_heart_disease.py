@@ -163,6 +163,11 @@ def noise_for(epsilon: float, sample_rate: float, steps: int) -> float:
     return calibrate_noise(epsilon, DELTA, sample_rate, steps)
 
 
+@lru_cache(maxsize=4096)
+def _spent(history: tuple[tuple[float, float, int], ...]) -> float:
+    return epsilon_spent(history, DELTA)
+
+
 @dataclass(frozen=True)
 class RunResult:
     accuracy: float  # client-average test accuracy of the final global model
@@ -194,7 +199,7 @@ def run_federation(cfg: Config, seed: int, epsilon: float | None) -> RunResult:
     accs = tuple(evaluate(cfg.model, current, d.test_x, d.test_y)[1] for d in sites)
     eps = None
     if epsilon is not None:
-        eps = max(epsilon_spent(h, DELTA) for h in ledgers)
+        eps = max(_spent(tuple(h)) for h in ledgers)
         if eps > epsilon + 1e-9:
             raise RuntimeError(f"{cfg.label()}: a site spent epsilon {eps:.4f} > {epsilon}")
     return RunResult(float(np.mean(accs)), accs, eps)

@@ -270,16 +270,19 @@ def epsilon_spent(history: Sequence[tuple[float, float, int]], delta: float) -> 
 
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    entries: list[tuple[float, float, int]] = []
+    # RDP composes additively and is linear in the number of steps, so charges with the same
+    # (noise multiplier, sample rate) are merged: same epsilon, one RDP evaluation per pair.
+    merged: dict[tuple[float, float], int] = {}
     for sigma, rate, steps in history:
         if not (sigma >= 0 and math.isfinite(sigma)):
             raise ValueError(f"noise multiplier must be >= 0, got {sigma}")
         _check_privacy_args(delta, rate, int(steps))
         if sigma == 0:
             return math.inf
-        entries.append((float(sigma), float(rate), int(steps)))
-    if not entries:
+        key = (float(sigma), float(rate))
+        merged[key] = merged.get(key, 0) + int(steps)
+    if not merged:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = entries
+    accountant.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
     return float(accountant.get_epsilon(delta=delta, alphas=list(RDP_ALPHAS)))

@@ -1,0 +1,231 @@
+"""One federated run, wherever it executes: gate, strategy, audit chain, tracking, report.
+
+The simulation engine and the deployed ServerApp both describe a run with a :class:`RunSpec`
+and hand :func:`run_federation` a callback that starts the strategy on their Grid (in-process,
+Flower's simulation runtime, or a SuperLink). Everything else is here, once: the attestation
+gate, the confidential strategy, the signed audit chain (run start, a receipt per round, run
+end), MLflow, report.json/report.png, the model card and the registered model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cleanroom.attestation.validate.policy import Policy
+from cleanroom.protocol.wire import TrainPlan
+
+log = logging.getLogger(__name__)
+
+Execute = Callable[[Any], Any]  # (strategy) -> final ArrayRecord | None
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one run on the coordinator side."""
+
+    run_id: str
+    out: Path
+    policy: Policy
+    plan: TrainPlan
+    strategy: str
+    dataset: str
+    audit_key: Path
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    min_nodes: int = 2
+    confidential: bool = True
+    tracking: bool = True
+    tracking_uri: str | None = None
+    run_name: str = "cleanroom"
+    coordinator_id: str = ""
+    node_keys: dict[int, bytes] | None = None  # deployment: Flower node auth keys (PEM SPKI)
+    node_sites: dict[int, str] | None = None  # deployment / baseline: node id -> site name
+    sites: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
+    report_extra: dict[str, Any] = field(default_factory=dict)
+    nonce_file: Path | None = None
+
+
+@dataclass
+class RunOutcome:
+    report: dict[str, Any]
+    report_path: Path
+    plot_path: Path
+    audit_path: Path
+    seconds: float
+
+
+def open_audit(path: Path, key_path: Path) -> Any:
+    """The coordinator's audit log, with its signing key created on first use (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from cleanroom.attestation.simulated import write_private
+    from coordinator.audit import AuditLog, load_signing_key
+
+    if not key_path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return AuditLog(path, load_signing_key(key_path))
+
+
+def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of one report round entry."""
+    metrics: dict[str, float] = {
+        "attested": len(entry["attested"]), "quarantined": len(entry["quarantined"]),
+        "bytes_sent": entry["bytes_sent"], "bytes_received": entry["bytes_received"],
+        "round_seconds": entry["seconds"]}
+    if entry["accuracy_mean"] is not None:
+        metrics["accuracy_mean"] = entry["accuracy_mean"]
+        metrics["loss_mean"] = entry["loss_mean"]
+    for site, m in entry["metrics"].items():
+        metrics[f"accuracy.{site}"] = m["accuracy"]
+        metrics[f"loss.{site}"] = m["loss"]
+    for site, eps in entry["epsilon"].items():
+        if eps is not None:
+            metrics[f"epsilon.{site}"] = eps
+    return metrics
+
+
+def site_samples(records: list[Any]) -> dict[str, dict[str, int]]:
+    samples: dict[str, dict[str, int]] = {}
+    for record in records:
+        for site, s in record.sites.items():
+            entry = samples.setdefault(site, {})
+            if "num-examples" in s.train_metrics:
+                entry["train"] = int(s.train_metrics["num-examples"])
+            if "num-examples" in s.eval_metrics:
+                entry["test"] = int(s.eval_metrics["num-examples"])
+    return samples
+
+
+def run_federation(spec: RunSpec, execute: Execute,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Run ``spec`` with ``execute`` and write every output into ``spec.out``."""
+    from coordinator.audit import public_key_hex
+    from coordinator.gate import AttestationGate, NonceStore
+    from coordinator.model_card import build_model_card, write_model_card
+    from coordinator.receipts import code_version, round_receipt
+    from coordinator.report import build_report, plot_report, round_entry, write_report
+    from coordinator.strategies import build_strategy
+    from coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
+    from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
+
+    started = time.time()
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gate = AttestationGate(spec.policy, NonceStore(spec.nonce_file or out / "nonces.jsonl"),
+                           coordinator_id=spec.coordinator_id, node_keys=spec.node_keys,
+                           node_sites=spec.node_sites if spec.node_keys is not None else None)
+    inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
+    audit = open_audit(out / "audit.jsonl", spec.audit_key)
+
+    tracker: Any = NullTracker()
+    if spec.tracking:
+        tracker = MlflowTracker(spec.tracking_uri or default_tracking_uri(out),
+                                out / "mlartifacts", run_name=spec.run_name)
+        plan = spec.plan
+        tracker.log_params({
+            "run_id": spec.run_id, "dataset": spec.dataset, "sites": ",".join(spec.sites),
+            "rounds": plan.rounds, "strategy": spec.strategy, "dp": plan.dp.enabled,
+            "epsilon": plan.dp.epsilon, "delta": plan.dp.delta, "model": plan.model,
+            "local_steps": plan.local_steps, "sample_rate": plan.sample_rate, "lr": plan.lr,
+            "optimizer": plan.optimizer, "max_grad_norm": plan.dp.max_grad_norm,
+            "max_update_norm": plan.max_update_norm, "confidential": spec.confidential,
+            "policy_digest": gate.policy_digest, **spec.params})
+
+    audit.append("run-start", {
+        "coordinator_public_key": public_key_hex(audit.key), "code_version": code_version(),
+        "run_id": spec.run_id, "strategy": spec.strategy, "sites": spec.sites,
+        "policy_name": spec.policy.name, "policy_digest": gate.policy_digest,
+        "measurements": [m.hex() for m in spec.policy.measurements],
+        "plan": spec.plan.model_dump(mode="json")})
+    epsilon_so_far: dict[str, float | None] = {}
+
+    def record_round(record: RoundRecord) -> None:
+        audit.append("round-receipt", round_receipt(record, policy_digest=gate.policy_digest))
+        entry = round_entry(record, epsilon_so_far)
+        tracker.log_metrics(round_metrics(entry), step=record.round)
+        if on_round is not None:
+            on_round(entry)
+
+    if spec.confidential:
+        strategy: Any = ConfidentialStrategy(inner, gate=gate, plan=spec.plan,
+                                             on_round=record_round)
+    else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
+        strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites)
+    try:
+        final_arrays = execute(strategy)
+    except BaseException:
+        audit.append("run-end", {"status": "failed", "rounds": len(strategy.records)})
+        tracker.end("FAILED")
+        raise
+
+    from cleanroom.protocol.arrays import arrays_digest
+    from cleanroom.protocol.flower import arrays_to_numpy
+
+    final_digest = arrays_digest(arrays_to_numpy(final_arrays)) if final_arrays else None
+    last = strategy.records[-1] if strategy.records else None
+    head = audit.append("run-end", {
+        "status": "completed", "rounds": len(strategy.records),
+        "final_model_sha256": final_digest,
+        "attested_last_round": last.attested if last else [],
+        "epsilon": dict(epsilon_so_far)})
+    tracker.set_tags({"audit_head": head, "audit_entries": str(audit.seq),
+                      "code_version": code_version()})
+    report = build_report(
+        strategy.records, run_id=spec.run_id, audit_log=str(audit.path), audit_head=head,
+        mlflow={"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
+        policy={"name": spec.policy.name, "digest": gate.policy_digest,
+                "measurements": [m.hex() for m in spec.policy.measurements],
+                "simulated_root": str(spec.policy.simulated_root)
+                if spec.policy.simulated_root else None},
+        model_card=str(out / "model_card.md"),
+        seconds=round(time.time() - started, 3), **spec.report_extra)
+    report_path = write_report(report, out)
+    plot_path = plot_report(report, out / "report.png")
+    card = build_model_card(report, site_samples=site_samples(strategy.records),
+                            architecture_digest=spec.plan.model_architecture_digest,
+                            final_model_sha256=final_digest)
+    for path in write_model_card(card, out):
+        tracker.log_artifact(path, "model_card")
+    if final_arrays is not None:
+        tracker.log_artifact(save_model(final_arrays, out / "final_model.npz"))
+        import numpy as np
+
+        model = torch_model(spec.plan.model, final_arrays)
+        n_features = next(iter(model.parameters())).shape[-1]
+        tracker.log_model(model, registered_name=f"cleanroom-{spec.dataset}-{spec.plan.model}",
+                          input_example=np.zeros((1, n_features), dtype=np.float32))
+    for path in (report_path, plot_path, audit.path):
+        tracker.log_artifact(path)
+    if report["final"]["accuracy_mean"] is not None:
+        tracker.log_metrics({"final_accuracy_mean": report["final"]["accuracy_mean"]},
+                            step=spec.plan.rounds)
+    tracker.end("FINISHED")
+    return RunOutcome(report, report_path, plot_path, audit.path, time.time() - started)
+
+
+def torch_model(name: str, arrays: Any) -> Any:
+    from cleanroom.protocol.flower import arrays_to_numpy
+    from models import build_model, set_parameters
+
+    model = build_model(name)
+    set_parameters(model, {k: v.astype("float32", copy=False)
+                           for k, v in arrays_to_numpy(arrays).items()})
+    return model
+
+
+def save_model(arrays: Any, path: Path) -> Path:
+    import numpy as np
+
+    from cleanroom.protocol.flower import arrays_to_numpy
+
+    np.savez(path, **arrays_to_numpy(arrays))
+    return path

@@ -33,6 +33,10 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
         "loss_mean": _mean([m["loss"] for m in metrics.values()]),
         "epsilon": dict(sorted(epsilon_so_far.items())),
         "skipped": record.skipped,
+        "sites": {site: {"admitted": s.admitted, "reason": s.reason,
+                         "measurement": s.admission.get("measurement"),
+                         "evidence_sha256": s.admission.get("evidence_sha256")}
+                  for site, s in sorted(record.sites.items())},
         "model_digest": record.model_digest,
         "aggregate_digest": record.aggregate_digest,
         "update_norm": {site: s.update_norm for site, s in sorted(record.sites.items())

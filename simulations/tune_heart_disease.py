@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -340,13 +340,20 @@ def print_table(title: str, scores: Sequence[Score], out: list[str], note: str =
     print("\n".join(lines), flush=True)
 
 
-def best_per_strategy(scores: Sequence[Score]) -> list[Score]:
-    best: dict[str, Score] = {}
+def best_by(scores: Sequence[Score], key: Callable[[Config], object]) -> list[Score]:
+    """The best score for each value of ``key(config)``, in first-seen order of the keys."""
+    best: dict[object, Score] = {}
     for s in scores:
-        cur = best.get(s.cfg.strategy)
+        k = key(s.cfg)
+        cur = best.get(k)
         if cur is None or (s.mean, -s.std) > (cur.mean, -cur.std):
-            best[s.cfg.strategy] = s
-    return [best[k] for k in STRATEGIES if k in best]
+            best[k] = s
+    return list(best.values())
+
+
+def best_per_strategy(scores: Sequence[Score]) -> list[Score]:
+    by = {s.cfg.strategy: s for s in best_by(scores, lambda c: c.strategy)}
+    return [by[k] for k in STRATEGIES if k in by]
 
 
 LEGEND = ("Config: strategy, model, R rounds, S local steps per round, q Poisson sampling "
@@ -392,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(f"{mode}: top {args.top} of {len(grid)} configs, seeds 0..{args.seeds - 1} "
                     f"({time.perf_counter() - t0:.0f} s)", scores[:args.top], out)
         print_table(f"{mode}: best config per strategy", best_per_strategy(scores), out)
+        print_table(f"{mode}: best config per model and local optimiser",
+                    best_by(scores, lambda c: (c.model, c.optimizer)), out)
+        print_table(f"{mode}: best config per Poisson sampling rate q and schedule",
+                    sorted(best_by(scores, lambda c: (c.sample_rate, c.rounds * c.local_steps)),
+                           key=lambda s: (s.cfg.sample_rate, s.cfg.rounds * s.cfg.local_steps)),
+                    out)
 
     default = DEFAULT_CONFIG
     per_strategy = [replace(default, strategy=s, eta=DEFAULT_SERVER_ETA[s])

@@ -57,14 +57,17 @@ def _settings(msg: Message, plain_defaults: dict[str, object] | None,
 
 def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidential: bool = True,
                     plain_settings: dict[str, object] | None = None) -> ClientApp:
-    """The site ClientApp; ``confidential=False`` is the plaintext baseline (benchmarks only)."""
-    from site_agent.training import TrainSettings, evaluate, train_local
+    """The site ClientApp; ``confidential=False`` is the plaintext baseline (benchmarks only).
 
+    torch and Opacus are imported only by the handlers that train or evaluate, so answering
+    the attestation query (a fresh process per message in deployments) stays light."""
     mod = ConfidentialMod(runtime_for) if confidential else None
     app = ClientApp(mods=[mod] if mod else [])
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
+        from site_agent.training import TrainSettings, train_local
+
         runtime = runtime_for(ctx)
         s = _settings(msg, plain_settings, runtime)
         dp = bool(s["dp"])
@@ -86,6 +89,8 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
 
     @app.evaluate()
     def evaluate_fn(msg: Message, ctx: Context) -> Message:
+        from site_agent.training import evaluate
+
         runtime = runtime_for(ctx)
         config = msg.content.config_records.get("config", ConfigRecord())
         model = str(config.get("model", (plain_settings or {}).get("model", "logreg")))

@@ -82,6 +82,30 @@ class SitePolicyConfig(_Section):
                                    "approve RUN_ID'.")
 
 
+class FlowerNodeSettings(_Section):
+    """How the site's SuperNode reaches the coordinator's SuperLink (deployments only)."""
+
+    superlink: str = Field("127.0.0.1:9400", description="host:port of the SuperLink")
+    root_certificates: Path = Field(description="CA certificate the SuperLink's TLS "
+                                    "certificate must chain to")
+    auth_key: Path = Field(description="SuperNode auth private key (OpenSSH, mode 0600)")
+    port: int = Field(9500, ge=1, le=65535, description="local port of the SuperNode's "
+                      "runtime API (loopback)")
+
+    _paths = field_validator("root_certificates", "auth_key")(
+        classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+class SiteApiSettings(_Section):
+    """The site daemon's local HTTP API."""
+
+    host: str = Field("127.0.0.1", description="loopback by default")
+    port: int = Field(9600, ge=1, le=65535)
+    tokens: Path | None = Field(None, description="hashed API tokens (operator/auditor)")
+
+    _paths = field_validator("tokens")(classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
 class SiteConfig(_Section):
     """Everything one site agent needs."""
 
@@ -92,7 +116,10 @@ class SiteConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     policy: SitePolicyConfig = SitePolicyConfig()
     node_public_key: Path | None = Field(None, description="Flower node auth public key "
-                                         "(deployment): bound into every attestation.")
+                                         "(PEM SPKI, deployment): bound into every "
+                                         "attestation.")
+    flower: FlowerNodeSettings | None = None
+    api: SiteApiSettings = SiteApiSettings()
     seed: int = 0
 
     _resolve_paths = field_validator("state_dir", "node_public_key")(

@@ -216,6 +216,7 @@ class ConfigfsTsmProvider:
 
 CHIP_KEY = "chip_vcek_key.pem"
 CHIP_ID = "chip_id.bin"
+CHIP_VCEK = "vcek.pem"
 
 
 class SimulatedProvider:
@@ -230,8 +231,13 @@ class SimulatedProvider:
         self.name = "simulated"
 
     @classmethod
-    def launch(cls, root: SimulatedRoot, state_dir: Path, measurement: bytes, *,
+    def launch(cls, root: SimulatedRoot | None, state_dir: Path, measurement: bytes, *,
                debug: bool = False) -> SimulatedProvider:
+        """Start the simulated chip kept in ``state_dir`` (created on first use).
+
+        Its VCEK is read from ``state_dir/vcek.pem`` when the simulated vendor already issued
+        it (deployments: ``cleanroom provision``); otherwise ``root`` issues it now.
+        """
         state_dir = Path(state_dir)
         key_path, id_path = state_dir / CHIP_KEY, state_dir / CHIP_ID
         if key_path.exists() and id_path.exists():
@@ -247,7 +253,14 @@ class SimulatedProvider:
                                                       serialization.NoEncryption()))
             write_private(id_path, chip_id)
         tcb = SimulatedTcb()
-        _, vcek = issue_vcek(root, chip_id, tcb, key=key)
+        vcek_path = state_dir / CHIP_VCEK
+        if root is not None:
+            _, vcek = issue_vcek(root, chip_id, tcb, key=key)
+        elif vcek_path.exists():
+            vcek = pick_key_certificate(load_certificates(vcek_path.read_bytes()))
+        else:
+            raise EnclaveError(f"no simulated VCEK in {state_dir} and no simulated root to "
+                               "issue one")
         chip = SimulatedChip(vcek_key=key, vcek=vcek, chip_id=chip_id, measurement=measurement,
                              tcb=tcb)
         if debug:

@@ -54,6 +54,7 @@ from site_agent.sealed import seal_blob, unseal_blob
 log = logging.getLogger(__name__)
 
 SESSION_RECORD = "cleanroom.session"
+CACHE_RECORD = "cleanroom.cache"
 TRAIN_SETTINGS_RECORD = "cleanroom.train"
 METRIC_STEPS = "dp-steps"
 METRIC_NOISE = "dp-noise-multiplier"
@@ -85,7 +86,19 @@ class RoundSettings:
     delta: float
 
 
-def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge) -> RoundSettings:
+def _cached(cache: ConfigRecord | None, key: str, compute: Callable[[], object]) -> object:
+    """A value kept in the node's Flower context across messages (each message may run in a
+    fresh process: this spares the attestation query importing torch and Opacus)."""
+    if cache is not None and key in cache:
+        return cache[key]
+    value = compute()
+    if cache is not None:
+        cache[key] = value  # type: ignore[assignment]
+    return value
+
+
+def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge,
+                    cache: ConfigRecord | None = None) -> RoundSettings:
     """Apply the site's policy and budget to the coordinator's plan (raises SiteRefusal)."""
     plan, privacy, policy = challenge.plan, runtime.config.privacy, runtime.config.policy
     if policy.coordinators and challenge.coordinator_id not in policy.coordinators:
@@ -99,7 +112,8 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge) -> RoundSe
         raise SiteRefusal("approval-required", f"run {challenge.run_id} is not approved by "
                           f"site {runtime.site}: approve it with 'cleanroom site approve "
                           f"{challenge.run_id}'")
-    if _architecture_digest(plan.model) != plan.model_architecture_digest:
+    digest = _cached(cache, f"arch:{plan.model}", lambda: _architecture_digest(plan.model))
+    if digest != plan.model_architecture_digest:
         raise SiteRefusal("model-mismatch", f"plan names model {plan.model} but its digest "
                           "differs from this site's definition")
     if not plan.dp.enabled:
@@ -107,7 +121,10 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge) -> RoundSe
             raise SiteRefusal("dp-required", "this site only trains with differential privacy")
         return RoundSettings(None, plan.sample_rate, plan.local_steps, None, privacy.delta)
     epsilon = min(plan.dp.epsilon, privacy.max_epsilon_per_run)
-    sigma = noise_for(epsilon, privacy.delta, plan.sample_rate, plan.rounds * plan.local_steps)
+    steps = plan.rounds * plan.local_steps
+    sigma = float(_cached(cache, f"sigma:{epsilon!r}:{privacy.delta!r}:{plan.sample_rate!r}:"  # type: ignore[arg-type]
+                          f"{steps}", lambda: noise_for(epsilon, privacy.delta,
+                                                        plan.sample_rate, steps)))
     return RoundSettings(sigma, plan.sample_rate, plan.local_steps, epsilon, privacy.delta)
 
 
@@ -148,7 +165,7 @@ class ConfidentialMod:
                          "provider": runtime.provider.name,
                          "node_public_key": runtime.node_public_key.hex()}
         try:
-            settings = decide_settings(runtime, challenge)
+            settings = decide_settings(runtime, challenge, _cache(ctx))
             if settings.noise_multiplier is not None:
                 runtime.ledger.check(challenge.run_id, challenge.round,
                                      settings.noise_multiplier, settings.sample_rate,
@@ -217,7 +234,7 @@ class ConfidentialMod:
         if arrays_digest(arrays) != challenge.model_digest:
             raise ProtocolError("decrypted model differs from the model digest bound in this "
                                 "round's attestation")
-        settings = decide_settings(runtime, challenge)
+        settings = decide_settings(runtime, challenge, _cache(ctx))
         plan = challenge.plan
         if settings.noise_multiplier is not None:
             runtime.ledger.reserve(challenge.run_id, challenge.round, settings.noise_multiplier,
@@ -273,6 +290,12 @@ class ConfidentialMod:
         if not reply.has_error() and reply.content.array_records:
             raise ProtocolError("evaluation reply must not carry arrays")
         return reply
+
+
+def _cache(ctx: Context) -> ConfigRecord:
+    if CACHE_RECORD not in ctx.state.config_records:
+        ctx.state[CACHE_RECORD] = ConfigRecord()
+    return ctx.state.config_records[CACHE_RECORD]
 
 
 def _single_metrics(reply: Message) -> MetricRecord:

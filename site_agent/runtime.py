@@ -14,7 +14,6 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from cleanroom.attestation.simulated import load_simulated_root, measure_code
-from cleanroom.errors import ConfigError
 from site_agent.activity import Activity
 from site_agent.approvals import Approvals
 from site_agent.config import SiteConfig
@@ -48,10 +47,7 @@ def build_provider(config: SiteConfig) -> EnclaveProvider:
         return ConfigfsTsmProvider(enclave.tsm_root, privlevel=enclave.privlevel,
                                    vcek_path=enclave.vcek_path,
                                    sealing_secret_path=enclave.sealing_secret_path)
-    if enclave.simulated_root is None:
-        raise ConfigError(f"site {config.site}: enclave.simulated_root is required for the "
-                          "simulated provider")
-    root = load_simulated_root(enclave.simulated_root)
+    root = load_simulated_root(enclave.simulated_root) if enclave.simulated_root else None
     return SimulatedProvider.launch(root, config.state_dir / "enclave", code_measurement())
 
 
@@ -95,13 +91,18 @@ class SiteRuntime:
 
     @cached_property
     def node_public_key(self) -> bytes:
+        """DER SubjectPublicKeyInfo of the Flower node auth key (bound into attestations)."""
         path = self.config.node_public_key
         if path is None:
             return b""
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read node public key {path}: {exc.strerror}") from None
+        from cleanroom.pki import NodePublicKey
+
+        pem = NodePublicKey.load(path).spki_pem
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_public_key(pem)
+        return key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def build_runtime(config: SiteConfig, provider: EnclaveProvider | None = None) -> SiteRuntime:

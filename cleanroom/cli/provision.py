@@ -1,0 +1,72 @@
+"""``cleanroom provision``: create a federation's keys, certificates, policy and configs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cleanroom.errors import ConfigError
+
+EPILOG = """\
+examples:
+  cleanroom provision --out fed --sites cleveland,hungary,switzerland,va
+  # a hospital made its own key with 'cleanroom site keygen' and sent node_auth.pub:
+  cleanroom provision --out fed --sites cleveland,va --site-key va=received/va.pub
+  # real SEV-SNP/TDX sites: approved image measurement(s), configfs-tsm provider
+  cleanroom provision --out fed --sites a,b --enclave configfs-tsm --measurement HEX
+
+then: cleanroom coordinator --config fed/coordinator/coordinator.toml
+      cleanroom site --config fed/sites/<name>/site.toml      (at each site)
+      cleanroom run --config fed/coordinator/coordinator.toml --out results
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("provision", help="create CA, TLS, node keys, policy and configs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Provision a federation into an empty folder. Private keys "
+                       "are mode 0600 and never printed; tokens are written to *.token files.")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--sites", required=True, help="comma-separated site names")
+    p.add_argument("--site-key", action="append", default=[], metavar="NAME=PUBFILE",
+                   help="use the public key a site generated itself (repeatable)")
+    p.add_argument("--enclave", choices=["simulated", "configfs-tsm"], default="simulated")
+    p.add_argument("--measurement", action="append", default=[], metavar="HEX",
+                   help="allowed launch measurement (repeatable; required for configfs-tsm)")
+    p.add_argument("--host", default="127.0.0.1", help="SuperLink address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9400, help="SuperLink port (default 9400)")
+    p.add_argument("--api-port", type=int, default=9401, help="coordinator API port")
+    p.add_argument("--site-port", type=int, default=9500, help="first SuperNode port")
+    p.add_argument("--site-api-port", type=int, default=9600, help="first site API port")
+    p.add_argument("--dataset", choices=["heart-disease", "synthetic"], default="heart-disease")
+    p.add_argument("--rounds", type=int, default=5, help="default rounds of a run")
+    p.set_defaults(func=cmd_provision)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from coordinator.provision import ProvisionRequest, provision
+
+    keys = {}
+    for item in args.site_key:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--site-key {item!r}: expected NAME=PUBFILE")
+        keys[name] = Path(path)
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    for m in args.measurement:
+        try:
+            if len(bytes.fromhex(m)) != 48:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--measurement {m!r} is not 48 bytes of hex") from None
+    result = provision(ProvisionRequest(
+        out=args.out, sites=sites, enclave=args.enclave, site_keys=keys,
+        measurements=list(args.measurement), superlink_host=args.host,
+        superlink_port=args.port, api_port=args.api_port, site_base_port=args.site_port,
+        site_api_base_port=args.site_api_port, dataset=args.dataset, rounds=args.rounds))
+    print(f"provisioned {len(sites)} site(s) in {result.out}")
+    print(f"  coordinator: cleanroom coordinator --config {result.coordinator_config}")
+    for name, path in result.site_configs.items():
+        print(f"  site {name}: cleanroom site --config {path}")
+    print(f"  API tokens (keep them secret): {', '.join(str(p) for p in result.tokens.values())}")
+    return 0

@@ -1,0 +1,177 @@
+"""Child-process supervision for the daemons: start, health-check, stop without orphans.
+
+Flower's SuperLink starts a ``flower-superexec`` in its own session, which starts the ServerApp;
+the SuperNode starts one ``flwr-clientapp`` per message. Killing a process group does not reach
+them all, so every descendant is tagged with an environment variable; on stop we SIGTERM the
+main processes, wait, SIGKILL stragglers, then sweep ``/proc`` for anything still carrying our
+tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cleanroom.errors import CleanroomError
+
+log = logging.getLogger(__name__)
+
+TAG_VAR = "CLEANROOM_SUPERVISOR_TAG"
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+class DaemonError(CleanroomError):
+    """A daemon could not start or a child process failed."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if something already listens on (host, port) (checked by binding)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def require_free_ports(*endpoints: tuple[str, int, str]) -> None:
+    busy = [f"{what} port {port} on {host}" for host, port, what in endpoints
+            if port_in_use(host, port)]
+    if busy:
+        raise DaemonError("already in use: " + ", ".join(busy) + " (another federation or "
+                          "daemon is running there; stop it or choose other ports)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``TAG_VAR=tag`` (excluding this one)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def https_health(url: str, ca: Path, timeout: float = 3.0) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+        return int(response.status)
+
+
+@dataclass
+class Supervisor:
+    """Starts children with a common tag and stops them all, descendants included."""
+
+    log_dir: Path
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLOWER_ENV)
+        env[TAG_VAR] = self.tag
+        # Flower starts its helpers by bare name: they must come from this environment.
+        import sys
+
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+        env.update(extra or {})
+        return env
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - kept by the child
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=env or self.env(), start_new_session=True)
+        log_file.close()
+        self.children.append((name, proc))
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args[:3]))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                raise DaemonError(f"{name} exited with status {code}:\n{self.log_tail(name)}")
+
+    def stop(self, timeout: float = 10.0) -> list[int]:
+        """Stop every child and tagged descendant; returns pids that had to be killed."""
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=5)
+        killed = []
+        end = time.monotonic() + 5.0
+        while (left := tagged_pids(self.tag)) and time.monotonic() < end:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+        for pid in tagged_pids(self.tag):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        if killed:
+            log.warning("killed leftover processes %s", killed)
+        return killed
+
+
+def wait_for(predicate: object, timeout: float, what: str, supervisor: Supervisor | None = None,
+             interval: float = 0.25) -> None:
+    """Poll ``predicate()`` until true; fail with the children's logs if one died."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if supervisor is not None:
+            supervisor.check_alive()
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except (OSError, urllib.error.URLError, ssl.SSLError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise DaemonError(f"timed out after {timeout:.0f}s waiting for {what}"
+                      + (f" (last error: {last})" if last else ""))

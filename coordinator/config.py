@@ -1,0 +1,122 @@
+"""Coordinator configuration (``coordinator.toml``), written by ``cleanroom provision``.
+
+Paths are resolved relative to the file. Unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from cleanroom.config import load_model
+from cleanroom.protocol.wire import DpPlan, SiteName, TrainPlan
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    if value is not None and base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+class TrainingSettings(_Section):
+    """Defaults for runs; ``cleanroom run`` options override them per run."""
+
+    dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
+    strategy: str = "fedadam"
+    rounds: int = Field(5, ge=1, le=1000)
+    model: str = "logreg"
+    local_steps: int = Field(10, ge=1)
+    sample_rate: float = Field(1.0, gt=0, le=1)
+    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_update_norm: float = Field(50.0, gt=0)
+    dp: bool = True
+    epsilon: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    strategy_options: dict[str, float] = Field(default_factory=dict)
+    min_sites: int = Field(2, ge=1, description="Fewest attested sites a round needs.")
+
+    def plan(self) -> TrainPlan:
+        from models import architecture_digest
+
+        return TrainPlan(rounds=self.rounds, local_steps=self.local_steps,
+                         sample_rate=self.sample_rate, lr=self.lr, optimizer=self.optimizer,
+                         momentum=self.momentum,
+                         dp=DpPlan(enabled=self.dp, epsilon=self.epsilon, delta=self.delta,
+                                   max_grad_norm=self.max_grad_norm),
+                         model=self.model, model_architecture_digest=architecture_digest(
+                             self.model), max_update_norm=self.max_update_norm)
+
+
+class SuperLinkSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=1, le=65535)
+    advertised_address: str | None = Field(None, description="host:port sites connect to "
+                                           "(default host:port)")
+    ca_cert: Path
+    cert: Path
+    key: Path
+    database: Path = Path("state/superlink.db")
+
+    _paths = field_validator("ca_cert", "cert", "key", "database")(
+        classmethod(lambda cls, v, info: _resolve(v, info)))
+
+    @property
+    def address(self) -> str:
+        return self.advertised_address or f"{self.host}:{self.port}"
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9401, ge=1, le=65535)
+    tokens: Path = Path("api_tokens.json")
+
+    _paths = field_validator("tokens")(classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+class RegisteredSite(_Section):
+    name: SiteName
+    public_key: Path = Field(description="The site's SuperNode auth public key (OpenSSH).")
+
+    _paths = field_validator("public_key")(classmethod(lambda cls, v, info: _resolve(v, info)))
+
+
+class CoordinatorConfig(_Section):
+    name: str = "cleanroom-consortium"
+    state_dir: Path = Path("state")
+    superlink: SuperLinkSettings
+    api: ApiSettings = ApiSettings()
+    audit_key: Path = Path("audit_signing_key.pem")
+    policy: Path = Path("policy.toml")
+    sites: list[RegisteredSite] = Field(min_length=1)
+    training: TrainingSettings = TrainingSettings()
+    tracking_uri: str | None = Field(None, description="MLflow URI (default: SQLite in state)")
+    site_wait_seconds: float = Field(120.0, gt=0, description="How long a run waits for "
+                                     "registered sites to come online.")
+
+    _paths = field_validator("state_dir", "audit_key", "policy")(
+        classmethod(lambda cls, v, info: _resolve(v, info)))
+
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, sites: list[RegisteredSite]) -> list[RegisteredSite]:
+        names = [s.name for s in sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique, got {names}")
+        return sites
+
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    return load_model(CoordinatorConfig, Path(path))

@@ -1,0 +1,219 @@
+"""``cleanroom provision``: everything a consortium needs to start a federation.
+
+Creates, under one folder: a consortium CA; the SuperLink's TLS certificate (SANs for its
+address); one SuperNode authentication key per site (or takes the public key a hospital
+generated itself with ``cleanroom site keygen``: its private key then never leaves the site);
+the coordinator's audit signing key; the attestation policy (measurement allow-list; simulated
+root trusted only for simulated enclaves); API tokens; and a config file for the coordinator
+and for each site. Private keys are written with mode 0600 and never printed.
+
+Layout::
+
+    DIR/ca/ca.pem, ca.key
+    DIR/coordinator/coordinator.toml, policy.toml, superlink.{pem,key}, audit_signing_key.pem,
+                    audit_public_key.hex, api_tokens.json, operator.token, auditor.token,
+                    sites/<name>.pub
+    DIR/sites/<name>/site.toml, ca.pem, node_auth.{key,pub,spki.pem}, api_tokens.json,
+                     operator.token, state/enclave/ (simulated chip)
+    DIR/simulated-root/ (simulated enclaves only)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cleanroom.attestation.simulated import create_simulated_root, write_private
+from cleanroom.errors import ConfigError
+from cleanroom.http import add_token
+from cleanroom.pki import (
+    NodePublicKey,
+    cert_pem,
+    generate_node_key,
+    make_ca,
+    make_server_cert,
+    private_pem,
+)
+from cleanroom.protocol.wire import SiteName
+
+Enclave = Literal["simulated", "configfs-tsm"]
+
+
+@dataclass
+class ProvisionRequest:
+    out: Path
+    sites: list[str]
+    enclave: Enclave = "simulated"
+    site_keys: dict[str, Path] = field(default_factory=dict)  # site -> public key it sent
+    measurements: list[str] = field(default_factory=list)  # hex; production allow-list
+    superlink_host: str = "127.0.0.1"
+    superlink_port: int = 9400
+    api_port: int = 9401
+    site_base_port: int = 9500
+    site_api_base_port: int = 9600
+    site_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # (node, API) ports
+    extra_hosts: list[str] = field(default_factory=list)
+    dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
+    data_dir: Path | None = None
+    rounds: int = 5
+
+
+@dataclass
+class Provisioned:
+    out: Path
+    coordinator_config: Path
+    site_configs: dict[str, Path]
+    tokens: dict[str, Path]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _toml(sections: dict[str, dict[str, object]], top: dict[str, object],
+          arrays: dict[str, list[dict[str, object]]] | None = None) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    for name, items in (arrays or {}).items():
+        for item in items:
+            lines += ["", f"[[{name}]]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _check_names(names: list[str]) -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(SiteName)
+    for name in names:
+        try:
+            adapter.validate_python(name)
+        except ValidationError:
+            raise ConfigError(f"site name {name!r} is not valid (letters, digits, '.', '_', "
+                              "'-'; at most 64 characters)") from None
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"site names must be unique and non-empty, got {names}")
+
+
+def provision(req: ProvisionRequest) -> Provisioned:
+    from site_agent.runtime import code_measurement
+
+    _check_names(req.sites)
+    unknown = set(req.site_keys) - set(req.sites)
+    if unknown:
+        raise ConfigError(f"--site-key for unknown site(s): {sorted(unknown)}")
+    out = Path(req.out).resolve()
+    if (out / "coordinator" / "coordinator.toml").exists():
+        raise ConfigError(f"{out} is already provisioned (coordinator/coordinator.toml exists);"
+                          " choose an empty folder")
+    coord = out / "coordinator"
+    coord.mkdir(parents=True, exist_ok=True)
+    (coord / "sites").mkdir(exist_ok=True)
+
+    ca_key, ca_cert = make_ca("Cleanroom FL consortium CA")
+    (out / "ca").mkdir(exist_ok=True)
+    (out / "ca" / "ca.pem").write_bytes(cert_pem(ca_cert))
+    write_private(out / "ca" / "ca.key", private_pem(ca_key))
+    hosts = [req.superlink_host, "127.0.0.1", "localhost", *req.extra_hosts]
+    link_key, link_cert = make_server_cert(ca_key, ca_cert, hosts)
+    (coord / "ca.pem").write_bytes(cert_pem(ca_cert))
+    (coord / "superlink.pem").write_bytes(cert_pem(link_cert))
+    write_private(coord / "superlink.key", private_pem(link_key))
+
+    audit_key = ed25519.Ed25519PrivateKey.generate()
+    write_private(coord / "audit_signing_key.pem", audit_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    from coordinator.audit import public_key_hex
+
+    (coord / "audit_public_key.hex").write_text(public_key_hex(audit_key) + "\n")
+
+    tokens = {"coordinator-operator": coord / "operator.token",
+              "coordinator-auditor": coord / "auditor.token"}
+    for role, path in (("operator", tokens["coordinator-operator"]),
+                       ("auditor", tokens["coordinator-auditor"])):
+        write_private(path, (add_token(coord / "api_tokens.json", role) + "\n").encode())
+
+    simulated = req.enclave == "simulated"
+    root = create_simulated_root(out / "simulated-root") if simulated else None
+    measurements = list(req.measurements)
+    if simulated:
+        measurements.append(code_measurement().hex())
+    if not measurements:
+        raise ConfigError("a real-enclave federation needs --measurement HEX (the launch "
+                          "measurement of the approved site image)")
+    policy_top: dict[str, object] = {
+        "name": f"{'simulated' if simulated else 'production'}-consortium-policy",
+        "environment": "simulation" if simulated else "production",
+        "measurements": measurements, "allow_debug": False, "allow_migration_agent": False,
+    }
+    if root is not None:
+        policy_top["simulated_root"] = str(root.bundle_path)
+    (coord / "policy.toml").write_text(_toml({}, policy_top))
+
+    site_configs: dict[str, Path] = {}
+    registered = []
+    for index, name in enumerate(req.sites):
+        site_dir = out / "sites" / name
+        (site_dir / "state").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "ca" / "ca.pem", site_dir / "ca.pem")
+        if name in req.site_keys:  # the hospital generated its key and sent the public part
+            public = NodePublicKey.load(req.site_keys[name])
+            (site_dir / "node_auth.pub").write_bytes(public.openssh + b"\n")
+            (site_dir / "node_auth.spki.pem").write_bytes(public.spki_pem)
+        else:
+            public = generate_node_key(site_dir)
+        (coord / "sites" / f"{name}.pub").write_bytes(public.openssh + b"\n")
+        registered.append({"name": name, "public_key": f"sites/{name}.pub"})
+        tokens[f"{name}-operator"] = site_dir / "operator.token"
+        write_private(site_dir / "operator.token",
+                      (add_token(site_dir / "api_tokens.json", "operator") + "\n").encode())
+        if root is not None:  # the simulated vendor makes this site's chip, issues its VCEK
+            from site_agent.enclave import CHIP_VCEK, SimulatedProvider
+
+            chip_dir = site_dir / "state" / "enclave"
+            provider = SimulatedProvider.launch(root, chip_dir, bytes(48))
+            (chip_dir / CHIP_VCEK).write_bytes(provider.chip.vcek_pem)
+        node_port, api_port = req.site_ports.get(
+            name, (req.site_base_port + index, req.site_api_base_port + index))
+        data: dict[str, object] = {"kind": req.dataset, "name": name, "index": index}
+        if req.data_dir is not None:
+            data["path"] = str(Path(req.data_dir).resolve())
+        enclave: dict[str, object] = {"provider": req.enclave}
+        (site_dir / "site.toml").write_text(_toml({
+            "data": data,
+            "enclave": enclave,
+            "privacy": {"delta": 1e-5, "lifetime_epsilon": 10.0, "max_epsilon_per_run": 1.0},
+            "policy": {"require_approval": False},
+            "flower": {"superlink": f"{req.superlink_host}:{req.superlink_port}",
+                       "root_certificates": "ca.pem", "auth_key": "node_auth.key",
+                       "port": node_port},
+            "api": {"host": "127.0.0.1", "port": api_port, "tokens": "api_tokens.json"},
+        }, {"site": name, "state_dir": "state", "node_public_key": "node_auth.spki.pem",
+            "seed": index}))
+        site_configs[name] = site_dir / "site.toml"
+
+    (coord / "coordinator.toml").write_text(_toml({
+        "superlink": {"host": req.superlink_host, "port": req.superlink_port,
+                      "ca_cert": "ca.pem", "cert": "superlink.pem", "key": "superlink.key",
+                      "database": "state/superlink.db"},
+        "api": {"host": "127.0.0.1", "port": req.api_port, "tokens": "api_tokens.json"},
+        "training": {"dataset": req.dataset, "rounds": req.rounds},
+    }, {"name": "cleanroom-consortium", "state_dir": "state",
+        "audit_key": "audit_signing_key.pem", "policy": "policy.toml"},
+        {"sites": registered}))
+    return Provisioned(out, coord / "coordinator.toml", site_configs, tokens)

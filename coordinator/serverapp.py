@@ -1,0 +1,116 @@
+"""The coordinator's Flower ServerApp for deployments (runs under the SuperLink).
+
+It reads the coordinator configuration named in the run config, waits for the registered
+sites to come online, binds each node's authentication key into the attestation check, and
+runs the federation with :func:`coordinator.runner.run_federation` (the same code path as the
+simulation). Outputs land in ``<state_dir>/runs/<run_id>/``; ``progress.jsonl`` gets one line
+per round for ``cleanroom run`` and the coordinator API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from cleanroom.errors import ConfigError
+from coordinator.fastgrid import FastPollGrid
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+OVERRIDES = {  # run-config key -> TrainingSettings field
+    "rounds": "rounds", "strategy": "strategy", "dp": "dp", "epsilon": "epsilon",
+    "local-steps": "local_steps", "lr": "lr", "sample-rate": "sample_rate",
+}
+
+
+def spki_der(pem: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(pem)
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def wait_for_sites(grid: Grid, expected: set[str], timeout: float) -> dict[int, Any]:
+    """Node id -> NodeInfo of the registered sites online, waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = {n.node_id: n for n in grid.get_nodes() if n.name in expected}
+        online = {nid: n for nid, n in nodes.items() if n.status in ("online", "")}
+        if {n.name for n in online.values()} >= expected or time.monotonic() > deadline:
+            return online
+        time.sleep(0.5)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from cleanroom.attestation.validate.policy import load_policy
+    from cleanroom.protocol.flower import numpy_to_arrays
+    from coordinator.config import load_coordinator_config
+    from coordinator.runner import RunSpec, run_federation
+    from models import build_model, get_parameters
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    path = str(context.run_config.get("coordinator-config", ""))
+    if not path:
+        raise ConfigError("run config 'coordinator-config' is not set")
+    config = load_coordinator_config(Path(path))
+    updates = {field: context.run_config[key] for key, field in OVERRIDES.items()
+               if key in context.run_config and context.run_config[key] != ""}
+    training = config.training.model_validate({**config.training.model_dump(), **updates})
+    seed = int(context.run_config.get("seed", 0))  # type: ignore[arg-type]
+    run_id = str(context.run_id)
+    out = config.runs_dir() / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    expected = {s.name for s in config.sites}
+    nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
+    log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
+    policy = load_policy(config.policy)
+    plan = training.plan()
+    progress = out / "progress.jsonl"
+
+    def on_round(entry: dict[str, Any]) -> None:
+        with open(progress, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    spec = RunSpec(
+        run_id=run_id, out=out, policy=policy, plan=plan, strategy=training.strategy,
+        strategy_options=dict(training.strategy_options), dataset=training.dataset,
+        audit_key=config.audit_key, min_nodes=training.min_sites,
+        tracking_uri=config.tracking_uri, run_name=f"run-{run_id}-{training.strategy}",
+        coordinator_id=config.name, sites=sorted(expected),
+        node_keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()},
+        node_sites={nid: n.name for nid, n in nodes.items()},
+        nonce_file=config.state_dir / "nonces.jsonl",
+        params={"seed": seed, "deployment": config.name},
+        report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
+                                 "deployment": config.name}},
+    )
+    initial = numpy_to_arrays(get_parameters(build_model(plan.model, seed=seed)))
+
+    def execute(strategy: Any) -> Any:
+        result = strategy.start(grid=_SitesOnly(grid, set(nodes)), initial_arrays=initial,
+                                num_rounds=plan.rounds, timeout=600,
+                                train_config=ConfigRecord({"model": plan.model}),
+                                evaluate_config=ConfigRecord({"model": plan.model}))
+        return result.arrays
+
+    run_federation(spec, execute, on_round=on_round)
+
+
+class _SitesOnly(FastPollGrid):
+    """Only the registered sites that were online when the run started are asked."""
+
+    def __init__(self, grid: Grid, node_ids: set[int]) -> None:
+        super().__init__(grid)
+        self._ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return [nid for nid in self._grid.get_node_ids() if nid in self._ids]

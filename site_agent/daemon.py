@@ -1,0 +1,123 @@
+"""``cleanroom site``: a hospital's site-agent daemon.
+
+Checks everything it can before starting (configuration, keys, certificates, data, enclave
+provider, ports), starts Flower's SuperNode with TLS and the site's auth key and our ClientApp
+(named by the node config), serves the local site API (loopback by default), and on SIGTERM
+stops the SuperNode and every process it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cleanroom.errors import ConfigError
+from cleanroom.http import load_tokens
+from cleanroom.pki import check_node_private_key
+from cleanroom.process import DaemonError, Supervisor, require_free_ports
+from site_agent.config import SiteConfig, load_site_config
+from site_agent.runtime import SiteRuntime, build_runtime
+
+log = logging.getLogger(__name__)
+
+# Known SuperNode failures -> what the hospital's IT team should do.
+SUPERNODE_ERRORS = (
+    ("Failed to activate SuperNode", "the coordinator does not know this site's node key: "
+     "send node_auth.pub to the consortium operator to register it"),
+    ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's TLS certificate does not chain to "
+     "flower.root_certificates (wrong CA file, or not the consortium's SuperLink)"),
+    ("Unable to parse the private key", "flower.auth_key is not an OpenSSH private key"),
+    ("address already in use", "the SuperNode's local port is taken: change flower.port"),
+    ("Connection reset by peer", "the SuperLink refused the connection (plaintext client "
+     "against a TLS port?)"),
+)
+
+
+def preflight(config: SiteConfig) -> SiteRuntime:
+    if config.flower is None:
+        raise ConfigError(f"site {config.site}: the [flower] section is required for the daemon")
+    flower = config.flower
+    if not flower.root_certificates.is_file():
+        raise ConfigError(f"flower.root_certificates {flower.root_certificates} does not exist")
+    public = check_node_private_key(flower.auth_key)
+    if config.node_public_key is not None:
+        from cleanroom.pki import NodePublicKey
+
+        if NodePublicKey.load(config.node_public_key).spki_pem != public.spki_pem:
+            raise ConfigError("node_public_key does not match flower.auth_key")
+    if config.api.tokens is not None:
+        load_tokens(config.api.tokens)
+    require_free_ports(("127.0.0.1", flower.port, "SuperNode runtime API"),
+                       (config.api.host, config.api.port, "site API"))
+    runtime = build_runtime(config)
+    _ = runtime.data  # the data must load inside the enclave before we join
+    return runtime
+
+
+def explain_failure(log_text: str) -> str | None:
+    for needle, advice in SUPERNODE_ERRORS:
+        if needle in log_text:
+            return advice
+    return None
+
+
+async def _serve(app: web.Application, host: str, port: int, sup: Supervisor) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                _check(sup)
+    finally:
+        await runner.cleanup()
+
+
+def _check(sup: Supervisor) -> None:
+    try:
+        sup.check_alive()
+    except DaemonError as exc:
+        advice = explain_failure(str(exc))
+        raise DaemonError(f"SuperNode stopped: {advice}" if advice else str(exc)) from None
+
+
+def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
+    from site_agent.api import build_site_api
+
+    config_path = Path(config_path).resolve()
+    config = load_site_config(config_path)
+    runtime = preflight(config)
+    flower = config.flower
+    assert flower is not None
+    sup = Supervisor(config.state_dir / "logs")
+    try:
+        env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
+        sup.start("supernode", [
+            "flower-supernode", "--superlink", flower.superlink,
+            "--root-certificates", str(flower.root_certificates),
+            "--auth-supernode-private-key", str(flower.auth_key),
+            "--port", str(flower.port),
+            "--node-config", f"site='{config.site}' site-config='{config_path}'",
+        ], env)
+        time.sleep(1.0)
+        _check(sup)
+        tokens = load_tokens(config.api.tokens) if config.api.tokens else {}
+        app = build_site_api(runtime, tokens)
+        if on_ready is not None:
+            on_ready(config)
+        asyncio.run(_serve(app, config.api.host, config.api.port, sup))
+    finally:
+        sup.stop()
+    return 0

@@ -162,6 +162,8 @@ def run_federation(spec: RunSpec, execute: Execute,
         strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites)
     try:
         final_arrays = execute(strategy)
+        if final_arrays is not None and len(final_arrays) == 0:
+            final_arrays = None  # no round trained: Flower returns an empty ArrayRecord
     except BaseException:
         audit.append("run-end", {"status": "failed", "rounds": len(strategy.records)})
         tracker.end("FAILED")

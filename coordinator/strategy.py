@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -135,6 +136,17 @@ class _Session:
     public_key: bytes
 
 
+_FLOWER_EXC = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.S)
+
+
+def error_reason(reply: Message) -> str:
+    """A site's error as 'ErrorType: message' (Flower's deployment runtime wraps it as
+    "<class 'pkg.ErrorType'>:<'message'>")."""
+    reason = str(reply.error.reason)
+    match = _FLOWER_EXC.match(reason.strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
+
+
 def required_nodes(inner: Strategy) -> int:
     """How many nodes the inner strategy insists on (it would wait forever for fewer)."""
     need = 1
@@ -215,7 +227,7 @@ class ConfidentialStrategy(Strategy):
             answered.add(node_id)
             if reply.has_error():
                 self._quarantine(record, Admission(node_id, None, False,
-                                                   f"site error: {reply.error.reason}"))
+                                                   f"site error: {error_reason(reply)}"))
                 continue
             try:
                 response, evidence, endorsement = read_attest(reply.content)
@@ -299,7 +311,7 @@ class ConfidentialStrategy(Strategy):
                 continue
             site_round = record.sites[session.site]
             if reply.has_error():
-                self._reject(record, session.site, f"site error: {reply.error.reason}")
+                self._reject(record, session.site, f"site error: {error_reason(reply)}")
                 continue
             try:
                 header = envelope_header(reply.content)

@@ -247,10 +247,10 @@ def synthetic_site(site: str, index: int, n_train: int, n_test: int, seed: int,
     task = np.random.default_rng(SYNTHETIC_TASK_SEED)
     w_true = task.normal(0.0, 1.0, size=n_features) * 3.0 / math.sqrt(n_features)
     shape = np.random.default_rng([SYNTHETIC_TASK_SEED, index])
-    shift = shape.normal(0.0, 0.75, size=n_features)
+    shift = shape.normal(0.0, 0.4, size=n_features)
     scale = np.exp(shape.normal(0.0, 0.25, size=n_features))
     w_site = w_true + shape.normal(0.0, 0.3, size=n_features) * np.abs(w_true).mean()
-    bias = shape.normal(0.0, 0.5)
+    bias = shape.normal(0.0, 0.3)
     rows = np.random.default_rng([SYNTHETIC_TASK_SEED, index, seed % (1 << 64)])
     n = n_train + n_test
     x = shift + scale * rows.normal(0.0, 1.0, size=(n, n_features))

@@ -245,9 +245,9 @@ def _check_privacy_args(delta: float, sample_rate: float, steps: int) -> None:
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier (to 0.01 in epsilon) with epsilon_spent <= ``epsilon``.
 
-    Opacus's ``get_noise_multiplier`` with the RDP accountant: ``steps`` steps at
-    ``sample_rate``, for (``epsilon``, ``delta``)-DP. Raises ``ValueError`` for bad arguments or
-    a budget too small to reach.
+    Opacus's ``get_noise_multiplier`` with the RDP accountant (orders :data:`RDP_ALPHAS`, as in
+    :func:`epsilon_spent`): ``steps`` steps at ``sample_rate``, for (``epsilon``, ``delta``)-DP.
+    Raises ``ValueError`` for bad arguments or a budget too small to reach.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -263,7 +263,9 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
 def epsilon_spent(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at ``delta`` of a sequence of ``(noise_multiplier, sample_rate, steps)`` charges.
 
-    Composes the charges with Opacus's RDP accountant (the one :func:`calibrate_noise` uses).
+    Composes the charges with Opacus's RDP accountant and the orders :data:`RDP_ALPHAS`, exactly
+    the accountant :func:`calibrate_noise` uses, so ``epsilon_spent([(calibrate_noise(e, d, q, T),
+    q, T)], d) <= e``.
     An empty history costs 0; a charge with noise multiplier 0 costs infinity.
     """
     from opacus.accountants import RDPAccountant

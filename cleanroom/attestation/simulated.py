@@ -295,11 +295,17 @@ class SimulatedChip:
         buf[abi.OFF_SIGNATURE + size:abi.OFF_SIGNATURE + 2 * size] = s.to_bytes(size, "little")
         return bytes(buf)
 
-    def derived_key(self, label: bytes) -> bytes:
-        """A 32-byte sealing key bound to this chip and this measurement (MSG_KEY_REQ-like).
+    def derived_key(self, label: bytes, *, bind_measurement: bool = False) -> bytes:
+        """A 32-byte key only this chip can derive (like SNP's MSG_KEY_REQ derived key).
 
-        Code with another measurement derives another key, so it cannot unseal the site's state.
+        By default it mixes in the guest's FAMILY_ID and IMAGE_ID, not its MEASUREMENT, as a
+        real guest selects with GUEST_FIELD_SELECT for state that must survive an approved
+        software update (the privacy ledger must not be lost on upgrade). With
+        ``bind_measurement`` code with another measurement derives another key.
         """
         secret = self.vcek_key.private_numbers().private_value.to_bytes(48, "big")
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=self.measurement,
+        salt = bytes(abi.FAMILY_ID_SIZE + abi.IMAGE_ID_SIZE)  # FAMILY_ID || IMAGE_ID (zero)
+        if bind_measurement:
+            salt += self.measurement
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt,
                     info=b"cleanroom-fl/sealing-key/v1\0" + label).derive(secret)

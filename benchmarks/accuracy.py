@@ -19,13 +19,12 @@ EPSILONS = (0.5, 1.0, 2.0, 5.0, 8.0)
 
 
 def simulate(out: Path, *, dp: bool, epsilon: float, seed: int, strategy: str) -> dict[str, Any]:
-    from simulations.defaults import STRATEGY_OPTIONS, training_defaults
+    from simulations.defaults import training_defaults
     from simulations.engine import SimulationConfig, run_simulation
 
     values: dict[str, Any] = dict(training_defaults(dp=dp))
     values.update(dp=dp, epsilon=epsilon, seed=seed, strategy=strategy, tracking=False,
-                  progress=False, out=out,
-                  strategy_options=dict(STRATEGY_OPTIONS.get(strategy, {})))
+                  progress=False, out=out)
     return run_simulation(SimulationConfig(**values)).report
 
 

@@ -17,13 +17,12 @@ from typing import Any
 
 
 def run_once(confidential: bool, rounds: int, backend: str, out: Path) -> tuple[float, Any]:
-    from simulations.defaults import STRATEGY_OPTIONS, training_defaults
+    from simulations.defaults import training_defaults
     from simulations.engine import SimulationConfig, run_simulation
 
     values: dict[str, Any] = dict(training_defaults(dp=True))
     values.update(rounds=rounds, confidential=confidential, tracking=False, progress=False,
-                  backend=backend, out=out,
-                  strategy_options=dict(STRATEGY_OPTIONS.get("fedadam", {})))
+                  backend=backend, out=out)
     config = SimulationConfig(**values)
     start = time.perf_counter()
     result = run_simulation(config)

@@ -25,16 +25,22 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     return value
 
 
+# Server-optimiser settings per strategy (docs/dp-tuning.md); others use Flower's defaults.
+STRATEGY_OPTIONS: dict[str, dict[str, float]] = {"fedadam": {"eta": 0.3},
+                                                 "fedyogi": {"eta": 0.1}}
+
+
 class TrainingSettings(_Section):
-    """Defaults for runs; ``cleanroom run`` options override them per run."""
+    """Defaults for runs (chosen in docs/dp-tuning.md: full-batch DP-SGD, few steps, FedAdam);
+    ``cleanroom run`` / ``cleanroom simulate`` options override them per run."""
 
     dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
     strategy: str = "fedadam"
     rounds: int = Field(5, ge=1, le=1000)
     model: str = "logreg"
-    local_steps: int = Field(10, ge=1)
+    local_steps: int = Field(1, ge=1)
     sample_rate: float = Field(1.0, gt=0, le=1)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.3, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -42,8 +48,13 @@ class TrainingSettings(_Section):
     dp: bool = True
     epsilon: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
-    strategy_options: dict[str, float] = Field(default_factory=dict)
+    strategy_options: dict[str, float] = Field(
+        default_factory=dict, description="Overrides of the strategy's own options; the "
+        "tuned defaults in STRATEGY_OPTIONS apply otherwise.")
     min_sites: int = Field(2, ge=1, description="Fewest attested sites a round needs.")
+
+    def strategy_kwargs(self) -> dict[str, float]:
+        return {**STRATEGY_OPTIONS.get(self.strategy, {}), **self.strategy_options}
 
     def plan(self) -> TrainPlan:
         from models import architecture_digest

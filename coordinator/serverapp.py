@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
 
     spec = RunSpec(
         run_id=run_id, out=out, policy=policy, plan=plan, strategy=training.strategy,
-        strategy_options=dict(training.strategy_options), dataset=training.dataset,
+        strategy_options=training.strategy_kwargs(), dataset=training.dataset,
         audit_key=config.audit_key, min_nodes=training.min_sites,
         tracking_uri=config.tracking_uri, run_name=f"run-{run_id}-{training.strategy}",
         coordinator_id=config.name, sites=sorted(expected),

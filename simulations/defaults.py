@@ -1,14 +1,17 @@
-"""Default training hyperparameters of the simulation (chosen in docs/dp-tuning.md)."""
+"""Default training hyperparameters of the simulation: the coordinator's tuned defaults
+(one source of truth: :class:`coordinator.config.TrainingSettings`, docs/dp-tuning.md)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# Server-optimiser settings per strategy (Flower names); others use Flower's defaults.
-STRATEGY_OPTIONS: dict[str, dict[str, float]] = {}
+from coordinator.config import TrainingSettings
+
+_FIELDS = ("rounds", "model", "local_steps", "sample_rate", "lr", "optimizer", "momentum",
+           "max_grad_norm", "max_update_norm")
 
 
 def training_defaults(dp: bool) -> dict[str, Any]:
     """Rounds, local steps, sampling rate, learning rate... for ``cleanroom simulate``."""
-    return {"rounds": 5, "model": "logreg", "local_steps": 10, "sample_rate": 1.0, "lr": 0.1,
-            "optimizer": "sgd", "max_grad_norm": 1.0, "max_update_norm": 50.0}
+    defaults = TrainingSettings(dp=dp)
+    return {name: getattr(defaults, name) for name in _FIELDS}

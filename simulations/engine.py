@@ -18,10 +18,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleanroom.errors import ConfigError
+from coordinator.config import STRATEGY_OPTIONS, TrainingSettings
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["inprocess", "ray"]
+_T = TrainingSettings()  # the tuned defaults (docs/dp-tuning.md), shared with deployments
 NODE_ID_BASE = 1000  # in-process node ids: NODE_ID_BASE + partition id
 
 
@@ -32,8 +34,8 @@ class SimulationConfig(BaseModel):
 
     dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
     sites: int = Field(4, ge=2, le=64, description="synthetic only; heart-disease has 4")
-    rounds: int = Field(5, ge=1, le=1000)
-    strategy: str = "fedadam"
+    rounds: int = Field(_T.rounds, ge=1, le=1000)
+    strategy: str = _T.strategy
     dp: bool = True
     epsilon: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -41,14 +43,14 @@ class SimulationConfig(BaseModel):
     hostile_site: str | None = None
     out: Path = Path("runs/latest")
     seed: int = 0
-    model: str = "logreg"
-    local_steps: int = Field(10, ge=1)
-    sample_rate: float = Field(1.0, gt=0, le=1)
-    lr: float = Field(0.1, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_update_norm: float = Field(50.0, gt=0)
+    model: str = _T.model
+    local_steps: int = Field(_T.local_steps, ge=1)
+    sample_rate: float = Field(_T.sample_rate, gt=0, le=1)
+    lr: float = Field(_T.lr, gt=0)
+    optimizer: Literal["sgd", "adam"] = _T.optimizer
+    momentum: float = Field(_T.momentum, ge=0, lt=1)
+    max_grad_norm: float = Field(_T.max_grad_norm, gt=0)
+    max_update_norm: float = Field(_T.max_update_norm, gt=0)
     backend: Backend = "inprocess"
     tracking: bool = True
     tracking_uri: str | None = None
@@ -58,7 +60,8 @@ class SimulationConfig(BaseModel):
     progress: bool = True
     workers: int = Field(4, ge=1, le=64, description="inprocess: sites served in parallel "
                          "(threads), as real sites train at the same time")
-    strategy_options: dict[str, float] = Field(default_factory=dict)
+    strategy_options: dict[str, float] = Field(
+        default_factory=dict, description="overrides of the tuned STRATEGY_OPTIONS")
 
 
 @dataclass
@@ -140,7 +143,8 @@ def run_simulation(config: SimulationConfig,
                          config.model), max_update_norm=config.max_update_norm)
     spec = RunSpec(
         run_id=str(config.seed + 1), out=out, policy=policy, plan=plan,
-        strategy=config.strategy, strategy_options=dict(config.strategy_options),
+        strategy=config.strategy,
+        strategy_options={**STRATEGY_OPTIONS.get(config.strategy, {}), **config.strategy_options},
         dataset=config.dataset, audit_key=state / "coordinator" / "audit_signing_key.pem",
         confidential=config.confidential, tracking=config.tracking,
         tracking_uri=config.tracking_uri,

@@ -70,20 +70,24 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
 
         runtime = runtime_for(ctx)
         s = _settings(msg, plain_settings, runtime)
+        strategy_config = msg.content.config_records.get("config", ConfigRecord())
         dp = bool(s["dp"])
         settings = TrainSettings(
             local_steps=int(s["local-steps"]), sample_rate=float(s["sample-rate"]),  # type: ignore[arg-type]
             lr=float(s["lr"]), optimizer=str(s["optimizer"]),  # type: ignore[arg-type]
             momentum=float(s["momentum"]), max_grad_norm=float(s["max-grad-norm"]),  # type: ignore[arg-type]
-            noise_multiplier=float(s["noise-multiplier"]) if dp else None)  # type: ignore[arg-type]
-        result = train_local(str(s["model"]), _arrays(msg), runtime.data,
-                             settings, seed=int(s["seed"]))  # type: ignore[arg-type]
-        metrics = MetricRecord({
-            "num-examples": result.num_examples, "train-loss": float(result.train_loss),
-            METRIC_STEPS: int(result.steps),
+            noise_multiplier=float(s["noise-multiplier"]) if dp else None,  # type: ignore[arg-type]
+            proximal_mu=float(strategy_config.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
+        result = train_local(str(s["model"]), _arrays(msg), runtime.data, settings,
+                             seed=int(s["seed"]),  # type: ignore[arg-type]
+                             secure_noise=bool(s.get("secure-noise", False)))
+        values: dict[str, float | int] = {
+            "num-examples": result.num_examples, METRIC_STEPS: int(result.steps),
             METRIC_NOISE: float(result.noise_multiplier or 0.0),
-            METRIC_RATE: float(result.sample_rate),
-        })
+            METRIC_RATE: float(result.sample_rate)}
+        if not dp:  # the raw training loss is not privatised: only without DP
+            values["train-loss"] = float(result.train_loss)
+        metrics = MetricRecord(values)
         return Message(RecordDict({"arrays": numpy_to_arrays(result.parameters),
                                    "metrics": metrics}), reply_to=msg)
 

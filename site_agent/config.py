@@ -121,6 +121,9 @@ class SiteConfig(_Section):
     flower: FlowerNodeSettings | None = None
     api: SiteApiSettings = SiteApiSettings()
     seed: int = 0
+    reproducible_noise: bool = Field(
+        False, description="Derive DP noise from 'seed' (research reproducibility only: anyone "
+        "who knows the seed can remove the noise). Default: noise from the OS CSPRNG.")
 
     _resolve_paths = field_validator("state_dir", "node_public_key")(
         classmethod(lambda cls, v, info: _resolve(v, info)))

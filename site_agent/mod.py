@@ -246,6 +246,7 @@ class ConfidentialMod:
             "noise-multiplier": settings.noise_multiplier or 0.0,
             "dp": settings.noise_multiplier is not None,
             "seed": (runtime.config.seed * 1_000_003 + challenge.round) % (2**31),
+            "secure-noise": not runtime.config.reproducible_noise,
         })
         msg.content = plain
         reply = call_next(msg, ctx)

@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from simulations.defaults import STRATEGY_OPTIONS, training_defaults
+    from simulations.defaults import training_defaults
     from simulations.engine import SimulationConfig
 
     values: dict[str, Any] = dict(training_defaults(dp=not args.no_dp))
@@ -90,7 +90,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   seed=args.seed, backend=args.backend, tracking=not args.no_tracking,
                   tracking_uri=args.tracking_uri, state_dir=args.state,
                   site_budget=args.site_budget, progress=not args.no_progress)
-    values["strategy_options"] = dict(STRATEGY_OPTIONS.get(args.strategy, {}))
     try:
         return SimulationConfig(**values)
     except ValidationError as exc:

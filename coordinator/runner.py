@@ -48,6 +48,7 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
     report_extra: dict[str, Any] = field(default_factory=dict)
     nonce_file: Path | None = None
+    expected_nodes: int | None = None  # nodes to wait for each round (default: len(sites))
 
 
 @dataclass
@@ -157,6 +158,8 @@ def run_federation(spec: RunSpec, execute: Execute,
 
     if spec.confidential:
         strategy: Any = ConfidentialStrategy(inner, gate=gate, plan=spec.plan,
+                                             expected_nodes=spec.expected_nodes
+                                             or len(spec.sites) or None,
                                              on_round=record_round)
     else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
         strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites)

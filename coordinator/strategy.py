@@ -38,6 +38,8 @@ from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.flower import (
     ATTEST_MESSAGE_TYPE,
+    ATTEST_RECORD,
+    CHALLENGE_RECORD,
     ENVELOPE_RECORD,
     arrays_to_numpy,
     challenge_content,
@@ -161,7 +163,8 @@ class ConfidentialStrategy(Strategy):
     """Wraps ``inner`` so that only attested sites train, on encrypted models and updates."""
 
     def __init__(self, inner: Strategy, *, gate: AttestationGate, plan: TrainPlan,
-                 attest_timeout: float = 120.0,
+                 attest_timeout: float = 120.0, expected_nodes: int | None = None,
+                 node_wait: float = 60.0, piggyback: bool = True,
                  on_round: Callable[[RoundRecord], None] | None = None) -> None:
         if not isinstance(inner, Strategy):
             raise ValueError("inner must be a flwr.serverapp.strategy.Strategy")
@@ -175,12 +178,20 @@ class ConfidentialStrategy(Strategy):
         self.attest_timeout = attest_timeout
         self.on_round = on_round
         self.min_sites = required_nodes(inner)
+        self.expected_nodes = expected_nodes or self.min_sites
+        self.node_wait = node_wait
+        self.piggyback = piggyback
         self.records: list[RoundRecord] = []
         self._current: RoundRecord | None = None
         self._keys: KeyPair | None = None
         self._sessions: dict[int, _Session] = {}
         self._global: OrderedDict[str, np.ndarray] | None = None
         self._site_names: dict[int, str] = {}
+        # Next round's attestation, answered together with this round's evaluation:
+        self._next_keys: KeyPair | None = None
+        self._next_challenges: dict[int, AttestChallenge] = {}
+        self._pending: dict[int, Admission] = {}
+        self._pending_for: tuple[int, str] | None = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -200,24 +211,70 @@ class ConfidentialStrategy(Strategy):
         log.warning("round %d: %s quarantined: %s", record.round, site, admission.reason)
 
     # ------------------------------------------------------------------ attestation
+    def _connected(self, grid: Grid) -> list[int]:
+        """Node ids, waiting (like Flower's sampling) until the expected nodes connected."""
+        deadline = time.monotonic() + self.node_wait
+        while len(node_ids := list(grid.get_node_ids())) < self.expected_nodes and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        return node_ids
+
+    def _challenge(self, server_round: int, node_id: int, run_id: str, model_digest: str,
+                   keys: KeyPair) -> AttestChallenge:
+        return self.gate.challenge(run_id=run_id, round=server_round, node_id=node_id,
+                                   model_digest=model_digest,
+                                   coordinator_public_key=keys.public_bytes, plan=self.plan)
+
+    def _judge(self, reply: Message, challenge: AttestChallenge, taken: set[str],
+               record: RoundRecord) -> Admission:
+        """Admission for one attestation answer (a query reply or a piggybacked one)."""
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            return Admission(node_id, None, False, f"site error: {error_reason(reply)}")
+        try:
+            response, evidence, endorsement = read_attest(reply.content)
+        except ProtocolError as exc:
+            return Admission(node_id, None, False, f"protocol: {exc}")
+        record.bytes_received += len(evidence) + len(endorsement)
+        if response.site in taken:
+            return Admission(node_id, None, False, f"identity: site name {response.site!r} "
+                             "already answered this round")
+        admission = self.gate.admit(node_id, challenge, response, evidence, endorsement)
+        record.verify_seconds += admission.verify_seconds
+        return admission
+
+    def _apply(self, record: RoundRecord, admission: Admission) -> None:
+        if not admission.admitted:
+            self._quarantine(record, admission)
+            return
+        site = self._label(admission.node_id, admission.site)
+        self._sessions[admission.node_id] = _Session(
+            admission.node_id, site, admission.site_public_key)  # type: ignore[arg-type]
+        record.sites[site] = SiteRound(site=site, node_id=admission.node_id,
+                                       admission=admission.summary(), admitted=True,
+                                       reason="attested")
+
     def _attest(self, server_round: int, grid: Grid, record: RoundRecord) -> None:
-        run_id = record.run_id
-        node_ids = list(grid.get_node_ids())
-        challenges: dict[int, AttestChallenge] = {}
-        messages = []
+        """Admissions for this round: those answered with last round's evaluation (bound to
+        this round's model and key), and a fresh attestation query for every other node."""
+        node_ids = self._connected(grid)
+        pending = self._pending if (self._pending_for == (server_round, record.model_digest)) \
+            else {}
+        self._pending, self._pending_for = {}, None
         for node_id in node_ids:
-            challenge = self.gate.challenge(
-                run_id=run_id, round=server_round, node_id=node_id,
-                model_digest=record.model_digest,
-                coordinator_public_key=self._keys.public_bytes,  # type: ignore[union-attr]
-                plan=self.plan)
-            challenges[node_id] = challenge
-            content = challenge_content(challenge)
+            if node_id in pending:
+                self._apply(record, pending[node_id])
+        challenges = {node_id: self._challenge(server_round, node_id, record.run_id,
+                                               record.model_digest, self._keys)  # type: ignore[arg-type]
+                      for node_id in node_ids if node_id not in pending}
+        messages = []
+        for node_id, challenge in challenges.items():
             record.bytes_sent += len(challenge.model_dump_json())
-            messages.append(Message(content, node_id, ATTEST_MESSAGE_TYPE,
+            messages.append(Message(challenge_content(challenge), node_id, ATTEST_MESSAGE_TYPE,
                                     group_id=str(server_round)))
         start = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=self.attest_timeout))
+        replies = list(grid.send_and_receive(messages, timeout=self.attest_timeout)) \
+            if messages else []
         record.attestation_seconds = time.perf_counter() - start
         answered: set[int] = set()
         for reply in replies:
@@ -225,35 +282,9 @@ class ConfidentialStrategy(Strategy):
             if node_id not in challenges or node_id in answered:
                 continue
             answered.add(node_id)
-            if reply.has_error():
-                self._quarantine(record, Admission(node_id, None, False,
-                                                   f"site error: {error_reason(reply)}"))
-                continue
-            try:
-                response, evidence, endorsement = read_attest(reply.content)
-            except ProtocolError as exc:
-                self._quarantine(record, Admission(node_id, None, False, f"protocol: {exc}"))
-                continue
-            record.bytes_received += len(evidence) + len(endorsement)
             taken = {s.site for s in record.sites.values()}
-            if response.site in taken:
-                self._quarantine(record, Admission(node_id, None, False,
-                                                   f"identity: site name {response.site!r} "
-                                                   "already answered this round"))
-                continue
-            admission = self.gate.admit(node_id, challenges[node_id], response, evidence,
-                                        endorsement)
-            record.verify_seconds += admission.verify_seconds
-            if not admission.admitted:
-                self._quarantine(record, admission)
-                continue
-            site = self._label(node_id, admission.site)
-            self._sessions[node_id] = _Session(node_id, site,
-                                               admission.site_public_key)  # type: ignore[arg-type]
-            record.sites[site] = SiteRound(site=site, node_id=node_id,
-                                           admission=admission.summary(), admitted=True,
-                                           reason="attested")
-        for node_id in node_ids:
+            self._apply(record, self._judge(reply, challenges[node_id], taken, record))
+        for node_id in challenges:
             if node_id not in answered:
                 self._quarantine(record, Admission(node_id, None, False,
                                                    "no attestation reply before the timeout"))
@@ -286,7 +317,10 @@ class ConfidentialStrategy(Strategy):
         record = RoundRecord(round=server_round, run_id=self._run_id(grid),
                              model_digest=arrays_digest(self._global))
         self._current = record
-        self._keys = KeyPair.generate()
+        # the key the previous evaluation's challenges announced, if any
+        self._keys = self._next_keys if self._pending_for == (server_round, record.model_digest) \
+            and self._next_keys is not None else KeyPair.generate()
+        self._next_keys = None
         self._sessions = {}
         self._attest(server_round, grid, record)
         attested = sorted(self._sessions)
@@ -366,15 +400,37 @@ class ConfidentialStrategy(Strategy):
         inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
                                                    AttestedGrid(grid, sorted(self._sessions)))
         digest = arrays_digest(arrays_to_numpy(arrays))
-        return self._seal_messages(inner_msgs, "evaluate", record, digest)
+        sealed = self._seal_messages(inner_msgs, "evaluate", record, digest)
+        self._next_challenges = {}
+        if self.piggyback and server_round < self.plan.rounds:
+            # The evaluated model is the next round's global model: challenge each site for
+            # the next round now, saving a message round trip per round.
+            self._next_keys = KeyPair.generate()
+            for msg in sealed:
+                node_id = msg.metadata.dst_node_id
+                challenge = self._challenge(server_round + 1, node_id, record.run_id, digest,
+                                            self._next_keys)
+                self._next_challenges[node_id] = challenge
+                msg.content[CHALLENGE_RECORD] = challenge_content(challenge)[CHALLENGE_RECORD]
+                record.bytes_sent += len(challenge.model_dump_json())
+            self._pending_for = (server_round + 1, digest)
+        return sealed
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
         record = self._current
         replies = list(replies)
         ok = []
+        next_record = RoundRecord(round=server_round + 1, run_id=record.run_id if record else "",
+                                  model_digest="")
         for reply in replies:
-            session = self._sessions.get(reply.metadata.src_node_id)
+            node_id = reply.metadata.src_node_id
+            challenge = self._next_challenges.get(node_id)
+            if challenge is not None and (reply.has_error() or
+                                          ATTEST_RECORD in reply.content.config_records):
+                taken = {a.site for a in self._pending.values() if a.site}
+                self._pending[node_id] = self._judge(reply, challenge, taken, next_record)
+            session = self._sessions.get(node_id)
             if session is None or record is None:
                 continue
             if reply.has_error():
@@ -387,7 +443,10 @@ class ConfidentialStrategy(Strategy):
                     if isinstance(v, (int, float))}
             ok.append(reply)
         result = self.inner.aggregate_evaluate(server_round, ok) if ok else None
+        self.gate.nonces.flush()
         if record is not None:
+            record.bytes_received += next_record.bytes_received
+            record.verify_seconds += next_record.verify_seconds
             record.seconds = time.time() - record.started_at
             self.records.append(record)
             self._sessions = {}

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from cleanroom.errors import ProtocolError, SiteRefusal
@@ -41,6 +41,8 @@ from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.flower import (
     ATTEST_ACTION,
     ATTEST_MESSAGE_TYPE,
+    ATTEST_RECORD,
+    CHALLENGE_RECORD,
     attest_content,
     envelope_header,
     open_arrays,
@@ -158,7 +160,11 @@ class ConfidentialMod:
 
     # ------------------------------------------------------------------ attestation
     def _attest(self, msg: Message, ctx: Context) -> Message:
-        challenge = read_challenge(msg.content)
+        return Message(self._answer(read_challenge(msg.content), ctx), reply_to=msg)
+
+    def _answer(self, challenge: AttestChallenge, ctx: Context) -> RecordDict:
+        """The attestation answer to ``challenge`` (or a typed refusal); on success the new
+        round's session key is sealed into the node's context."""
         runtime = self.runtime_for(ctx)
         response_base = {"site": runtime.site, "run_id": challenge.run_id,
                          "round": challenge.round, "nonce": challenge.nonce.hex(),
@@ -177,7 +183,7 @@ class ConfidentialMod:
                                     code=refusal.code, detail=refusal.detail)
             response = AttestResponse.model_validate(
                 {**response_base, "refusal": Refusal(code=refusal.code, detail=refusal.detail)})
-            return Message(attest_content(response), reply_to=msg)
+            return attest_content(response)
 
         keys = KeyPair.generate()
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=runtime.site,
@@ -200,8 +206,7 @@ class ConfidentialMod:
                                 evidence_sha256=_digest(evidence.data),
                                 model_digest=challenge.model_digest,
                                 coordinator=challenge.coordinator_id)
-        return Message(attest_content(response, evidence.data, evidence.endorsement),
-                       reply_to=msg)
+        return attest_content(response, evidence.data, evidence.endorsement)
 
     @staticmethod
     def _session_label(runtime: SiteRuntime, run_id: str) -> bytes:
@@ -286,10 +291,22 @@ class ConfidentialMod:
         plain, arrays = open_arrays(msg.content, keys, context)
         if arrays_digest(arrays) != header.model_digest:
             raise ProtocolError("decrypted evaluation model differs from its header digest")
+        next_challenge = read_challenge(msg.content) \
+            if CHALLENGE_RECORD in msg.content.config_records else None
+        if next_challenge is not None and (next_challenge.run_id, next_challenge.round,
+                                           next_challenge.model_digest) != (
+                challenge.run_id, challenge.round + 1, header.model_digest):
+            raise ProtocolError("the piggybacked challenge is not for the next round of this "
+                                "run and the model being evaluated")
         msg.content = plain
         reply = call_next(msg, ctx)
-        if not reply.has_error() and reply.content.array_records:
+        if reply.has_error():
+            return reply
+        if reply.content.array_records:
             raise ProtocolError("evaluation reply must not carry arrays")
+        if next_challenge is not None:  # attest for the next round in the same reply
+            answer = self._answer(next_challenge, ctx)
+            reply.content[ATTEST_RECORD] = answer[ATTEST_RECORD]
         return reply
 
 

@@ -179,3 +179,49 @@ def test_wire_check_would_catch_plaintext(tmp_path, monkeypatch):
     initial = get_parameters(build_model("logreg", seed=0))
     weight = np.ascontiguousarray(initial["linear.weight"]).tobytes()
     assert any(weight in message for message in wire)
+
+
+def test_next_round_attested_with_the_evaluation(tmp_path, monkeypatch):
+    """From round 2 on, attestation rides on the previous round's evaluation: no separate
+    attestation query, and the evidence still binds a fresh nonce, the next round's model
+    and a new key (the hostile-site tests above show the checks still bite)."""
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    from simulations import inprocess
+
+    types: list[tuple[str, str]] = []
+    original_init = inprocess.InProcessGrid.__init__
+
+    def tapped_init(self, *a, **kw):
+        original_init(self, *a, **kw)
+
+        def tap(direction, node, data):
+            if direction == "down":
+                proto = ProtoMessage()
+                proto.ParseFromString(data)
+                msg = message_from_proto(proto)
+                types.append((msg.metadata.group_id, msg.metadata.message_type))
+        self.tap = tap
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "__init__", tapped_init)
+    report = simulate(tmp_path, rounds=3)
+    queries = [g for g, t in types if t == "query.cleanroom_attest"]
+    assert queries == ["1"] * 4, queries  # only round 1 needs a separate query per site
+    assert all(r["attested"] == ["cleveland", "hungary", "switzerland", "va"]
+               for r in report["rounds"])
+
+
+def test_budget_running_out_mid_run_is_caught_on_the_piggybacked_attestation(tmp_path):
+    from site_agent.ledger import epsilon_of
+    from site_agent.mod import noise_for
+
+    config = SimulationConfig(out=tmp_path / "probe", **FAST)
+    sigma = noise_for(config.epsilon, config.delta, config.sample_rate,
+                      3 * config.local_steps)
+    two = epsilon_of([(sigma, config.sample_rate, config.local_steps)] * 2, config.delta)
+    report = simulate(tmp_path, rounds=3, site_budget=two * 1.01)  # room for two rounds only
+    assert report["rounds"][1]["quarantined"] == {}
+    third = report["rounds"][2]["quarantined"]
+    assert set(third) == {"cleveland", "hungary", "switzerland", "va"}
+    assert all(reason.startswith("privacy budget") for reason in third.values())

@@ -35,7 +35,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -46,6 +46,7 @@ from cleanroom.attestation.abi.tdx import (
 )
 from cleanroom.attestation.trust import validity_problem
 from cleanroom.attestation.verdict import Check, Layer, failed, passed
+from cleanroom.attestation.verify.chain import der, issued_by
 from cleanroom.errors import CollateralError
 
 TCB_INFO_FILE = "tcb_info.json"
@@ -578,16 +579,6 @@ def _verify_p256(cert: x509.Certificate, signature: bytes, message: bytes) -> st
     return None
 
 
-def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _window(what: str, issued: dt.datetime, next_update: dt.datetime,
@@ -655,10 +646,10 @@ def check_collateral(collateral: TdxCollateral, quote: TdxQuote, *, at: dt.datet
     signing = collateral.tcb_signing_chain[0]
     chain_problems: list[str] = []
     for extra in collateral.tcb_signing_chain[1:]:
-        if _der(extra) != _der(root):
+        if der(extra) != der(root):
             chain_problems.append(f"certificate {extra.subject.rfc4514_string()} in "
                                   f"{TCB_SIGNING_CHAIN_FILE} is not the pinned Intel SGX Root CA")
-    if not _issued_by(signing, root):
+    if not issued_by(signing, root):
         chain_problems.append(f"TCB signing certificate {signing.subject.rfc4514_string()} is "
                               "not issued by the pinned Intel SGX Root CA")
     problem = validity_problem(signing, at, "TCB signing certificate")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -32,6 +32,7 @@ from cleanroom.attestation.abi.amd_cert import (
 from cleanroom.attestation.abi.snp import Product, SigningKey, SnpReport, TcbVersion
 from cleanroom.attestation.trust import AmdChain, validity_problem
 from cleanroom.attestation.verdict import Check, Layer, failed, passed
+from cleanroom.attestation.verify.chain import issued_by
 from cleanroom.errors import CertificateError
 
 TURIN_HWID_SIZE = 8
@@ -53,14 +54,6 @@ class SnpVerification:
     def authentic(self) -> bool:
         return all(c.passed for c in self.checks)
 
-
-def issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Signature and name check of one link (any key type; RSA-PSS included)."""
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 def verify_report_signature(report: SnpReport, public_key: object) -> str | None:

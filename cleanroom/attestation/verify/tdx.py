@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -41,6 +41,7 @@ from cleanroom.attestation.abi.tdx import (
 )
 from cleanroom.attestation.trust import validity_problem
 from cleanroom.attestation.verdict import Check, Layer, failed, passed
+from cleanroom.attestation.verify.chain import der, issued_by
 from cleanroom.attestation.verify.collateral import TdxCollateral, check_collateral
 from cleanroom.errors import CertificateError
 
@@ -72,16 +73,6 @@ class TdxVerification:
         return tuple(c for c in self.checks if not c.passed)
 
 
-def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _common_name(cert: x509.Certificate) -> str:
@@ -152,10 +143,10 @@ def _chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate,
                        "PCK, its intermediate CA and optionally the root", _V)], None
     pck, intermediate = chain[0], chain[1]
     problems: list[str] = []
-    if len(chain) == PCK_CHAIN_MAX and _der(chain[2]) != _der(root):
+    if len(chain) == PCK_CHAIN_MAX and der(chain[2]) != der(root):
         problems.append(f"root certificate in the quote ({_common_name(chain[2])}) is not the "
                         "pinned Intel SGX Root CA")
-    if not _issued_by(root, root):
+    if not issued_by(root, root):
         problems.append("pinned root is not a valid self-signed certificate")
     inter_name = _common_name(intermediate)
     try:
@@ -167,10 +158,10 @@ def _chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate,
         problems.append(f"intermediate {inter_name!r} is not a CA certificate")
     if inter_name not in INTERMEDIATE_NAMES:
         problems.append(f"intermediate is {inter_name!r}, expect one of {INTERMEDIATE_NAMES}")
-    if not _issued_by(intermediate, root):
+    if not issued_by(intermediate, root):
         problems.append(f"intermediate {inter_name!r} is not issued by the pinned Intel SGX "
                         "Root CA")
-    if not _issued_by(pck, intermediate):
+    if not issued_by(pck, intermediate):
         problems.append(f"PCK certificate is not issued by {inter_name!r}")
     checks = [failed("pck_chain", "; ".join(problems), _V) if problems else
               passed("pck_chain", f"PCK <- {inter_name} <- pinned Intel SGX Root CA", _V)]

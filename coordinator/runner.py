@@ -28,7 +28,7 @@ Execute = Callable[[Any], Any]  # (strategy) -> final ArrayRecord | None
 class RunSpec:
     """Everything that defines one run on the coordinator side."""
 
-    run_id: str
+    run_id: str  # label until the protocol's run id is known (deployments: the same)
     out: Path
     policy: Policy
     plan: TrainPlan
@@ -133,7 +133,8 @@ def run_federation(spec: RunSpec, execute: Execute,
                                 out / "mlartifacts", run_name=spec.run_name)
         plan = spec.plan
         tracker.log_params({
-            "run_id": spec.run_id, "dataset": spec.dataset, "sites": ",".join(spec.sites),
+            "run_label": spec.run_id, "dataset": spec.dataset,
+            "sites": ",".join(spec.sites),
             "rounds": plan.rounds, "strategy": spec.strategy, "dp": plan.dp.enabled,
             "epsilon": plan.dp.epsilon, "delta": plan.dp.delta, "model": plan.model,
             "local_steps": plan.local_steps, "sample_rate": plan.sample_rate, "lr": plan.lr,
@@ -141,12 +142,22 @@ def run_federation(spec: RunSpec, execute: Execute,
             "max_update_norm": plan.max_update_norm, "confidential": spec.confidential,
             "policy_digest": gate.policy_digest, **spec.params})
 
-    audit.append("run-start", {
-        "coordinator_public_key": public_key_hex(audit.key), "code_version": code_version(),
-        "run_id": spec.run_id, "strategy": spec.strategy, "sites": spec.sites,
-        "policy_name": spec.policy.name, "policy_digest": gate.policy_digest,
-        "measurements": [m.hex() for m in spec.policy.measurements],
-        "plan": spec.plan.model_dump(mode="json")})
+    started_run: dict[str, str] = {}
+
+    def on_start(run_id: str) -> None:
+        """First round, before anything is sent: the protocol's run id is now known."""
+        if started_run:
+            return
+        started_run["run_id"] = run_id
+        audit.append("run-start", {
+            "coordinator_public_key": public_key_hex(audit.key),
+            "code_version": code_version(), "run_id": run_id, "strategy": spec.strategy,
+            "sites": spec.sites, "policy_name": spec.policy.name,
+            "policy_digest": gate.policy_digest,
+            "measurements": [m.hex() for m in spec.policy.measurements],
+            "plan": spec.plan.model_dump(mode="json")})
+        tracker.set_tags({"flower_run_id": run_id})
+
     epsilon_so_far: dict[str, float | None] = {}
 
     def record_round(record: RoundRecord) -> None:
@@ -160,14 +171,16 @@ def run_federation(spec: RunSpec, execute: Execute,
         strategy: Any = ConfidentialStrategy(inner, gate=gate, plan=spec.plan,
                                              expected_nodes=spec.expected_nodes
                                              or len(spec.sites) or None,
-                                             on_round=record_round)
+                                             on_round=record_round, on_start=on_start)
     else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
-        strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites)
+        strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites,
+                                    on_start=on_start)
     try:
         final_arrays = execute(strategy)
         if final_arrays is not None and len(final_arrays) == 0:
             final_arrays = None  # no round trained: Flower returns an empty ArrayRecord
     except BaseException:
+        on_start(spec.run_id)
         audit.append("run-end", {"status": "failed", "rounds": len(strategy.records)})
         tracker.end("FAILED")
         raise
@@ -175,6 +188,8 @@ def run_federation(spec: RunSpec, execute: Execute,
     from cleanroom.protocol.arrays import arrays_digest
     from cleanroom.protocol.flower import arrays_to_numpy
 
+    on_start(spec.run_id)  # (no round ran)
+    run_id = started_run["run_id"]
     final_digest = arrays_digest(arrays_to_numpy(final_arrays)) if final_arrays else None
     last = strategy.records[-1] if strategy.records else None
     head = audit.append("run-end", {
@@ -185,7 +200,7 @@ def run_federation(spec: RunSpec, execute: Execute,
     tracker.set_tags({"audit_head": head, "audit_entries": str(audit.seq),
                       "code_version": code_version()})
     report = build_report(
-        strategy.records, run_id=spec.run_id, audit_log=str(audit.path), audit_head=head,
+        strategy.records, run_id=run_id, audit_log=str(audit.path), audit_head=head,
         mlflow={"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         policy={"name": spec.policy.name, "digest": gate.policy_digest,
                 "measurements": [m.hex() for m in spec.policy.measurements],

@@ -165,7 +165,8 @@ class ConfidentialStrategy(Strategy):
     def __init__(self, inner: Strategy, *, gate: AttestationGate, plan: TrainPlan,
                  attest_timeout: float = 120.0, expected_nodes: int | None = None,
                  node_wait: float = 60.0, piggyback: bool = True,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 on_start: Callable[[str], None] | None = None) -> None:
         if not isinstance(inner, Strategy):
             raise ValueError("inner must be a flwr.serverapp.strategy.Strategy")
         if isinstance(inner, ConfidentialStrategy):
@@ -181,6 +182,7 @@ class ConfidentialStrategy(Strategy):
         self.expected_nodes = expected_nodes or self.min_sites
         self.node_wait = node_wait
         self.piggyback = piggyback
+        self.on_start = on_start
         self.records: list[RoundRecord] = []
         self._current: RoundRecord | None = None
         self._keys: KeyPair | None = None
@@ -316,6 +318,8 @@ class ConfidentialStrategy(Strategy):
         self._global = arrays_to_numpy(arrays)
         record = RoundRecord(round=server_round, run_id=self._run_id(grid),
                              model_digest=arrays_digest(self._global))
+        if self.on_start is not None and not self.records:
+            self.on_start(record.run_id)
         self._current = record
         # the key the previous evaluation's challenges announced, if any
         self._keys = self._next_keys if self._pending_for == (server_round, record.model_digest) \
@@ -471,8 +475,10 @@ class ObservedStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, node_sites: dict[int, str] | None = None,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 on_start: Callable[[str], None] | None = None) -> None:
         self.inner = inner
+        self.on_start = on_start
         self.node_sites = node_sites or {}
         self.on_round = on_round
         self.records: list[RoundRecord] = []
@@ -485,6 +491,8 @@ class ObservedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._current = RoundRecord(round=server_round, run_id=str(grid.run.run_id),
                                     model_digest=arrays_digest(arrays_to_numpy(arrays)))
+        if self.on_start is not None and not self.records:
+            self.on_start(self._current.run_id)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],

@@ -10,6 +10,7 @@ report.png, MLflow).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,9 @@ def run_simulation(config: SimulationConfig,
     root = ensure_simulated_root(root_dir)
     sites = SimulatedSites(_site_configs(config, state, root_dir, hostile),
                            {hostile: Fault(config.scenario)} if hostile else {})
+    # A fresh run id per simulation (as Flower gives each run): the sites' ledgers key
+    # charges by run, so a second simulation on the same state spends more budget.
+    run_id = secrets.randbits(63)
     policy = Policy(name="simulation", environment="simulation",
                     simulated_root=root.bundle_path, measurements=[code_measurement()])
     plan = TrainPlan(rounds=config.rounds, local_steps=config.local_steps,
@@ -142,7 +146,7 @@ def run_simulation(config: SimulationConfig,
                      model=config.model, model_architecture_digest=architecture_digest(
                          config.model), max_update_norm=config.max_update_norm)
     spec = RunSpec(
-        run_id=str(config.seed + 1), out=out, policy=policy, plan=plan,
+        run_id=str(run_id), out=out, policy=policy, plan=plan,
         strategy=config.strategy,
         strategy_options={**STRATEGY_OPTIONS.get(config.strategy, {}), **config.strategy_options},
         dataset=config.dataset, audit_key=state / "coordinator" / "audit_signing_key.pem",
@@ -158,13 +162,13 @@ def run_simulation(config: SimulationConfig,
                       "scenario": {"name": config.scenario, "hostile_site": hostile,
                                    "description": SCENARIOS[config.scenario]}},
     )
-    outcome = run_federation(spec, lambda strategy: _execute(config, strategy, sites),
+    outcome = run_federation(spec, lambda strategy: _execute(config, strategy, sites, run_id),
                              on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
                             outcome.seconds)
 
 
-def _execute(config: SimulationConfig, strategy: Any, sites: Any) -> Any:
+def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int) -> Any:
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -182,7 +186,7 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any) -> Any:
                               plain_settings=plain_settings)
         grid = InProcessGrid.build(lambda _nid: app,
                                    {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
-                                    for i in range(n)}, run_id=config.seed + 1,
+                                    for i in range(n)}, run_id=run_id,
                                    workers=config.workers)
         result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds,
                               train_config=ConfigRecord({"model": config.model}),

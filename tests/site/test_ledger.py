@@ -1,0 +1,133 @@
+"""The privacy ledger: budgets, two-phase charges, persistence, and surviving a kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
+from site_agent.ledger import PrivacyLedger, epsilon_of
+
+KEY = b"L" * 32
+SIGMA, RATE, STEPS = 3.0, 1.0, 2
+
+
+def ledger(path, **kw) -> PrivacyLedger:
+    args = {"delta": 1e-5, "lifetime_epsilon": 5.0, "run_epsilon": 3.0}
+    args.update(kw)
+    return PrivacyLedger(path, KEY, **args)
+
+
+def test_charges_accumulate_and_persist(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    first = ledger(path)
+    first.reserve("run1", 1, SIGMA, RATE, STEPS)
+    p1 = first.commit("run1", 1, STEPS)
+    first.reserve("run1", 2, SIGMA, RATE, STEPS)
+    p2 = first.commit("run1", 2, STEPS)
+    assert 0 < p1.epsilon_run < p2.epsilon_run
+    again = ledger(path)  # a restart: same numbers from disk
+    assert again.spent("run1") == pytest.approx(p2.epsilon_run)
+    assert again.spent() == pytest.approx(epsilon_of([(SIGMA, RATE, STEPS)] * 2, 1e-5))
+
+
+def test_lifetime_budget_refuses_with_typed_error(tmp_path):
+    small = ledger(tmp_path / "l.jsonl", lifetime_epsilon=0.5, run_epsilon=None)
+    with pytest.raises(PrivacyBudgetExceeded, match="lifetime epsilon") as info:
+        small.check("run", 1, SIGMA, RATE, 50)
+    assert info.value.code == "privacy-budget"
+
+
+def test_run_budget_refuses(tmp_path):
+    led = ledger(tmp_path / "l.jsonl", lifetime_epsilon=100.0, run_epsilon=0.8)
+    with pytest.raises(PrivacyBudgetExceeded, match="per-run budget"):
+        led.check("run", 1, SIGMA, RATE, 50)
+
+
+def test_budget_spans_runs(tmp_path):
+    led = ledger(tmp_path / "l.jsonl", lifetime_epsilon=3.5, run_epsilon=None)
+    for run in ("a", "b"):
+        led.reserve(run, 1, SIGMA, RATE, STEPS)
+        led.commit(run, 1, STEPS)
+    with pytest.raises(PrivacyBudgetExceeded):
+        for round_ in range(1, 20):
+            led.reserve("c", round_, SIGMA, RATE, STEPS)
+            led.commit("c", round_, STEPS)
+    assert led.spent() <= 3.5
+
+
+def test_no_double_count_and_reservation_counts(tmp_path):
+    led = ledger(tmp_path / "l.jsonl")
+    led.reserve("r", 1, SIGMA, RATE, STEPS)
+    reserved_only = led.spent()
+    assert reserved_only > 0  # a reservation (crash before commit) still counts
+    led.reserve("r", 1, SIGMA, RATE, STEPS)  # retried round: same key, not added twice
+    assert led.spent() == pytest.approx(reserved_only)
+    led.commit("r", 1, 1)  # fewer steps actually taken: charge shrinks to what happened
+    assert led.spent() < reserved_only
+
+
+def test_commit_guards(tmp_path):
+    led = ledger(tmp_path / "l.jsonl")
+    with pytest.raises(LedgerError, match="no reservation"):
+        led.commit("r", 9, 1)
+    led.reserve("r", 1, SIGMA, RATE, STEPS)
+    with pytest.raises(LedgerError, match="reserved only"):
+        led.commit("r", 1, STEPS + 1)
+    with pytest.raises(PrivacyBudgetExceeded, match="without noise"):
+        led.check("r", 2, 0.0, RATE, STEPS)
+
+
+def test_wrong_key_cannot_read_or_write(tmp_path):
+    led = ledger(tmp_path / "l.jsonl")
+    led.reserve("r", 1, SIGMA, RATE, STEPS)
+    with pytest.raises(LedgerError):
+        PrivacyLedger(tmp_path / "l.jsonl", b"X" * 32, delta=1e-5, lifetime_epsilon=5.0)
+
+
+WRITER = r"""
+import sys
+from site_agent.ledger import PrivacyLedger
+led = PrivacyLedger(sys.argv[1], b"L" * 32, delta=1e-5, lifetime_epsilon=1e9, run_epsilon=None)
+round_ = len(led.charges()) + 1
+while True:
+    led.reserve("run", round_, 3.0, 1.0, 2)
+    led.commit("run", round_, 2)
+    print(f"reported {round_}", flush=True)
+    round_ += 1
+"""
+
+
+def test_kill_during_writes_loses_nothing_reported(tmp_path):
+    """SIGKILL a process in the middle of charging; everything it reported is on disk, the
+    torn tail (if any) is dropped, and nothing is counted twice."""
+    path = tmp_path / "ledger.jsonl"
+    reported: set[int] = set()
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)],
+                                stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        lines = []
+        while len(lines) < 3 + attempt and time.monotonic() < deadline:
+            lines.append(proc.stdout.readline().strip())
+        time.sleep(0.003 * attempt)  # land the kill at different points of a write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read().split()
+        proc.stdout.close()
+        reported |= {int(x.split()[-1]) for x in lines if x}
+        reported |= {int(x) for x in rest if x.isdigit()}
+        led = ledger(path, lifetime_epsilon=1e9, run_epsilon=None)
+        committed = {c.round for c in led.charges() if c.status == "committed"}
+        assert reported <= committed, "a reported charge was lost"
+        charges = led.charges()
+        assert len({c.key for c in charges}) == len(charges), "a charge counted twice"
+        assert led.spent() == pytest.approx(epsilon_of(
+            [c.history_entry() for c in charges], 1e-5))

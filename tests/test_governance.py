@@ -1,0 +1,112 @@
+"""Governance end to end: budgets across simulations (--state), approvals, site policy,
+model card and registry, audit chain of a real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations import engine
+from simulations.engine import SimulationConfig, run_simulation
+from site_agent.config import SitePolicyConfig
+
+pytestmark = pytest.mark.slow
+FAST = {"rounds": 2, "tracking": False, "progress": False}
+
+
+def simulate(out, **kw):
+    return run_simulation(SimulationConfig(out=out, **{**FAST, **kw})).report
+
+
+def with_site_policy(monkeypatch, **policy):
+    original = engine._site_configs
+
+    def patched(*args, **kwargs):
+        return [c.model_copy(update={"policy": SitePolicyConfig(**policy)})
+                for c in original(*args, **kwargs)]
+
+    monkeypatch.setattr(engine, "_site_configs", patched)
+
+
+def test_second_simulation_on_same_state_refused_once_budget_spent(tmp_path):
+    state = tmp_path / "state"
+    first = simulate(tmp_path / "a", state_dir=state, site_budget=1.2)
+    assert all(not r["quarantined"] for r in first["rounds"])
+    second = simulate(tmp_path / "b", state_dir=state, site_budget=1.2)
+    for entry in second["rounds"]:
+        assert set(entry["quarantined"]) == {"cleveland", "hungary", "switzerland", "va"}
+        assert all("privacy budget" in reason and "lifetime epsilon" in reason
+                   for reason in entry["quarantined"].values())
+
+
+def test_unapproved_run_refused_until_approved(tmp_path, monkeypatch):
+    """Sites requiring approval refuse a new run (typed reason naming the run); once hospital IT
+    approves it (here after round 1, at two sites), those sites train in the next rounds."""
+    from site_agent.runtime import build_runtime
+
+    with_site_policy(monkeypatch, require_approval=True)
+    out = tmp_path / "a"
+    config = SimulationConfig(out=out, **{**FAST, "rounds": 3})
+
+    def approve_after_round_one(entry):
+        if entry["round"] != 1:
+            return
+        run_id = next(iter(entry["quarantined"].values())).split()[3]
+        sites = engine._site_configs(config, out / "state", out / "state" / "simulated-root",
+                                     None)
+        for site in sites[:2]:
+            build_runtime(site).approvals.approve(run_id, by="test")
+
+    report = run_simulation(config, on_round=approve_after_round_one).report
+    first = report["rounds"][0]["quarantined"]
+    assert len(first) == 4 and all(
+        r.startswith(f"approval required: run {report['run_id']} is not approved")
+        for r in first.values())
+    for entry in report["rounds"][1:]:
+        assert entry["attested"] == ["cleveland", "hungary"]
+        assert set(entry["quarantined"]) == {"switzerland", "va"}
+
+
+def test_policy_forbidden_model_refused(tmp_path, monkeypatch):
+    with_site_policy(monkeypatch, models=["00" * 32])
+    report = simulate(tmp_path / "a")
+    reasons = report["rounds"][0]["quarantined"]
+    assert len(reasons) == 4
+    assert all(r.startswith("model not allowed: model logreg") for r in reasons.values())
+
+
+def test_coordinator_not_in_site_policy_refused(tmp_path, monkeypatch):
+    with_site_policy(monkeypatch, coordinators=["some-other-consortium"])
+    reasons = simulate(tmp_path / "a")["rounds"][0]["quarantined"]
+    assert all(r.startswith("coordinator not allowed") for r in reasons.values())
+
+
+def test_model_card_registry_and_audit_of_a_tracked_run(tmp_path):
+    from coordinator.audit import read_entries, verify_chain
+
+    out = tmp_path / "run"
+    report = run_simulation(SimulationConfig(out=out, **{**FAST, "tracking": True})).report
+    card = json.loads((out / "model_card.json").read_text())
+    assert set(card["sites"]) == {"cleveland", "hungary", "switzerland", "va"}
+    assert card["sites"]["cleveland"] == {"train": 199, "test": 104}
+    assert card["differential_privacy"]["enabled"] is True
+    assert all(0 < e <= 1.0 + 1e-6 for e in card["differential_privacy"]["epsilon_spent"].values())
+    text = (out / "model_card.md").read_text()
+    for heading in ("## Purpose", "## Sites", "## Differential privacy", "## Attestation",
+                    "## Metrics", "## Known limits"):
+        assert heading in text
+    chain = verify_chain(out / "audit.jsonl")
+    assert chain.ok and chain.head == report["audit_head"]
+    kinds = [e["kind"] for e in read_entries(out / "audit.jsonl")]
+    assert kinds == ["run-start", "round-receipt", "round-receipt", "run-end"]
+    import mlflow
+
+    mlflow.set_tracking_uri(report["mlflow"]["tracking_uri"])
+    run = mlflow.get_run(report["mlflow"]["run_id"])
+    assert run.data.tags["audit_head"] == report["audit_head"]
+    assert "accuracy_mean" in run.data.metrics and "epsilon.cleveland" in run.data.metrics
+    assert run.data.params["strategy"] == "fedadam"
+    versions = mlflow.MlflowClient().search_model_versions(
+        "name='cleanroom-heart-disease-logreg'")
+    assert versions and versions[0].run_id == report["mlflow"]["run_id"]

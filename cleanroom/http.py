@@ -22,6 +22,7 @@ from cleanroom.errors import CleanroomError, ConfigError
 ROLES = ("operator", "auditor")
 READ, WRITE = "read", "write"
 ROLE_KEY = web.AppKey("roles", dict)
+REQUEST_ROLE = web.RequestKey("role", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -92,7 +93,7 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
             return json_error(401, "missing or unknown bearer token")
         if access == WRITE and role != "operator":
             return json_error(403, f"role {role} is read-only")
-        request["role"] = role
+        request[REQUEST_ROLE] = role
     try:
         return await handler(request)
     except web.HTTPException:

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from cleanroom.errors import CleanroomError
-from cleanroom.http import READ, WRITE, make_app, read_json, requires
+from cleanroom.http import READ, REQUEST_ROLE, WRITE, make_app, read_json, requires
 from site_agent.runtime import SiteRuntime
 
 RUNTIME_KEY = web.AppKey("runtime", SiteRuntime)
@@ -66,14 +66,14 @@ async def approve(request: web.Request) -> web.Response:
     run_id = str(body.get("run_id", "")).strip()
     if not run_id or len(run_id) > 128:
         raise CleanroomError("run_id is required (at most 128 characters)")
-    request.app[RUNTIME_KEY].approvals.approve(run_id, by=f"api:{request['role']}")
+    request.app[RUNTIME_KEY].approvals.approve(run_id, by=f"api:{request[REQUEST_ROLE]}")
     return web.json_response({"approved": run_id}, status=201)
 
 
 @requires(WRITE)
 async def revoke(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
-    request.app[RUNTIME_KEY].approvals.revoke(run_id, by=f"api:{request['role']}")
+    request.app[RUNTIME_KEY].approvals.revoke(run_id, by=f"api:{request[REQUEST_ROLE]}")
     return web.json_response({"revoked": run_id})
 
 

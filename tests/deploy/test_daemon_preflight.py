@@ -1,0 +1,104 @@
+"""Daemons refuse bad inputs before starting anything, naming what is wrong."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from cleanroom.errors import ConfigError
+from cleanroom.process import DaemonError, port_in_use, tagged_pids
+from coordinator.config import load_coordinator_config
+from coordinator.daemon import preflight as coordinator_preflight
+from coordinator.provision import ProvisionRequest, provision
+from site_agent.config import load_site_config
+from site_agent.daemon import explain_failure
+from site_agent.daemon import preflight as site_preflight
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fed") / "fed"
+    provision(ProvisionRequest(out=out, sites=["cleveland", "hungary"], superlink_port=29400,
+                               api_port=29401, site_base_port=29500, site_api_base_port=29600))
+    return out
+
+
+def test_valid_configs_pass(fed):
+    coordinator_preflight(load_coordinator_config(fed / "coordinator" / "coordinator.toml"))
+    runtime = site_preflight(load_site_config(fed / "sites" / "cleveland" / "site.toml"))
+    assert runtime.site == "cleveland"
+
+
+def test_port_already_in_use(fed):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 29401))
+        sock.listen()
+        assert port_in_use("127.0.0.1", 29401)
+        with pytest.raises(DaemonError, match="coordinator API port 29401"):
+            coordinator_preflight(load_coordinator_config(
+                fed / "coordinator" / "coordinator.toml"))
+
+
+def test_malformed_config_names_the_field(fed, tmp_path):
+    text = (fed / "sites" / "cleveland" / "site.toml").read_text()
+    bad = fed / "sites" / "cleveland" / "bad.toml"
+    bad.write_text(text.replace("lifetime_epsilon = 10.0", "lifetime_epsilon = -1\nfoo = 1"))
+    with pytest.raises(ConfigError) as info:
+        load_site_config(bad)
+    assert "privacy.lifetime_epsilon" in str(info.value) and "privacy.foo" in str(info.value)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[superlink\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_coordinator_config(broken)
+
+
+def test_wrong_policy_file(fed):
+    config = load_coordinator_config(fed / "coordinator" / "coordinator.toml")
+    policy = fed / "coordinator" / "policy.toml"
+    original = policy.read_text()
+    try:
+        policy.write_text(original + "alow_debug = true\n")
+        with pytest.raises(ConfigError, match="alow_debug"):
+            coordinator_preflight(config)
+        policy.write_text(original.replace('"simulation"', '"production"'))
+        with pytest.raises(ConfigError, match="production policies never trust"):
+            coordinator_preflight(config)
+    finally:
+        policy.write_text(original)
+
+
+def test_node_key_must_be_openssh(fed):
+    config = load_site_config(fed / "sites" / "hungary" / "site.toml")
+    key = config.flower.auth_key  # type: ignore[union-attr]
+    original = key.read_bytes()
+    try:
+        key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+        with pytest.raises(ConfigError, match="OpenSSH"):
+            site_preflight(config)
+    finally:
+        key.write_bytes(original)
+
+
+def test_missing_files_named(fed, tmp_path):
+    config = load_coordinator_config(fed / "coordinator" / "coordinator.toml")
+    moved = config.superlink.cert.with_suffix(".moved")
+    config.superlink.cert.rename(moved)
+    try:
+        with pytest.raises(ConfigError, match=r"TLS certificate .*superlink\.pem does not exist"):
+            coordinator_preflight(config)
+    finally:
+        moved.rename(config.superlink.cert)
+
+
+@pytest.mark.parametrize(("log", "advice"), [
+    ("Exit Code: 305 ... [code: 2004] Failed to activate SuperNode.", "does not know this"),
+    ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed", "does not chain"),
+    ("[Errno 104] Connection reset by peer", "plaintext"),
+])
+def test_supernode_failures_explained(log, advice):
+    assert advice in (explain_failure(log) or "")
+
+
+def test_tag_scan_finds_only_tagged():
+    assert tagged_pids("no-such-tag-" + "x" * 20) == []

@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, PlainSerializer, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from cleanroom.errors import ConfigError
 
@@ -86,3 +94,22 @@ def hex_bytes(size: int | None = None) -> Any:
 
     return Annotated[bytes, BeforeValidator(check), PlainSerializer(lambda b: b.hex(),
                                                                     return_type=str)]
+
+
+class Section(BaseModel):
+    """A configuration section: frozen, unknown keys refused (a typo never goes unnoticed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths in a config file are relative to that file's folder."""
+    base = (info.context or {}).get("base_dir")
+    if value is not None and base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+def paths(*fields: str) -> Any:
+    """A field validator resolving the named path fields against the config file's folder."""
+    return field_validator(*fields)(classmethod(lambda cls, v, info: resolve_path(v, info)))

@@ -7,10 +7,12 @@ operators may also act. Every error is a JSON body ``{"error": ...}`` with the r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import secrets
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,27 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise CleanroomError("request body must be a JSON object")
     return body
+
+
+async def serve_until_signal(app: web.Application, host: str, port: int,
+                             check: Callable[[], None]) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; ``check()`` runs every second and may raise to end
+    the daemon (e.g. its Flower child died)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                check()
+    finally:
+        await runner.cleanup()
 
 
 def make_app(tokens: dict[str, str]) -> web.Application:

@@ -8,29 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
-from cleanroom.config import load_model
+from cleanroom.config import Section, load_model, paths
 from cleanroom.protocol.wire import DpPlan, SiteName, TrainPlan
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    base = (info.context or {}).get("base_dir")
-    if value is not None and base is not None and not value.is_absolute():
-        return (Path(base) / value).resolve()
-    return value
-
 
 # Server-optimiser settings per strategy (docs/dp-tuning.md); others use Flower's defaults.
 STRATEGY_OPTIONS: dict[str, dict[str, float]] = {"fedadam": {"eta": 0.3},
                                                  "fedyogi": {"eta": 0.1}}
 
 
-class TrainingSettings(_Section):
+class TrainingSettings(Section):
     """Defaults for runs (chosen in docs/dp-tuning.md: full-batch DP-SGD, few steps, FedAdam);
     ``cleanroom run`` / ``cleanroom simulate`` options override them per run."""
 
@@ -68,7 +56,7 @@ class TrainingSettings(_Section):
                              self.model), max_update_norm=self.max_update_norm)
 
 
-class SuperLinkSettings(_Section):
+class SuperLinkSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9400, ge=1, le=65535)
     advertised_address: str | None = Field(None, description="host:port sites connect to "
@@ -78,30 +66,29 @@ class SuperLinkSettings(_Section):
     key: Path
     database: Path = Path("state/superlink.db")
 
-    _paths = field_validator("ca_cert", "cert", "key", "database")(
-        classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("ca_cert", "cert", "key", "database")
 
     @property
     def address(self) -> str:
         return self.advertised_address or f"{self.host}:{self.port}"
 
 
-class ApiSettings(_Section):
+class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9401, ge=1, le=65535)
     tokens: Path = Path("api_tokens.json")
 
-    _paths = field_validator("tokens")(classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("tokens")
 
 
-class RegisteredSite(_Section):
+class RegisteredSite(Section):
     name: SiteName
     public_key: Path = Field(description="The site's SuperNode auth public key (OpenSSH).")
 
-    _paths = field_validator("public_key")(classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("public_key")
 
 
-class CoordinatorConfig(_Section):
+class CoordinatorConfig(Section):
     name: str = "cleanroom-consortium"
     state_dir: Path = Path("state")
     superlink: SuperLinkSettings
@@ -114,8 +101,7 @@ class CoordinatorConfig(_Section):
     site_wait_seconds: float = Field(120.0, gt=0, description="How long a run waits for "
                                      "registered sites to come online.")
 
-    _paths = field_validator("state_dir", "audit_key", "policy")(
-        classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("state_dir", "audit_key", "policy")
 
     @field_validator("sites")
     @classmethod

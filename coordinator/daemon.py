@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from cleanroom.attestation.validate.policy import load_policy
 from cleanroom.errors import ConfigError
-from cleanroom.http import load_tokens
+from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from coordinator.fab import write_fab
@@ -117,25 +114,6 @@ def register_sites(config: CoordinatorConfig, cli: FlowerCli) -> dict[str, int]:
     return nodes
 
 
-async def _serve(app: web.Application, host: str, port: int, sup: Supervisor) -> None:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except TimeoutError:
-                sup.check_alive()  # a dead SuperLink ends the daemon with its log
-    finally:
-        await runner.cleanup()
-
-
 def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     from coordinator.api import build_coordinator_api
 
@@ -153,7 +131,7 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
         app = build_coordinator_api(config, control, load_tokens(config.api.tokens))
         if on_ready is not None:
             on_ready(config, nodes)
-        asyncio.run(_serve(app, config.api.host, config.api.port, sup))
+        asyncio.run(serve_until_signal(app, config.api.host, config.api.port, sup.check_alive))
     except DaemonError:
         raise
     finally:

@@ -1,4 +1,4 @@
-"""A Grid wrapper that polls for replies quickly.
+"""Grid wrappers: a delegating base, and one that polls for replies quickly.
 
 Flower 1.41's deployment Grid sleeps 3 s between pulls in ``send_and_receive``; with a few
 messages per round that dominates round time. This wrapper pushes, then pulls every
@@ -15,10 +15,11 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 
-class FastPollGrid(Grid):
-    def __init__(self, grid: Grid, interval: float = 0.05) -> None:
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to another Grid; subclasses change one behaviour."""
+
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.interval = interval
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -42,6 +43,16 @@ class FastPollGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class FastPollGrid(DelegatingGrid):
+    def __init__(self, grid: Grid, interval: float = 0.05) -> None:
+        super().__init__(grid)
+        self.interval = interval
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -50,6 +50,7 @@ from cleanroom.protocol.flower import (
     seal_arrays,
 )
 from cleanroom.protocol.wire import AttestChallenge, TrainPlan
+from coordinator.fastgrid import DelegatingGrid
 from coordinator.gate import Admission, AttestationGate
 from coordinator.validation import validate_update
 
@@ -99,36 +100,18 @@ class RoundRecord:
                 if not s.admitted}
 
 
-class AttestedGrid(Grid):
+class AttestedGrid(DelegatingGrid):
     """A view of a Grid that lists only the nodes attested this round."""
 
     def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = list(node_ids)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+    def get_nodes(self) -> Iterable[Any]:
+        return [n for n in self._grid.get_nodes() if n.node_id in self._nodes]
 
 
 @dataclass

@@ -59,8 +59,10 @@ class SimulationConfig(BaseModel):
     site_budget: float | None = Field(None, gt=0)
     confidential: bool = True
     progress: bool = True
-    workers: int = Field(4, ge=1, le=64, description="inprocess: sites served in parallel "
-                         "(threads), as real sites train at the same time")
+    workers: int = Field(1, ge=1, le=64, description="inprocess: sites served in parallel "
+                         "(threads). 1 by default: CPython 3.11.7's compile() is not thread "
+                         "safe (numpy headers parsed in Flower's Array.numpy() raise "
+                         "'AST constructor recursion depth mismatch' under threads)")
     strategy_options: dict[str, float] = Field(
         default_factory=dict, description="overrides of the tuned STRATEGY_OPTIONS")
 
@@ -109,9 +111,7 @@ def run_simulation(config: SimulationConfig,
     """Run one simulated federated training and write its report; returns the result."""
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
-    from cleanroom.protocol.wire import DpPlan, TrainPlan
     from coordinator.runner import RunSpec, run_federation
-    from models import architecture_digest
     from simulations.scenarios import SCENARIOS, Fault, SimulatedSites
     from site_agent.runtime import code_measurement
 
@@ -138,13 +138,10 @@ def run_simulation(config: SimulationConfig,
     run_id = secrets.randbits(63)
     policy = Policy(name="simulation", environment="simulation",
                     simulated_root=root.bundle_path, measurements=[code_measurement()])
-    plan = TrainPlan(rounds=config.rounds, local_steps=config.local_steps,
-                     sample_rate=config.sample_rate, lr=config.lr, optimizer=config.optimizer,
-                     momentum=config.momentum,
-                     dp=DpPlan(enabled=config.dp, epsilon=config.epsilon, delta=config.delta,
-                               max_grad_norm=config.max_grad_norm),
-                     model=config.model, model_architecture_digest=architecture_digest(
-                         config.model), max_update_norm=config.max_update_norm)
+    plan = TrainingSettings(**{name: getattr(config, name) for name in (
+        "dataset", "strategy", "rounds", "model", "local_steps", "sample_rate", "lr",
+        "optimizer", "momentum", "max_grad_norm", "max_update_norm", "dp", "epsilon",
+        "delta")}).plan()
     spec = RunSpec(
         run_id=str(run_id), out=out, policy=policy, plan=plan,
         strategy=config.strategy,

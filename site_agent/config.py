@@ -9,24 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from cleanroom.config import load_model
+from cleanroom.config import Section, load_model, paths
 from cleanroom.protocol.wire import SiteName
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    base = (info.context or {}).get("base_dir")
-    if value is not None and base is not None and not value.is_absolute():
-        return (Path(base) / value).resolve()
-    return value
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the site's data is. It is read inside the enclave and never leaves it."""
 
     kind: Literal["heart-disease", "synthetic"] = "heart-disease"
@@ -39,10 +28,10 @@ class DataConfig(_Section):
     n_test: int = Field(100, gt=0)
     seed: int = 0
 
-    _resolve_path = field_validator("path")(classmethod(lambda cls, v, info: _resolve(v, info)))
+    _resolve_path = paths("path")
 
 
-class EnclaveConfig(_Section):
+class EnclaveConfig(Section):
     """The site's TEE evidence provider."""
 
     provider: Literal["simulated", "configfs-tsm"] = "simulated"
@@ -56,12 +45,10 @@ class EnclaveConfig(_Section):
     simulated_root: Path | None = Field(None, description="simulated: folder written by "
                                         "'cleanroom attest simulate-root'")
 
-    _resolve_paths = field_validator("tsm_root", "vcek_path", "sealing_secret_path",
-                                     "simulated_root")(
-        classmethod(lambda cls, v, info: _resolve(v, info)))
+    _resolve_paths = paths("tsm_root", "vcek_path", "sealing_secret_path", "simulated_root")
 
 
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     """The site's differential-privacy budget (its own; the coordinator cannot raise it)."""
 
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -71,7 +58,7 @@ class PrivacyConfig(_Section):
                               "patient data).")
 
 
-class SitePolicyConfig(_Section):
+class SitePolicyConfig(Section):
     """Which work this site accepts (job approval and allow-lists)."""
 
     coordinators: list[str] = Field(default_factory=list, description="Allowed coordinator key "
@@ -82,7 +69,7 @@ class SitePolicyConfig(_Section):
                                    "approve RUN_ID'.")
 
 
-class FlowerNodeSettings(_Section):
+class FlowerNodeSettings(Section):
     """How the site's SuperNode reaches the coordinator's SuperLink (deployments only)."""
 
     superlink: str = Field("127.0.0.1:9400", description="host:port of the SuperLink")
@@ -92,21 +79,20 @@ class FlowerNodeSettings(_Section):
     port: int = Field(9500, ge=1, le=65535, description="local port of the SuperNode's "
                       "runtime API (loopback)")
 
-    _paths = field_validator("root_certificates", "auth_key")(
-        classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("root_certificates", "auth_key")
 
 
-class SiteApiSettings(_Section):
+class SiteApiSettings(Section):
     """The site daemon's local HTTP API."""
 
     host: str = Field("127.0.0.1", description="loopback by default")
     port: int = Field(9600, ge=1, le=65535)
     tokens: Path | None = Field(None, description="hashed API tokens (operator/auditor)")
 
-    _paths = field_validator("tokens")(classmethod(lambda cls, v, info: _resolve(v, info)))
+    _paths = paths("tokens")
 
 
-class SiteConfig(_Section):
+class SiteConfig(Section):
     """Everything one site agent needs."""
 
     site: SiteName
@@ -125,8 +111,7 @@ class SiteConfig(_Section):
         False, description="Derive DP noise from 'seed' (research reproducibility only: anyone "
         "who knows the seed can remove the noise). Default: noise from the OS CSPRNG.")
 
-    _resolve_paths = field_validator("state_dir", "node_public_key")(
-        classmethod(lambda cls, v, info: _resolve(v, info)))
+    _resolve_paths = paths("state_dir", "node_public_key")
 
 
 def load_site_config(path: Path) -> SiteConfig:

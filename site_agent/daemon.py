@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from cleanroom.errors import ConfigError
-from cleanroom.http import load_tokens
+from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
 from cleanroom.process import DaemonError, Supervisor, require_free_ports
 from site_agent.config import SiteConfig, load_site_config
@@ -67,24 +64,6 @@ def explain_failure(log_text: str) -> str | None:
     return None
 
 
-async def _serve(app: web.Application, host: str, port: int, sup: Supervisor) -> None:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except TimeoutError:
-                _check(sup)
-    finally:
-        await runner.cleanup()
-
-
 def _check(sup: Supervisor) -> None:
     try:
         sup.check_alive()
@@ -117,7 +96,7 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
         app = build_site_api(runtime, tokens)
         if on_ready is not None:
             on_ready(config)
-        asyncio.run(_serve(app, config.api.host, config.api.port, sup))
+        asyncio.run(serve_until_signal(app, config.api.host, config.api.port, lambda: _check(sup)))
     finally:
         sup.stop()
     return 0

@@ -10,9 +10,11 @@ not check the signature (the verify layer's job).
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
 
+from cleanroom.attestation.abi._le import raw as _bytes
+from cleanroom.attestation.abi._le import u32 as _u32
+from cleanroom.attestation.abi._le import u64 as _u64
 from cleanroom.errors import ParseError, UnsupportedFormatError
 
 REPORT_SIZE = 0x4A0  # 1184 bytes
@@ -315,18 +317,6 @@ class SnpReport:
         raw = {"current": self.current_tcb_raw, "reported": self.reported_tcb_raw,
                "committed": self.committed_tcb_raw, "launch": self.launch_tcb_raw}[which]
         return TcbVersion.decode(raw, product)
-
-
-def _u32(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<I", buf, off)[0])
-
-
-def _u64(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<Q", buf, off)[0])
-
-
-def _bytes(buf: bytes, off: int, size: int) -> bytes:
-    return bytes(buf[off:off + size])
 
 
 def parse_report(data: bytes) -> SnpReport:

@@ -39,6 +39,10 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from cleanroom.attestation.abi._le import raw as _bytes
+from cleanroom.attestation.abi._le import u16 as _u16
+from cleanroom.attestation.abi._le import u32 as _u32
+from cleanroom.attestation.abi._le import u64 as _u64
 from cleanroom.errors import CertificateError, ParseError, UnsupportedFormatError
 
 MAX_QUOTE_SIZE = 64 * 1024  # refused unread above this
@@ -286,22 +290,6 @@ class _Reader:
 
     def u32(self, field: str) -> int:
         return int(struct.unpack("<I", self.take(4, field))[0])
-
-
-def _u16(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<H", buf, off)[0])
-
-
-def _u32(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<I", buf, off)[0])
-
-
-def _u64(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<Q", buf, off)[0])
-
-
-def _bytes(buf: bytes, off: int, size: int) -> bytes:
-    return bytes(buf[off:off + size])
 
 
 # --------------------------------------------------------------------------- structure parsers

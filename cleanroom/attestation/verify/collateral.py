@@ -375,19 +375,29 @@ def _module(obj: _Obj, with_levels: bool) -> TdxModuleIdentity:
         tcb_levels=_enclave_levels(obj) if with_levels else ())
 
 
+def _signed_document(data: bytes, source: str, key: str, expected_id: str, what: str,
+                     expected_version: int) -> tuple[_Obj, bytes, bytes]:
+    """The signed member ``key`` of a PCS document, its exact body bytes and signature, after
+    checking its ``id`` and ``version``."""
+    members = split_signed_json(data, source)
+    if key not in members:
+        raise CollateralError(f"{source}: top-level {key!r} is missing")
+    value, body = members[key]
+    obj = _Obj(value, key, source)
+    ident = obj.text("id")
+    if ident != expected_id:
+        raise obj.error("id", f"is {ident!r}, expect {expected_id!r} ({what})")
+    version = obj.integer("version")
+    if version != expected_version:
+        raise obj.error("version", f"is {version}, expect {expected_version}")
+    return obj, body, _signature(members, source)
+
+
 def parse_tcb_info(data: bytes, source: str = TCB_INFO_FILE) -> TcbInfo:
     """Parse a PCS TDX TCB info document ``{"tcbInfo": {...}, "signature": "..."}``."""
-    members = split_signed_json(data, source)
-    if TCB_INFO_KEY not in members:
-        raise CollateralError(f"{source}: top-level {TCB_INFO_KEY!r} is missing")
-    value, body = members[TCB_INFO_KEY]
-    info = _Obj(value, TCB_INFO_KEY, source)
-    ident = info.text("id")
-    if ident != TCB_INFO_ID_TDX:
-        raise info.error("id", f"is {ident!r}, expect {TCB_INFO_ID_TDX!r} (a TDX TCB info)")
-    version = info.integer("version")
-    if version != TCB_INFO_VERSION:
-        raise info.error("version", f"is {version}, expect {TCB_INFO_VERSION}")
+    info, body, signature = _signed_document(data, source, TCB_INFO_KEY, TCB_INFO_ID_TDX,
+                                             "a TDX TCB info", TCB_INFO_VERSION)
+    ident, version = TCB_INFO_ID_TDX, TCB_INFO_VERSION
     levels: list[TcbLevel] = []
     for i, item in enumerate(info.items("tcbLevels")):
         level = _Obj(item, f"{TCB_INFO_KEY}.tcbLevels[{i}]", source)
@@ -406,7 +416,7 @@ def parse_tcb_info(data: bytes, source: str = TCB_INFO_FILE) -> TcbInfo:
             identities.append(_module(_Obj(item, f"{TCB_INFO_KEY}.tdxModuleIdentities[{i}]",
                                            source), with_levels=True))
     return TcbInfo(
-        body=body, signature=_signature(members, source), id=ident, version=version,
+        body=body, signature=signature, id=ident, version=version,
         issue_date=info.date("issueDate"), next_update=info.date("nextUpdate"),
         fmspc=info.hexbytes("fmspc", FMSPC_SIZE), pce_id=info.hexbytes("pceId", PCE_ID_SIZE),
         tcb_type=info.integer("tcbType"),
@@ -418,19 +428,11 @@ def parse_tcb_info(data: bytes, source: str = TCB_INFO_FILE) -> TcbInfo:
 
 def parse_qe_identity(data: bytes, source: str = QE_IDENTITY_FILE) -> QeIdentity:
     """Parse a PCS TD QE identity ``{"enclaveIdentity": {...}, "signature": "..."}``."""
-    members = split_signed_json(data, source)
-    if QE_IDENTITY_KEY not in members:
-        raise CollateralError(f"{source}: top-level {QE_IDENTITY_KEY!r} is missing")
-    value, body = members[QE_IDENTITY_KEY]
-    ident = _Obj(value, QE_IDENTITY_KEY, source)
-    name = ident.text("id")
-    if name != QE_IDENTITY_ID_TD_QE:
-        raise ident.error("id", f"is {name!r}, expect {QE_IDENTITY_ID_TD_QE!r} (the TDX QE)")
-    version = ident.integer("version")
-    if version != QE_IDENTITY_VERSION:
-        raise ident.error("version", f"is {version}, expect {QE_IDENTITY_VERSION}")
+    ident, body, signature = _signed_document(data, source, QE_IDENTITY_KEY,
+                                              QE_IDENTITY_ID_TD_QE, "the TDX QE",
+                                              QE_IDENTITY_VERSION)
     return QeIdentity(
-        body=body, signature=_signature(members, source), id=name, version=version,
+        body=body, signature=signature, id=QE_IDENTITY_ID_TD_QE, version=QE_IDENTITY_VERSION,
         issue_date=ident.date("issueDate"), next_update=ident.date("nextUpdate"),
         tcb_evaluation_data_number=ident.integer("tcbEvaluationDataNumber"),
         miscselect=ident.hexbytes("miscselect", QE_MISCSELECT_SIZE),

@@ -31,7 +31,7 @@ class TrainingSettings(Section):
     lr: float = Field(0.3, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(0.5, gt=0)
     max_update_norm: float = Field(50.0, gt=0)
     dp: bool = True
     epsilon: float = Field(1.0, gt=0)

@@ -116,6 +116,8 @@ def run_simulation(config: SimulationConfig,
     from site_agent.runtime import code_measurement
 
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        import flwr.common.logger  # noqa: F401  (configures its logger on import: import first)
+
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every step at INFO
     if config.scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {config.scenario!r}; choose one of "

@@ -231,7 +231,7 @@ def score(cfg: Config, epsilon: float | None, seeds: Sequence[int] = SEEDS) -> S
 
 DEFAULT_CONFIG = Config(strategy="fedadam", model="logreg", rounds=5, local_steps=1,
                         sample_rate=1.0, lr=0.3, optimizer="sgd", momentum=0.0,
-                        max_grad_norm=1.0, eta=0.3)
+                        max_grad_norm=0.5, eta=0.3)
 """The chosen defaults (docs/dp-tuning.md): FedAdam with server lr 0.3 (Flower's other
 defaults), 5 rounds of one full-batch DP-SGD step each; good with and without DP."""
 

@@ -225,3 +225,16 @@ def test_budget_running_out_mid_run_is_caught_on_the_piggybacked_attestation(tmp
     third = report["rounds"][2]["quarantined"]
     assert set(third) == {"cleveland", "hungary", "switzerland", "va"}
     assert all(reason.startswith("privacy budget") for reason in third.values())
+
+
+def test_flower_simulation_runtime_backend_with_a_hostile_site(tmp_path):
+    """The same run on Flower's own simulation runtime (Ray): ClientApps in Ray workers, the
+    confidential mod in them, the hostile site still quarantined, training completed."""
+    report = simulate(tmp_path, backend="ray", scenario="forged-evidence",
+                      hostile_site="va", local_steps=1)
+    assert len(report["rounds"]) == 2
+    for entry in report["rounds"]:
+        assert entry["attested"] == ["cleveland", "hungary", "switzerland"]
+        assert entry["quarantined"]["va"].startswith("attestation: signature")
+        assert entry["aggregate_digest"] is not None
+    assert 0.5 < report["final"]["accuracy_mean"] <= 1.0

@@ -42,10 +42,19 @@ class EnclaveConfig(Section):
                                    "no certificate table")
     sealing_secret_path: Path | None = Field(None, description="configfs-tsm: file holding "
                                              "the enclave-derived sealing secret")
+    sev_guest_device: Path | None = Field(None, description="configfs-tsm on SEV-SNP: seal "
+                                          "with the firmware's derived key from this device "
+                                          "(usually /dev/sev-guest)")
+    sealing_fields: list[Literal["policy", "image_id", "family_id", "measurement", "guest_svn",
+                                 "tcb_version"]] = Field(
+        default_factory=lambda: ["policy", "measurement"],
+        description="guest fields the SNP derived key is bound to (measurement: a code update "
+        "cannot read the old sealed state; use image_id/family_id to keep it across updates)")
     simulated_root: Path | None = Field(None, description="simulated: folder written by "
                                         "'cleanroom attest simulate-root'")
 
-    _resolve_paths = paths("tsm_root", "vcek_path", "sealing_secret_path", "simulated_root")
+    _resolve_paths = paths("tsm_root", "vcek_path", "sealing_secret_path", "sev_guest_device",
+                           "simulated_root")
 
 
 class PrivacyConfig(Section):

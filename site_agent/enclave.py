@@ -34,6 +34,7 @@ from cleanroom.attestation.simulated import (
     write_private,
 )
 from cleanroom.errors import CleanroomError
+from site_agent.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,17 @@ class ConfigfsTsmProvider:
 
     def __init__(self, root: Path = DEFAULT_TSM_ROOT, *, privlevel: int | None = None,
                  vcek_path: Path | None = None, sealing_secret_path: Path | None = None,
-                 fs: TsmFs | None = None) -> None:
+                 sev_guest_device: Path | None = None,
+                 sealing_fields: tuple[str, ...] = ("policy", "measurement"),
+                 fs: TsmFs | None = None, ioctl: IoctlFn | None = None) -> None:
         self.root = Path(root)
         self.privlevel = privlevel
         self.vcek_path = vcek_path
         self.sealing_secret_path = sealing_secret_path
+        self.sev_guest_device = sev_guest_device
+        self.sealing_fields = field_select(sealing_fields)
+        self.ioctl = ioctl
+        self._derived: bytes | None = None
         self.fs = fs or TsmFs()
         self.name = "configfs-tsm"
 
@@ -193,21 +200,34 @@ class ConfigfsTsmProvider:
                            "configured: fetch the VCEK from AMD KDS once and set vcek_path")
 
     def sealing_key(self, label: bytes) -> bytes:
-        """Key for the sealed store.
+        """Key for the sealed store, one per ``label``, derived (HKDF) from the enclave secret.
 
-        The SEV-SNP derived key comes from the guest device (MSG_KEY_REQ), which configfs-tsm
-        does not expose; a deployment passes it through ``sealing_secret_path`` (a file the
-        guest's boot obtains from ``/dev/sev-guest`` or a key broker, readable only by the
-        daemon). We derive per-label keys from it.
+        On SEV-SNP guests set ``sev_guest_device``: the secret is the firmware's derived key
+        (``SNP_GET_DERIVED_KEY``, bound to ``sealing_fields`` of this guest: by default its
+        policy and launch measurement, so other code cannot unseal). Otherwise (TDX, or a key
+        broker) ``sealing_secret_path`` names a file the guest's boot fills, readable only by
+        the daemon.
         """
-        if self.sealing_secret_path is None:
-            raise EnclaveError("no sealing secret configured (sealing_secret_path)")
-        try:
-            secret = self.sealing_secret_path.read_bytes()
-        except OSError as exc:
-            raise EnclaveError(f"cannot read sealing secret: {exc.strerror}") from None
-        if len(secret) < 32:
-            raise EnclaveError("sealing secret must be at least 32 bytes")
+        if self.sealing_secret_path is not None:
+            try:
+                secret = self.sealing_secret_path.read_bytes()
+            except OSError as exc:
+                raise EnclaveError(f"cannot read sealing secret: {exc.strerror}") from None
+            if len(secret) < 32:
+                raise EnclaveError("sealing secret must be at least 32 bytes")
+        elif self.sev_guest_device is not None:
+            if self._derived is None:
+                try:
+                    self._derived = get_derived_key(
+                        self.sealing_fields, device=self.sev_guest_device,
+                        vmpl=self.privlevel or 0,
+                        **({"ioctl": self.ioctl} if self.ioctl else {}))
+                except SevGuestError as exc:
+                    raise EnclaveError(f"sealing key: {exc}") from None
+            secret = self._derived
+        else:
+            raise EnclaveError("no sealing secret configured (set sev_guest_device on SEV-SNP "
+                               "guests, or sealing_secret_path)")
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                     info=b"cleanroom-fl/sealing-key/v1\0" + label).derive(secret)
 

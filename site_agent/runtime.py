@@ -46,7 +46,9 @@ def build_provider(config: SiteConfig) -> EnclaveProvider:
     if enclave.provider == "configfs-tsm":
         return ConfigfsTsmProvider(enclave.tsm_root, privlevel=enclave.privlevel,
                                    vcek_path=enclave.vcek_path,
-                                   sealing_secret_path=enclave.sealing_secret_path)
+                                   sealing_secret_path=enclave.sealing_secret_path,
+                                   sev_guest_device=enclave.sev_guest_device,
+                                   sealing_fields=tuple(enclave.sealing_fields))
     root = load_simulated_root(enclave.simulated_root) if enclave.simulated_root else None
     return SimulatedProvider.launch(root, config.state_dir / "enclave", code_measurement())
 

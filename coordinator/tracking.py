@@ -63,9 +63,17 @@ class MlflowTracker:
         """Log the final (aggregated) torch model and register it in the model registry."""
         import mlflow.pytorch
 
-        mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
-                                 input_example=input_example,
-                                 pip_requirements=["torch", "cleanroom-fl"])
+        # MLflow traces the model with torch.export to infer its signature; torch logs a
+        # harmless warning about the batch dimension of the one-row example. Keep it quiet.
+        export_log = logging.getLogger("torch._export")
+        level = export_log.level
+        export_log.setLevel(logging.ERROR)
+        try:
+            mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
+                                     input_example=input_example,
+                                     pip_requirements=["torch", "cleanroom-fl"])
+        finally:
+            export_log.setLevel(level)
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

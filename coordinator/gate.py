@@ -28,6 +28,7 @@ from cleanroom.attestation.verdict import Verdict
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.binding import NONCE_SIZE, Binding
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, TrainPlan
+from coordinator.watermarks import LedgerWatermarks
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,11 @@ class AttestationGate:
                  coordinator_id: str = "",
                  clock: Callable[[], dt.datetime] | None = None,
                  node_keys: dict[int, bytes] | None = None,
-                 node_sites: dict[int, str] | None = None) -> None:
+                 node_sites: dict[int, str] | None = None,
+                 watermarks: LedgerWatermarks | None = None) -> None:
         self.policy = policy
         self.nonces = nonces or NonceStore()
+        self.watermarks = watermarks or LedgerWatermarks()
         self.coordinator_id = coordinator_id
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.node_keys = node_keys
@@ -184,7 +187,9 @@ class AttestationGate:
                               f"this node authenticated with (node {node_id})")
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=site,
                           nonce=challenge.nonce, site_public_key=response.site_public_key,
-                          model_digest=challenge.model_digest, node_public_key=node_key)
+                          model_digest=challenge.model_digest, node_public_key=node_key,
+                          ledger_records=response.ledger_records,
+                          ledger_head=response.ledger_head)
         policy = self.policy.model_copy(update={"report_data": binding.report_data()})
         start = time.perf_counter()
         verdict = verify_evidence(evidence, policy=policy, at=self.clock(),
@@ -194,6 +199,11 @@ class AttestationGate:
         if not verdict.accepted:
             return quarantine(f"attestation: {verdict.summary}", verdict=verdict,
                               verify_seconds=elapsed)
+        # The ledger state is the enclave's word only now that the evidence is authentic.
+        rollback = self.watermarks.check(site, response.ledger_records, response.ledger_head)
+        if rollback is not None:
+            return quarantine(rollback, verdict=verdict, verify_seconds=elapsed)
+        self.watermarks.advance(site, response.ledger_records, response.ledger_head)
         return Admission(node_id=node_id, site=site, admitted=True, reason="attested",
                          verdict=verdict, site_public_key=response.site_public_key,
                          evidence_sha256=evidence_sha, verify_seconds=elapsed)

@@ -48,6 +48,8 @@ def round_receipt(record: RoundRecord, *, policy_digest: str) -> dict[str, Any]:
             "update_norm": s.update_norm,
             "epsilon_round": s.train_metrics.get("epsilon-round"),
             "epsilon_run": s.train_metrics.get("epsilon-run"),
+            "epsilon_lifetime": s.train_metrics.get("epsilon-lifetime"),
+            "ledger_records": s.train_metrics.get("ledger-records"),
             "delta": s.train_metrics.get("delta"),
             "dp_steps": s.train_metrics.get("dp-steps"),
             "num_examples": s.train_metrics.get("num-examples"),

@@ -48,6 +48,7 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
     report_extra: dict[str, Any] = field(default_factory=dict)
     nonce_file: Path | None = None
+    watermark_file: Path | None = None  # site ledger watermarks (keep across runs)
     expected_nodes: int | None = None  # nodes to wait for each round (default: len(sites))
 
 
@@ -121,9 +122,13 @@ def run_federation(spec: RunSpec, execute: Execute,
     started = time.time()
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
+    from coordinator.watermarks import LedgerWatermarks
+
     gate = AttestationGate(spec.policy, NonceStore(spec.nonce_file or out / "nonces.jsonl"),
                            coordinator_id=spec.coordinator_id, node_keys=spec.node_keys,
-                           node_sites=spec.node_sites if spec.node_keys is not None else None)
+                           node_sites=spec.node_sites if spec.node_keys is not None else None,
+                           watermarks=LedgerWatermarks(
+                               spec.watermark_file or out / "ledger_watermarks.json"))
     inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
     audit = open_audit(out / "audit.jsonl", spec.audit_key)
 

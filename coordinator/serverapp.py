@@ -89,6 +89,7 @@ def main(grid: Grid, context: Context) -> None:
         node_keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()},
         node_sites={nid: n.name for nid, n in nodes.items()},
         nonce_file=config.state_dir / "nonces.jsonl", expected_nodes=max(1, len(nodes)),
+        watermark_file=config.state_dir / "ledger_watermarks.json",
         params={"seed": seed, "deployment": config.name},
         report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
                                  "deployment": config.name}},

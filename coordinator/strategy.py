@@ -274,6 +274,7 @@ class ConfidentialStrategy(Strategy):
                 self._quarantine(record, Admission(node_id, None, False,
                                                    "no attestation reply before the timeout"))
         self.gate.nonces.flush()
+        self.gate.watermarks.flush()
 
     def _seal_messages(self, messages: Iterable[Message], direction: str, record: RoundRecord,
                        model_digest: str) -> list[Message]:
@@ -350,8 +351,12 @@ class ConfidentialStrategy(Strategy):
             for metrics in content.metric_records.values():
                 site_round.train_metrics = {k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
                                             if isinstance(v, (int, float))}
+            records = site_round.train_metrics.get("ledger-records")
+            if records is not None:  # the ledger after this round's charge (head unknown)
+                self.gate.watermarks.advance(session.site, int(records), None)
             reply.content = content
             plain.append(reply)
+        self.gate.watermarks.flush()
         if not plain:
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, plain)
@@ -431,6 +436,7 @@ class ConfidentialStrategy(Strategy):
             ok.append(reply)
         result = self.inner.aggregate_evaluate(server_round, ok) if ok else None
         self.gate.nonces.flush()
+        self.gate.watermarks.flush()
         if record is not None:
             record.bytes_received += next_record.bytes_received
             record.verify_seconds += next_record.verify_seconds

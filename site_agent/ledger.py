@@ -83,6 +83,12 @@ class PrivacyLedger:
         self.lifetime_epsilon = lifetime_epsilon
         self.run_epsilon = run_epsilon
 
+    def state(self) -> tuple[int, str]:
+        """(records, head hash) of the sealed journal: grows with every charge, never shrinks
+        unless the file is replaced by an older copy."""
+        records = self.journal.records()
+        return len(records), self.journal.head
+
     def charges(self) -> list[Charge]:
         """Effective charges: the latest record per (run, round), in first-seen order."""
         latest: dict[str, Charge] = {}

@@ -186,10 +186,12 @@ class ConfidentialMod:
             return attest_content(response)
 
         keys = KeyPair.generate()
+        ledger_records, ledger_head = runtime.ledger.state()
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=runtime.site,
                           nonce=challenge.nonce, site_public_key=keys.public_bytes,
                           model_digest=challenge.model_digest,
-                          node_public_key=runtime.node_public_key)
+                          node_public_key=runtime.node_public_key,
+                          ledger_records=ledger_records, ledger_head=ledger_head)
         evidence = runtime.provider.evidence(binding.report_data())
         session = {"run_id": challenge.run_id, "round": challenge.round,
                    "private_key": keys.private_bytes().hex(),
@@ -199,7 +201,8 @@ class ConfidentialMod:
             "sealed": seal_blob(runtime.session_key(), json.dumps(session).encode(),
                                 self._session_label(runtime, challenge.run_id))})
         response = AttestResponse.model_validate(
-            {**response_base, "site_public_key": keys.public_bytes.hex()})
+            {**response_base, "site_public_key": keys.public_bytes.hex(),
+             "ledger_records": ledger_records, "ledger_head": ledger_head})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
         runtime.activity.record("attested", challenge.run_id, challenge.round,
@@ -269,6 +272,7 @@ class ConfidentialMod:
             metrics["epsilon-run"] = projection.epsilon_run
             metrics["epsilon-lifetime"] = projection.epsilon_lifetime
             metrics["delta"] = settings.delta
+            metrics["ledger-records"] = runtime.ledger.state()[0]
         runtime.activity.record("trained", challenge.run_id, challenge.round,
                                 steps=int(metrics.get(METRIC_STEPS, 0)),  # type: ignore[arg-type]
                                 epsilon_run=metrics.get("epsilon-run"))

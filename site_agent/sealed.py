@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cleanroom.errors import LedgerError
+from cleanroom.fsutil import atomic_write, fsync_dir  # noqa: F401  (re-exported)
 
 NONCE_SIZE = 12
 BLOB_MAGIC = b"CRSEAL1"
@@ -49,32 +50,6 @@ def unseal_blob(key: bytes, blob: bytes, label: bytes) -> bytes:
     except InvalidTag:
         raise LedgerError("sealed blob does not open: wrong sealing key (other enclave or "
                           "other code) or tampered data") from None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write-to-temp, fsync, rename, fsync the folder: the file is old or new, never torn."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class SealedJournal:

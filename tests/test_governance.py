@@ -40,6 +40,25 @@ def test_second_simulation_on_same_state_refused_once_budget_spent(tmp_path):
                    for reason in entry["quarantined"].values())
 
 
+def test_restored_old_ledger_refused_as_rollback(tmp_path):
+    """A site host that restores an older copy of its sealed ledger (to refund spent budget)
+    is caught: its enclave binds the ledger's size into the evidence and the coordinator
+    remembers how far that ledger had got."""
+    state = tmp_path / "state"
+    ledger = state / "sites" / "hungary" / "privacy_ledger.jsonl"
+    simulate(tmp_path / "a", state_dir=state, rounds=1)
+    backup = ledger.read_bytes()
+    simulate(tmp_path / "b", state_dir=state, rounds=1)  # spends more, watermark advances
+    marks = json.loads((state / "coordinator" / "ledger_watermarks.json").read_text())
+    assert marks["hungary"]["records"] == len(ledger.read_bytes().splitlines())
+    ledger.write_bytes(backup)  # the rollback
+    third = simulate(tmp_path / "c", state_dir=state)
+    for entry in third["rounds"]:
+        assert set(entry["quarantined"]) == {"hungary"}
+        assert entry["quarantined"]["hungary"].startswith("privacy ledger rollback")
+        assert entry["attested"] == ["cleveland", "switzerland", "va"]
+
+
 def test_unapproved_run_refused_until_approved(tmp_path, monkeypatch):
     """Sites requiring approval refuse a new run (typed reason naming the run); once hospital IT
     approves it (here after round 1, at two sites), those sites train in the next rounds."""

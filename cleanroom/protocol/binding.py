@@ -1,10 +1,13 @@
 """The report_data binding: what a site's evidence must commit to, computed by both sides.
 
 ``report_data = SHA-512(tag || run || round || site || nonce || site key || model digest ||
-node key)`` with every field length-prefixed, so no two different tuples hash the same input.
+node key || ledger state)`` with every field length-prefixed, so no two different tuples hash
+the same input.
 The coordinator recomputes it from *its own* challenge and compares it to the hardware
 report_data (constant time); a stale nonce, a replayed report, another site's key or another
-model all change it.
+model all change it. The ledger state (records in the site's sealed privacy ledger and its head
+hash) comes from inside the enclave too, so the coordinator can refuse a site whose ledger went
+backwards (a restored old copy: see ``coordinator.watermarks``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-DOMAIN_TAG = b"cleanroom-fl/attestation-binding/v1"
+DOMAIN_TAG = b"cleanroom-fl/attestation-binding/v2"
 NONCE_SIZE = 32
 REPORT_DATA_SIZE = 64
 
@@ -33,6 +36,8 @@ class Binding:
     site_public_key: bytes  # raw HPKE public key of the site's ephemeral key pair
     model_digest: str  # hex SHA-256 of the global model the site is about to receive
     node_public_key: bytes = b""  # Flower node identity key (deployment), empty in simulation
+    ledger_records: int = 0  # records in the site's sealed privacy ledger
+    ledger_head: str = "0" * 64  # hex SHA-256 head of that ledger's hash chain
 
     def report_data(self) -> bytes:
         if len(self.nonce) != NONCE_SIZE:
@@ -40,7 +45,8 @@ class Binding:
         h = hashlib.sha512(_field(DOMAIN_TAG))
         for part in (self.run_id.encode(), struct.pack("<Q", self.round), self.site.encode(),
                      self.nonce, self.site_public_key, bytes.fromhex(self.model_digest),
-                     self.node_public_key):
+                     self.node_public_key,
+                     struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head)):
             h.update(_field(part))
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE

@@ -82,6 +82,10 @@ class AttestResponse(_Wire):
     node_public_key: str = Field("", max_length=512, description="hex, deployment only")
     provider: str = ""
     refusal: Refusal | None = None
+    ledger_records: int = Field(0, ge=0, description="records in the site's sealed privacy "
+                                "ledger when it answered (bound in report_data)")
+    ledger_head: HexDigest = Field(  # type: ignore[valid-type]
+        "0" * 64, description="head hash of that ledger")
 
 
 class EnvelopeHeader(_Wire):

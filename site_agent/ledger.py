@@ -11,11 +11,15 @@ never counted twice (charges are keyed by run and round).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
 from site_agent.sealed import SealedJournal
@@ -55,9 +59,56 @@ class Projection:
     epsilon_lifetime: float
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+class EpsilonMemo:
+    """Accountant answers kept across processes (Flower may start one process per message;
+    with this the attestation query need not import Opacus to check the budget).
+
+    Entries live in an untrusted store (the node's Flower context) and are MACed with a key
+    from the enclave: a forged or edited entry is ignored and recomputed, never believed.
+    """
+
+    def __init__(self, store: MutableMapping[str, Any], key: bytes) -> None:
+        self.store, self.key = store, key
+
+    def _mac(self, name: str, value: str) -> str:
+        return hmac.new(self.key, f"{name}={value}".encode(), hashlib.sha256).hexdigest()
+
+    def get(self, name: str) -> float | None:
+        entry = self.store.get(name) if name in self.store else None
+        if not isinstance(entry, str) or ":" not in entry:
+            return None
+        value, mac = entry.rsplit(":", 1)
+        if not hmac.compare_digest(mac, self._mac(name, value)):
+            log.warning("ignoring a tampered epsilon memo entry")
+            return None
+        return float(value)
+
+    def put(self, name: str, value: float) -> None:
+        text = repr(float(value))
+        self.store[name] = f"{text}:{self._mac(name, text)}"
+
+
+def _memo_name(history: tuple[tuple[float, float, int], ...], delta: float) -> str:
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:  # order-free: the accountant composes additively
+        merged[(float(sigma), float(rate))] = merged.get((float(sigma), float(rate)), 0) + \
+            int(steps)
+    canonical = repr((sorted(merged.items()), float(delta)))
+    return "eps:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float,
+               memo: EpsilonMemo | None = None) -> float:
     """Epsilon of a charge history (the accountant is pure: cache its answers)."""
-    return _epsilon_cached(tuple(history), delta)
+    key = tuple(history)
+    if memo is None or not key:
+        return _epsilon_cached(key, delta)
+    name = _memo_name(key, delta)
+    value = memo.get(name)
+    if value is None:
+        value = _epsilon_cached(key, delta)
+        memo.put(name, value)
+    return value
 
 
 @lru_cache(maxsize=4096)
@@ -82,6 +133,7 @@ class PrivacyLedger:
         self.delta = delta
         self.lifetime_epsilon = lifetime_epsilon
         self.run_epsilon = run_epsilon
+        self.memo: EpsilonMemo | None = None
 
     def state(self) -> tuple[int, str]:
         """(records, head hash) of the sealed journal: grows with every charge, never shrinks
@@ -107,7 +159,7 @@ class PrivacyLedger:
         """Epsilon spent so far, over one run or (None) over the site's lifetime."""
         history = [c.history_entry() for c in self.charges()
                    if run_id is None or c.run_id == run_id]
-        return epsilon_of(history, self.delta)
+        return epsilon_of(history, self.delta, self.memo)
 
     def project(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
                 steps: int) -> Projection:
@@ -117,9 +169,10 @@ class PrivacyLedger:
         planned = (noise_multiplier, sample_rate, steps)
         run_hist = [c.history_entry() for c in others if c.run_id == run_id]
         life_hist = [c.history_entry() for c in others]
-        return Projection(epsilon_round=epsilon_of([planned], self.delta),
-                          epsilon_run=epsilon_of([*run_hist, planned], self.delta),
-                          epsilon_lifetime=epsilon_of([*life_hist, planned], self.delta))
+        return Projection(epsilon_round=epsilon_of([planned], self.delta, self.memo),
+                          epsilon_run=epsilon_of([*run_hist, planned], self.delta, self.memo),
+                          epsilon_lifetime=epsilon_of([*life_hist, planned], self.delta,
+                                                      self.memo))
 
     def check(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
               steps: int) -> Projection:

@@ -50,6 +50,7 @@ from cleanroom.protocol.flower import (
     seal_arrays,
 )
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal
+from site_agent.ledger import EpsilonMemo
 from site_agent.runtime import SiteRuntime
 from site_agent.sealed import seal_blob, unseal_blob
 
@@ -173,6 +174,7 @@ class ConfidentialMod:
         try:
             settings = decide_settings(runtime, challenge, _cache(ctx))
             if settings.noise_multiplier is not None:
+                _use_memo(runtime, ctx)
                 runtime.ledger.check(challenge.run_id, challenge.round,
                                      settings.noise_multiplier, settings.sample_rate,
                                      settings.local_steps)
@@ -245,6 +247,7 @@ class ConfidentialMod:
         settings = decide_settings(runtime, challenge, _cache(ctx))
         plan = challenge.plan
         if settings.noise_multiplier is not None:
+            _use_memo(runtime, ctx)
             runtime.ledger.reserve(challenge.run_id, challenge.round, settings.noise_multiplier,
                                    settings.sample_rate, settings.local_steps)
         plain[TRAIN_SETTINGS_RECORD] = ConfigRecord({
@@ -273,6 +276,10 @@ class ConfidentialMod:
             metrics["epsilon-lifetime"] = projection.epsilon_lifetime
             metrics["delta"] = settings.delta
             metrics["ledger-records"] = runtime.ledger.state()[0]
+            if challenge.round < plan.rounds:  # Opacus is loaded now: answer the next
+                runtime.ledger.project(  # round's budget check ahead, for its attestation
+                    challenge.run_id, challenge.round + 1, settings.noise_multiplier,
+                    settings.sample_rate, settings.local_steps)
         runtime.activity.record("trained", challenge.run_id, challenge.round,
                                 steps=int(metrics.get(METRIC_STEPS, 0)),  # type: ignore[arg-type]
                                 epsilon_run=metrics.get("epsilon-run"))
@@ -312,6 +319,11 @@ class ConfidentialMod:
             answer = self._answer(next_challenge, ctx)
             reply.content[ATTEST_RECORD] = answer[ATTEST_RECORD]
         return reply
+
+
+def _use_memo(runtime: SiteRuntime, ctx: Context) -> None:
+    """Let the ledger keep accountant answers in the node's context (MACed, see EpsilonMemo)."""
+    runtime.ledger.memo = EpsilonMemo(_cache(ctx), runtime.provider.sealing_key(b"eps-memo"))
 
 
 def _cache(ctx: Context) -> ConfigRecord:

@@ -131,3 +131,53 @@ def test_kill_during_writes_loses_nothing_reported(tmp_path):
         assert len({c.key for c in charges}) == len(charges), "a charge counted twice"
         assert led.spent() == pytest.approx(epsilon_of(
             [c.history_entry() for c in charges], 1e-5))
+
+
+def _no_accountant(monkeypatch):
+    import site_agent.ledger as ledger_module
+    import site_agent.training as training
+
+    ledger_module._epsilon_cached.cache_clear()
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the accountant ran: the memo was not used")
+
+    monkeypatch.setattr(training, "epsilon_spent", refuse)
+
+
+def test_memo_answers_the_next_check_without_the_accountant(tmp_path, monkeypatch):
+    """What lets an attestation (a fresh process in deployment) skip importing Opacus: the
+    train step answers the next round's budget check ahead into the node's context."""
+    from site_agent.ledger import EpsilonMemo
+
+    store: dict[str, object] = {}
+    first = ledger(tmp_path / "l.jsonl")
+    first.memo = EpsilonMemo(store, b"M" * 32)
+    first.reserve("r", 1, SIGMA, RATE, STEPS)
+    committed = first.commit("r", 1, STEPS)
+    ahead = first.project("r", 2, SIGMA, RATE, STEPS)
+    _no_accountant(monkeypatch)
+    second = ledger(tmp_path / "l.jsonl")  # another process, same context store
+    second.memo = EpsilonMemo(store, b"M" * 32)
+    assert second.check("r", 2, SIGMA, RATE, STEPS) == ahead
+    assert ahead.epsilon_run > committed.epsilon_run
+
+
+def test_tampered_or_foreign_memo_entries_are_not_believed(tmp_path, monkeypatch):
+    from site_agent.ledger import EpsilonMemo
+
+    store: dict[str, object] = {}
+    led = ledger(tmp_path / "l.jsonl")
+    led.memo = EpsilonMemo(store, b"M" * 32)
+    led.reserve("r", 1, SIGMA, RATE, STEPS)
+    led.project("r", 2, SIGMA, RATE, STEPS)
+    honest = {k: v for k, v in store.items()}
+    for name, entry in store.items():  # an attacker lowers every cached epsilon
+        _value, mac = str(entry).rsplit(":", 1)
+        store[name] = f"0.001:{mac}"
+    assert led.memo.get(next(iter(store))) is None
+    other_key = EpsilonMemo(honest, b"X" * 32)  # entries MACed by another enclave
+    assert other_key.get(next(iter(honest))) is None
+    _no_accountant(monkeypatch)
+    with pytest.raises(AssertionError, match="accountant ran"):
+        led.check("r", 2, SIGMA, RATE, STEPS)  # forced to recompute, not to trust 0.001

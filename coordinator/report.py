@@ -106,7 +106,11 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     ax_acc.legend(fontsize=7, loc="lower right")
     ax_eps.set_xlabel("round")
     ax_eps.set_ylabel("cumulative ε (this run)")
-    ax_eps.set_title("Privacy spent per site")
+    ax_eps.set_title("Privacy spent per site (overlapping when sites spend alike)")
+    target = (report.get("privacy") or {}).get("epsilon_target_per_run")
+    if target:
+        ax_eps.axhline(target, color="gray", ls="--", lw=1,
+                       label=f"coordinator's target ε = {target:g} (sites may cap lower)")
     if any(e is not None for r in rounds for e in r["epsilon"].values()):
         ax_eps.legend(fontsize=7, loc="upper left")
     else:

@@ -212,6 +212,9 @@ def run_federation(spec: RunSpec, execute: Execute,
                 "simulated_root": str(spec.policy.simulated_root)
                 if spec.policy.simulated_root else None},
         model_card=str(out / "model_card.md"),
+        privacy={"dp": spec.plan.dp.enabled, "delta": spec.plan.dp.delta,
+                 "epsilon_target_per_run": spec.plan.dp.epsilon if spec.plan.dp.enabled
+                 else None},
         seconds=round(time.time() - started, 3), **spec.report_extra)
     report_path = write_report(report, out)
     plot_path = plot_report(report, out / "report.png")

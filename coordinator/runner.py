@@ -185,6 +185,7 @@ def run_federation(spec: RunSpec, execute: Execute,
         if final_arrays is not None and len(final_arrays) == 0:
             final_arrays = None  # no round trained: Flower returns an empty ArrayRecord
     except BaseException:
+        gate.watermarks.flush()
         on_start(spec.run_id)
         audit.append("run-end", {"status": "failed", "rounds": len(strategy.records)})
         tracker.end("FAILED")
@@ -193,6 +194,7 @@ def run_federation(spec: RunSpec, execute: Execute,
     from cleanroom.protocol.arrays import arrays_digest
     from cleanroom.protocol.flower import arrays_to_numpy
 
+    gate.watermarks.flush()  # the last round's ledger counts (from its train replies)
     on_start(spec.run_id)  # (no round ran)
     run_id = started_run["run_id"]
     final_digest = arrays_digest(arrays_to_numpy(final_arrays)) if final_arrays else None

@@ -356,7 +356,6 @@ class ConfidentialStrategy(Strategy):
                 self.gate.watermarks.advance(session.site, int(records), None)
             reply.content = content
             plain.append(reply)
-        self.gate.watermarks.flush()
         if not plain:
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, plain)

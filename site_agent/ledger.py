@@ -134,6 +134,9 @@ class PrivacyLedger:
         self.lifetime_epsilon = lifetime_epsilon
         self.run_epsilon = run_epsilon
         self.memo: EpsilonMemo | None = None
+        self._latest: dict[str, Charge] = {}
+        self._parsed = 0
+        self._last: dict[str, Any] | None = None
 
     def state(self) -> tuple[int, str]:
         """(records, head hash) of the sealed journal: grows with every charge, never shrinks
@@ -142,9 +145,15 @@ class PrivacyLedger:
         return len(records), self.journal.head
 
     def charges(self) -> list[Charge]:
-        """Effective charges: the latest record per (run, round), in first-seen order."""
-        latest: dict[str, Charge] = {}
-        for rec in self.journal.records():
+        """Effective charges: the latest record per (run, round), in first-seen order.
+
+        Parsed incrementally: only records appended since the last call (by this or another
+        process) are decoded, so a long-lived ledger costs O(new records) per call."""
+        records = self.journal.records()
+        if self._parsed and (len(records) < self._parsed
+                             or records[self._parsed - 1] != self._last):
+            self._latest, self._parsed = {}, 0  # the journal shrank or was replaced: re-read
+        for rec in records[self._parsed:]:
             if rec.get("kind") != "charge":
                 continue
             charge = Charge(run_id=rec["run_id"], round=int(rec["round"]),
@@ -152,8 +161,10 @@ class PrivacyLedger:
                             sample_rate=float(rec["sample_rate"]), steps=int(rec["steps"]),
                             status=rec["status"], epsilon_after=rec.get("epsilon_after"),
                             recorded_at=float(rec.get("recorded_at", 0.0)))
-            latest[charge.key] = charge
-        return list(latest.values())
+            self._latest[charge.key] = charge
+        self._parsed = len(records)
+        self._last = records[-1] if records else None
+        return list(self._latest.values())
 
     def spent(self, run_id: str | None = None) -> float:
         """Epsilon spent so far, over one run or (None) over the site's lifetime."""

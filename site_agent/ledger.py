@@ -6,7 +6,10 @@ history with the same RDP accountant that calibrated the noise. A charge is writ
 phases: ``reserve`` (before training, with the planned steps, after checking both budgets) and
 ``commit`` (after training, with the steps actually taken, before the update leaves the site).
 A crash between the two leaves the reservation, which still counts: conservative, never lost,
-never counted twice (charges are keyed by run and round).
+never counted twice (charges are keyed by run and round). A retried round replaces only a
+reservation (nothing was released); a round whose update was released (committed) is never
+trained again: asking for it is refused as ``round-replayed``, else a coordinator could average
+away the noise by asking for the same round again and again.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
+from cleanroom.errors import LedgerError, PrivacyBudgetExceeded, SiteRefusal
 from site_agent.sealed import SealedJournal
 
 log = logging.getLogger(__name__)
@@ -188,6 +191,13 @@ class PrivacyLedger:
     def check(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
               steps: int) -> Projection:
         """Raise :class:`PrivacyBudgetExceeded` if the charge would pass either budget."""
+        released = next((c for c in self.charges() if c.key == f"{run_id}:{round}"
+                         and c.status == "committed"), None)
+        if released is not None:
+            raise SiteRefusal(
+                "round-replayed", f"run {run_id} round {round} was already trained and its "
+                f"update released ({released.steps} DP steps charged): training it again "
+                "would release a second noisy answer for one charge")
         if noise_multiplier <= 0 or not 0 < sample_rate <= 1 or steps < 0:
             raise PrivacyBudgetExceeded(
                 f"invalid DP parameters (noise {noise_multiplier}, rate {sample_rate}, "
@@ -228,6 +238,8 @@ class PrivacyLedger:
         reserved = {c.key: c for c in self.charges()}.get(f"{run_id}:{round}")
         if reserved is None:
             raise LedgerError(f"no reservation for run {run_id} round {round}")
+        if reserved.status != "reserved":
+            raise LedgerError(f"run {run_id} round {round} is already committed")
         if steps_taken > reserved.steps:
             raise LedgerError(f"run {run_id} round {round}: took {steps_taken} steps, "
                               f"reserved only {reserved.steps}")

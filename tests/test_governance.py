@@ -59,6 +59,20 @@ def test_restored_old_ledger_refused_as_rollback(tmp_path):
         assert entry["attested"] == ["cleveland", "switzerland", "va"]
 
 
+def test_coordinator_replaying_a_run_is_refused(tmp_path, monkeypatch):
+    """A coordinator that runs the same run id again asks every site for rounds whose updates
+    were already released: each site refuses (one charge must buy one noisy answer)."""
+    monkeypatch.setattr(engine.secrets, "randbits", lambda _bits: 4242)
+    state = tmp_path / "state"
+    first = simulate(tmp_path / "a", state_dir=state)
+    assert all(not r["quarantined"] for r in first["rounds"])
+    second = simulate(tmp_path / "b", state_dir=state)
+    for entry in second["rounds"]:
+        assert entry["attested"] == []
+        assert all(reason.startswith("round replayed: run 4242 round")
+                   for reason in entry["quarantined"].values()), entry["quarantined"]
+
+
 def test_unapproved_run_refused_until_approved(tmp_path, monkeypatch):
     """Sites requiring approval refuse a new run (typed reason naming the run); once hospital IT
     approves it (here after round 1, at two sites), those sites train in the next rounds."""

@@ -181,3 +181,24 @@ def test_tampered_or_foreign_memo_entries_are_not_believed(tmp_path, monkeypatch
     _no_accountant(monkeypatch)
     with pytest.raises(AssertionError, match="accountant ran"):
         led.check("r", 2, SIGMA, RATE, STEPS)  # forced to recompute, not to trust 0.001
+
+
+def test_released_round_is_never_trained_again(tmp_path):
+    """A coordinator that asks for the same round again (fresh nonce, same run and round) would
+    get a second noisy answer under one charge and could average the noise away: refused."""
+    from cleanroom.errors import SiteRefusal
+
+    led = ledger(tmp_path / "l.jsonl")
+    led.reserve("r", 1, SIGMA, RATE, STEPS)
+    led.commit("r", 1, STEPS)
+    spent = led.spent()
+    with pytest.raises(SiteRefusal, match="already trained and its update released") as exc:
+        led.check("r", 1, SIGMA, RATE, STEPS)
+    assert exc.value.code == "round-replayed"
+    with pytest.raises(SiteRefusal):
+        led.reserve("r", 1, SIGMA, RATE, STEPS)
+    with pytest.raises(LedgerError, match="already committed"):
+        led.commit("r", 1, STEPS)
+    assert led.spent() == pytest.approx(spent)
+    led.reserve("r", 2, SIGMA, RATE, STEPS)  # the next round is fine
+    assert led.check("other-run", 1, SIGMA, RATE, STEPS).epsilon_run > 0  # and other runs

@@ -49,9 +49,13 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
     }
 
 
-def build_report(records: list[RoundRecord], **extra: Any) -> dict[str, Any]:
+def build_report(records: list[RoundRecord], *, prior: list[dict[str, Any]] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """``prior``: report entries of rounds run before a resume (from the checkpoint)."""
     epsilon: dict[str, float | None] = {}
-    rounds = [round_entry(r, epsilon) for r in records]
+    for entry in prior or []:
+        epsilon.update(entry.get("epsilon", {}))
+    rounds = [*(prior or []), *(round_entry(r, epsilon) for r in records)]
     final_metrics = next((r["metrics"] for r in reversed(rounds) if r["metrics"]), {})
     report: dict[str, Any] = {
         "rounds": rounds,

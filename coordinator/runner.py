@@ -50,6 +50,9 @@ class RunSpec:
     nonce_file: Path | None = None
     watermark_file: Path | None = None  # site ledger watermarks (keep across runs)
     expected_nodes: int | None = None  # nodes to wait for each round (default: len(sites))
+    checkpoint_dir: Path | None = None  # round checkpoints (default: out/checkpoint)
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
+    resume: Any = None  # a coordinator.checkpoint.Checkpoint to continue from
 
 
 @dataclass
@@ -110,6 +113,7 @@ def site_samples(records: list[Any]) -> dict[str, dict[str, int]]:
 def run_federation(spec: RunSpec, execute: Execute,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     """Run ``spec`` with ``execute`` and write every output into ``spec.out``."""
+    from cleanroom.protocol.arrays import arrays_digest
     from coordinator.audit import public_key_hex
     from coordinator.gate import AttestationGate, NonceStore
     from coordinator.model_card import build_model_card, write_model_card
@@ -129,7 +133,20 @@ def run_federation(spec: RunSpec, execute: Execute,
                            node_sites=spec.node_sites if spec.node_keys is not None else None,
                            watermarks=LedgerWatermarks(
                                spec.watermark_file or out / "ledger_watermarks.json"))
+    from coordinator.checkpoint import (
+        Checkpoint,
+        RoundOffset,
+        restore_strategy_state,
+        strategy_state,
+        write_checkpoint,
+    )
+
     inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
+    resume = spec.resume
+    prior: list[dict[str, Any]] = list(resume.meta.get("report_rounds", [])) if resume else []
+    if resume is not None:
+        restore_strategy_state(inner, resume.state)
+    checkpoint_dir = spec.checkpoint_dir or out / "checkpoint"
     audit = open_audit(out / "audit.jsonl", spec.audit_key)
 
     tracker: Any = NullTracker()
@@ -154,6 +171,15 @@ def run_federation(spec: RunSpec, execute: Execute,
         if started_run:
             return
         started_run["run_id"] = run_id
+        if resume is not None:
+            audit.append("run-resume", {
+                "coordinator_public_key": public_key_hex(audit.key),
+                "code_version": code_version(), "run_id": run_id,
+                "from_round": resume.round, "rounds": resume.rounds,
+                "checkpoint_model_sha256": arrays_digest(resume.model),
+                "policy_digest": gate.policy_digest})
+            tracker.set_tags({"flower_run_id": run_id, "resumed_after_round": str(resume.round)})
+            return
         audit.append("run-start", {
             "coordinator_public_key": public_key_hex(audit.key),
             "code_version": code_version(), "run_id": run_id, "strategy": spec.strategy,
@@ -164,10 +190,21 @@ def run_federation(spec: RunSpec, execute: Execute,
         tracker.set_tags({"flower_run_id": run_id})
 
     epsilon_so_far: dict[str, float | None] = {}
+    for prior_entry in prior:
+        epsilon_so_far.update(prior_entry.get("epsilon", {}))
+    done_entries: list[dict[str, Any]] = list(prior)
 
     def record_round(record: RoundRecord) -> None:
-        audit.append("round-receipt", round_receipt(record, policy_digest=gate.policy_digest))
+        receipt = round_receipt(record, policy_digest=gate.policy_digest)
         entry = round_entry(record, epsilon_so_far)
+        done_entries.append(entry)
+        model = getattr(strategy, "model_after_round", None)
+        if model is not None and spec.confidential:
+            receipt["checkpoint_sha256"] = write_checkpoint(checkpoint_dir, Checkpoint(
+                run_id=record.run_id, round=record.round, rounds=spec.plan.rounds,
+                model=model, state=strategy_state(inner),
+                meta={**spec.checkpoint_meta, "report_rounds": done_entries}))
+        audit.append("round-receipt", receipt)
         tracker.log_metrics(round_metrics(entry), step=record.round)
         if on_round is not None:
             on_round(entry)
@@ -180,8 +217,9 @@ def run_federation(spec: RunSpec, execute: Execute,
     else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
         strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites,
                                     on_start=on_start)
+    runnable = RoundOffset(strategy, resume.round) if resume is not None else strategy
     try:
-        final_arrays = execute(strategy)
+        final_arrays = execute(runnable)
         if final_arrays is not None and len(final_arrays) == 0:
             final_arrays = None  # no round trained: Flower returns an empty ArrayRecord
     except BaseException:
@@ -191,9 +229,10 @@ def run_federation(spec: RunSpec, execute: Execute,
         tracker.end("FAILED")
         raise
 
-    from cleanroom.protocol.arrays import arrays_digest
-    from cleanroom.protocol.flower import arrays_to_numpy
+    from cleanroom.protocol.flower import arrays_to_numpy, numpy_to_arrays
 
+    if final_arrays is None and resume is not None:  # no round aggregated after the resume
+        final_arrays = numpy_to_arrays(resume.model)
     gate.watermarks.flush()  # the last round's ledger counts (from its train replies)
     on_start(spec.run_id)  # (no round ran)
     run_id = started_run["run_id"]
@@ -207,7 +246,7 @@ def run_federation(spec: RunSpec, execute: Execute,
     tracker.set_tags({"audit_head": head, "audit_entries": str(audit.seq),
                       "code_version": code_version()})
     report = build_report(
-        strategy.records, run_id=run_id, audit_log=str(audit.path), audit_head=head,
+        strategy.records, prior=prior, run_id=run_id, audit_log=str(audit.path), audit_head=head,
         mlflow={"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         policy={"name": spec.policy.name, "digest": gate.policy_digest,
                 "measurements": [m.hex() for m in spec.policy.measurements],

@@ -171,6 +171,7 @@ class ConfidentialStrategy(Strategy):
         self._keys: KeyPair | None = None
         self._sessions: dict[int, _Session] = {}
         self._global: OrderedDict[str, np.ndarray] | None = None
+        self.model_after_round: OrderedDict[str, np.ndarray] | None = None
         self._site_names: dict[int, str] = {}
         # Next round's attestation, answered together with this round's evaluation:
         self._next_keys: KeyPair | None = None
@@ -300,6 +301,7 @@ class ConfidentialStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays_to_numpy(arrays)
+        self.model_after_round = self._global  # replaced by the aggregate, if any
         record = RoundRecord(round=server_round, run_id=self._run_id(grid),
                              model_digest=arrays_digest(self._global))
         if self.on_start is not None and not self.records:
@@ -361,7 +363,8 @@ class ConfidentialStrategy(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, plain)
         if arrays is not None:
             arrays = self._keep_schema(arrays)
-            record.aggregate_digest = arrays_digest(arrays_to_numpy(arrays))
+            self.model_after_round = arrays_to_numpy(arrays)
+            record.aggregate_digest = arrays_digest(self.model_after_round)
         return arrays, metrics
 
     def _keep_schema(self, arrays: ArrayRecord) -> ArrayRecord:

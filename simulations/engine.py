@@ -65,6 +65,8 @@ class SimulationConfig(BaseModel):
                          "'AST constructor recursion depth mismatch' under threads)")
     strategy_options: dict[str, float] = Field(
         default_factory=dict, description="overrides of the tuned STRATEGY_OPTIONS")
+    resume: Path | None = Field(None, description="continue the run whose output folder this "
+                                "is, from its last round checkpoint (in-process backend)")
 
 
 @dataclass
@@ -115,6 +117,9 @@ def run_simulation(config: SimulationConfig,
     from simulations.scenarios import SCENARIOS, Fault, SimulatedSites
     from site_agent.runtime import code_measurement
 
+    checkpoint = None
+    if config.resume is not None:
+        config, checkpoint = resumed_config(config)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         import flwr.common.logger  # noqa: F401  (configures its logger on import: import first)
 
@@ -137,7 +142,7 @@ def run_simulation(config: SimulationConfig,
                            {hostile: Fault(config.scenario)} if hostile else {})
     # A fresh run id per simulation (as Flower gives each run): the sites' ledgers key
     # charges by run, so a second simulation on the same state spends more budget.
-    run_id = secrets.randbits(63)
+    run_id = int(checkpoint.run_id) if checkpoint is not None else secrets.randbits(63)
     policy = Policy(name="simulation", environment="simulation",
                     simulated_root=root.bundle_path, measurements=[code_measurement()])
     plan = TrainingSettings(**{name: getattr(config, name) for name in (
@@ -155,6 +160,8 @@ def run_simulation(config: SimulationConfig,
         coordinator_id="simulation-coordinator", sites=names,
         node_sites={NODE_ID_BASE + i: name for i, name in enumerate(names)},
         nonce_file=out / "coordinator" / "nonces.jsonl",
+        checkpoint_meta={"simulation_config": config.model_dump(mode="json")},
+        resume=checkpoint,
         watermark_file=state / "coordinator" / "ledger_watermarks.json",
         params={"scenario": config.scenario, "hostile_site": hostile, "seed": config.seed,
                 "backend": config.backend, "code_measurement": code_measurement().hex()},
@@ -162,13 +169,33 @@ def run_simulation(config: SimulationConfig,
                       "scenario": {"name": config.scenario, "hostile_site": hostile,
                                    "description": SCENARIOS[config.scenario]}},
     )
-    outcome = run_federation(spec, lambda strategy: _execute(config, strategy, sites, run_id),
-                             on_round=on_round)
+    outcome = run_federation(spec, lambda strategy: _execute(config, strategy, sites, run_id,
+                                                             checkpoint), on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
                             outcome.seconds)
 
 
-def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int) -> Any:
+def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
+    """The saved configuration of the run in ``config.resume`` and its last checkpoint."""
+    from coordinator.checkpoint import load_checkpoint
+
+    folder = Path(config.resume).resolve()  # type: ignore[arg-type]
+    checkpoint = load_checkpoint(folder / "checkpoint")
+    saved = checkpoint.meta.get("simulation_config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{folder}: its checkpoint holds no simulation configuration")
+    resumed = SimulationConfig.model_validate({
+        **saved, "out": folder, "resume": folder, "progress": config.progress,
+        "tracking_uri": config.tracking_uri or saved.get("tracking_uri")})
+    if resumed.backend != "inprocess":
+        raise ConfigError("--resume continues in-process simulations only")
+    if checkpoint.round >= resumed.rounds:
+        raise ConfigError(f"{folder}: the run already completed its {resumed.rounds} rounds")
+    return resumed, checkpoint
+
+
+def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int,
+             checkpoint: Any = None) -> Any:
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -176,7 +203,12 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int) -
     from models import build_model, get_parameters
     from site_agent.app import make_client_app
 
-    initial = numpy_to_arrays(get_parameters(build_model(config.model, seed=config.seed)))
+    if checkpoint is not None:
+        initial = numpy_to_arrays(checkpoint.model)
+        rounds = config.rounds - checkpoint.round
+    else:
+        initial = numpy_to_arrays(get_parameters(build_model(config.model, seed=config.seed)))
+        rounds = config.rounds
     plain_settings = _plain_settings(config) if not config.confidential else None
     n = len(sites.configs)
     if config.backend == "inprocess":
@@ -188,7 +220,7 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int) -
                                    {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
                                     for i in range(n)}, run_id=run_id,
                                    workers=config.workers)
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds,
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
                               train_config=ConfigRecord({"model": config.model}),
                               evaluate_config=ConfigRecord({"model": config.model}))
         return result.arrays if isinstance(result.arrays, ArrayRecord) else None

@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--site-budget", type=float, help="each site's lifetime epsilon")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
+    p.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the interrupted run in DIR (its --out) from its last round "
+                   "checkpoint, with its own settings (other options are ignored)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -80,6 +83,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from simulations.defaults import training_defaults
     from simulations.engine import SimulationConfig
 
+    if args.resume is not None:
+        return SimulationConfig(resume=args.resume, progress=not args.no_progress,
+                                tracking_uri=args.tracking_uri)
     values: dict[str, Any] = dict(training_defaults(dp=not args.no_dp))
     overrides = {"rounds": args.rounds, "model": args.model, "local_steps": args.local_steps,
                  "sample_rate": args.sample_rate, "lr": args.lr}
@@ -102,8 +108,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.engine import run_simulation
 
     config = config_from_args(args)
-    bar = tqdm(total=config.rounds, desc=f"{config.scenario} {config.strategy}", unit="round",
-               disable=not config.progress, file=sys.stderr)
+    done = 0
+    if config.resume is not None:
+        from simulations.engine import resumed_config
+
+        config, checkpoint = resumed_config(config)
+        done = checkpoint.round
+        print(f"resuming run {checkpoint.run_id} after round {done} of {config.rounds}",
+              file=sys.stderr)
+    bar = tqdm(total=config.rounds, initial=done, desc=f"{config.scenario} {config.strategy}",
+               unit="round", disable=not config.progress, file=sys.stderr)
 
     def on_round(entry: dict[str, Any]) -> None:
         acc = entry["accuracy_mean"]

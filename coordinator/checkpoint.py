@@ -1,0 +1,175 @@
+"""Round checkpoints of a run: the global model and the server optimiser's state after each
+round, written crash-safe, so a run that dies at round 40 of 50 resumes at round 41.
+
+A checkpoint is two files in ``DIR``: ``checkpoint.npz`` (the global model under ``model/``, the
+inner strategy's numpy state under ``state/``, e.g. FedAdam's moments ``m_t``/``v_t``) and
+``checkpoint.json`` (run id, completed round, planned rounds, SHA-256 of the npz and of the
+model, plus whatever the caller needs to rebuild the run, e.g. the report entries so far).
+Both are written with :func:`cleanroom.fsutil.atomic_write`, the npz first, so the json always
+names a complete npz; the digest is checked on load. Only the aggregated global model is
+written (the coordinator's product, as ``final_model.npz`` is): never a site's update.
+
+:class:`RoundOffset` replays a run's numbering on resume: Flower's ``Strategy.start`` counts
+rounds from 1; sites, nonces, ledgers and the audit must see the run's real round numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from cleanroom.errors import CleanroomError
+from cleanroom.fsutil import atomic_write
+from cleanroom.protocol.arrays import arrays_digest
+
+CHECKPOINT_NPZ = "checkpoint.npz"
+CHECKPOINT_JSON = "checkpoint.json"
+SKIPPED_STATE = frozenset({"current_arrays"})  # re-set from the global model every round
+
+
+class CheckpointError(CleanroomError):
+    """A checkpoint is missing, torn, tampered with or does not fit the run."""
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    round: int  # rounds completed
+    rounds: int  # rounds planned
+    model: OrderedDict[str, np.ndarray]
+    state: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def strategy_state(inner: Strategy) -> dict[str, Any]:
+    """The numpy state a server optimiser keeps between rounds (dicts of arrays, arrays)."""
+    state: dict[str, Any] = {}
+    for name, value in vars(inner).items():
+        if name in SKIPPED_STATE:
+            continue
+        if isinstance(value, np.ndarray):
+            state[name] = value
+        elif isinstance(value, dict) and value and all(
+                isinstance(v, np.ndarray) for v in value.values()):
+            state[name] = dict(value)
+    return state
+
+
+def restore_strategy_state(inner: Strategy, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        if not hasattr(inner, name):
+            raise CheckpointError(f"the checkpoint holds state {name!r} that strategy "
+                                  f"{type(inner).__name__} does not have")
+        setattr(inner, name, value)
+
+
+def _npz_bytes(ckpt: Checkpoint) -> bytes:
+    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in ckpt.model.items()}
+    for name, value in ckpt.state.items():
+        if isinstance(value, dict):
+            arrays.update({f"state/{name}/{k}": v for k, v in value.items()})
+        else:
+            arrays[f"state/{name}"] = value
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_checkpoint(directory: Path, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` crash-safe into ``directory``; returns the npz's SHA-256."""
+    data = _npz_bytes(ckpt)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write(Path(directory) / CHECKPOINT_NPZ, data)
+    atomic_write(Path(directory) / CHECKPOINT_JSON, json.dumps({
+        "format": "cleanroom-fl/checkpoint/v1", "run_id": ckpt.run_id, "round": ckpt.round,
+        "rounds": ckpt.rounds, "npz_sha256": digest,
+        "model_sha256": arrays_digest(ckpt.model), "written_at": time.time(),
+        "state_names": sorted(ckpt.state), "meta": ckpt.meta}, indent=1).encode())
+    return digest
+
+
+def load_checkpoint(directory: Path) -> Checkpoint:
+    """Read and check a checkpoint (typed errors naming what is wrong)."""
+    directory = Path(directory)
+    try:
+        head = json.loads((directory / CHECKPOINT_JSON).read_text())
+        data = (directory / CHECKPOINT_NPZ).read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"no checkpoint in {directory}: {Path(exc.filename).name} is "
+                              "missing (a run writes one after each completed round)") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON}: unreadable ({exc})") from None
+    if not isinstance(head, dict) or head.get("format") != "cleanroom-fl/checkpoint/v1":
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON}: not a Cleanroom FL checkpoint")
+    if hashlib.sha256(data).hexdigest() != head.get("npz_sha256"):
+        raise CheckpointError(f"{directory / CHECKPOINT_NPZ} does not match the SHA-256 that "
+                              f"{CHECKPOINT_JSON} names: altered or from another round")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            items = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CHECKPOINT_NPZ}: unreadable ({exc})") from None
+    model: OrderedDict[str, np.ndarray] = OrderedDict(
+        (k.removeprefix("model/"), v) for k, v in items.items() if k.startswith("model/"))
+    state: dict[str, Any] = {}
+    for key, value in items.items():
+        if not key.startswith("state/"):
+            continue
+        parts = key.split("/", 2)
+        if len(parts) == 3:
+            state.setdefault(parts[1], {})[parts[2]] = value
+        else:
+            state[parts[1]] = value
+    if arrays_digest(model) != head.get("model_sha256"):
+        raise CheckpointError(f"{directory / CHECKPOINT_NPZ}: model digest mismatch")
+    try:
+        return Checkpoint(run_id=str(head["run_id"]), round=int(head["round"]),
+                          rounds=int(head["rounds"]), model=model, state=state,
+                          meta=dict(head.get("meta") or {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON}: missing or bad field "
+                              f"{exc}") from None
+
+
+class RoundOffset(Strategy):
+    """Presents rounds ``offset+1..`` to ``strategy`` while Flower counts from 1."""
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy = strategy
+        self.offset = offset
+
+    def __getattr__(self, name: str) -> Any:  # records, gate... of the wrapped strategy
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

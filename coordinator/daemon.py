@@ -55,7 +55,8 @@ class RunControl:
         return write_fab(self.config.state_dir / "fab", {
             "coordinator-config": str(self.config_path), "rounds": t.rounds,
             "strategy": t.strategy, "dp": t.dp, "epsilon": t.epsilon, "seed": 0,
-            "local-steps": t.local_steps, "lr": t.lr, "sample-rate": t.sample_rate})
+            "local-steps": t.local_steps, "lr": t.lr, "sample-rate": t.sample_rate,
+            "pause-after": 0, "resume-run": ""})
 
     def submit(self, options: dict[str, Any]) -> int:
         return self.cli.submit(self.fab_dir(), {"coordinator-config": str(self.config_path),

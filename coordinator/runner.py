@@ -53,6 +53,7 @@ class RunSpec:
     checkpoint_dir: Path | None = None  # round checkpoints (default: out/checkpoint)
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
     resume: Any = None  # a coordinator.checkpoint.Checkpoint to continue from
+    protocol_run_id: str | None = None  # the run id sites see (default: the engine's)
 
 
 @dataclass
@@ -213,7 +214,8 @@ def run_federation(spec: RunSpec, execute: Execute,
         strategy: Any = ConfidentialStrategy(inner, gate=gate, plan=spec.plan,
                                              expected_nodes=spec.expected_nodes
                                              or len(spec.sites) or None,
-                                             on_round=record_round, on_start=on_start)
+                                             on_round=record_round, on_start=on_start,
+                                             run_id=spec.protocol_run_id)
     else:  # the plaintext baseline of the benchmarks: same run, no attestation, no HPKE
         strategy = ObservedStrategy(inner, on_round=record_round, node_sites=spec.node_sites,
                                     on_start=on_start)
@@ -238,8 +240,10 @@ def run_federation(spec: RunSpec, execute: Execute,
     run_id = started_run["run_id"]
     final_digest = arrays_digest(arrays_to_numpy(final_arrays)) if final_arrays else None
     last = strategy.records[-1] if strategy.records else None
+    last_round = last.round if last else (resume.round if resume else 0)
     head = audit.append("run-end", {
-        "status": "completed", "rounds": len(strategy.records),
+        "status": "completed" if last_round >= spec.plan.rounds else "paused",
+        "last_round": last_round, "rounds": len(strategy.records),
         "final_model_sha256": final_digest,
         "attested_last_round": last.attested if last else [],
         "epsilon": dict(epsilon_so_far)})

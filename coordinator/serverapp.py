@@ -67,6 +67,19 @@ def main(grid: Grid, context: Context) -> None:
     training = config.training.model_validate({**config.training.model_dump(), **updates})
     seed = int(context.run_config.get("seed", 0))  # type: ignore[arg-type]
     run_id = str(context.run_id)
+    checkpoint = None
+    resume_run = str(context.run_config.get("resume-run", "") or "")
+    if resume_run:  # continue an interrupted or paused run: its settings, its run id
+        from coordinator.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(config.runs_dir() / resume_run / "checkpoint")
+        saved = checkpoint.meta.get("deployment") or {}
+        training = config.training.model_validate(saved.get("training", {}))
+        seed = int(saved.get("seed", 0))
+        if checkpoint.round >= training.rounds:
+            raise ConfigError(f"run {resume_run} already completed its {training.rounds} "
+                              "rounds")
+    pause_after = int(context.run_config.get("pause-after", 0) or 0)  # type: ignore[arg-type]
     out = config.runs_dir() / run_id
     out.mkdir(parents=True, exist_ok=True)
     expected = {s.name for s in config.sites}
@@ -92,13 +105,21 @@ def main(grid: Grid, context: Context) -> None:
         watermark_file=config.state_dir / "ledger_watermarks.json",
         params={"seed": seed, "deployment": config.name},
         report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
-                                 "deployment": config.name}},
+                                 "deployment": config.name},
+                      "resumed_from_run": resume_run or None},
+        checkpoint_meta={"deployment": {"training": training.model_dump(mode="json"),
+                                        "seed": seed}},
+        resume=checkpoint,
+        protocol_run_id=checkpoint.run_id if checkpoint else None,
     )
-    initial = numpy_to_arrays(get_parameters(build_model(plan.model, seed=seed)))
+    done = checkpoint.round if checkpoint else 0
+    initial = numpy_to_arrays(checkpoint.model) if checkpoint else \
+        numpy_to_arrays(get_parameters(build_model(plan.model, seed=seed)))
+    last = min(plan.rounds, pause_after) if pause_after > done else plan.rounds
 
     def execute(strategy: Any) -> Any:
         result = strategy.start(grid=_SitesOnly(grid, set(nodes)), initial_arrays=initial,
-                                num_rounds=plan.rounds, timeout=600,
+                                num_rounds=last - done, timeout=600,
                                 train_config=ConfigRecord({"model": plan.model}),
                                 evaluate_config=ConfigRecord({"model": plan.model}))
         return result.arrays

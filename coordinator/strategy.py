@@ -149,7 +149,8 @@ class ConfidentialStrategy(Strategy):
                  attest_timeout: float = 120.0, expected_nodes: int | None = None,
                  node_wait: float = 60.0, piggyback: bool = True,
                  on_round: Callable[[RoundRecord], None] | None = None,
-                 on_start: Callable[[str], None] | None = None) -> None:
+                 on_start: Callable[[str], None] | None = None,
+                 run_id: str | None = None) -> None:
         if not isinstance(inner, Strategy):
             raise ValueError("inner must be a flwr.serverapp.strategy.Strategy")
         if isinstance(inner, ConfidentialStrategy):
@@ -166,6 +167,7 @@ class ConfidentialStrategy(Strategy):
         self.node_wait = node_wait
         self.piggyback = piggyback
         self.on_start = on_start
+        self.protocol_run_id = run_id  # a resumed deployed run keeps its first run's id
         self.records: list[RoundRecord] = []
         self._current: RoundRecord | None = None
         self._keys: KeyPair | None = None
@@ -180,9 +182,8 @@ class ConfidentialStrategy(Strategy):
         self._pending_for: tuple[int, str] | None = None
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _run_id(grid: Grid) -> str:
-        return str(grid.run.run_id)
+    def _run_id(self, grid: Grid) -> str:
+        return self.protocol_run_id or str(grid.run.run_id)
 
     def _label(self, node_id: int, claimed: str | None = None) -> str:
         if claimed:

@@ -63,7 +63,8 @@ def follow(control: RunControl, run_id: int, out: Path, *, timeout: float = 3600
         report = json.loads((out / "report.json").read_text())
         report["audit_log"] = str(out / "audit.jsonl")
         report["model_card"] = str(out / "model_card.md")
-        report["run_id"] = str(run_id)
+        report.setdefault("run_id", str(run_id))  # the protocol's (a resumed run keeps its)
+        report["flower_run_id"] = str(run_id)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if status != "finished:completed" and not details:
         details = control.cli.logs(run_id)[-2000:]

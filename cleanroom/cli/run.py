@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", type=Path, default=Path("runs/deployed"))
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pause-after", type=int, metavar="N",
+                   help="stop after round N (a checkpoint is kept); continue with --resume")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a paused or interrupted run from its last checkpoint, with "
+                   "its own settings and run id (training options are ignored)")
     p.set_defaults(func=cmd_run)
 
 
@@ -39,6 +44,10 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = value
     if args.no_dp:
         options["dp"] = False
+    if args.pause_after:
+        options["pause-after"] = args.pause_after
+    if args.resume:
+        options["resume-run"] = str(args.resume)
     return options
 
 
@@ -73,7 +82,13 @@ def submit_and_follow(config: Path, options: dict[str, Any], out: Path, timeout:
               file=sys.stderr)
         return 1
     final = result.report["final"]
-    print(f"run {run_id} completed: client-average accuracy {final['accuracy_mean']}")
+    last = result.report["rounds"][-1]["round"] if result.report["rounds"] else 0
+    planned = int((result.report.get("config") or {}).get("rounds") or last)
+    if last < planned:
+        print(f"run {run_id} paused after round {last} of {planned}: continue with "
+              f"'cleanroom run --config {config} --resume {run_id}'")
+    else:
+        print(f"run {run_id} completed: client-average accuracy {final['accuracy_mean']}")
     print(f"report: {out / 'report.json'}  audit: {out / 'audit.jsonl'}")
     return 0
 

@@ -131,3 +131,45 @@ def test_plaintext_connection_to_tls_port_refused(coordinator):
 
     assert https_health(f"https://127.0.0.1:{link}/health",
                         coordinator[0] / "coordinator" / "ca.pem") == 200
+
+
+def test_pause_and_resume_a_deployed_run(coordinator, tmp_path):
+    """An operator pauses a 2-round run after round 1 and resumes it: the second part keeps the
+    run id the sites know (their ledgers go on charging the same run) and the global model."""
+    out, _ = coordinator
+    config = str(out / "coordinator" / "coordinator.toml")
+    sites = []
+    for name in ("cleveland", "hungary"):
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+        sites.append((subprocess.Popen(
+            [*CLI, "site", "--config", str(out / "sites" / name / "site.toml")],
+            stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        first = subprocess.run([*CLI, "run", "--config", config, "--rounds", "2",
+                                "--pause-after", "1", "--out", str(tmp_path / "part1"),
+                                "--no-progress", "--timeout", "300"],
+                               capture_output=True, text=True, timeout=400)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert "paused after round 1 of 2" in first.stdout
+        paused_id = first.stdout.split("submitted run ")[1].split()[0]
+        part1 = json.loads((tmp_path / "part1" / "report.json").read_text())
+        assert [r["round"] for r in part1["rounds"]] == [1]
+
+        second = subprocess.run([*CLI, "run", "--config", config, "--resume", paused_id,
+                                 "--out", str(tmp_path / "part2"), "--no-progress",
+                                 "--timeout", "300"],
+                                capture_output=True, text=True, timeout=400)
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+        part2 = json.loads((tmp_path / "part2" / "report.json").read_text())
+        assert [r["round"] for r in part2["rounds"]] == [1, 2]
+        assert part2["run_id"] == part1["run_id"]  # the protocol run id the sites saw
+        assert part2["rounds"][1]["attested"] == ["cleveland", "hungary"]
+        assert all(0.5 < e <= 1.0 + 1e-6 for e in part2["final"]["epsilon"].values())
+        kinds = [json.loads(line)["kind"] for line in
+                 (tmp_path / "part2" / "audit.jsonl").read_text().splitlines()]
+        assert kinds == ["run-resume", "round-receipt", "run-end"]
+    finally:
+        for proc, log in sites:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            log.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             bar.write(f"round {entry['round']}: {site} quarantined: {reason}")
         bar.update(1)
 
+    started = time.time()
     try:
         result = run_simulation(config, on_round=on_round)
+    except (KeyboardInterrupt, Exception):
+        bar.close()
+        marker = Path(config.out) / "checkpoint" / "checkpoint.json"
+        if config.backend == "inprocess" and marker.exists() and \
+                marker.stat().st_mtime >= started:  # written by this run
+            print(f"interrupted; continue from the last completed round with: cleanroom "
+                  f"simulate --resume {config.out}", file=sys.stderr)
+        raise
     finally:
         bar.close()
     report = result.report

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ from cleanroom.protocol.arrays import arrays_digest
 
 CHECKPOINT_NPZ = "checkpoint.npz"
 CHECKPOINT_JSON = "checkpoint.json"
+ROUNDS_JSONL = "rounds.jsonl"  # the report entries so far, one line per round (append-only)
 SKIPPED_STATE = frozenset({"current_arrays"})  # re-set from the global model every round
 
 
@@ -87,14 +89,46 @@ def _npz_bytes(ckpt: Checkpoint) -> bytes:
     return buf.getvalue()
 
 
+def append_round(directory: Path, entry: dict[str, Any]) -> None:
+    """Append one round's report entry (fsync'd); O(1) per round, unlike rewriting them all."""
+    path = Path(directory) / ROUNDS_JSONL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_rounds(directory: Path, entries: list[dict[str, Any]]) -> None:
+    """Start ``directory``'s round entries afresh (a resumed run's new folder)."""
+    atomic_write(Path(directory) / ROUNDS_JSONL, b"".join(
+        json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries))
+
+
+def _read_rounds(directory: Path, count: int) -> list[dict[str, Any]]:
+    path = Path(directory) / ROUNDS_JSONL
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror})") from None
+    if len(lines) < count:
+        raise CheckpointError(f"{path} holds {len(lines)} rounds, the checkpoint names {count}")
+    try:
+        return [json.loads(line) for line in lines[:count]]  # later lines: after the crash
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: bad line ({exc})") from None
+
+
 def write_checkpoint(directory: Path, ckpt: Checkpoint) -> str:
-    """Write ``ckpt`` crash-safe into ``directory``; returns the npz's SHA-256."""
+    """Write ``ckpt`` crash-safe into ``directory``; returns the npz's SHA-256. The report
+    entries of the rounds so far are in ``rounds.jsonl`` (:func:`append_round`), of which
+    the checkpoint names how many belong to it."""
     data = _npz_bytes(ckpt)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write(Path(directory) / CHECKPOINT_NPZ, data)
     atomic_write(Path(directory) / CHECKPOINT_JSON, json.dumps({
         "format": "cleanroom-fl/checkpoint/v1", "run_id": ckpt.run_id, "round": ckpt.round,
-        "rounds": ckpt.rounds, "npz_sha256": digest,
+        "rounds": ckpt.rounds, "npz_sha256": digest, "report_rounds": ckpt.round,
         "model_sha256": arrays_digest(ckpt.model), "written_at": time.time(),
         "state_names": sorted(ckpt.state), "meta": ckpt.meta}, indent=1).encode())
     return digest
@@ -134,10 +168,12 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             state[parts[1]] = value
     if arrays_digest(model) != head.get("model_sha256"):
         raise CheckpointError(f"{directory / CHECKPOINT_NPZ}: model digest mismatch")
+    meta = dict(head.get("meta") or {})
+    if "report_rounds" in head:
+        meta["report_rounds"] = _read_rounds(directory, int(head["report_rounds"]))
     try:
         return Checkpoint(run_id=str(head["run_id"]), round=int(head["round"]),
-                          rounds=int(head["rounds"]), model=model, state=state,
-                          meta=dict(head.get("meta") or {}))
+                          rounds=int(head["rounds"]), model=model, state=state, meta=meta)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CHECKPOINT_JSON}: missing or bad field "
                               f"{exc}") from None

@@ -137,9 +137,11 @@ def run_federation(spec: RunSpec, execute: Execute,
     from coordinator.checkpoint import (
         Checkpoint,
         RoundOffset,
+        append_round,
         restore_strategy_state,
         strategy_state,
         write_checkpoint,
+        write_rounds,
     )
 
     inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
@@ -148,6 +150,8 @@ def run_federation(spec: RunSpec, execute: Execute,
     if resume is not None:
         restore_strategy_state(inner, resume.state)
     checkpoint_dir = spec.checkpoint_dir or out / "checkpoint"
+    if spec.confidential:
+        write_rounds(checkpoint_dir, prior)  # (a fresh run: none)
     audit = open_audit(out / "audit.jsonl", spec.audit_key)
 
     tracker: Any = NullTracker()
@@ -193,18 +197,16 @@ def run_federation(spec: RunSpec, execute: Execute,
     epsilon_so_far: dict[str, float | None] = {}
     for prior_entry in prior:
         epsilon_so_far.update(prior_entry.get("epsilon", {}))
-    done_entries: list[dict[str, Any]] = list(prior)
 
     def record_round(record: RoundRecord) -> None:
         receipt = round_receipt(record, policy_digest=gate.policy_digest)
         entry = round_entry(record, epsilon_so_far)
-        done_entries.append(entry)
         model = getattr(strategy, "model_after_round", None)
         if model is not None and spec.confidential:
+            append_round(checkpoint_dir, entry)
             receipt["checkpoint_sha256"] = write_checkpoint(checkpoint_dir, Checkpoint(
                 run_id=record.run_id, round=record.round, rounds=spec.plan.rounds,
-                model=model, state=strategy_state(inner),
-                meta={**spec.checkpoint_meta, "report_rounds": done_entries}))
+                model=model, state=strategy_state(inner), meta=spec.checkpoint_meta))
         audit.append("round-receipt", receipt)
         tracker.log_metrics(round_metrics(entry), step=record.round)
         if on_round is not None:

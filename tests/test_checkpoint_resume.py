@@ -13,6 +13,7 @@ from coordinator.audit import verify_chain
 from coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
+    append_round,
     load_checkpoint,
     write_checkpoint,
 )
@@ -73,10 +74,16 @@ def test_resume_under_dp_continues_the_same_budget(tmp_path):
 
 def test_broken_checkpoints_are_typed_errors(tmp_path):
     model = OrderedDict(w=np.arange(3, dtype=np.float32))
+    append_round(tmp_path, {"round": 1})
     write_checkpoint(tmp_path, Checkpoint("7", 1, 3, model, {"m_t": {"w": np.ones(3)}}))
+    append_round(tmp_path, {"round": 2})  # a round that crashed before its checkpoint
     loaded = load_checkpoint(tmp_path)
     assert loaded.round == 1 and np.array_equal(loaded.model["w"], model["w"])
     assert np.array_equal(loaded.state["m_t"]["w"], np.ones(3))
+    assert loaded.meta["report_rounds"] == [{"round": 1}]
+    (tmp_path / "rounds.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="holds 0 rounds, the checkpoint names 1"):
+        load_checkpoint(tmp_path)
 
     npz = tmp_path / "checkpoint.npz"
     data = bytearray(npz.read_bytes())

@@ -17,16 +17,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        "progress, and write report.json (same format as 'cleanroom simulate'), "
                        "report.png, the model card and the audit log into --out.")
     p.add_argument("--config", type=Path, required=True, help="coordinator.toml")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES))
-    p.add_argument("--no-dp", action="store_true")
-    p.add_argument("--epsilon", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--local-steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--out", type=Path, default=Path("runs/deployed"))
+    p.add_argument("--rounds", type=int, help="federated rounds (default: the config's)")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES),
+                   help="Flower strategy to wrap (default: the config's)")
+    p.add_argument("--no-dp", action="store_true",
+                   help="ask sites to train without DP (sites may refuse)")
+    p.add_argument("--epsilon", type=float,
+                   help="epsilon per site for the run (sites cap it with their own budget)")
+    p.add_argument("--seed", type=int, help="initial model seed")
+    p.add_argument("--local-steps", type=int, help="DP-SGD steps per round")
+    p.add_argument("--lr", type=float, help="local learning rate")
+    p.add_argument("--out", type=Path, default=Path("runs/deployed"),
+                   help="where report.json, audit.jsonl... are copied (default runs/deployed)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--pause-after", type=int, metavar="N",
                    help="stop after round N (a checkpoint is kept); continue with --resume")
     p.add_argument("--resume", metavar="RUN_ID",

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "integrity but not authorship.")
     v.add_argument("--head", help="expected head hash (e.g. the MLflow tag audit_head): "
                    "catches entries removed from the end")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the result as one JSON object")
     v.set_defaults(func=cmd_verify)
     s = asub.add_parser("show", help="print the entries readably")
     s.add_argument("path", type=Path)

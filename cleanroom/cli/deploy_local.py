@@ -22,11 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "synthetic partitions above), write --out/report.json, then stop every process.")
     p.add_argument("--sites", type=int, default=2, help="number of sites (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default=None)
-    p.add_argument("--no-dp", action="store_true")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="folder for the federation (keys, configs, logs) and report.json")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default=None,
+                   help="Flower strategy to wrap (default fedadam)")
+    p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds before the run is abandoned (default 1800)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_deploy_local)
 
 

@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--sites", required=True, help="comma-separated site names")
     p.add_argument("--site-key", action="append", default=[], metavar="NAME=PUBFILE",
                    help="use the public key a site generated itself (repeatable)")
-    p.add_argument("--enclave", choices=["simulated", "configfs-tsm"], default="simulated")
+    p.add_argument("--enclave", choices=["simulated", "configfs-tsm"], default="simulated",
+                   help="evidence provider of the sites: simulated TEE (trials, default) or "
+                   "configfs-tsm (real SEV-SNP/TDX guests)")
     p.add_argument("--measurement", action="append", default=[], metavar="HEX",
                    help="allowed launch measurement (repeatable; required for configfs-tsm)")
     p.add_argument("--host", default="127.0.0.1", help="SuperLink address (default 127.0.0.1)")
@@ -38,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--api-port", type=int, default=9401, help="coordinator API port")
     p.add_argument("--site-port", type=int, default=9500, help="first SuperNode port")
     p.add_argument("--site-api-port", type=int, default=9600, help="first site API port")
-    p.add_argument("--dataset", choices=["heart-disease", "synthetic"], default="heart-disease")
+    p.add_argument("--dataset", choices=["heart-disease", "synthetic"], default="heart-disease",
+                   help="data the sites train on (default heart-disease)")
     p.add_argument("--rounds", type=int, default=5, help="default rounds of a run")
     p.set_defaults(func=cmd_provision)
 

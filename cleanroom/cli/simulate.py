@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "machine: every round each\nsite is attested by its simulated TEE, the model and "
         "updates are HPKE-encrypted, sites train\nwith Opacus DP-SGD under their own budget, "
         "and everything is tracked in MLflow.")
-    p.add_argument("--dataset", default="heart-disease", choices=["heart-disease", "synthetic"])
+    p.add_argument("--dataset", default="heart-disease", choices=["heart-disease", "synthetic"],
+                   help="the 4 UCI hospitals (default) or synthetic partitions")
     p.add_argument("--sites", type=int, default=4, help="synthetic only (default 4)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 5)")
     p.add_argument("--strategy", default="fedadam", choices=sorted(STRATEGIES),
@@ -56,11 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
     p.add_argument("--scenario", default="honest",
                    choices=["honest", "tampered-site", "replayed-evidence", "forged-evidence",
-                            "debug-enclave", "over-budget"])
+                            "debug-enclave", "over-budget"],
+                   help="honest (default) or one hostile site, see below")
     p.add_argument("--hostile-site", help="which site misbehaves (default: the last one, va)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="output folder (default runs/latest)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial model and data seed (default 0)")
     p.add_argument("--model", default=None, help="model from models/ (default logreg)")
     p.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per round")
     p.add_argument("--sample-rate", type=float, default=None, help="Poisson sampling rate")

@@ -39,6 +39,7 @@ CHECKPOINT_NPZ = "checkpoint.npz"
 CHECKPOINT_JSON = "checkpoint.json"
 ROUNDS_JSONL = "rounds.jsonl"  # the report entries so far, one line per round (append-only)
 SKIPPED_STATE = frozenset({"current_arrays"})  # re-set from the global model every round
+LIST_PREFIX = "#"  # state/<name>/#<i>: the i-th array of a list attribute
 
 
 class CheckpointError(CleanroomError):
@@ -56,7 +57,8 @@ class Checkpoint:
 
 
 def strategy_state(inner: Strategy) -> dict[str, Any]:
-    """The numpy state a server optimiser keeps between rounds (dicts of arrays, arrays)."""
+    """The numpy state a server optimiser keeps between rounds: arrays, and dicts or lists of
+    arrays (FedAdam's ``m_t``/``v_t``, FedAvgM's ``momentum_vector``...)."""
     state: dict[str, Any] = {}
     for name, value in vars(inner).items():
         if name in SKIPPED_STATE:
@@ -66,7 +68,16 @@ def strategy_state(inner: Strategy) -> dict[str, Any]:
         elif isinstance(value, dict) and value and all(
                 isinstance(v, np.ndarray) for v in value.values()):
             state[name] = dict(value)
+        elif isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, np.ndarray) for v in value):
+            state[name] = {f"{LIST_PREFIX}{i}": v for i, v in enumerate(value)}
     return state
+
+
+def _decode_state(value: Any) -> Any:
+    if isinstance(value, dict) and value and all(k.startswith(LIST_PREFIX) for k in value):
+        return [value[f"{LIST_PREFIX}{i}"] for i in range(len(value))]
+    return value
 
 
 def restore_strategy_state(inner: Strategy, state: dict[str, Any]) -> None:
@@ -74,7 +85,7 @@ def restore_strategy_state(inner: Strategy, state: dict[str, Any]) -> None:
         if not hasattr(inner, name):
             raise CheckpointError(f"the checkpoint holds state {name!r} that strategy "
                                   f"{type(inner).__name__} does not have")
-        setattr(inner, name, value)
+        setattr(inner, name, _decode_state(value))
 
 
 def _npz_bytes(ckpt: Checkpoint) -> bytes:

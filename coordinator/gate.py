@@ -27,7 +27,7 @@ from cleanroom.attestation.validate.policy import Policy
 from cleanroom.attestation.verdict import Verdict
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.binding import NONCE_SIZE, Binding
-from cleanroom.protocol.wire import AttestChallenge, AttestResponse, TrainPlan
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, LedgerAnchor, TrainPlan
 from coordinator.watermarks import LedgerWatermarks
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,12 @@ class AttestationGate:
                  clock: Callable[[], dt.datetime] | None = None,
                  node_keys: dict[int, bytes] | None = None,
                  node_sites: dict[int, str] | None = None,
-                 watermarks: LedgerWatermarks | None = None) -> None:
+                 watermarks: LedgerWatermarks | None = None,
+                 site_hints: dict[int, str] | None = None) -> None:
         self.policy = policy
         self.nonces = nonces or NonceStore()
         self.watermarks = watermarks or LedgerWatermarks()
+        self.site_hints = dict(site_hints or {})  # node id -> site, for ledger anchors
         self.coordinator_id = coordinator_id
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.node_keys = node_keys
@@ -149,11 +151,14 @@ class AttestationGate:
 
     def challenge(self, *, run_id: str, round: int, node_id: int, model_digest: str,
                   coordinator_public_key: bytes, plan: TrainPlan) -> AttestChallenge:
+        anchor = self.watermarks.anchor(self.site_hints.get(node_id))
         return AttestChallenge(run_id=run_id, round=round,
                                nonce=self.nonces.issue(run_id, round, node_id),
                                coordinator_public_key=coordinator_public_key,
                                model_digest=model_digest, plan=plan,
-                               coordinator_id=self.coordinator_id, issued_at=time.time())
+                               coordinator_id=self.coordinator_id, issued_at=time.time(),
+                               ledger_anchor=LedgerAnchor(records=anchor[0], head=anchor[1])
+                               if anchor else None)
 
     def admit(self, node_id: int, challenge: AttestChallenge, response: AttestResponse,
               evidence: bytes, endorsement: bytes) -> Admission:
@@ -189,7 +194,9 @@ class AttestationGate:
                           nonce=challenge.nonce, site_public_key=response.site_public_key,
                           model_digest=challenge.model_digest, node_public_key=node_key,
                           ledger_records=response.ledger_records,
-                          ledger_head=response.ledger_head)
+                          ledger_head=response.ledger_head,
+                          ledger_anchor_head=response.ledger_anchor_head or ""
+                          if challenge.ledger_anchor else "")
         policy = self.policy.model_copy(update={"report_data": binding.report_data()})
         start = time.perf_counter()
         verdict = verify_evidence(evidence, policy=policy, at=self.clock(),
@@ -201,6 +208,12 @@ class AttestationGate:
                               verify_seconds=elapsed)
         # The ledger state is the enclave's word only now that the evidence is authentic.
         rollback = self.watermarks.check(site, response.ledger_records, response.ledger_head)
+        anchor = challenge.ledger_anchor
+        if rollback is None and anchor is not None and self.site_hints.get(node_id) == site \
+                and response.ledger_anchor_head != anchor.head:
+            rollback = (f"privacy ledger rollback: the site's ledger does not pass through the "
+                        f"state this coordinator attested at {anchor.records} records (a copy "
+                        "restored from before it and grown again)")
         if rollback is not None:
             return quarantine(rollback, verdict=verdict, verify_seconds=elapsed)
         self.watermarks.advance(site, response.ledger_records, response.ledger_head)

@@ -133,7 +133,8 @@ def run_federation(spec: RunSpec, execute: Execute,
                            coordinator_id=spec.coordinator_id, node_keys=spec.node_keys,
                            node_sites=spec.node_sites if spec.node_keys is not None else None,
                            watermarks=LedgerWatermarks(
-                               spec.watermark_file or out / "ledger_watermarks.json"))
+                               spec.watermark_file or out / "ledger_watermarks.json"),
+                           site_hints=spec.node_sites)
     from coordinator.checkpoint import (
         Checkpoint,
         RoundOffset,

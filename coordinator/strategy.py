@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -355,7 +356,8 @@ class ConfidentialStrategy(Strategy):
                 site_round.train_metrics = {k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
                                             if isinstance(v, (int, float))}
             records = site_round.train_metrics.get("ledger-records")
-            if records is not None:  # the ledger after this round's charge (head unknown)
+            if records is not None and math.isfinite(records) and 0 <= records < 2**63:
+                # the ledger after this round's charge (a count only: raises the mark)
                 self.gate.watermarks.advance(session.site, int(records), None)
             reply.content = content
             plain.append(reply)

@@ -14,7 +14,9 @@ state, or one undone before the coordinator ever saw the newer state.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,9 @@ from cleanroom.fsutil import atomic_write
 
 @dataclass(frozen=True)
 class Watermark:
-    records: int
-    head: str | None  # None: learnt from a train reply, which carries the count only
+    records: int  # the highest count seen (attestations and train replies)
+    head: str | None  # head at ``anchor_records`` (None: nothing attested yet)
+    anchor_records: int = 0  # the last attested count, whose head is ``head``
 
 
 class LedgerWatermarks:
@@ -40,15 +43,22 @@ class LedgerWatermarks:
         if self.path and self.path.exists():
             try:
                 raw = json.loads(self.path.read_text())
-                self._marks = {site: Watermark(int(v["records"]), None if v["head"] is None
-                                               else str(v["head"]))
-                               for site, v in raw.items()}
+                self._marks = {site: Watermark(
+                    int(v["records"]), None if v["head"] is None else str(v["head"]),
+                    int(v.get("anchor_records", v["records"]))) for site, v in raw.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ConfigError(f"{self.path}: not a ledger watermark file ({exc}); "
                                   "restore it from backup rather than delete it") from None
 
     def get(self, site: str) -> Watermark | None:
         return self._marks.get(site)
+
+    def anchor(self, site: str | None) -> tuple[int, str] | None:
+        """(count, head) the site's ledger must still pass through, if one was attested."""
+        mark = self._marks.get(site) if site else None
+        if mark is None or mark.head is None:
+            return None
+        return mark.anchor_records, mark.head
 
     def check(self, site: str, records: int, head: str) -> str | None:
         """Why (records, head) cannot follow what was seen before, or None."""
@@ -58,7 +68,7 @@ class LedgerWatermarks:
         if records < mark.records:
             return (f"privacy ledger rollback: the site's ledger holds {records} records, "
                     f"this coordinator already saw {mark.records}")
-        if records == mark.records and mark.head is not None and head != mark.head:
+        if records == mark.anchor_records and mark.head is not None and head != mark.head:
             return (f"privacy ledger rollback: the site's ledger forked at {records} records "
                     f"(head {head[:16]}..., seen {mark.head[:16]}...)")
         return None
@@ -67,18 +77,41 @@ class LedgerWatermarks:
         """Raise the mark (never lower it). A claimed count can only make the site's own
         later attestations fail, so counts from train replies are safe to take."""
         with self._lock:
-            mark = self._marks.get(site)
-            if mark is None or records > mark.records or (
-                    records == mark.records and mark.head is None and head is not None):
-                self._marks[site] = Watermark(records, head)
+            mark = self._marks.get(site) or Watermark(0, None, 0)
+            new = Watermark(max(mark.records, records), mark.head, mark.anchor_records)
+            if head is not None and (mark.head is None or records >= mark.anchor_records):
+                new = Watermark(new.records, head, records)
+            if new != mark or site not in self._marks:
+                self._marks[site] = new
                 self._dirty = True
 
     def flush(self) -> None:
-        """Persist (atomically) if anything advanced."""
+        """Persist (atomically) if anything advanced, merged with what other runs of this
+        coordinator wrote meanwhile (never lowering a mark), under a file lock."""
         with self._lock:
             if self.path is None or not self._dirty:
                 return
-            atomic_write(self.path, json.dumps(
-                {s: {"records": m.records, "head": m.head} for s, m in sorted(
-                    self._marks.items())}, indent=1).encode())
-            self._dirty = False
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(self.path.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if self.path.exists():
+                    for site, theirs in LedgerWatermarks(self.path)._marks.items():
+                        self._marks[site] = _merge(self._marks.get(site), theirs)
+                atomic_write(self.path, json.dumps(
+                    {s: {"records": m.records, "head": m.head,
+                         "anchor_records": m.anchor_records}
+                     for s, m in sorted(self._marks.items())}, indent=1).encode())
+                self._dirty = False
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+
+def _merge(ours: Watermark | None, theirs: Watermark) -> Watermark:
+    if ours is None:
+        return theirs
+    anchor = ours if (ours.head is not None and ours.anchor_records >= theirs.anchor_records) \
+        or theirs.head is None else theirs
+    return Watermark(max(ours.records, theirs.records), anchor.head, anchor.anchor_records)

@@ -160,7 +160,8 @@ def run_simulation(config: SimulationConfig,
         coordinator_id="simulation-coordinator", sites=names,
         node_sites={NODE_ID_BASE + i: name for i, name in enumerate(names)},
         nonce_file=out / "coordinator" / "nonces.jsonl",
-        checkpoint_meta={"simulation_config": config.model_dump(mode="json")},
+        checkpoint_meta={"simulation_config": config.model_copy(update={
+            "state_dir": state, "out": out}).model_dump(mode="json")},  # absolute paths
         resume=checkpoint,
         watermark_file=state / "coordinator" / "ledger_watermarks.json",
         params={"scenario": config.scenario, "hostile_site": hostile, "seed": config.seed,
@@ -191,6 +192,10 @@ def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
         raise ConfigError("--resume continues in-process simulations only")
     if checkpoint.round >= resumed.rounds:
         raise ConfigError(f"{folder}: the run already completed its {resumed.rounds} rounds")
+    state = Path(resumed.state_dir) if resumed.state_dir else folder / "state"
+    if resumed.dp and not any((state / "sites").glob("*/privacy_ledger.jsonl")):
+        raise ConfigError(f"{state}: the sites' privacy ledgers of this run are missing; a "
+                          "resume must continue spending the same ledgers")
     return resumed, checkpoint
 
 

@@ -76,19 +76,25 @@ class EpsilonMemo:
     def _mac(self, name: str, value: str) -> str:
         return hmac.new(self.key, f"{name}={value}".encode(), hashlib.sha256).hexdigest()
 
-    def get(self, name: str) -> float | None:
+    def get_text(self, name: str) -> str | None:
         entry = self.store.get(name) if name in self.store else None
-        if not isinstance(entry, str) or ":" not in entry:
+        if not isinstance(entry, str) or "|" not in entry:
             return None
-        value, mac = entry.rsplit(":", 1)
+        value, mac = entry.rsplit("|", 1)
         if not hmac.compare_digest(mac, self._mac(name, value)):
-            log.warning("ignoring a tampered epsilon memo entry")
+            log.warning("ignoring a tampered memo entry %s", name[:24])
             return None
-        return float(value)
+        return value
+
+    def put_text(self, name: str, value: str) -> None:
+        self.store[name] = f"{value}|{self._mac(name, value)}"
+
+    def get(self, name: str) -> float | None:
+        text = self.get_text(name)
+        return None if text is None else float(text)
 
     def put(self, name: str, value: float) -> None:
-        text = repr(float(value))
-        self.store[name] = f"{text}:{self._mac(name, text)}"
+        self.put_text(name, repr(float(value)))
 
 
 def _memo_name(history: tuple[tuple[float, float, int], ...], delta: float) -> str:
@@ -144,14 +150,21 @@ class PrivacyLedger:
     def state(self) -> tuple[int, str]:
         """(records, head hash) of the sealed journal: grows with every charge, never shrinks
         unless the file is replaced by an older copy."""
-        records = self.journal.records()
-        return len(records), self.journal.head
+        return self.journal.state()
+
+    def head_at(self, records: int) -> str | None:
+        """The journal's head when it held ``records`` records (the coordinator's anchor)."""
+        return self.journal.head_at(records)
 
     def charges(self) -> list[Charge]:
         """Effective charges: the latest record per (run, round), in first-seen order.
 
         Parsed incrementally: only records appended since the last call (by this or another
         process) are decoded, so a long-lived ledger costs O(new records) per call."""
+        with self.journal.locked():
+            return self._charges_locked()
+
+    def _charges_locked(self) -> list[Charge]:
         records = self.journal.records()
         if self._parsed and (len(records) < self._parsed
                              or records[self._parsed - 1] != self._last):
@@ -224,17 +237,22 @@ class PrivacyLedger:
 
     def reserve(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
                 steps: int) -> Projection:
-        """Check both budgets, then record the planned charge (visible to every process at
-        once, so concurrent work sees it; not fsync'd: until ``commit`` nothing is released,
-        so a reservation lost in a power cut loses no privacy)."""
-        p = self.check(run_id, round, noise_multiplier, sample_rate, steps)
-        self._append(Charge(run_id, round, noise_multiplier, sample_rate, steps, "reserved",
-                            p.epsilon_run, time.time()), durable=False)
+        """Check both budgets, then record the planned charge, atomically with respect to every
+        other writer, and fsync'd: the next attestation reports the ledger's size, which must
+        never shrink afterwards (the coordinator would take it for a rollback)."""
+        with self.journal.locked():  # check-then-append, never interleaved with a writer
+            p = self.check(run_id, round, noise_multiplier, sample_rate, steps)
+            self._append(Charge(run_id, round, noise_multiplier, sample_rate, steps,
+                                "reserved", p.epsilon_run, time.time()), durable=True)
         return p
 
     def commit(self, run_id: str, round: int, steps_taken: int) -> Projection:
         """Record the steps actually taken (on disk before returning: call it before the
         update leaves the site)."""
+        with self.journal.locked():
+            return self._commit_locked(run_id, round, steps_taken)
+
+    def _commit_locked(self, run_id: str, round: int, steps_taken: int) -> Projection:
         reserved = {c.key: c for c in self.charges()}.get(f"{run_id}:{round}")
         if reserved is None:
             raise LedgerError(f"no reservation for run {run_id} round {round}")

@@ -89,19 +89,24 @@ class RoundSettings:
     delta: float
 
 
-def _cached(cache: ConfigRecord | None, key: str, compute: Callable[[], object]) -> object:
+def _cached(memo: EpsilonMemo | None, key: str, compute: Callable[[], object]) -> object:
     """A value kept in the node's Flower context across messages (each message may run in a
-    fresh process: this spares the attestation query importing torch and Opacus)."""
-    if cache is not None and key in cache:
-        return cache[key]
+    fresh process: this spares the attestation query importing torch and Opacus). The context
+    is outside the enclave's control: entries are MACed (see EpsilonMemo), a bad one is
+    recomputed."""
+    if memo is not None:
+        text = memo.get_text(key)
+        if text is not None:
+            return json.loads(text)
     value = compute()
-    if cache is not None:
-        cache[key] = value  # type: ignore[assignment]
+    if memo is not None:
+        memo.put_text(key, json.dumps(value))
     return value
 
 
 def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge,
                     cache: ConfigRecord | None = None) -> RoundSettings:
+    memo = _memo(runtime, cache) if cache is not None else None
     """Apply the site's policy and budget to the coordinator's plan (raises SiteRefusal)."""
     plan, privacy, policy = challenge.plan, runtime.config.privacy, runtime.config.policy
     if policy.coordinators and challenge.coordinator_id not in policy.coordinators:
@@ -115,7 +120,7 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge,
         raise SiteRefusal("approval-required", f"run {challenge.run_id} is not approved by "
                           f"site {runtime.site}: approve it with 'cleanroom site approve "
                           f"{challenge.run_id}'")
-    digest = _cached(cache, f"arch:{plan.model}", lambda: _architecture_digest(plan.model))
+    digest = _cached(memo, f"arch:{plan.model}", lambda: _architecture_digest(plan.model))
     if digest != plan.model_architecture_digest:
         raise SiteRefusal("model-mismatch", f"plan names model {plan.model} but its digest "
                           "differs from this site's definition")
@@ -125,7 +130,7 @@ def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge,
         return RoundSettings(None, plan.sample_rate, plan.local_steps, None, privacy.delta)
     epsilon = min(plan.dp.epsilon, privacy.max_epsilon_per_run)
     steps = plan.rounds * plan.local_steps
-    sigma = float(_cached(cache, f"sigma:{epsilon!r}:{privacy.delta!r}:{plan.sample_rate!r}:"  # type: ignore[arg-type]
+    sigma = float(_cached(memo, f"sigma:{epsilon!r}:{privacy.delta!r}:{plan.sample_rate!r}:"  # type: ignore[arg-type]
                           f"{steps}", lambda: noise_for(epsilon, privacy.delta,
                                                         plan.sample_rate, steps)))
     return RoundSettings(sigma, plan.sample_rate, plan.local_steps, epsilon, privacy.delta)
@@ -189,11 +194,14 @@ class ConfidentialMod:
 
         keys = KeyPair.generate()
         ledger_records, ledger_head = runtime.ledger.state()
+        anchor = challenge.ledger_anchor
+        anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=runtime.site,
                           nonce=challenge.nonce, site_public_key=keys.public_bytes,
                           model_digest=challenge.model_digest,
                           node_public_key=runtime.node_public_key,
-                          ledger_records=ledger_records, ledger_head=ledger_head)
+                          ledger_records=ledger_records, ledger_head=ledger_head,
+                          ledger_anchor_head=anchor_head or "" if anchor else "")
         evidence = runtime.provider.evidence(binding.report_data())
         session = {"run_id": challenge.run_id, "round": challenge.round,
                    "private_key": keys.private_bytes().hex(),
@@ -204,7 +212,8 @@ class ConfidentialMod:
                                 self._session_label(runtime, challenge.run_id))})
         response = AttestResponse.model_validate(
             {**response_base, "site_public_key": keys.public_bytes.hex(),
-             "ledger_records": ledger_records, "ledger_head": ledger_head})
+             "ledger_records": ledger_records, "ledger_head": ledger_head,
+             "ledger_anchor_head": anchor_head})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
         runtime.activity.record("attested", challenge.run_id, challenge.round,
@@ -321,9 +330,13 @@ class ConfidentialMod:
         return reply
 
 
+def _memo(runtime: SiteRuntime, store: ConfigRecord) -> EpsilonMemo:
+    return EpsilonMemo(store, runtime.provider.sealing_key(b"eps-memo"))
+
+
 def _use_memo(runtime: SiteRuntime, ctx: Context) -> None:
     """Let the ledger keep accountant answers in the node's context (MACed, see EpsilonMemo)."""
-    runtime.ledger.memo = EpsilonMemo(_cache(ctx), runtime.provider.sealing_key(b"eps-memo"))
+    runtime.ledger.memo = _memo(runtime, _cache(ctx))
 
 
 def _cache(ctx: Context) -> ConfigRecord:

@@ -63,9 +63,11 @@ class SealedJournal:
         self.path = Path(path)
         self._aead = AESGCM(key)
         self._label = label.encode()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._flock_depth = 0
         self._records: list[dict[str, Any]] = []
         self._head = GENESIS
+        self._heads: list[str] = [GENESIS]  # head after k records, k = 0..n
         self._size = -1
         self.recovered_torn_line = False
         with self._file_lock():
@@ -73,22 +75,40 @@ class SealedJournal:
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
-        """Serialise writers across processes (simulation workers share a site's journal)."""
+        """Serialise writers across processes (simulation workers share a site's journal).
+        Re-entrant within a thread holding ``self._lock`` (see :meth:`locked`)."""
+        if self._flock_depth:
+            self._flock_depth += 1
+            try:
+                yield
+            finally:
+                self._flock_depth -= 1
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._flock_depth = 1
             yield
         finally:
+            self._flock_depth = 0
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the journal (threads and processes) across several reads and appends: a
+        check-then-append done inside cannot interleave with another writer."""
+        with self._lock, self._file_lock():
+            self._refresh()
+            yield
 
     def _refresh(self) -> None:
         """Re-read the file if another process appended since we last looked."""
         size = self.path.stat().st_size if self.path.exists() else 0
         if size == self._size:
             return
-        self._records, self._head = [], GENESIS
+        self._records, self._head, self._heads = [], GENESIS, [GENESIS]
         self._load()
         self._size = self.path.stat().st_size if self.path.exists() else 0
 
@@ -129,6 +149,7 @@ class SealedJournal:
                                   "sealed under another enclave's key)") from None
             self._records.append(json.loads(plain))
             self._head = hashlib.sha256(line).hexdigest()
+            self._heads.append(self._head)
         if not complete and lines and lines[-1]:
             # A final line that parsed and opened but lacks its newline: keep it, finish it.
             with open(self.path, "ab") as fh:
@@ -152,6 +173,18 @@ class SealedJournal:
     @property
     def head(self) -> str:
         return self._head
+
+    def state(self) -> tuple[int, str]:
+        """(records, head), read together."""
+        with self._lock, self._file_lock():
+            self._refresh()
+            return len(self._records), self._head
+
+    def head_at(self, records: int) -> str | None:
+        """The chain's head when it held ``records`` records (None if it never had so many)."""
+        with self._lock, self._file_lock():
+            self._refresh()
+            return self._heads[records] if 0 <= records < len(self._heads) else None
 
     def append(self, record: dict[str, Any], *, durable: bool | None = None) -> None:
         """Seal and append ``record``. With ``durable`` (default: the journal's setting) it
@@ -180,4 +213,5 @@ class SealedJournal:
                 fsync_dir(self.path.parent)
             self._records.append(record)
             self._head = hashlib.sha256(line).hexdigest()
+            self._heads.append(self._head)
             self._size = self.path.stat().st_size

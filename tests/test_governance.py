@@ -59,6 +59,28 @@ def test_restored_old_ledger_refused_as_rollback(tmp_path):
         assert entry["attested"] == ["cleveland", "switzerland", "va"]
 
 
+def test_forked_ledger_grown_past_the_watermark_is_refused(tmp_path):
+    """The harder rollback: restore an old ledger, spend with another coordinator until it is
+    longer than this coordinator's count, come back. The count passes; the anchor does not
+    (the site must show its ledger still passes through the state attested earlier)."""
+    state = tmp_path / "state"
+    ledger = state / "sites" / "hungary" / "privacy_ledger.jsonl"
+    marks = state / "coordinator" / "ledger_watermarks.json"
+    simulate(tmp_path / "a", state_dir=state, rounds=1)
+    backup = ledger.read_bytes()
+    simulate(tmp_path / "b", state_dir=state, rounds=2)  # attested anchor beyond the backup
+    seen = marks.read_bytes()
+    ledger.write_bytes(backup)
+    marks.unlink()  # "another coordinator" that never saw this ledger
+    simulate(tmp_path / "c", state_dir=state, rounds=3)
+    assert len(ledger.read_bytes().splitlines()) > json.loads(seen)["hungary"]["records"]
+    marks.write_bytes(seen)  # back to the first coordinator
+    report = simulate(tmp_path / "d", state_dir=state, rounds=1)
+    reason = report["rounds"][0]["quarantined"]["hungary"]
+    assert reason.startswith("privacy ledger rollback") and "does not pass through" in reason
+    assert report["rounds"][0]["attested"] == ["cleveland", "switzerland", "va"]
+
+
 def test_coordinator_replaying_a_run_is_refused(tmp_path, monkeypatch):
     """A coordinator that runs the same run id again asks every site for rounds whose updates
     were already released: each site refuses (one charge must buy one noisy answer)."""

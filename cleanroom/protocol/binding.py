@@ -1,8 +1,8 @@
 """The report_data binding: what a site's evidence must commit to, computed by both sides.
 
 ``report_data = SHA-512(tag || run || round || site || nonce || site key || model digest ||
-node key || ledger state)`` with every field length-prefixed, so no two different tuples hash
-the same input.
+node key || ledger state || ledger head at the anchor)`` with every field length-prefixed, so
+no two different tuples hash the same input.
 The coordinator recomputes it from *its own* challenge and compares it to the hardware
 report_data (constant time); a stale nonce, a replayed report, another site's key or another
 model all change it. The ledger state (records in the site's sealed privacy ledger and its head
@@ -38,6 +38,7 @@ class Binding:
     node_public_key: bytes = b""  # Flower node identity key (deployment), empty in simulation
     ledger_records: int = 0  # records in the site's sealed privacy ledger
     ledger_head: str = "0" * 64  # hex SHA-256 head of that ledger's hash chain
+    ledger_anchor_head: str = ""  # its head at the coordinator's anchor count ("" if none)
 
     def report_data(self) -> bytes:
         if len(self.nonce) != NONCE_SIZE:
@@ -46,7 +47,8 @@ class Binding:
         for part in (self.run_id.encode(), struct.pack("<Q", self.round), self.site.encode(),
                      self.nonce, self.site_public_key, bytes.fromhex(self.model_digest),
                      self.node_public_key,
-                     struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head)):
+                     struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head),
+                     bytes.fromhex(self.ledger_anchor_head)):
             h.update(_field(part))
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE

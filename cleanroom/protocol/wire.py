@@ -48,6 +48,15 @@ class TrainPlan(_Wire):
     max_update_norm: float = Field(gt=0, description="L2 bound on (update - global model).")
 
 
+class LedgerAnchor(_Wire):
+    """A point of a site's privacy ledger the coordinator saw attested: the site must prove
+    its ledger still passes through it (same head at that many records), i.e. was not forked
+    from an older copy and then grown past the coordinator's count."""
+
+    records: int = Field(ge=0, le=2**63 - 1)
+    head: HexDigest
+
+
 class AttestChallenge(_Wire):
     """Coordinator -> site, first message of every round."""
 
@@ -61,6 +70,7 @@ class AttestChallenge(_Wire):
     coordinator_id: str = Field(default="", max_length=128,
                                 description="Fingerprint of the coordinator's signing key.")
     issued_at: float
+    ledger_anchor: LedgerAnchor | None = None
 
 
 class Refusal(_Wire):
@@ -82,10 +92,13 @@ class AttestResponse(_Wire):
     node_public_key: str = Field("", max_length=512, description="hex, deployment only")
     provider: str = ""
     refusal: Refusal | None = None
-    ledger_records: int = Field(0, ge=0, description="records in the site's sealed privacy "
-                                "ledger when it answered (bound in report_data)")
+    ledger_records: int = Field(0, ge=0, le=2**63 - 1, description="records in the site's "
+                                "sealed privacy ledger when it answered (bound in report_data)")
     ledger_head: HexDigest = Field(  # type: ignore[valid-type]
         "0" * 64, description="head hash of that ledger")
+    ledger_anchor_head: HexDigest | None = Field(  # type: ignore[valid-type]
+        None, description="the ledger's head at the challenge's anchor count (None: the ledger "
+        "never held that many records)")
 
 
 class EnvelopeHeader(_Wire):

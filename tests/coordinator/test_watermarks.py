@@ -62,3 +62,42 @@ def test_count_from_a_train_reply_then_head_from_the_next_attestation(tmp_path):
     assert "forked" in marks.check("va", 4, A)
     marks.flush()
     assert LedgerWatermarks(tmp_path / "w.json").get("va").head == B
+
+
+def test_two_runs_flushing_never_lower_each_others_marks(tmp_path):
+    path = tmp_path / "w.json"
+    long_run, short_run = LedgerWatermarks(path), LedgerWatermarks(path)
+    short_run.advance("va", 8, B)
+    short_run.advance("hungary", 3, A)
+    short_run.flush()
+    long_run.advance("va", 4, A)  # loaded before the short run wrote: knows less
+    long_run.flush()
+    merged = LedgerWatermarks(path)
+    assert merged.get("va").records == 8 and merged.get("va").head == B
+    assert merged.get("hungary").records == 3
+
+
+def test_strategy_state_round_trips_lists_dicts_and_arrays(tmp_path):
+    """FedAvgM keeps its momentum as a list of arrays, FedAdam as dicts: both survive."""
+    from collections import OrderedDict
+
+    import numpy as np
+    from flwr.serverapp.strategy import FedAvgM
+
+    from coordinator.checkpoint import (
+        Checkpoint,
+        append_round,
+        load_checkpoint,
+        restore_strategy_state,
+        strategy_state,
+        write_checkpoint,
+    )
+
+    inner = FedAvgM(server_momentum=0.5)
+    inner.momentum_vector = [np.ones(3), np.zeros((2, 2))]
+    append_round(tmp_path, {"round": 1})
+    write_checkpoint(tmp_path, Checkpoint("1", 1, 2, OrderedDict(w=np.zeros(1)),
+                                          strategy_state(inner)))
+    fresh = FedAvgM(server_momentum=0.5)
+    restore_strategy_state(fresh, load_checkpoint(tmp_path).state)
+    assert [v.tolist() for v in fresh.momentum_vector] == [[1, 1, 1], [[0, 0], [0, 0]]]

@@ -173,8 +173,8 @@ def test_tampered_or_foreign_memo_entries_are_not_believed(tmp_path, monkeypatch
     led.project("r", 2, SIGMA, RATE, STEPS)
     honest = {k: v for k, v in store.items()}
     for name, entry in store.items():  # an attacker lowers every cached epsilon
-        _value, mac = str(entry).rsplit(":", 1)
-        store[name] = f"0.001:{mac}"
+        _value, mac = str(entry).rsplit("|", 1)
+        store[name] = f"0.001|{mac}"
     assert led.memo.get(next(iter(store))) is None
     other_key = EpsilonMemo(honest, b"X" * 32)  # entries MACed by another enclave
     assert other_key.get(next(iter(honest))) is None
@@ -202,3 +202,18 @@ def test_released_round_is_never_trained_again(tmp_path):
     assert led.spent() == pytest.approx(spent)
     led.reserve("r", 2, SIGMA, RATE, STEPS)  # the next round is fine
     assert led.check("other-run", 1, SIGMA, RATE, STEPS).epsilon_run > 0  # and other runs
+
+
+def test_context_cache_of_the_mod_is_macd(tmp_path):
+    """The noise multiplier and architecture digest cached in the node's Flower context are
+    MACed too: an edited value is recomputed, not used."""
+    from site_agent.ledger import EpsilonMemo
+    from site_agent.mod import _cached
+
+    store: dict[str, object] = {}
+    memo = EpsilonMemo(store, b"M" * 32)
+    assert _cached(memo, "sigma:x", lambda: 9.06) == 9.06
+    assert _cached(memo, "sigma:x", lambda: 1 / 0) == 9.06  # cached: not recomputed
+    _value, mac = str(store["sigma:x"]).rsplit("|", 1)
+    store["sigma:x"] = f"0.01|{mac}"  # an attacker lowers the noise
+    assert _cached(memo, "sigma:x", lambda: 9.06) == 9.06

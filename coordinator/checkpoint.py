@@ -54,6 +54,7 @@ class Checkpoint:
     model: OrderedDict[str, np.ndarray]
     state: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of checkpoint.npz, as named in the round receipt (set on load)
 
 
 def strategy_state(inner: Strategy) -> dict[str, Any]:
@@ -184,10 +185,34 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         meta["report_rounds"] = _read_rounds(directory, int(head["report_rounds"]))
     try:
         return Checkpoint(run_id=str(head["run_id"]), round=int(head["round"]),
-                          rounds=int(head["rounds"]), model=model, state=state, meta=meta)
+                          rounds=int(head["rounds"]), model=model, state=state, meta=meta,
+                          sha256=str(head["npz_sha256"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CHECKPOINT_JSON}: missing or bad field "
                               f"{exc}") from None
+
+
+def check_against_audit(ckpt: Checkpoint, audit_path: Path) -> str:
+    """The audit chain that recorded ``ckpt`` must be intact and its last round receipt must
+    name this very checkpoint (so a swapped or edited checkpoint, or one whose round was never
+    receipted, is not resumed). Returns the chain's head."""
+    from coordinator.audit import verify_chain
+
+    result = verify_chain(audit_path)
+    if not result.ok:
+        raise CheckpointError(f"{audit_path}: the run's audit chain is broken at entry "
+                              f"{result.first_bad} ({result.reason}); not resuming from it")
+    last: dict[str, Any] | None = None
+    for line in Path(audit_path).read_bytes().splitlines():
+        entry = json.loads(line)
+        if entry.get("kind") == "round-receipt":
+            last = entry.get("body") or {}
+    if last is None or last.get("checkpoint_sha256") != ckpt.sha256 or \
+            int(last.get("round", -1)) != ckpt.round:
+        raise CheckpointError(f"the checkpoint (round {ckpt.round}, SHA-256 "
+                              f"{ckpt.sha256[:16]}...) is not the one the last signed round "
+                              f"receipt of {audit_path} names")
+    return result.head
 
 
 class RoundOffset(Strategy):

@@ -54,6 +54,7 @@ class RunSpec:
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
     resume: Any = None  # a coordinator.checkpoint.Checkpoint to continue from
     protocol_run_id: str | None = None  # the run id sites see (default: the engine's)
+    previous_audit: Path | None = None  # a resume's earlier audit chain (default: out's)
 
 
 @dataclass
@@ -139,6 +140,7 @@ def run_federation(spec: RunSpec, execute: Execute,
         Checkpoint,
         RoundOffset,
         append_round,
+        check_against_audit,
         restore_strategy_state,
         strategy_state,
         write_checkpoint,
@@ -148,7 +150,9 @@ def run_federation(spec: RunSpec, execute: Execute,
     inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
     resume = spec.resume
     prior: list[dict[str, Any]] = list(resume.meta.get("report_rounds", [])) if resume else []
+    previous_head = ""
     if resume is not None:
+        previous_head = check_against_audit(resume, spec.previous_audit or out / "audit.jsonl")
         restore_strategy_state(inner, resume.state)
     checkpoint_dir = spec.checkpoint_dir or out / "checkpoint"
     if spec.confidential:
@@ -182,6 +186,7 @@ def run_federation(spec: RunSpec, execute: Execute,
                 "coordinator_public_key": public_key_hex(audit.key),
                 "code_version": code_version(), "run_id": run_id,
                 "from_round": resume.round, "rounds": resume.rounds,
+                "checkpoint_sha256": resume.sha256, "previous_audit_head": previous_head,
                 "checkpoint_model_sha256": arrays_digest(resume.model),
                 "policy_digest": gate.policy_digest})
             tracker.set_tags({"flower_run_id": run_id, "resumed_after_round": str(resume.round)})

@@ -111,6 +111,7 @@ def main(grid: Grid, context: Context) -> None:
                                         "seed": seed}},
         resume=checkpoint,
         protocol_run_id=checkpoint.run_id if checkpoint else None,
+        previous_audit=config.runs_dir() / resume_run / "audit.jsonl" if resume_run else None,
     )
     done = checkpoint.round if checkpoint else 0
     initial = numpy_to_arrays(checkpoint.model) if checkpoint else \

@@ -108,3 +108,24 @@ def test_resume_of_a_finished_run_is_refused(tmp_path):
     run_simulation(SimulationConfig(out=out, **{**FAST, "rounds": 1}))
     with pytest.raises(ConfigError, match="already completed"):
         run_simulation(SimulationConfig(resume=out, progress=False))
+
+
+def test_resume_refuses_a_checkpoint_the_audit_chain_does_not_name(tmp_path):
+    from coordinator.checkpoint import CheckpointError
+
+    def crash_after_one(entry):
+        if entry["round"] == 1:
+            raise Crash("coordinator died")
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after_one)
+    ckpt = load_checkpoint(out / "checkpoint")
+    ckpt.state["m_t"] = {k: v * 0 for k, v in ckpt.state["m_t"].items()}  # an edited state
+    write_checkpoint(out / "checkpoint", ckpt)
+    with pytest.raises(CheckpointError, match="not the one the last signed round receipt"):
+        run_simulation(SimulationConfig(resume=out, progress=False))
+    lines = (out / "audit.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "audit.jsonl").write_bytes(b"".join(lines[:1] + lines[2:]))  # a receipt removed
+    with pytest.raises(CheckpointError, match="audit chain is broken"):
+        run_simulation(SimulationConfig(resume=out, progress=False))

@@ -27,18 +27,23 @@ class Crash(Exception):
     pass
 
 
+def crash_after(round_: int):
+    """An on_round hook that kills the run once ``round_`` is recorded (a coordinator crash)."""
+    def hook(entry):
+        if entry["round"] == round_:
+            raise Crash("coordinator died")
+    return hook
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     # No DP: training is deterministic given the seed, so both paths must agree exactly
     # (this also proves FedAdam's moments are restored, not restarted).
     whole = run_simulation(SimulationConfig(out=tmp_path / "whole", dp=False, **FAST)).report
 
-    def crash_after_two(entry):
-        if entry["round"] == 2:
-            raise Crash("coordinator died")
 
     out = tmp_path / "crashed"
     with pytest.raises(Crash):
-        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after_two)
+        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after(2))
     assert load_checkpoint(out / "checkpoint").round == 2
     resumed = run_simulation(SimulationConfig(resume=out, progress=False)).report
 
@@ -59,13 +64,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
 def test_resume_under_dp_continues_the_same_budget(tmp_path):
     """Sites see the same run id and the real round numbers: the run's epsilon ends at the
     target, not at twice it."""
-    def crash_after_one(entry):
-        if entry["round"] == 1:
-            raise Crash("coordinator died")
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        run_simulation(SimulationConfig(out=out, **FAST), on_round=crash_after_one)
+        run_simulation(SimulationConfig(out=out, **FAST), on_round=crash_after(1))
     report = run_simulation(SimulationConfig(resume=out, progress=False)).report
     assert [r["attested"] for r in report["rounds"][1:]] == [
         ["cleveland", "hungary", "switzerland", "va"]] * 2
@@ -113,13 +115,10 @@ def test_resume_of_a_finished_run_is_refused(tmp_path):
 def test_resume_refuses_a_checkpoint_the_audit_chain_does_not_name(tmp_path):
     from coordinator.checkpoint import CheckpointError
 
-    def crash_after_one(entry):
-        if entry["round"] == 1:
-            raise Crash("coordinator died")
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after_one)
+        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after(1))
     ckpt = load_checkpoint(out / "checkpoint")
     ckpt.state["m_t"] = {k: v * 0 for k, v in ckpt.state["m_t"].items()}  # an edited state
     write_checkpoint(out / "checkpoint", ckpt)

@@ -68,7 +68,7 @@ class SealedJournal:
         self._records: list[dict[str, Any]] = []
         self._head = GENESIS
         self._heads: list[str] = [GENESIS]  # head after k records, k = 0..n
-        self._size = -1
+        self._size: object = -1
         self.recovered_torn_line = False
         with self._file_lock():
             self._refresh()
@@ -105,12 +105,19 @@ class SealedJournal:
 
     def _refresh(self) -> None:
         """Re-read the file if another process appended since we last looked."""
-        size = self.path.stat().st_size if self.path.exists() else 0
-        if size == self._size:
+        if self._identity() == self._size:
             return
         self._records, self._head, self._heads = [], GENESIS, [GENESIS]
         self._load()
-        self._size = self.path.stat().st_size if self.path.exists() else 0
+        self._size = self._identity()
+
+    def _identity(self) -> object:
+        """Size, inode and mtime: a file swapped for another of the same size is re-read."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return 0
+        return (st.st_size, st.st_ino, st.st_mtime_ns)
 
     def _aad(self, seq: int, prev: str) -> bytes:
         return b"cleanroom-fl/journal/v1\0" + self._label + b"\0" + \
@@ -214,4 +221,4 @@ class SealedJournal:
             self._records.append(record)
             self._head = hashlib.sha256(line).hexdigest()
             self._heads.append(self._head)
-            self._size = self.path.stat().st_size
+            self._size = self._identity()

@@ -106,3 +106,16 @@ def test_atomic_write(tmp_path):
     atomic_write(tmp_path / "f", b"two")
     assert (tmp_path / "f").read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_same_size_swap_is_noticed(tmp_path):
+    """A file replaced by another of exactly the same size (an older fork) is re-read, not
+    served from memory."""
+    a = SealedJournal(tmp_path / "a.jsonl", KEY, "l")
+    b = SealedJournal(tmp_path / "b.jsonl", KEY, "l")
+    a.append({"v": "aaaa"})
+    b.append({"v": "bbbb"})
+    assert a.records() == [{"v": "aaaa"}]
+    (tmp_path / "a.jsonl").write_bytes((tmp_path / "b.jsonl").read_bytes())  # same size
+    assert a.records() == [{"v": "bbbb"}]
+    assert a.head == b.head

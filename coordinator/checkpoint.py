@@ -38,6 +38,7 @@ from cleanroom.protocol.arrays import arrays_digest
 CHECKPOINT_NPZ = "checkpoint.npz"
 CHECKPOINT_JSON = "checkpoint.json"
 ROUNDS_JSONL = "rounds.jsonl"  # the report entries so far, one line per round (append-only)
+PREVIOUS = ".prev"  # suffix of the checkpoint before the latest
 SKIPPED_STATE = frozenset({"current_arrays"})  # re-set from the global model every round
 LIST_PREFIX = "#"  # state/<name>/#<i>: the i-th array of a list attribute
 
@@ -137,6 +138,11 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> str:
     the checkpoint names how many belong to it."""
     data = _npz_bytes(ckpt)
     digest = hashlib.sha256(data).hexdigest()
+    directory = Path(directory)
+    if (directory / CHECKPOINT_JSON).exists():  # keep the last one: a crash between this
+        for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):  # write and the round's receipt
+            if (directory / name).exists():  # leaves the receipted one to resume from
+                os.replace(directory / name, directory / (name + PREVIOUS))
     atomic_write(Path(directory) / CHECKPOINT_NPZ, data)
     atomic_write(Path(directory) / CHECKPOINT_JSON, json.dumps({
         "format": "cleanroom-fl/checkpoint/v1", "run_id": ckpt.run_id, "round": ckpt.round,
@@ -146,12 +152,14 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> str:
     return digest
 
 
-def load_checkpoint(directory: Path) -> Checkpoint:
-    """Read and check a checkpoint (typed errors naming what is wrong)."""
+def load_checkpoint(directory: Path, *, previous: bool = False) -> Checkpoint:
+    """Read and check a checkpoint (typed errors naming what is wrong); ``previous``: the one
+    before the latest."""
     directory = Path(directory)
+    suffix = PREVIOUS if previous else ""
     try:
-        head = json.loads((directory / CHECKPOINT_JSON).read_text())
-        data = (directory / CHECKPOINT_NPZ).read_bytes()
+        head = json.loads((directory / (CHECKPOINT_JSON + suffix)).read_text())
+        data = (directory / (CHECKPOINT_NPZ + suffix)).read_bytes()
     except FileNotFoundError as exc:
         raise CheckpointError(f"no checkpoint in {directory}: {Path(exc.filename).name} is "
                               "missing (a run writes one after each completed round)") from None
@@ -213,6 +221,22 @@ def check_against_audit(ckpt: Checkpoint, audit_path: Path) -> str:
                               f"{ckpt.sha256[:16]}...) is not the one the last signed round "
                               f"receipt of {audit_path} names")
     return result.head
+
+
+def load_resumable(directory: Path, audit_path: Path) -> Checkpoint:
+    """The latest checkpoint that the run's signed audit chain names (the one before it if the
+    coordinator died between writing a checkpoint and receipting its round)."""
+    latest = load_checkpoint(directory)
+    try:
+        check_against_audit(latest, audit_path)
+        return latest
+    except CheckpointError as exc:
+        if "not the one the last signed round receipt" not in str(exc) or \
+                not (Path(directory) / (CHECKPOINT_JSON + PREVIOUS)).exists():
+            raise
+        earlier = load_checkpoint(directory, previous=True)
+        check_against_audit(earlier, audit_path)
+        return earlier
 
 
 class RoundOffset(Strategy):

@@ -70,9 +70,10 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = None
     resume_run = str(context.run_config.get("resume-run", "") or "")
     if resume_run:  # continue an interrupted or paused run: its settings, its run id
-        from coordinator.checkpoint import load_checkpoint
+        from coordinator.checkpoint import load_resumable
 
-        checkpoint = load_checkpoint(config.runs_dir() / resume_run / "checkpoint")
+        earlier = config.runs_dir() / resume_run
+        checkpoint = load_resumable(earlier / "checkpoint", earlier / "audit.jsonl")
         saved = checkpoint.meta.get("deployment") or {}
         training = config.training.model_validate(saved.get("training", {}))
         seed = int(saved.get("seed", 0))

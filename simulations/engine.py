@@ -178,10 +178,10 @@ def run_simulation(config: SimulationConfig,
 
 def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
     """The saved configuration of the run in ``config.resume`` and its last checkpoint."""
-    from coordinator.checkpoint import load_checkpoint
+    from coordinator.checkpoint import load_resumable
 
     folder = Path(config.resume).resolve()  # type: ignore[arg-type]
-    checkpoint = load_checkpoint(folder / "checkpoint")
+    checkpoint = load_resumable(folder / "checkpoint", folder / "audit.jsonl")
     saved = checkpoint.meta.get("simulation_config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{folder}: its checkpoint holds no simulation configuration")

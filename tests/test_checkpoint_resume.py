@@ -121,10 +121,36 @@ def test_resume_refuses_a_checkpoint_the_audit_chain_does_not_name(tmp_path):
         run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after(1))
     ckpt = load_checkpoint(out / "checkpoint")
     ckpt.state["m_t"] = {k: v * 0 for k, v in ckpt.state["m_t"].items()}  # an edited state
-    write_checkpoint(out / "checkpoint", ckpt)
+    write_checkpoint(out / "checkpoint", ckpt)  # (the receipted one is kept as .prev:
+    write_checkpoint(out / "checkpoint", ckpt)  # edit both, or the resume just uses it)
     with pytest.raises(CheckpointError, match="not the one the last signed round receipt"):
         run_simulation(SimulationConfig(resume=out, progress=False))
     lines = (out / "audit.jsonl").read_bytes().splitlines(keepends=True)
     (out / "audit.jsonl").write_bytes(b"".join(lines[:1] + lines[2:]))  # a receipt removed
     with pytest.raises(CheckpointError, match="audit chain is broken"):
         run_simulation(SimulationConfig(resume=out, progress=False))
+
+
+def test_crash_between_checkpoint_and_receipt_resumes_from_the_receipted_one(tmp_path,
+                                                                             monkeypatch):
+    """The coordinator dies after writing round 2's checkpoint but before receipting round 2:
+    the resume falls back to round 1's checkpoint, the last one the signed chain names."""
+    import coordinator.checkpoint as checkpoint_module
+
+    real_write = checkpoint_module.write_checkpoint
+
+    def write_then_die(directory, ckpt):
+        digest = real_write(directory, ckpt)
+        if ckpt.round == 2:
+            raise Crash("died before the receipt")
+        return digest
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_then_die)
+    with pytest.raises(Crash):
+        run_simulation(SimulationConfig(out=out, dp=False, **FAST))
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", real_write)
+    assert load_checkpoint(out / "checkpoint").round == 2  # written, never receipted
+    report = run_simulation(SimulationConfig(resume=out, progress=False)).report
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert verify_chain(out / "audit.jsonl").ok

@@ -61,12 +61,15 @@ class CapturingInner:
 
     def __init__(self) -> None:
         self.plaintexts: list[bytes] = []
+        self.updates: list[bytes] = []  # the sites' individual updates only
 
-    def grab(self, arrays) -> None:
+    def grab(self, arrays, *, update: bool = False) -> None:
         for value in arrays_to_numpy(arrays).values():
             data = np.ascontiguousarray(value).tobytes()
             if len(data) >= 16:
                 self.plaintexts.append(data)
+                if update:
+                    self.updates.append(data)
 
 
 def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog):
@@ -99,7 +102,7 @@ def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog)
             plain = list(plain)
             for msg in plain:
                 for record in msg.content.array_records.values():
-                    capture.grab(record)
+                    capture.grab(record, update=True)
             return wrapped_inner(rnd, plain)
 
         self.inner.aggregate_train = inner_agg
@@ -120,11 +123,13 @@ def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog)
     logs = caplog.text.encode()
     final = np.load(tmp_path / "out" / "final_model.npz")
     final_bytes = {np.ascontiguousarray(final[k]).tobytes() for k in final.files}
-    updates = [b for b in capture.plaintexts if b not in final_bytes]
-    for blob in updates:
+    for blob in (b for b in capture.plaintexts if b not in final_bytes):
         assert blob not in logs and blob.hex().encode() not in logs
-    # no site update anywhere in what the coordinator writes or tracks (the final aggregate
-    # model is a legitimate artefact; the per-site updates are not)
+    updates = capture.updates
+    assert updates, "site updates were captured"
+    # no site update anywhere in what the coordinator writes or tracks (aggregates, i.e. the
+    # global models in checkpoints and the final model, are the coordinator's own artefacts;
+    # a site's individual update is not)
     out = tmp_path / "out"
     for path in out.rglob("*"):
         if path.is_file() and "sites" not in path.parts:

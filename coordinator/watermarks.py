@@ -14,15 +14,13 @@ state, or one undone before the coordinator ever saw the newer state.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from cleanroom.errors import ConfigError
-from cleanroom.fsutil import atomic_write
+from cleanroom.fsutil import atomic_write, exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -91,11 +89,7 @@ class LedgerWatermarks:
         with self._lock:
             if self.path is None or not self._dirty:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path.with_name(self.path.name + ".lock"),
-                         os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with exclusive_lock(self.path):
                 if self.path.exists():
                     for site, theirs in LedgerWatermarks(self.path)._marks.items():
                         self._marks[site] = _merge(self._marks.get(site), theirs)
@@ -104,9 +98,6 @@ class LedgerWatermarks:
                          "anchor_records": m.anchor_records}
                      for s, m in sorted(self._marks.items())}, indent=1).encode())
                 self._dirty = False
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
 
 
 def _merge(ours: Watermark | None, theirs: Watermark) -> Watermark:

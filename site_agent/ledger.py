@@ -63,8 +63,9 @@ class Projection:
 
 
 class EpsilonMemo:
-    """Accountant answers kept across processes (Flower may start one process per message;
-    with this the attestation query need not import Opacus to check the budget).
+    """Accountant answers (and the mod's other costly values: noise multiplier, architecture
+    digest) kept across processes (Flower may start one process per message; with this the
+    attestation query need not import torch or Opacus).
 
     Entries live in an untrusted store (the node's Flower context) and are MACed with a key
     from the enclave: a forged or edited entry is ignored and recomputed, never believed.

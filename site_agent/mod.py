@@ -105,9 +105,9 @@ def _cached(memo: EpsilonMemo | None, key: str, compute: Callable[[], object]) -
 
 
 def decide_settings(runtime: SiteRuntime, challenge: AttestChallenge,
-                    cache: ConfigRecord | None = None) -> RoundSettings:
-    memo = _memo(runtime, cache) if cache is not None else None
-    """Apply the site's policy and budget to the coordinator's plan (raises SiteRefusal)."""
+                    memo: EpsilonMemo | None = None) -> RoundSettings:
+    """Apply the site's policy and budget to the coordinator's plan (raises SiteRefusal);
+    ``memo`` keeps the costly answers across messages."""
     plan, privacy, policy = challenge.plan, runtime.config.privacy, runtime.config.policy
     if policy.coordinators and challenge.coordinator_id not in policy.coordinators:
         raise SiteRefusal("coordinator-not-allowed", f"coordinator {challenge.coordinator_id[:16]}"
@@ -177,9 +177,8 @@ class ConfidentialMod:
                          "provider": runtime.provider.name,
                          "node_public_key": runtime.node_public_key.hex()}
         try:
-            settings = decide_settings(runtime, challenge, _cache(ctx))
+            settings = decide_settings(runtime, challenge, _use_memo(runtime, ctx))
             if settings.noise_multiplier is not None:
-                _use_memo(runtime, ctx)
                 runtime.ledger.check(challenge.run_id, challenge.round,
                                      settings.noise_multiplier, settings.sample_rate,
                                      settings.local_steps)
@@ -253,10 +252,9 @@ class ConfidentialMod:
         if arrays_digest(arrays) != challenge.model_digest:
             raise ProtocolError("decrypted model differs from the model digest bound in this "
                                 "round's attestation")
-        settings = decide_settings(runtime, challenge, _cache(ctx))
+        settings = decide_settings(runtime, challenge, _use_memo(runtime, ctx))
         plan = challenge.plan
         if settings.noise_multiplier is not None:
-            _use_memo(runtime, ctx)
             runtime.ledger.reserve(challenge.run_id, challenge.round, settings.noise_multiplier,
                                    settings.sample_rate, settings.local_steps)
         plain[TRAIN_SETTINGS_RECORD] = ConfigRecord({
@@ -330,13 +328,12 @@ class ConfidentialMod:
         return reply
 
 
-def _memo(runtime: SiteRuntime, store: ConfigRecord) -> EpsilonMemo:
-    return EpsilonMemo(store, runtime.provider.sealing_key(b"eps-memo"))
-
-
-def _use_memo(runtime: SiteRuntime, ctx: Context) -> None:
-    """Let the ledger keep accountant answers in the node's context (MACed, see EpsilonMemo)."""
-    runtime.ledger.memo = _memo(runtime, _cache(ctx))
+def _use_memo(runtime: SiteRuntime, ctx: Context) -> EpsilonMemo:
+    """The MACed memo over the node's context for this message (see EpsilonMemo), shared by
+    the settings cache and the ledger's accountant answers."""
+    memo = EpsilonMemo(_cache(ctx), runtime.provider.sealing_key(b"eps-memo"))
+    runtime.ledger.memo = memo
+    return memo
 
 
 def _cache(ctx: Context) -> ConfigRecord:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cleanroom.errors import LedgerError
-from cleanroom.fsutil import atomic_write, fsync_dir  # noqa: F401  (re-exported)
+from cleanroom.fsutil import atomic_write, exclusive_lock, fsync_dir  # noqa: F401  (re-exported)
 
 NONCE_SIZE = 12
 BLOB_MAGIC = b"CRSEAL1"
@@ -66,7 +65,6 @@ class SealedJournal:
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._records: list[dict[str, Any]] = []
-        self._head = GENESIS
         self._heads: list[str] = [GENESIS]  # head after k records, k = 0..n
         self._size: object = -1
         self.recovered_torn_line = False
@@ -84,16 +82,12 @@ class SealedJournal:
             finally:
                 self._flock_depth -= 1
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(self.path):
             self._flock_depth = 1
-            yield
-        finally:
-            self._flock_depth = 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:
+                yield
+            finally:
+                self._flock_depth = 0
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -107,7 +101,7 @@ class SealedJournal:
         """Re-read the file if another process appended since we last looked."""
         if self._identity() == self._size:
             return
-        self._records, self._head, self._heads = [], GENESIS, [GENESIS]
+        self._records, self._heads = [], [GENESIS]
         self._load()
         self._size = self._identity()
 
@@ -143,7 +137,7 @@ class SealedJournal:
                     self._truncate_torn(len(raw) - len(line))
                     return
                 raise LedgerError(f"{self.path}: record {index} is malformed") from None
-            if seq != index or prev != self._head:
+            if seq != index or prev != self._heads[-1]:
                 raise LedgerError(f"{self.path}: record {index} is out of order or a record "
                                   "before it was removed")
             try:
@@ -155,8 +149,7 @@ class SealedJournal:
                 raise LedgerError(f"{self.path}: record {index} does not open (tampered, or "
                                   "sealed under another enclave's key)") from None
             self._records.append(json.loads(plain))
-            self._head = hashlib.sha256(line).hexdigest()
-            self._heads.append(self._head)
+            self._heads.append(hashlib.sha256(line).hexdigest())
         if not complete and lines and lines[-1]:
             # A final line that parsed and opened but lacks its newline: keep it, finish it.
             with open(self.path, "ab") as fh:
@@ -173,24 +166,21 @@ class SealedJournal:
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, re-read from disk if another process appended meanwhile."""
-        with self._lock, self._file_lock():
-            self._refresh()
+        with self.locked():
             return list(self._records)
 
     @property
     def head(self) -> str:
-        return self._head
+        return self._heads[-1]
 
     def state(self) -> tuple[int, str]:
         """(records, head), read together."""
-        with self._lock, self._file_lock():
-            self._refresh()
-            return len(self._records), self._head
+        with self.locked():
+            return len(self._records), self._heads[-1]
 
     def head_at(self, records: int) -> str | None:
         """The chain's head when it held ``records`` records (None if it never had so many)."""
-        with self._lock, self._file_lock():
-            self._refresh()
+        with self.locked():
             return self._heads[records] if 0 <= records < len(self._heads) else None
 
     def append(self, record: dict[str, Any], *, durable: bool | None = None) -> None:
@@ -198,13 +188,12 @@ class SealedJournal:
         returns only after the bytes are on disk; without, they are visible to every other
         process at once but may be lost in a power cut."""
         durable = self.durable if durable is None else durable
-        with self._lock, self._file_lock():
-            self._refresh()
-            seq = len(self._records)
+        with self.locked():
+            seq, prev = len(self._records), self._heads[-1]
             nonce = secrets.token_bytes(NONCE_SIZE)
             plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-            ct = self._aead.encrypt(nonce, plain, self._aad(seq, self._head))
-            line = json.dumps({"seq": seq, "prev": self._head,
+            ct = self._aead.encrypt(nonce, plain, self._aad(seq, prev))
+            line = json.dumps({"seq": seq, "prev": prev,
                                "nonce": base64.b64encode(nonce).decode(),
                                "ct": base64.b64encode(ct).decode()},
                               separators=(",", ":")).encode()
@@ -219,6 +208,5 @@ class SealedJournal:
             if new_file and durable:
                 fsync_dir(self.path.parent)
             self._records.append(record)
-            self._head = hashlib.sha256(line).hexdigest()
-            self._heads.append(self._head)
+            self._heads.append(hashlib.sha256(line).hexdigest())
             self._size = self._identity()

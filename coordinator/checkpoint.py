@@ -56,6 +56,7 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""  # of checkpoint.npz, as named in the round receipt (set on load)
+    audit_head: str = ""  # head of the audit chain it was checked against (load_resumable)
 
 
 def strategy_state(inner: Strategy) -> dict[str, Any]:
@@ -200,10 +201,8 @@ def load_checkpoint(directory: Path, *, previous: bool = False) -> Checkpoint:
                               f"{exc}") from None
 
 
-def check_against_audit(ckpt: Checkpoint, audit_path: Path) -> str:
-    """The audit chain that recorded ``ckpt`` must be intact and its last round receipt must
-    name this very checkpoint (so a swapped or edited checkpoint, or one whose round was never
-    receipted, is not resumed). Returns the chain's head."""
+def _last_receipt(audit_path: Path) -> tuple[dict[str, Any] | None, str]:
+    """Verify the run's audit chain; its last round receipt (None if none) and its head."""
     from coordinator.audit import verify_chain
 
     result = verify_chain(audit_path)
@@ -215,28 +214,43 @@ def check_against_audit(ckpt: Checkpoint, audit_path: Path) -> str:
         entry = json.loads(line)
         if entry.get("kind") == "round-receipt":
             last = entry.get("body") or {}
-    if last is None or last.get("checkpoint_sha256") != ckpt.sha256 or \
-            int(last.get("round", -1)) != ckpt.round:
-        raise CheckpointError(f"the checkpoint (round {ckpt.round}, SHA-256 "
-                              f"{ckpt.sha256[:16]}...) is not the one the last signed round "
-                              f"receipt of {audit_path} names")
-    return result.head
+    return last, result.head
+
+
+def _named_by(ckpt: Checkpoint, receipt: dict[str, Any] | None) -> bool:
+    return receipt is not None and receipt.get("checkpoint_sha256") == ckpt.sha256 and \
+        int(receipt.get("round", -1)) == ckpt.round
+
+
+def _not_named(ckpt: Checkpoint, audit_path: Path) -> CheckpointError:
+    return CheckpointError(f"the checkpoint (round {ckpt.round}, SHA-256 {ckpt.sha256[:16]}...) "
+                           f"is not the one the last signed round receipt of {audit_path} names")
+
+
+def check_against_audit(ckpt: Checkpoint, audit_path: Path) -> str:
+    """The audit chain that recorded ``ckpt`` must be intact and its last round receipt must
+    name this very checkpoint (so a swapped or edited checkpoint, or one whose round was never
+    receipted, is not resumed). Returns the chain's head."""
+    receipt, head = _last_receipt(audit_path)
+    if not _named_by(ckpt, receipt):
+        raise _not_named(ckpt, audit_path)
+    return head
 
 
 def load_resumable(directory: Path, audit_path: Path) -> Checkpoint:
     """The latest checkpoint that the run's signed audit chain names (the one before it if the
-    coordinator died between writing a checkpoint and receipting its round)."""
+    coordinator died between writing a checkpoint and receipting its round), with
+    ``audit_head`` set to the verified chain's head."""
+    receipt, head = _last_receipt(audit_path)
     latest = load_checkpoint(directory)
-    try:
-        check_against_audit(latest, audit_path)
-        return latest
-    except CheckpointError as exc:
-        if "not the one the last signed round receipt" not in str(exc) or \
-                not (Path(directory) / (CHECKPOINT_JSON + PREVIOUS)).exists():
-            raise
-        earlier = load_checkpoint(directory, previous=True)
-        check_against_audit(earlier, audit_path)
-        return earlier
+    candidates = [latest]
+    if (Path(directory) / (CHECKPOINT_JSON + PREVIOUS)).exists():
+        candidates.append(load_checkpoint(directory, previous=True))
+    for ckpt in candidates:
+        if _named_by(ckpt, receipt):
+            ckpt.audit_head = head
+            return ckpt
+    raise _not_named(latest, audit_path)
 
 
 class RoundOffset(Strategy):

@@ -117,25 +117,6 @@ def run_federation(spec: RunSpec, execute: Execute,
     """Run ``spec`` with ``execute`` and write every output into ``spec.out``."""
     from cleanroom.protocol.arrays import arrays_digest
     from coordinator.audit import public_key_hex
-    from coordinator.gate import AttestationGate, NonceStore
-    from coordinator.model_card import build_model_card, write_model_card
-    from coordinator.receipts import code_version, round_receipt
-    from coordinator.report import build_report, plot_report, round_entry, write_report
-    from coordinator.strategies import build_strategy
-    from coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
-    from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
-
-    started = time.time()
-    out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from coordinator.watermarks import LedgerWatermarks
-
-    gate = AttestationGate(spec.policy, NonceStore(spec.nonce_file or out / "nonces.jsonl"),
-                           coordinator_id=spec.coordinator_id, node_keys=spec.node_keys,
-                           node_sites=spec.node_sites if spec.node_keys is not None else None,
-                           watermarks=LedgerWatermarks(
-                               spec.watermark_file or out / "ledger_watermarks.json"),
-                           site_hints=spec.node_sites)
     from coordinator.checkpoint import (
         Checkpoint,
         RoundOffset,
@@ -146,13 +127,31 @@ def run_federation(spec: RunSpec, execute: Execute,
         write_checkpoint,
         write_rounds,
     )
+    from coordinator.gate import AttestationGate, NonceStore
+    from coordinator.model_card import build_model_card, write_model_card
+    from coordinator.receipts import code_version, round_receipt
+    from coordinator.report import build_report, plot_report, round_entry, write_report
+    from coordinator.strategies import build_strategy
+    from coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
+    from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
+    from coordinator.watermarks import LedgerWatermarks
 
+    started = time.time()
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gate = AttestationGate(spec.policy, NonceStore(spec.nonce_file or out / "nonces.jsonl"),
+                           coordinator_id=spec.coordinator_id, node_keys=spec.node_keys,
+                           node_sites=spec.node_sites if spec.node_keys is not None else None,
+                           watermarks=LedgerWatermarks(
+                               spec.watermark_file or out / "ledger_watermarks.json"),
+                           site_hints=spec.node_sites)
     inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
     resume = spec.resume
     prior: list[dict[str, Any]] = list(resume.meta.get("report_rounds", [])) if resume else []
     previous_head = ""
     if resume is not None:
-        previous_head = check_against_audit(resume, spec.previous_audit or out / "audit.jsonl")
+        previous_head = resume.audit_head or check_against_audit(  # (load_resumable checked)
+            resume, spec.previous_audit or out / "audit.jsonl")
         restore_strategy_state(inner, resume.state)
     checkpoint_dir = spec.checkpoint_dir or out / "checkpoint"
     if spec.confidential:
@@ -181,21 +180,19 @@ def run_federation(spec: RunSpec, execute: Execute,
         if started_run:
             return
         started_run["run_id"] = run_id
+        common = {"coordinator_public_key": public_key_hex(audit.key),
+                  "code_version": code_version(), "run_id": run_id,
+                  "policy_digest": gate.policy_digest}
         if resume is not None:
             audit.append("run-resume", {
-                "coordinator_public_key": public_key_hex(audit.key),
-                "code_version": code_version(), "run_id": run_id,
-                "from_round": resume.round, "rounds": resume.rounds,
+                **common, "from_round": resume.round, "rounds": resume.rounds,
                 "checkpoint_sha256": resume.sha256, "previous_audit_head": previous_head,
-                "checkpoint_model_sha256": arrays_digest(resume.model),
-                "policy_digest": gate.policy_digest})
+                "checkpoint_model_sha256": arrays_digest(resume.model)})
             tracker.set_tags({"flower_run_id": run_id, "resumed_after_round": str(resume.round)})
             return
         audit.append("run-start", {
-            "coordinator_public_key": public_key_hex(audit.key),
-            "code_version": code_version(), "run_id": run_id, "strategy": spec.strategy,
-            "sites": spec.sites, "policy_name": spec.policy.name,
-            "policy_digest": gate.policy_digest,
+            **common, "strategy": spec.strategy, "sites": spec.sites,
+            "policy_name": spec.policy.name,
             "measurements": [m.hex() for m in spec.policy.measurements],
             "plan": spec.plan.model_dump(mode="json")})
         tracker.set_tags({"flower_run_id": run_id})

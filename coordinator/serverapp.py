@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     training = config.training.model_validate({**config.training.model_dump(), **updates})
     seed = int(context.run_config.get("seed", 0))  # type: ignore[arg-type]
     run_id = str(context.run_id)
-    checkpoint = None
+    checkpoint, earlier = None, None
     resume_run = str(context.run_config.get("resume-run", "") or "")
     if resume_run:  # continue an interrupted or paused run: its settings, its run id
         from coordinator.checkpoint import load_resumable
@@ -112,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
                                         "seed": seed}},
         resume=checkpoint,
         protocol_run_id=checkpoint.run_id if checkpoint else None,
-        previous_audit=config.runs_dir() / resume_run / "audit.jsonl" if resume_run else None,
+        previous_audit=earlier / "audit.jsonl" if earlier else None,
     )
     done = checkpoint.round if checkpoint else 0
     initial = numpy_to_arrays(checkpoint.model) if checkpoint else \

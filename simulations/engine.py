@@ -109,16 +109,17 @@ def _site_configs(config: SimulationConfig, state: Path, root_dir: Path,
 
 
 def run_simulation(config: SimulationConfig,
-                   on_round: Callable[[dict[str, Any]], None] | None = None) -> SimulationResult:
-    """Run one simulated federated training and write its report; returns the result."""
+                   on_round: Callable[[dict[str, Any]], None] | None = None,
+                   checkpoint: Any = None) -> SimulationResult:
+    """Run one simulated federated training and write its report; returns the result.
+    ``checkpoint``: what :func:`resumed_config` returned for a resume (else it is loaded)."""
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
     from coordinator.runner import RunSpec, run_federation
     from simulations.scenarios import SCENARIOS, Fault, SimulatedSites
     from site_agent.runtime import code_measurement
 
-    checkpoint = None
-    if config.resume is not None:
+    if config.resume is not None and checkpoint is None:
         config, checkpoint = resumed_config(config)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         import flwr.common.logger  # noqa: F401  (configures its logger on import: import first)

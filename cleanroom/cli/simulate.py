@@ -111,7 +111,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.engine import run_simulation
 
     config = config_from_args(args)
-    done = 0
+    done, checkpoint = 0, None
     if config.resume is not None:
         from simulations.engine import resumed_config
 
@@ -133,7 +133,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     started = time.time()
     try:
-        result = run_simulation(config, on_round=on_round)
+        result = run_simulation(config, on_round=on_round, checkpoint=checkpoint)
     except (KeyboardInterrupt, Exception):
         bar.close()
         marker = Path(config.out) / "checkpoint" / "checkpoint.json"

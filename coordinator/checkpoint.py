@@ -242,15 +242,21 @@ def load_resumable(directory: Path, audit_path: Path) -> Checkpoint:
     coordinator died between writing a checkpoint and receipting its round), with
     ``audit_head`` set to the verified chain's head."""
     receipt, head = _last_receipt(audit_path)
-    latest = load_checkpoint(directory)
-    candidates = [latest]
-    if (Path(directory) / (CHECKPOINT_JSON + PREVIOUS)).exists():
-        candidates.append(load_checkpoint(directory, previous=True))
-    for ckpt in candidates:
+    problem: CheckpointError | None = None
+    for previous in (False, True):
+        if previous and not (Path(directory) / (CHECKPOINT_JSON + PREVIOUS)).exists():
+            break
+        try:  # the latest may be half rotated if the coordinator died while writing it
+            ckpt = load_checkpoint(directory, previous=previous)
+        except CheckpointError as exc:
+            problem = problem or exc
+            continue
         if _named_by(ckpt, receipt):
             ckpt.audit_head = head
             return ckpt
-    raise _not_named(latest, audit_path)
+        problem = problem or _not_named(ckpt, audit_path)
+    assert problem is not None
+    raise problem
 
 
 class RoundOffset(Strategy):

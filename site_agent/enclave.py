@@ -220,8 +220,7 @@ class ConfigfsTsmProvider:
                 try:
                     self._derived = get_derived_key(
                         self.sealing_fields, device=self.sev_guest_device,
-                        vmpl=self.privlevel or 0,
-                        **({"ioctl": self.ioctl} if self.ioctl else {}))
+                        vmpl=self.privlevel or 0, ioctl=self.ioctl)
                 except SevGuestError as exc:
                     raise EnclaveError(f"sealing key: {exc}") from None
             secret = self._derived

@@ -107,8 +107,10 @@ def _ioctl(fd: int, request: int, arg: _GuestRequest) -> int:
 
 
 def get_derived_key(fields: Field, *, device: Path = DEFAULT_DEVICE, vmpl: int = 0,
-                    ioctl: IoctlFn = _ioctl) -> bytes:
-    """Ask the secure processor for the key bound to ``fields`` of this guest."""
+                    ioctl: IoctlFn | None = None) -> bytes:
+    """Ask the secure processor for the key bound to ``fields`` of this guest (``ioctl``:
+    a stand-in for ``fcntl.ioctl``, for tests)."""
+    ioctl = ioctl or _ioctl
     request = ctypes.create_string_buffer(derived_key_request(fields, vmpl=vmpl), REQUEST_SIZE)
     response = ctypes.create_string_buffer(RESPONSE_SIZE)
     arg = _GuestRequest(msg_version=MSG_VERSION, req_data=ctypes.addressof(request),

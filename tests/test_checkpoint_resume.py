@@ -154,3 +154,15 @@ def test_crash_between_checkpoint_and_receipt_resumes_from_the_receipted_one(tmp
     report = run_simulation(SimulationConfig(resume=out, progress=False)).report
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert verify_chain(out / "audit.jsonl").ok
+
+
+def test_resume_after_a_crash_mid_rotation(tmp_path):
+    """Died after moving the receipted checkpoint to .prev, before writing the next one."""
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_simulation(SimulationConfig(out=out, dp=False, **FAST), on_round=crash_after(2))
+    folder = out / "checkpoint"
+    for name in ("checkpoint.json", "checkpoint.npz"):
+        (folder / name).replace(folder / (name + ".prev"))
+    report = run_simulation(SimulationConfig(resume=out, progress=False)).report
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]

@@ -166,3 +166,17 @@ def test_resume_after_a_crash_mid_rotation(tmp_path):
         (folder / name).replace(folder / (name + ".prev"))
     report = run_simulation(SimulationConfig(resume=out, progress=False)).report
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+
+
+def test_resume_without_the_site_ledgers_is_refused(tmp_path):
+    """A resume must go on spending the same ledgers; with them gone it would start afresh."""
+    import shutil
+
+    from cleanroom.errors import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_simulation(SimulationConfig(out=out, **FAST), on_round=crash_after(1))
+    shutil.rmtree(out / "state" / "sites")
+    with pytest.raises(ConfigError, match="privacy ledgers of this run are missing"):
+        run_simulation(SimulationConfig(resume=out, progress=False))

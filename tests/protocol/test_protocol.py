@@ -123,3 +123,17 @@ def test_decode_arrays_mutations_only_typed_errors(pos, value):
         decode_arrays(bytes(blob))
 
 
+
+
+def test_ledger_size_out_of_range_is_refused_at_the_wire():
+    """A ledger size the binding cannot encode is a validation error, not a crash of the
+    coordinator's round."""
+    from pydantic import ValidationError
+
+    from cleanroom.protocol.wire import AttestResponse
+
+    base = {"site": "va", "run_id": "1", "round": 1, "nonce": "00" * 32}
+    assert AttestResponse.model_validate({**base, "ledger_records": 2**63 - 1})
+    for bad in (2**63, 2**64, -1):
+        with pytest.raises(ValidationError, match="ledger_records"):
+            AttestResponse.model_validate({**base, "ledger_records": bad})

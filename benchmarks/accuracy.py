@@ -19,8 +19,8 @@ EPSILONS = (0.5, 1.0, 2.0, 5.0, 8.0)
 
 
 def simulate(out: Path, *, dp: bool, epsilon: float, seed: int, strategy: str) -> dict[str, Any]:
-    from simulations.defaults import training_defaults
-    from simulations.engine import SimulationConfig, run_simulation
+    from cleanroom.simulations.defaults import training_defaults
+    from cleanroom.simulations.engine import SimulationConfig, run_simulation
 
     values: dict[str, Any] = dict(training_defaults(dp=dp))
     values.update(dp=dp, epsilon=epsilon, seed=seed, strategy=strategy, tracking=False,
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", default=",".join(str(e) for e in EPSILONS))
     parser.add_argument("--out", type=Path, default=None, help="where to write the plot")
     args = parser.parse_args(argv)
-    from simulations.engine import SimulationConfig
+    from cleanroom.simulations.engine import SimulationConfig
 
     strategy = args.strategy or SimulationConfig().strategy
     epsilons = [float(e) for e in args.epsilons.split(",") if e]

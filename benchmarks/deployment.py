@@ -25,7 +25,7 @@ from typing import Any
 
 def _deploy(out: Path, sites: int, rounds: int) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cleanroom.cli.main", "deploy-local",
+    proc = subprocess.run([sys.executable, "-m", "cleanroom", "deploy-local",
                            "--sites", str(sites), "--rounds", str(rounds), "--out", str(out),
                            "--no-progress"], capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -36,8 +36,8 @@ def _deploy(out: Path, sites: int, rounds: int) -> tuple[float, dict[str, Any]]:
 
 
 def _simulate(out: Path, rounds: int) -> tuple[float, dict[str, Any]]:
-    from simulations.defaults import training_defaults
-    from simulations.engine import SimulationConfig, run_simulation
+    from cleanroom.simulations.defaults import training_defaults
+    from cleanroom.simulations.engine import SimulationConfig, run_simulation
 
     values: dict[str, Any] = dict(training_defaults(dp=True))
     values.update(rounds=rounds, tracking=False, progress=False, out=out)

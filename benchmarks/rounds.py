@@ -18,8 +18,8 @@ from typing import Any
 
 
 def run_once(confidential: bool, rounds: int, backend: str, out: Path) -> tuple[float, Any]:
-    from simulations.defaults import training_defaults
-    from simulations.engine import SimulationConfig, run_simulation
+    from cleanroom.simulations.defaults import training_defaults
+    from cleanroom.simulations.engine import SimulationConfig, run_simulation
 
     values: dict[str, Any] = dict(training_defaults(dp=True))
     values.update(rounds=rounds, confidential=confidential, tracking=False, progress=False,

@@ -36,6 +36,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write secret material (a key, a token) atomically with mode 0600 from the start: never
+    world-readable, never torn. The one writer of secrets on either side."""
+    atomic_write(path, data, mode=0o600)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` + ".lock" (serialises processes)."""

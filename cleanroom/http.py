@@ -55,7 +55,7 @@ def add_token(path: Path, role: str) -> str:
     tokens = load_tokens(path) if Path(path).exists() else {}
     token = new_token()
     tokens[hash_token(token)] = role
-    from cleanroom.attestation.simulated import write_private
+    from cleanroom.fsutil import write_private
 
     write_private(Path(path), json.dumps(tokens, indent=2).encode())
     return token

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cleanroom.attestation.simulated import write_private
 from cleanroom.errors import ConfigError
+from cleanroom.fsutil import write_private
 
 CA_DAYS = 5 * 365
 SERVER_DAYS = 365

@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from cleanroom.coordinator.config import CoordinatorConfig
 from cleanroom.errors import CleanroomError
 from cleanroom.http import READ, WRITE, make_app, read_json, requires
-from coordinator.config import CoordinatorConfig
 
 CONFIG_KEY = web.AppKey("config", CoordinatorConfig)
 CONTROL_KEY = web.AppKey("control", object)  # RunControl (submit/stop/list nodes)
@@ -100,7 +100,7 @@ async def get_rounds(request: web.Request) -> web.Response:
 
 @requires(READ)
 async def get_audit(request: web.Request) -> web.Response:
-    from coordinator.audit import load_public_key, verify_chain
+    from cleanroom.coordinator.audit import load_public_key, verify_chain
 
     run_dir = _run_dir(request)
     path = run_dir / "audit.jsonl"
@@ -124,7 +124,7 @@ async def get_sites(request: web.Request) -> web.Response:
         nodes, error = [], str(exc)
     else:
         error = None
-    from coordinator.daemon import registered_nodes
+    from cleanroom.coordinator.daemon import registered_nodes
 
     by_id = {str(n.get("node-id")): n for n in nodes}
     node_ids = registered_nodes(config)

@@ -203,7 +203,7 @@ def load_checkpoint(directory: Path, *, previous: bool = False) -> Checkpoint:
 
 def _last_receipt(audit_path: Path) -> tuple[dict[str, Any] | None, str]:
     """Verify the run's audit chain; its last round receipt (None if none) and its head."""
-    from coordinator.audit import verify_chain
+    from cleanroom.coordinator.audit import verify_chain
 
     result = verify_chain(audit_path)
     if not result.ok:

@@ -45,7 +45,7 @@ class TrainingSettings(Section):
         return {**STRATEGY_OPTIONS.get(self.strategy, {}), **self.strategy_options}
 
     def plan(self) -> TrainPlan:
-        from models import architecture_digest
+        from cleanroom.models import architecture_digest
 
         return TrainPlan(rounds=self.rounds, local_steps=self.local_steps,
                          sample_rate=self.sample_rate, lr=self.lr, optimizer=self.optimizer,

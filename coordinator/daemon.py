@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from cleanroom.attestation.validate.policy import load_policy
+from cleanroom.coordinator.config import CoordinatorConfig, load_coordinator_config
+from cleanroom.coordinator.fab import write_fab
+from cleanroom.coordinator.flower_cli import FlowerCli
 from cleanroom.errors import ConfigError
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
-from coordinator.config import CoordinatorConfig, load_coordinator_config
-from coordinator.fab import write_fab
-from coordinator.flower_cli import FlowerCli
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def register_sites(config: CoordinatorConfig, cli: FlowerCli) -> dict[str, int]:
 
 
 def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
-    from coordinator.api import build_coordinator_api
+    from cleanroom.coordinator.api import build_coordinator_api
 
     config = load_coordinator_config(config_path)
     preflight(config)

@@ -14,12 +14,12 @@ from typing import Any
 PACKAGE = "cleanroom_fab"
 
 SERVER = '''"""Shim: the coordinator's ServerApp (installed package coordinator.serverapp)."""
-from coordinator import serverapp as _impl
+from cleanroom.coordinator import serverapp as _impl
 
 app = _impl.app
 '''
 CLIENT = '''"""Shim: the site's ClientApp (installed package site_agent.clientapp)."""
-from site_agent import clientapp as _impl
+from cleanroom.site_agent import clientapp as _impl
 
 app = _impl.app
 '''

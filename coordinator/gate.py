@@ -25,10 +25,10 @@ from cleanroom.attestation import trust
 from cleanroom.attestation.evidence import Endorsements, trusted_amd_chains, verify_evidence
 from cleanroom.attestation.validate.policy import Policy
 from cleanroom.attestation.verdict import Verdict
+from cleanroom.coordinator.watermarks import LedgerWatermarks
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.binding import NONCE_SIZE, Binding
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, LedgerAnchor, TrainPlan
-from coordinator.watermarks import LedgerWatermarks
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cleanroom.attestation.simulated import create_simulated_root, write_private
+from cleanroom.attestation.simulated import create_simulated_root
 from cleanroom.errors import ConfigError
+from cleanroom.fsutil import write_private
 from cleanroom.http import add_token
 from cleanroom.pki import (
     NodePublicKey,
@@ -110,7 +111,7 @@ def _check_names(names: list[str]) -> None:
 
 
 def provision(req: ProvisionRequest) -> Provisioned:
-    from site_agent.runtime import code_measurement
+    from cleanroom.site_agent.runtime import code_measurement
 
     _check_names(req.sites)
     unknown = set(req.site_keys) - set(req.sites)
@@ -138,7 +139,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
     write_private(coord / "audit_signing_key.pem", audit_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    from coordinator.audit import public_key_hex
+    from cleanroom.coordinator.audit import public_key_hex
 
     (coord / "audit_public_key.hex").write_text(public_key_hex(audit_key) + "\n")
 
@@ -183,7 +184,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
         write_private(site_dir / "operator.token",
                       (add_token(site_dir / "api_tokens.json", "operator") + "\n").encode())
         if root is not None:  # the simulated vendor makes this site's chip, issues its VCEK
-            from site_agent.enclave import CHIP_VCEK, SimulatedProvider
+            from cleanroom.site_agent.enclave import CHIP_VCEK, SimulatedProvider
 
             chip_dir = site_dir / "state" / "enclave"
             provider = SimulatedProvider.launch(root, chip_dir, bytes(48))

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from coordinator.strategy import RoundRecord
+from cleanroom.coordinator.strategy import RoundRecord
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from coordinator.strategy import RoundRecord
+from cleanroom.coordinator.strategy import RoundRecord
 
 
 def _mean(values: list[float]) -> float | None:

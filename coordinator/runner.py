@@ -71,8 +71,8 @@ def open_audit(path: Path, key_path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from cleanroom.attestation.simulated import write_private
-    from coordinator.audit import AuditLog, load_signing_key
+    from cleanroom.coordinator.audit import AuditLog, load_signing_key
+    from cleanroom.fsutil import write_private
 
     if not key_path.exists():
         key = ed25519.Ed25519PrivateKey.generate()
@@ -115,9 +115,8 @@ def site_samples(records: list[Any]) -> dict[str, dict[str, int]]:
 def run_federation(spec: RunSpec, execute: Execute,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     """Run ``spec`` with ``execute`` and write every output into ``spec.out``."""
-    from cleanroom.protocol.arrays import arrays_digest
-    from coordinator.audit import public_key_hex
-    from coordinator.checkpoint import (
+    from cleanroom.coordinator.audit import public_key_hex
+    from cleanroom.coordinator.checkpoint import (
         Checkpoint,
         RoundOffset,
         append_round,
@@ -127,14 +126,15 @@ def run_federation(spec: RunSpec, execute: Execute,
         write_checkpoint,
         write_rounds,
     )
-    from coordinator.gate import AttestationGate, NonceStore
-    from coordinator.model_card import build_model_card, write_model_card
-    from coordinator.receipts import code_version, round_receipt
-    from coordinator.report import build_report, plot_report, round_entry, write_report
-    from coordinator.strategies import build_strategy
-    from coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
-    from coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
-    from coordinator.watermarks import LedgerWatermarks
+    from cleanroom.coordinator.gate import AttestationGate, NonceStore
+    from cleanroom.coordinator.model_card import build_model_card, write_model_card
+    from cleanroom.coordinator.receipts import code_version, round_receipt
+    from cleanroom.coordinator.report import build_report, plot_report, round_entry, write_report
+    from cleanroom.coordinator.strategies import build_strategy
+    from cleanroom.coordinator.strategy import ConfidentialStrategy, ObservedStrategy, RoundRecord
+    from cleanroom.coordinator.tracking import MlflowTracker, NullTracker, default_tracking_uri
+    from cleanroom.coordinator.watermarks import LedgerWatermarks
+    from cleanroom.protocol.arrays import arrays_digest
 
     started = time.time()
     out = Path(spec.out)
@@ -291,8 +291,8 @@ def run_federation(spec: RunSpec, execute: Execute,
 
 
 def torch_model(name: str, arrays: Any) -> Any:
+    from cleanroom.models import build_model, set_parameters
     from cleanroom.protocol.flower import arrays_to_numpy
-    from models import build_model, set_parameters
 
     model = build_model(name)
     set_parameters(model, {k: v.astype("float32", copy=False)

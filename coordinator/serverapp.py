@@ -18,8 +18,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from cleanroom.coordinator.fastgrid import FastPollGrid
 from cleanroom.errors import ConfigError
-from coordinator.fastgrid import FastPollGrid
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -52,10 +52,10 @@ def wait_for_sites(grid: Grid, expected: set[str], timeout: float) -> dict[int, 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from cleanroom.attestation.validate.policy import load_policy
+    from cleanroom.coordinator.config import load_coordinator_config
+    from cleanroom.coordinator.runner import RunSpec, run_federation
+    from cleanroom.models import build_model, get_parameters
     from cleanroom.protocol.flower import numpy_to_arrays
-    from coordinator.config import load_coordinator_config
-    from coordinator.runner import RunSpec, run_federation
-    from models import build_model, get_parameters
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     path = str(context.run_config.get("coordinator-config", ""))
@@ -70,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint, earlier = None, None
     resume_run = str(context.run_config.get("resume-run", "") or "")
     if resume_run:  # continue an interrupted or paused run: its settings, its run id
-        from coordinator.checkpoint import load_resumable
+        from cleanroom.coordinator.checkpoint import load_resumable
 
         earlier = config.runs_dir() / resume_run
         checkpoint = load_resumable(earlier / "checkpoint", earlier / "audit.jsonl")

@@ -34,6 +34,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from cleanroom.coordinator.fastgrid import DelegatingGrid
+from cleanroom.coordinator.gate import Admission, AttestationGate
+from cleanroom.coordinator.validation import validate_update
 from cleanroom.errors import CleanroomError, ProtocolError
 from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
@@ -51,9 +54,6 @@ from cleanroom.protocol.flower import (
     seal_arrays,
 )
 from cleanroom.protocol.wire import AttestChallenge, TrainPlan
-from coordinator.fastgrid import DelegatingGrid
-from coordinator.gate import Admission, AttestationGate
-from coordinator.validation import validate_update
 
 log = logging.getLogger(__name__)
 

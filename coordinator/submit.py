@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cleanroom.coordinator.api import read_progress
+from cleanroom.coordinator.daemon import RunControl
 from cleanroom.process import DaemonError
-from coordinator.api import read_progress
-from coordinator.daemon import RunControl
 
 OUTPUTS = ("report.json", "report.png", "model_card.md", "model_card.json", "audit.jsonl",
            "final_model.npz", "progress.jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.config import TrainingSettings
+from cleanroom.coordinator.config import TrainingSettings
 
 _FIELDS = ("rounds", "model", "local_steps", "sample_rate", "lr", "optimizer", "momentum",
            "max_grad_norm", "max_update_norm")

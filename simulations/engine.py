@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cleanroom.coordinator.config import STRATEGY_OPTIONS, TrainingSettings
 from cleanroom.errors import ConfigError
-from coordinator.config import STRATEGY_OPTIONS, TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SimulationResult:
 
 def site_names(config: SimulationConfig) -> list[str]:
     if config.dataset == "heart-disease":
-        from site_agent.data import HEART_DISEASE_SITES
+        from cleanroom.site_agent.data import HEART_DISEASE_SITES
 
         return list(HEART_DISEASE_SITES)
     return [f"site{i:02d}" for i in range(config.sites)]
@@ -87,7 +87,7 @@ def site_names(config: SimulationConfig) -> list[str]:
 
 def _site_configs(config: SimulationConfig, state: Path, root_dir: Path,
                   hostile: str | None) -> list[Any]:
-    from site_agent.config import DataConfig, EnclaveConfig, PrivacyConfig, SiteConfig
+    from cleanroom.site_agent.config import DataConfig, EnclaveConfig, PrivacyConfig, SiteConfig
 
     configs = []
     for index, name in enumerate(site_names(config)):
@@ -96,7 +96,7 @@ def _site_configs(config: SimulationConfig, state: Path, root_dir: Path,
         lifetime = config.site_budget if config.site_budget is not None else max(
             10.0, 10 * config.epsilon)
         if hostile == name and config.scenario == "over-budget":
-            from simulations.scenarios import OVER_BUDGET_EPSILON
+            from cleanroom.simulations.scenarios import OVER_BUDGET_EPSILON
 
             lifetime = OVER_BUDGET_EPSILON
         privacy = PrivacyConfig(delta=config.delta, lifetime_epsilon=lifetime,
@@ -115,9 +115,9 @@ def run_simulation(config: SimulationConfig,
     ``checkpoint``: what :func:`resumed_config` returned for a resume (else it is loaded)."""
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
-    from coordinator.runner import RunSpec, run_federation
-    from simulations.scenarios import SCENARIOS, Fault, SimulatedSites
-    from site_agent.runtime import code_measurement
+    from cleanroom.coordinator.runner import RunSpec, run_federation
+    from cleanroom.simulations.scenarios import SCENARIOS, Fault, SimulatedSites
+    from cleanroom.site_agent.runtime import code_measurement
 
     if config.resume is not None and checkpoint is None:
         config, checkpoint = resumed_config(config)
@@ -179,7 +179,7 @@ def run_simulation(config: SimulationConfig,
 
 def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
     """The saved configuration of the run in ``config.resume`` and its last checkpoint."""
-    from coordinator.checkpoint import load_resumable
+    from cleanroom.coordinator.checkpoint import load_resumable
 
     folder = Path(config.resume).resolve()  # type: ignore[arg-type]
     checkpoint = load_resumable(folder / "checkpoint", folder / "audit.jsonl")
@@ -205,9 +205,9 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int,
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
     from flwr.app import ArrayRecord, ConfigRecord
 
+    from cleanroom.models import build_model, get_parameters
     from cleanroom.protocol.flower import numpy_to_arrays
-    from models import build_model, get_parameters
-    from site_agent.app import make_client_app
+    from cleanroom.site_agent.app import make_client_app
 
     if checkpoint is not None:
         initial = numpy_to_arrays(checkpoint.model)
@@ -218,7 +218,7 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int,
     plain_settings = _plain_settings(config) if not config.confidential else None
     n = len(sites.configs)
     if config.backend == "inprocess":
-        from simulations.inprocess import InProcessGrid
+        from cleanroom.simulations.inprocess import InProcessGrid
 
         app = make_client_app(sites, confidential=config.confidential,
                               plain_settings=plain_settings)
@@ -235,7 +235,7 @@ def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int,
 
 def _plain_settings(config: SimulationConfig) -> dict[str, object]:
     """Training settings for the plaintext baseline (no mod decides them)."""
-    from site_agent.mod import noise_for
+    from cleanroom.site_agent.mod import noise_for
 
     sigma = noise_for(config.epsilon, config.delta, config.sample_rate,
                       config.rounds * config.local_steps) if config.dp else 0.0
@@ -253,7 +253,7 @@ def _execute_ray(config: SimulationConfig, strategy: Any, sites: Any, initial: A
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from site_agent.app import make_client_app
+    from cleanroom.site_agent.app import make_client_app
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     holder: dict[str, Any] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cleanroom.attestation.abi import snp as abi
 from cleanroom.attestation.simulated import measure_code
-from site_agent.enclave import EnclaveProvider, Evidence
+from cleanroom.site_agent.enclave import EnclaveProvider, Evidence
 
 SCENARIOS: dict[str, str] = {
     "honest": "all sites honest",
@@ -135,8 +135,8 @@ class SimulatedSites:
 
     def _build(self, index: int):  # -> SiteRuntime
         from cleanroom.attestation.simulated import load_simulated_root
-        from site_agent.enclave import SimulatedProvider
-        from site_agent.runtime import build_runtime, code_measurement, site_code_roots
+        from cleanroom.site_agent.enclave import SimulatedProvider
+        from cleanroom.site_agent.runtime import build_runtime, code_measurement, site_code_roots
 
         config = self.configs[index]
         fault = self.faults.get(config.site)

@@ -20,8 +20,8 @@ and the epsilon its own accountant reports after the run is checked to be <= eps
 
 Usage::
 
-    python -m simulations.tune_heart_disease            # default grid (a few minutes)
-    python -m simulations.tune_heart_disease --quick    # a small grid (under a minute)
+    python -m cleanroom.simulations.tune_heart_disease            # default grid (a few minutes)
+    python -m cleanroom.simulations.tune_heart_disease --quick    # a small grid (under a minute)
 
 The script prints tables only (aggregate accuracies); it never prints or writes a data row.
 """
@@ -43,9 +43,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from models import build_model, get_parameters
-from site_agent.data import HEART_DISEASE_SITES, SiteData, load_heart_disease_site
-from site_agent.training import (
+from cleanroom.models import build_model, get_parameters
+from cleanroom.site_agent.data import HEART_DISEASE_SITES, SiteData, load_heart_disease_site
+from cleanroom.site_agent.training import (
     TrainSettings,
     calibrate_noise,
     epsilon_spent,
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run from the repository root with "
-                                "'python -m simulations.tune_heart_disease'.")
+                                "'python -m cleanroom.simulations.tune_heart_disease'.")
     p.add_argument("--quick", action="store_true", help="small grid (about a minute)")
     p.add_argument("--epsilon", type=float, default=1.0,
                    help="per-site budget of the DP search (default 1)")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from site_agent.sealed import SealedJournal
+from cleanroom.site_agent.sealed import SealedJournal
 
 ACTIVITY_FILE = "activity.jsonl"
 

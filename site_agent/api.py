@@ -14,7 +14,7 @@ from aiohttp import web
 
 from cleanroom.errors import CleanroomError
 from cleanroom.http import READ, REQUEST_ROLE, WRITE, make_app, read_json, requires
-from site_agent.runtime import SiteRuntime
+from cleanroom.site_agent.runtime import SiteRuntime
 
 RUNTIME_KEY = web.AppKey("runtime", SiteRuntime)
 STARTED_KEY = web.AppKey("started", float)

@@ -19,14 +19,14 @@ from flwr.clientapp import ClientApp
 
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.flower import arrays_to_numpy, numpy_to_arrays
-from site_agent.mod import (
+from cleanroom.site_agent.mod import (
     METRIC_NOISE,
     METRIC_RATE,
     METRIC_STEPS,
     TRAIN_SETTINGS_RECORD,
     ConfidentialMod,
 )
-from site_agent.runtime import SiteRuntime
+from cleanroom.site_agent.runtime import SiteRuntime
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
-        from site_agent.training import TrainSettings, train_local
+        from cleanroom.site_agent.training import TrainSettings, train_local
 
         runtime = runtime_for(ctx)
         s = _settings(msg, plain_settings, runtime)
@@ -93,7 +93,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
 
     @app.evaluate()
     def evaluate_fn(msg: Message, ctx: Context) -> Message:
-        from site_agent.training import evaluate
+        from cleanroom.site_agent.training import evaluate
 
         runtime = runtime_for(ctx)
         config = msg.content.config_records.get("config", ConfigRecord())

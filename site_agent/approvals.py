@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from site_agent.sealed import SealedJournal
+from cleanroom.site_agent.sealed import SealedJournal
 
 APPROVALS_FILE = "approvals.jsonl"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanroom.errors import ConfigError
-from site_agent.app import make_client_app
+from cleanroom.site_agent.app import make_client_app
 
 
 class DeployedSites:
@@ -22,8 +22,8 @@ class DeployedSites:
             raise ConfigError("SuperNode node config has no 'site-config' entry")
         runtime = self._cache.get(path)
         if runtime is None:
-            from site_agent.config import load_site_config
-            from site_agent.runtime import build_runtime
+            from cleanroom.site_agent.config import load_site_config
+            from cleanroom.site_agent.runtime import build_runtime
 
             runtime = build_runtime(load_site_config(Path(path)))
             self._cache[path] = runtime

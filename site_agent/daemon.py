@@ -18,8 +18,8 @@ from cleanroom.errors import ConfigError
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
 from cleanroom.process import DaemonError, Supervisor, require_free_ports
-from site_agent.config import SiteConfig, load_site_config
-from site_agent.runtime import SiteRuntime, build_runtime
+from cleanroom.site_agent.config import SiteConfig, load_site_config
+from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _check(sup: Supervisor) -> None:
 
 
 def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
-    from site_agent.api import build_site_api
+    from cleanroom.site_agent.api import build_site_api
 
     config_path = Path(config_path).resolve()
     config = load_site_config(config_path)

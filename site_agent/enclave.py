@@ -31,10 +31,10 @@ from cleanroom.attestation.simulated import (
     SimulatedRoot,
     SimulatedTcb,
     issue_vcek,
-    write_private,
 )
 from cleanroom.errors import CleanroomError
-from site_agent.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
+from cleanroom.fsutil import write_private
+from cleanroom.site_agent.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanroom.errors import LedgerError, PrivacyBudgetExceeded, SiteRefusal
-from site_agent.sealed import SealedJournal
+from cleanroom.site_agent.sealed import SealedJournal
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float,
 def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
-    from site_agent.training import epsilon_spent
+    from cleanroom.site_agent.training import epsilon_spent
 
     return float(epsilon_spent(list(history), delta))
 

@@ -50,9 +50,9 @@ from cleanroom.protocol.flower import (
     seal_arrays,
 )
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal
-from site_agent.ledger import EpsilonMemo
-from site_agent.runtime import SiteRuntime
-from site_agent.sealed import seal_blob, unseal_blob
+from cleanroom.site_agent.ledger import EpsilonMemo
+from cleanroom.site_agent.runtime import SiteRuntime
+from cleanroom.site_agent.sealed import seal_blob, unseal_blob
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,14 @@ METRIC_RATE = "dp-sample-rate"
 
 @lru_cache(maxsize=256)
 def noise_for(epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
-    from site_agent.training import calibrate_noise
+    from cleanroom.site_agent.training import calibrate_noise
 
     return float(calibrate_noise(epsilon, delta, sample_rate, total_steps))
 
 
 @lru_cache(maxsize=16)
 def _architecture_digest(model: str) -> str:
-    from models import architecture_digest
+    from cleanroom.models import architecture_digest
 
     return architecture_digest(model)
 

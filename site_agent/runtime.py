@@ -14,12 +14,12 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from cleanroom.attestation.simulated import load_simulated_root, measure_code
-from site_agent.activity import Activity
-from site_agent.approvals import Approvals
-from site_agent.config import SiteConfig
-from site_agent.data import SiteData, load_heart_disease_site, synthetic_site
-from site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
-from site_agent.ledger import PrivacyLedger
+from cleanroom.site_agent.activity import Activity
+from cleanroom.site_agent.approvals import Approvals
+from cleanroom.site_agent.config import SiteConfig
+from cleanroom.site_agent.data import SiteData, load_heart_disease_site, synthetic_site
+from cleanroom.site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
+from cleanroom.site_agent.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ LEDGER_FILE = "privacy_ledger.jsonl"
 def site_code_roots() -> list[Path]:
     """Source folders of the code a site runs: what the simulated TEE measures."""
     import cleanroom
-    import models
-    import site_agent
+    import cleanroom.models
+    import cleanroom.site_agent
 
-    return [Path(m.__file__).resolve().parent for m in (cleanroom, site_agent, models)]
+    return [Path(m.__file__).resolve().parent
+            for m in (cleanroom, cleanroom.site_agent, cleanroom.models)]
 
 
 @lru_cache(maxsize=1)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import build_model, get_parameters, set_parameters
-from site_agent.data import SiteData
+from cleanroom.models import build_model, get_parameters, set_parameters
+from cleanroom.site_agent.data import SiteData
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from coordinator.audit import verify_chain
-from coordinator.checkpoint import (
+from cleanroom.coordinator.audit import verify_chain
+from cleanroom.coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
     append_round,
     load_checkpoint,
     write_checkpoint,
 )
-from simulations.engine import SimulationConfig, run_simulation
+from cleanroom.simulations.engine import SimulationConfig, run_simulation
 
 pytestmark = pytest.mark.slow
 FAST = {"rounds": 3, "tracking": False, "progress": False}
@@ -113,7 +113,7 @@ def test_resume_of_a_finished_run_is_refused(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_the_audit_chain_does_not_name(tmp_path):
-    from coordinator.checkpoint import CheckpointError
+    from cleanroom.coordinator.checkpoint import CheckpointError
 
 
     out = tmp_path / "run"
@@ -135,7 +135,7 @@ def test_crash_between_checkpoint_and_receipt_resumes_from_the_receipted_one(tmp
                                                                              monkeypatch):
     """The coordinator dies after writing round 2's checkpoint but before receipting round 2:
     the resume falls back to round 1's checkpoint, the last one the signed chain names."""
-    import coordinator.checkpoint as checkpoint_module
+    import cleanroom.coordinator.checkpoint as checkpoint_module
 
     real_write = checkpoint_module.write_checkpoint
 

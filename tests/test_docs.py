@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.cli.main import build_parser, main
+from cleanroom.cli import build_parser, main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDES = ("operator-guide.md", "hospital-it-guide.md")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from simulations import engine
-from simulations.engine import SimulationConfig, run_simulation
-from site_agent.config import SitePolicyConfig
+from cleanroom.simulations import engine
+from cleanroom.simulations.engine import SimulationConfig, run_simulation
+from cleanroom.site_agent.config import SitePolicyConfig
 
 pytestmark = pytest.mark.slow
 FAST = {"rounds": 2, "tracking": False, "progress": False}
@@ -98,7 +98,7 @@ def test_coordinator_replaying_a_run_is_refused(tmp_path, monkeypatch):
 def test_unapproved_run_refused_until_approved(tmp_path, monkeypatch):
     """Sites requiring approval refuse a new run (typed reason naming the run); once hospital IT
     approves it (here after round 1, at two sites), those sites train in the next rounds."""
-    from site_agent.runtime import build_runtime
+    from cleanroom.site_agent.runtime import build_runtime
 
     with_site_policy(monkeypatch, require_approval=True)
     out = tmp_path / "a"
@@ -138,7 +138,7 @@ def test_coordinator_not_in_site_policy_refused(tmp_path, monkeypatch):
 
 
 def test_model_card_registry_and_audit_of_a_tracked_run(tmp_path):
-    from coordinator.audit import read_entries, verify_chain
+    from cleanroom.coordinator.audit import read_entries, verify_chain
 
     out = tmp_path / "run"
     report = run_simulation(SimulationConfig(out=out, **{**FAST, "tracking": True})).report

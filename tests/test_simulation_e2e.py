@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cleanroom.protocol.flower import arrays_to_numpy
-from simulations.engine import SimulationConfig, run_simulation
+from cleanroom.simulations.engine import SimulationConfig, run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +75,8 @@ class CapturingInner:
 def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog):
     """Every message is serialised to Flower's wire format; no float bytes of the global model
     or of any update appear in them, nor in logs, the out folder or MLflow."""
-    from coordinator import strategy as strategy_module
-    from simulations import inprocess
+    from cleanroom.coordinator import strategy as strategy_module
+    from cleanroom.simulations import inprocess
 
     wire: list[bytes] = []
     original_init = inprocess.InProcessGrid.__init__
@@ -140,7 +140,11 @@ def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog)
 
 
 def test_no_dataset_row_outside_the_site(tmp_path, caplog):
-    from site_agent.data import HEART_DISEASE_SITES, default_data_dir, load_heart_disease_site
+    from cleanroom.site_agent.data import (
+        HEART_DISEASE_SITES,
+        default_data_dir,
+        load_heart_disease_site,
+    )
 
     caplog.set_level(logging.DEBUG)
     simulate(tmp_path, tracking=True)
@@ -169,8 +173,8 @@ def test_site_state_is_sealed(tmp_path):
 
 def test_wire_check_would_catch_plaintext(tmp_path, monkeypatch):
     """Control for the test above: the plaintext baseline does put model bytes on the wire."""
-    from models import build_model, get_parameters
-    from simulations import inprocess
+    from cleanroom.models import build_model, get_parameters
+    from cleanroom.simulations import inprocess
 
     wire: list[bytes] = []
     original_init = inprocess.InProcessGrid.__init__
@@ -193,7 +197,7 @@ def test_next_round_attested_with_the_evaluation(tmp_path, monkeypatch):
     from flwr.common.serde import message_from_proto
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
-    from simulations import inprocess
+    from cleanroom.simulations import inprocess
 
     types: list[tuple[str, str]] = []
     original_init = inprocess.InProcessGrid.__init__
@@ -218,8 +222,8 @@ def test_next_round_attested_with_the_evaluation(tmp_path, monkeypatch):
 
 
 def test_budget_running_out_mid_run_is_caught_on_the_piggybacked_attestation(tmp_path):
-    from site_agent.ledger import epsilon_of
-    from site_agent.mod import noise_for
+    from cleanroom.site_agent.ledger import epsilon_of
+    from cleanroom.site_agent.mod import noise_for
 
     config = SimulationConfig(out=tmp_path / "probe", **FAST)
     sigma = noise_for(config.epsilon, config.delta, config.sample_rate,

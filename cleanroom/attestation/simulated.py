@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import secrets
 import struct
 from collections.abc import Iterable
@@ -42,6 +41,7 @@ from cleanroom.attestation.abi.amd_cert import (
     load_certificates,
 )
 from cleanroom.errors import CertificateError
+from cleanroom.fsutil import write_private
 
 SIMULATED_PRODUCT_NAME = "Milan-B0"
 ROOT_BUNDLE = "root_chain.pem"  # ARK + ASK certificates (what policies trust)
@@ -61,15 +61,6 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write secret material with mode 0600 from the start (never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
 
 
 def _name(cn: str) -> x509.Name:

@@ -17,7 +17,7 @@ from cleanroom.attestation import trust
 from cleanroom.attestation.abi import snp as snp_abi
 from cleanroom.attestation.abi import tdx as tdx_abi
 from cleanroom.attestation.abi.amd_cert import load_certificates
-from cleanroom.cli.main import main
+from cleanroom.cli import main
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())

@@ -9,8 +9,8 @@ import sys
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cleanroom.coordinator.audit import AuditLog, public_key_hex, read_entries, verify_chain
 from cleanroom.errors import AuditChainError
-from coordinator.audit import AuditLog, public_key_hex, read_entries, verify_chain
 
 
 @pytest.fixture()
@@ -107,7 +107,7 @@ def test_cli_verify_and_show(tmp_path, key):
     make_log(path, key)
     keyfile = tmp_path / "k.hex"
     keyfile.write_text(public_key_hex(key))
-    ok = subprocess.run([sys.executable, "-m", "cleanroom.cli.main", "audit", "verify",
+    ok = subprocess.run([sys.executable, "-m", "cleanroom", "audit", "verify",
                          str(path), "--key", str(keyfile)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "intact: 5 entries" in ok.stdout
@@ -116,9 +116,9 @@ def test_cli_verify_and_show(tmp_path, key):
     entry["body"]["round"] = 99
     ls[3] = json.dumps(entry).encode() + b"\n"
     path.write_bytes(b"".join(ls))
-    bad = subprocess.run([sys.executable, "-m", "cleanroom.cli.main", "audit", "verify",
+    bad = subprocess.run([sys.executable, "-m", "cleanroom", "audit", "verify",
                           str(path), "--key", str(keyfile)], capture_output=True, text=True)
     assert bad.returncode == 1 and "entry 3" in bad.stdout
-    shown = subprocess.run([sys.executable, "-m", "cleanroom.cli.main", "audit", "show",
+    shown = subprocess.run([sys.executable, "-m", "cleanroom", "audit", "show",
                             str(path)], capture_output=True, text=True)
     assert shown.returncode == 0 and "round-receipt" in shown.stdout

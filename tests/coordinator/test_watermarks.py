@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from cleanroom.coordinator.watermarks import LedgerWatermarks
 from cleanroom.errors import ConfigError
 from cleanroom.protocol.binding import Binding
-from coordinator.watermarks import LedgerWatermarks
 
 A, B = "a" * 64, "b" * 64
 
@@ -84,7 +84,7 @@ def test_strategy_state_round_trips_lists_dicts_and_arrays(tmp_path):
     import numpy as np
     from flwr.serverapp.strategy import FedAvgM
 
-    from coordinator.checkpoint import (
+    from cleanroom.coordinator.checkpoint import (
         Checkpoint,
         append_round,
         load_checkpoint,

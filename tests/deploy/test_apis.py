@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from cleanroom.coordinator.api import build_coordinator_api
+from cleanroom.coordinator.config import load_coordinator_config
+from cleanroom.coordinator.provision import ProvisionRequest, provision
 from cleanroom.http import add_token, load_tokens
-from coordinator.api import build_coordinator_api
-from coordinator.config import load_coordinator_config
-from coordinator.provision import ProvisionRequest, provision
 
 
 class FakeControl:
@@ -88,9 +88,9 @@ async def test_coordinator_api_roles(aiohttp_client, fed):
 
 
 async def test_site_api(aiohttp_client, fed):
-    from site_agent.api import build_site_api
-    from site_agent.config import load_site_config
-    from site_agent.runtime import build_runtime
+    from cleanroom.site_agent.api import build_site_api
+    from cleanroom.site_agent.config import load_site_config
+    from cleanroom.site_agent.runtime import build_runtime
 
     config = load_site_config(fed / "sites" / "cleveland" / "site.toml")
     runtime = build_runtime(config)

@@ -6,14 +6,14 @@ import socket
 
 import pytest
 
+from cleanroom.coordinator.config import load_coordinator_config
+from cleanroom.coordinator.daemon import preflight as coordinator_preflight
+from cleanroom.coordinator.provision import ProvisionRequest, provision
 from cleanroom.errors import ConfigError
 from cleanroom.process import DaemonError, port_in_use, tagged_pids
-from coordinator.config import load_coordinator_config
-from coordinator.daemon import preflight as coordinator_preflight
-from coordinator.provision import ProvisionRequest, provision
-from site_agent.config import load_site_config
-from site_agent.daemon import explain_failure
-from site_agent.daemon import preflight as site_preflight
+from cleanroom.site_agent.config import load_site_config
+from cleanroom.site_agent.daemon import explain_failure
+from cleanroom.site_agent.daemon import preflight as site_preflight
 
 
 @pytest.fixture(scope="module")

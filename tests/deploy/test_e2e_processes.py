@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from cleanroom.coordinator.provision import ProvisionRequest, provision
 from cleanroom.pki import generate_node_key, make_ca
 from cleanroom.process import free_port
-from coordinator.provision import ProvisionRequest, provision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-CLI = [sys.executable, "-m", "cleanroom.cli.main"]
+CLI = [sys.executable, "-m", "cleanroom"]
 
 
 def flower_processes(marker: str) -> list[str]:

@@ -6,11 +6,11 @@ import stat
 
 import pytest
 
-from cleanroom.cli.main import main
+from cleanroom.cli import main
+from cleanroom.coordinator.config import load_coordinator_config
+from cleanroom.coordinator.provision import ProvisionRequest, provision
 from cleanroom.errors import ConfigError
-from coordinator.config import load_coordinator_config
-from coordinator.provision import ProvisionRequest, provision
-from site_agent.config import load_site_config
+from cleanroom.site_agent.config import load_site_config
 
 
 def mode(path) -> int:

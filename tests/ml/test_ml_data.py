@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cleanroom.errors import ConfigError
-from site_agent.data import (
+from cleanroom.site_agent.data import (
     HEART_DISEASE_SITES,
     default_data_dir,
     load_heart_disease_site,

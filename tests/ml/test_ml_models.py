@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODEL_NAMES, architecture_digest, build_model, get_parameters, set_parameters
+from cleanroom.models import (
+    MODEL_NAMES,
+    architecture_digest,
+    build_model,
+    get_parameters,
+    set_parameters,
+)
 
 
 def test_registry_and_output_shape() -> None:

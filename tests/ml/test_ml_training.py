@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from models import build_model, get_parameters
-from site_agent.data import load_heart_disease_site
-from site_agent.training import (
+from cleanroom.models import build_model, get_parameters
+from cleanroom.site_agent.data import load_heart_disease_site
+from cleanroom.site_agent.training import (
     TrainSettings,
     calibrate_noise,
     epsilon_spent,

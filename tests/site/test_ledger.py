@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cleanroom.errors import LedgerError, PrivacyBudgetExceeded
-from site_agent.ledger import PrivacyLedger, epsilon_of
+from cleanroom.site_agent.ledger import PrivacyLedger, epsilon_of
 
 KEY = b"L" * 32
 SIGMA, RATE, STEPS = 3.0, 1.0, 2
@@ -92,7 +92,7 @@ def test_wrong_key_cannot_read_or_write(tmp_path):
 
 WRITER = r"""
 import sys
-from site_agent.ledger import PrivacyLedger
+from cleanroom.site_agent.ledger import PrivacyLedger
 led = PrivacyLedger(sys.argv[1], b"L" * 32, delta=1e-5, lifetime_epsilon=1e9, run_epsilon=None)
 round_ = len(led.charges()) + 1
 while True:
@@ -134,8 +134,8 @@ def test_kill_during_writes_loses_nothing_reported(tmp_path):
 
 
 def _no_accountant(monkeypatch):
-    import site_agent.ledger as ledger_module
-    import site_agent.training as training
+    import cleanroom.site_agent.ledger as ledger_module
+    import cleanroom.site_agent.training as training
 
     ledger_module._epsilon_cached.cache_clear()
 
@@ -148,7 +148,7 @@ def _no_accountant(monkeypatch):
 def test_memo_answers_the_next_check_without_the_accountant(tmp_path, monkeypatch):
     """What lets an attestation (a fresh process in deployment) skip importing Opacus: the
     train step answers the next round's budget check ahead into the node's context."""
-    from site_agent.ledger import EpsilonMemo
+    from cleanroom.site_agent.ledger import EpsilonMemo
 
     store: dict[str, object] = {}
     first = ledger(tmp_path / "l.jsonl")
@@ -164,7 +164,7 @@ def test_memo_answers_the_next_check_without_the_accountant(tmp_path, monkeypatc
 
 
 def test_tampered_or_foreign_memo_entries_are_not_believed(tmp_path, monkeypatch):
-    from site_agent.ledger import EpsilonMemo
+    from cleanroom.site_agent.ledger import EpsilonMemo
 
     store: dict[str, object] = {}
     led = ledger(tmp_path / "l.jsonl")
@@ -207,8 +207,8 @@ def test_released_round_is_never_trained_again(tmp_path):
 def test_context_cache_of_the_mod_is_macd(tmp_path):
     """The noise multiplier and architecture digest cached in the node's Flower context are
     MACed too: an edited value is recomputed, not used."""
-    from site_agent.ledger import EpsilonMemo
-    from site_agent.mod import _cached
+    from cleanroom.site_agent.ledger import EpsilonMemo
+    from cleanroom.site_agent.mod import _cached
 
     store: dict[str, object] = {}
     memo = EpsilonMemo(store, b"M" * 32)

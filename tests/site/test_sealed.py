@@ -8,7 +8,7 @@ import os
 import pytest
 
 from cleanroom.errors import LedgerError
-from site_agent.sealed import SealedJournal, atomic_write, seal_blob, unseal_blob
+from cleanroom.site_agent.sealed import SealedJournal, atomic_write, seal_blob, unseal_blob
 
 KEY = b"k" * 32
 

@@ -36,7 +36,7 @@ examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from coordinator.strategies import STRATEGIES
+    from cleanroom.coordinator.strategies import STRATEGIES
 
     p = sub.add_parser(
         "simulate", help="run the local multi-site simulation (4 hospitals, attested, DP)",
@@ -83,8 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from simulations.defaults import training_defaults
-    from simulations.engine import SimulationConfig
+    from cleanroom.simulations.defaults import training_defaults
+    from cleanroom.simulations.engine import SimulationConfig
 
     if args.resume is not None:
         return SimulationConfig(resume=args.resume, progress=not args.no_progress,
@@ -108,12 +108,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from simulations.engine import run_simulation
+    from cleanroom.simulations.engine import run_simulation
 
     config = config_from_args(args)
     done, checkpoint = 0, None
     if config.resume is not None:
-        from simulations.engine import resumed_config
+        from cleanroom.simulations.engine import resumed_config
 
         config, checkpoint = resumed_config(config)
         done = checkpoint.round

@@ -1,4 +1,10 @@
-"""The ``cleanroom`` command: one entry point for sites, operators and researchers."""
+"""The ``cleanroom`` command: one entry point for sites, operators and researchers.
+
+Each command lives with the side it belongs to (``cleanroom.attestation.cli``,
+``cleanroom.coordinator.cli.*``, ``cleanroom.site_agent.cli``, ``cleanroom.simulations.cli``);
+this dispatcher names them and imports a command's module only to build its parser, so the
+shared package's own modules import neither side.
+"""
 
 from __future__ import annotations
 
@@ -25,24 +31,31 @@ start here:
 """
 
 
+COMMANDS: tuple[str, ...] = (
+    "cleanroom.simulations.cli",            # simulate
+    "cleanroom.attestation.cli",            # attest verify|show|simulate-root
+    "cleanroom.coordinator.cli.audit",      # audit verify|show
+    "cleanroom.site_agent.cli",             # site (daemon, keygen, approve, status)
+    "cleanroom.coordinator.cli.daemon",     # coordinator
+    "cleanroom.coordinator.cli.provision",  # provision
+    "cleanroom.coordinator.cli.run",        # run
+    "cleanroom.simulations.deploy_local_cli",  # deploy-local
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cleanroom.cli import attest
+    import importlib
+
+    from cleanroom import __version__
 
     parser = argparse.ArgumentParser(prog="cleanroom", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"cleanroom-fl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    attest.add_parser(sub)
-    for module_name in ("simulate", "audit", "site", "coordinator", "provision", "run",
-                        "deploy_local"):
-        try:
-            module = __import__(f"cleanroom.cli.{module_name}", fromlist=["add_parser"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cleanroom.cli.{module_name}":
-                raise
-            continue
-        module.add_parser(sub)
+    for module_name in COMMANDS:
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from coordinator.strategies import STRATEGIES
+from cleanroom.coordinator.strategies import STRATEGIES
 
 HEART = ("cleveland", "hungary", "switzerland", "va")
 
@@ -42,10 +42,10 @@ def _http_ok(url: str) -> bool:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from cleanroom.cli.run import submit_and_follow
+    from cleanroom.coordinator.cli.run import submit_and_follow
+    from cleanroom.coordinator.provision import ProvisionRequest, provision
     from cleanroom.errors import ConfigError
     from cleanroom.process import Supervisor, free_port, wait_for
-    from coordinator.provision import ProvisionRequest, provision
 
     if not 1 <= args.sites <= 64:
         raise ConfigError("--sites must be between 1 and 64")
@@ -60,7 +60,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         "synthetic", superlink_port=ports[0], api_port=ports[1], site_ports=site_ports,
         rounds=args.rounds))
     sup = Supervisor(out / "logs")
-    cli = [sys.executable, "-m", "cleanroom.cli.main", "-v"]
+    cli = [sys.executable, "-m", "cleanroom", "-v"]
     print(f"federation of {len(names)} site(s) provisioned in {out}", flush=True)
     try:
         sup.start("coordinator", [*cli, "coordinator", "--config",

@@ -38,15 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _runtime(config_path: Path):  # -> SiteRuntime
-    from site_agent.config import load_site_config
-    from site_agent.runtime import build_runtime
+    from cleanroom.site_agent.config import load_site_config
+    from cleanroom.site_agent.runtime import build_runtime
 
     return build_runtime(load_site_config(config_path))
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from cleanroom.errors import ConfigError
-    from site_agent.daemon import serve_site
+    from cleanroom.site_agent.daemon import serve_site
 
     if args.config is None:
         raise ConfigError("cleanroom site needs --config site.toml (or a COMMAND; see --help)")
@@ -85,7 +85,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from site_agent.api import status_of
+    from cleanroom.site_agent.api import status_of
 
     print(json.dumps(status_of(_runtime(args.config)), indent=2))
     return 0

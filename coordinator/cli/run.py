@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from coordinator.strategies import STRATEGIES
+from cleanroom.coordinator.strategies import STRATEGIES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -59,8 +59,8 @@ def submit_and_follow(config: Path, options: dict[str, Any], out: Path, timeout:
                       progress: bool) -> int:
     from tqdm import tqdm
 
-    from coordinator.daemon import control_for
-    from coordinator.submit import follow
+    from cleanroom.coordinator.daemon import control_for
+    from cleanroom.coordinator.submit import follow
 
     control = control_for(config)
     rounds = int(options.get("rounds", control.config.training.rounds))

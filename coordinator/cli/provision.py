@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from coordinator.provision import ProvisionRequest, provision
+    from cleanroom.coordinator.provision import ProvisionRequest, provision
 
     keys = {}
     for item in args.site_key:

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.daemon import serve_coordinator
+    from cleanroom.coordinator.daemon import serve_coordinator
 
     def ready(config: object, nodes: dict[str, int]) -> None:
         c = config  # CoordinatorConfig

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from coordinator.audit import load_public_key, verify_chain
+    from cleanroom.coordinator.audit import load_public_key, verify_chain
 
     key = load_public_key(args.key) if args.key else None
     if not args.path.exists():
@@ -74,7 +74,7 @@ def _describe(entry: dict) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from coordinator.audit import read_entries
+    from cleanroom.coordinator.audit import read_entries
 
     if not args.path.exists():
         raise CleanroomError(f"{args.path}: file not found")

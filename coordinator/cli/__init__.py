@@ -1,0 +1,1 @@
+"""Command-line entry points of the coordinator: daemon, provisioning, runs, audit."""

@@ -115,6 +115,22 @@ class NodePublicKey:
             raise ConfigError(f"{path}: node keys must be NIST-curve EC keys (Flower node auth)")
         return cls.from_key(key)
 
+    @property
+    def identity(self) -> bytes:
+        """The node identity bound into every attestation: DER SubjectPublicKeyInfo."""
+        return spki_der(self.spki_pem)
+
+
+def spki_der(pem: bytes) -> bytes:
+    """DER SubjectPublicKeyInfo of a PEM public key: the node identity bytes both sides bind
+    (the site from its key file, the coordinator from the key the SuperLink authenticated)."""
+    try:
+        key = serialization.load_pem_public_key(bytes(pem))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"not a PEM public key ({exc})") from None
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
 
 def generate_node_key(out_dir: Path, stem: str = "node_auth") -> NodePublicKey:
     """Create a SuperNode auth key where it will be used: the private key (OpenSSH, 0600)

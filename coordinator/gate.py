@@ -1,10 +1,12 @@
 """The attestation gate: fresh challenges, evidence verification, admission decisions.
 
-Flower-independent and synchronous: the strategy wrapper asks it for a challenge per site and
-round, and hands it each reply. A site is admitted only if its reply echoes an unused nonce the
-coordinator issued to that node for this run and round, its evidence verifies against the
-policy, and the hardware REPORT_DATA equals the binding the coordinator computes itself.
-Issued and consumed nonces are persisted, so a replay is refused even after a restart.
+Flower-independent and synchronous. A site is admitted only if its reply echoes an unused
+nonce the coordinator issued to that node for this run and round, the node is the site it
+claims to be (:class:`SiteDirectory`), its evidence verifies against the policy, the hardware
+REPORT_DATA equals the binding the coordinator computes itself, and its privacy ledger did not
+go backwards. Issued and consumed nonces are persisted (:class:`NonceStore`), so a replay is
+refused even after a restart; :meth:`AttestationGate.end_phase` makes a phase's decisions
+durable before any of them has an effect.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanroom.attestation import trust
@@ -26,7 +28,6 @@ from cleanroom.attestation.evidence import Endorsements, trusted_amd_chains, ver
 from cleanroom.attestation.validate.policy import Policy
 from cleanroom.attestation.verdict import Verdict
 from cleanroom.coordinator.watermarks import LedgerWatermarks
-from cleanroom.errors import ProtocolError
 from cleanroom.protocol.binding import NONCE_SIZE, Binding
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, LedgerAnchor, TrainPlan
 
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 class NonceStore:
     """Issued / consumed nonces, persisted as JSON lines when ``path`` is given.
 
-    Appends are visible at once; :meth:`flush` makes them durable. The strategy flushes after
-    each attestation phase, before any model leaves, so a nonce consumed for an admitted site
-    is on disk before that admission has any effect.
+    Appends are visible at once; :meth:`flush` makes them durable (the gate flushes at the end
+    of each attestation phase, before any model leaves).
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -66,7 +66,7 @@ class NonceStore:
             fh.write(json.dumps(rec) + "\n")
 
     def flush(self) -> None:
-        """Make every consumed nonce durable (call before sending any model)."""
+        """Make every issued and consumed nonce durable."""
         if self.path is None or not self.path.exists():
             return
         with open(self.path, "rb+") as fh:
@@ -98,16 +98,52 @@ class NonceStore:
 
 
 @dataclass(frozen=True)
+class SiteDirectory:
+    """Who each Flower node is, as provisioning says (never as the node claims).
+
+    ``names``: node id -> provisioned site name (deployments: the names the operator
+    registered with the node keys; the in-process simulation: its node map). ``keys``: node id
+    -> the identity bytes (DER SPKI) of the key the SuperLink authenticated, bound into every
+    attestation (deployments only). ``strict``: a node missing from ``names`` is refused; only
+    Flower's own simulation runtime, which assigns node ids the coordinator cannot map, runs
+    with ``strict=False`` (claimed names, unique per round).
+    """
+
+    names: Mapping[int, str] = field(default_factory=dict)
+    keys: Mapping[int, bytes] | None = None
+    strict: bool = True
+
+    def label(self, node_id: int, claimed: str | None = None) -> str:
+        """The name a node's round entry is filed under: its provisioned name, else (only
+        when not strict) what it claims, else ``node-<id>``."""
+        if node_id in self.names:
+            return self.names[node_id]
+        if not self.strict and claimed:
+            return claimed
+        return f"node-{node_id}"
+
+    def problem(self, node_id: int, claimed: str) -> str | None:
+        """Why ``node_id`` may not answer as ``claimed`` (None: it may)."""
+        name = self.names.get(node_id)
+        if name is None:
+            return f"identity: node {node_id} is not a registered site" if self.strict else None
+        if name != claimed:
+            return f"identity: node {node_id} is registered as {name!r}, not {claimed!r}"
+        return None
+
+
+@dataclass(frozen=True)
 class Admission:
     """The gate's decision about one site for one round."""
 
     node_id: int
-    site: str | None
+    site: str | None  # the name the reply claimed (the record files it under the identity)
     admitted: bool
     reason: str
     verdict: Verdict | None = None
     site_public_key: bytes | None = None
     evidence_sha256: str | None = None
+    nonce_sha256: str | None = None
     refusal_code: str | None = None
     verify_seconds: float = 0.0
 
@@ -115,7 +151,8 @@ class Admission:
         """Audit/report view: digests and reasons, never evidence bytes or keys."""
         out: dict[str, object] = {"node_id": self.node_id, "site": self.site,
                                   "admitted": self.admitted, "reason": self.reason,
-                                  "evidence_sha256": self.evidence_sha256}
+                                  "evidence_sha256": self.evidence_sha256,
+                                  "nonce_sha256": self.nonce_sha256}
         if self.verdict is not None and self.verdict.claims is not None:
             c = self.verdict.claims
             out.update(measurement=c.measurement.hex(), format=c.format, root=c.root,
@@ -128,30 +165,34 @@ class Admission:
         return out
 
 
+def refused(node_id: int, reason: str, site: str | None = None) -> Admission:
+    """An admission refused before the gate looked at any evidence."""
+    return Admission(node_id=node_id, site=site, admitted=False, reason=reason)
+
+
 class AttestationGate:
     """Issues challenges and admits or quarantines sites."""
 
     def __init__(self, policy: Policy, nonces: NonceStore | None = None, *,
                  coordinator_id: str = "",
                  clock: Callable[[], dt.datetime] | None = None,
-                 node_keys: dict[int, bytes] | None = None,
-                 node_sites: dict[int, str] | None = None,
-                 watermarks: LedgerWatermarks | None = None,
-                 site_hints: dict[int, str] | None = None) -> None:
+                 directory: SiteDirectory | None = None,
+                 watermarks: LedgerWatermarks | None = None) -> None:
         self.policy = policy
         self.nonces = nonces or NonceStore()
         self.watermarks = watermarks or LedgerWatermarks()
-        self.site_hints = dict(site_hints or {})  # node id -> site, for ledger anchors
+        self.directory = directory or SiteDirectory(strict=False)
         self.coordinator_id = coordinator_id
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
-        self.node_keys = node_keys
-        self.node_sites = node_sites
         self._chains: tuple[trust.AmdChain, ...] = trusted_amd_chains(policy)
         self.policy_digest = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()
 
     def challenge(self, *, run_id: str, round: int, node_id: int, model_digest: str,
                   coordinator_public_key: bytes, plan: TrainPlan) -> AttestChallenge:
-        anchor = self.watermarks.anchor(self.site_hints.get(node_id))
+        """A fresh challenge for ``node_id``; it carries the ledger anchor of the site this
+        node is provisioned as, if the coordinator attested that site's ledger before."""
+        site = self.directory.names.get(node_id)
+        anchor = self.watermarks.anchor(site)
         return AttestChallenge(run_id=run_id, round=round,
                                nonce=self.nonces.issue(run_id, round, node_id),
                                coordinator_public_key=coordinator_public_key,
@@ -164,18 +205,20 @@ class AttestationGate:
               evidence: bytes, endorsement: bytes) -> Admission:
         site = response.site
         evidence_sha = hashlib.sha256(evidence).hexdigest() if evidence else None
+        nonce_sha = hashlib.sha256(challenge.nonce).hexdigest()
 
         def quarantine(reason: str, **kw: object) -> Admission:
             return Admission(node_id=node_id, site=site, admitted=False, reason=reason,
-                             evidence_sha256=evidence_sha, **kw)  # type: ignore[arg-type]
+                             evidence_sha256=evidence_sha, nonce_sha256=nonce_sha,
+                             **kw)  # type: ignore[arg-type]
 
         if (response.run_id, response.round, response.nonce) != (
                 challenge.run_id, challenge.round, challenge.nonce):
             return quarantine("protocol: reply does not answer this round's challenge "
                               "(run, round or nonce differ)")
-        if self.node_sites is not None and self.node_sites.get(node_id) != site:
-            return quarantine(f"identity: node {node_id} is registered as "
-                              f"{self.node_sites.get(node_id)!r}, not {site!r}")
+        identity = self.directory.problem(node_id, site)
+        if identity is not None:
+            return quarantine(identity)
         if response.refusal is not None:
             label = response.refusal.code.replace("-", " ")
             return quarantine(f"{label}: {response.refusal.detail}",
@@ -187,7 +230,8 @@ class AttestationGate:
         if response.site_public_key is None or not evidence:
             return quarantine("protocol: no evidence or no site key in the reply")
         node_key = bytes.fromhex(response.node_public_key) if response.node_public_key else b""
-        if self.node_keys is not None and self.node_keys.get(node_id, b"") != node_key:
+        keys = self.directory.keys
+        if keys is not None and keys.get(node_id, b"") != node_key:
             return quarantine("identity: the node key bound in the evidence is not the key "
                               f"this node authenticated with (node {node_id})")
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=site,
@@ -207,20 +251,33 @@ class AttestationGate:
             return quarantine(f"attestation: {verdict.summary}", verdict=verdict,
                               verify_seconds=elapsed)
         # The ledger state is the enclave's word only now that the evidence is authentic.
-        rollback = self.watermarks.check(site, response.ledger_records, response.ledger_head)
-        anchor = challenge.ledger_anchor
-        if rollback is None and anchor is not None and self.site_hints.get(node_id) == site \
-                and response.ledger_anchor_head != anchor.head:
-            rollback = (f"privacy ledger rollback: the site's ledger does not pass through the "
-                        f"state this coordinator attested at {anchor.records} records (a copy "
-                        "restored from before it and grown again)")
+        rollback = self._ledger_problem(node_id, site, challenge, response)
         if rollback is not None:
             return quarantine(rollback, verdict=verdict, verify_seconds=elapsed)
         self.watermarks.advance(site, response.ledger_records, response.ledger_head)
         return Admission(node_id=node_id, site=site, admitted=True, reason="attested",
                          verdict=verdict, site_public_key=response.site_public_key,
-                         evidence_sha256=evidence_sha, verify_seconds=elapsed)
+                         evidence_sha256=evidence_sha, nonce_sha256=nonce_sha,
+                         verify_seconds=elapsed)
 
+    def _ledger_problem(self, node_id: int, site: str, challenge: AttestChallenge,
+                        response: AttestResponse) -> str | None:
+        rollback = self.watermarks.check(site, response.ledger_records, response.ledger_head)
+        anchor = challenge.ledger_anchor
+        if rollback is None and anchor is not None and \
+                self.directory.names.get(node_id) == site and \
+                response.ledger_anchor_head != anchor.head:
+            rollback = (f"privacy ledger rollback: the site's ledger does not pass through the "
+                        f"state this coordinator attested at {anchor.records} records (a copy "
+                        "restored from before it and grown again)")
+        return rollback
 
-def protocol_failure(node_id: int, exc: ProtocolError | Exception) -> Admission:
-    return Admission(node_id=node_id, site=None, admitted=False, reason=f"protocol: {exc}")
+    def ledger_grew(self, site: str, records: int) -> None:
+        """A train report's ledger size after the round's charge (a count only: it can only
+        make the site's own later attestations fail, so it is safe to take)."""
+        self.watermarks.advance(site, records, None)
+
+    def end_phase(self) -> None:
+        """Make this phase's nonces and ledger watermarks durable (before they take effect)."""
+        self.nonces.flush()
+        self.watermarks.flush()

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cleanroom.coordinator.strategy import RoundRecord
+from cleanroom.coordinator.records import RoundRecord, SiteRound
 
 
 @lru_cache(maxsize=1)
@@ -32,28 +32,33 @@ def code_version() -> str:
     return f"{base}+{commit}" if commit else base
 
 
+def _site_entry(s: SiteRound) -> dict[str, Any]:
+    admission = s.admission
+    privacy = s.train.privacy if s.train else None
+    return {
+        "node_id": s.node_id,
+        "admitted": s.admitted,
+        "reason": s.reason,
+        "nonce_sha256": s.nonce_sha256,
+        "evidence_sha256": admission.get("evidence_sha256"),
+        "measurement": admission.get("measurement"),
+        "checks": admission.get("checks", []),
+        "model_ciphertext_sha256": s.model_ciphertext_sha256,
+        "update_ciphertext_sha256": s.update_ciphertext_sha256,
+        "update_norm": s.update_norm,
+        "epsilon_round": privacy.epsilon_round if privacy else None,
+        "epsilon_run": privacy.epsilon_run if privacy else None,
+        "epsilon_lifetime": privacy.epsilon_lifetime if privacy else None,
+        "ledger_records": privacy.ledger_records if privacy else None,
+        "delta": privacy.delta if privacy else None,
+        "dp_steps": privacy.steps if privacy else None,
+        "num_examples": s.train.num_examples if s.train else None,
+    }
+
+
 def round_receipt(record: RoundRecord, *, policy_digest: str) -> dict[str, Any]:
-    sites = {}
-    for name, s in sorted(record.sites.items()):
-        admission = s.admission
-        sites[name] = {
-            "node_id": s.node_id,
-            "admitted": s.admitted,
-            "reason": s.reason,
-            "evidence_sha256": admission.get("evidence_sha256"),
-            "measurement": admission.get("measurement"),
-            "checks": admission.get("checks", []),
-            "model_ciphertext_sha256": s.model_ciphertext_sha256,
-            "update_ciphertext_sha256": s.update_ciphertext_sha256,
-            "update_norm": s.update_norm,
-            "epsilon_round": s.train_metrics.get("epsilon-round"),
-            "epsilon_run": s.train_metrics.get("epsilon-run"),
-            "epsilon_lifetime": s.train_metrics.get("epsilon-lifetime"),
-            "ledger_records": s.train_metrics.get("ledger-records"),
-            "delta": s.train_metrics.get("delta"),
-            "dp_steps": s.train_metrics.get("dp-steps"),
-            "num_examples": s.train_metrics.get("num-examples"),
-        }
+    """The signed body of a round: who was asked, each site's verdict and the nonce its
+    admission consumed (SHA-256), ciphertext digests, the aggregate, privacy spent."""
     return {
         "run_id": record.run_id,
         "round": record.round,
@@ -63,7 +68,7 @@ def round_receipt(record: RoundRecord, *, policy_digest: str) -> dict[str, Any]:
         "global_model_sha256": record.model_digest,
         "aggregate_sha256": record.aggregate_digest,
         "skipped": record.skipped,
-        "sites": sites,
+        "sites": {name: _site_entry(s) for name, s in sorted(record.sites.items())},
         "policy_digest": policy_digest,
         "code_version": code_version(),
     }

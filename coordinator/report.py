@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cleanroom.coordinator.strategy import RoundRecord
+from cleanroom.coordinator.records import RoundRecord
 
 
 def _mean(values: list[float]) -> float | None:
@@ -16,12 +16,14 @@ def _mean(values: list[float]) -> float | None:
 
 def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) -> dict[str, Any]:
     """One element of report["rounds"]; ``epsilon_so_far`` carries each site's cumulative ε."""
-    metrics = {site: {"accuracy": s.eval_metrics["accuracy"], "loss": s.eval_metrics["loss"]}
+    metrics = {site: {"accuracy": s.evaluation.metrics["accuracy"],
+                      "loss": s.evaluation.metrics["loss"]}
                for site, s in sorted(record.sites.items())
-               if "accuracy" in s.eval_metrics and "loss" in s.eval_metrics}
+               if s.evaluation is not None and "accuracy" in s.evaluation.metrics
+               and "loss" in s.evaluation.metrics}
     for site, s in record.sites.items():
-        if "epsilon-run" in s.train_metrics:
-            epsilon_so_far[site] = s.train_metrics["epsilon-run"]
+        if s.epsilon_run is not None:
+            epsilon_so_far[site] = s.epsilon_run
         else:
             epsilon_so_far.setdefault(site, None)
     return {

@@ -2,7 +2,7 @@
 
 It reads the coordinator configuration named in the run config, waits for the registered
 sites to come online, binds each node's authentication key into the attestation check, and
-runs the federation with :func:`coordinator.runner.run_federation` (the same code path as the
+runs the federation with :func:`cleanroom.coordinator.run.run_federation` (the same code path as the
 simulation). Outputs land in ``<state_dir>/runs/<run_id>/``; ``progress.jsonl`` gets one line
 per round for ``cleanroom run`` and the coordinator API.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cleanroom.coordinator.fastgrid import FastPollGrid
@@ -28,14 +28,6 @@ OVERRIDES = {  # run-config key -> TrainingSettings field
     "rounds": "rounds", "strategy": "strategy", "dp": "dp", "epsilon": "epsilon",
     "local-steps": "local_steps", "lr": "lr", "sample-rate": "sample_rate",
 }
-
-
-def spki_der(pem: bytes) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_public_key(pem)
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def wait_for_sites(grid: Grid, expected: set[str], timeout: float) -> dict[int, Any]:
@@ -53,9 +45,9 @@ def wait_for_sites(grid: Grid, expected: set[str], timeout: float) -> dict[int, 
 def main(grid: Grid, context: Context) -> None:
     from cleanroom.attestation.validate.policy import load_policy
     from cleanroom.coordinator.config import load_coordinator_config
-    from cleanroom.coordinator.runner import RunSpec, run_federation
-    from cleanroom.models import build_model, get_parameters
-    from cleanroom.protocol.flower import numpy_to_arrays
+    from cleanroom.coordinator.gate import SiteDirectory
+    from cleanroom.coordinator.run import Resume, RunSpec, Stores, run_federation, start_rounds
+    from cleanroom.pki import spki_der
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     path = str(context.run_config.get("coordinator-config", ""))
@@ -95,36 +87,31 @@ def main(grid: Grid, context: Context) -> None:
             fh.write(json.dumps(entry) + "\n")
 
     spec = RunSpec(
-        run_id=run_id, out=out, policy=policy, plan=plan, strategy=training.strategy,
+        label=run_id, out=out, policy=policy, plan=plan, strategy=training.strategy,
         strategy_options=training.strategy_kwargs(), dataset=training.dataset,
-        audit_key=config.audit_key, min_nodes=training.min_sites,
-        tracking_uri=config.tracking_uri, run_name=f"run-{run_id}-{training.strategy}",
-        coordinator_id=config.name, sites=sorted(expected),
-        node_keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()},
-        node_sites={nid: n.name for nid, n in nodes.items()},
-        nonce_file=config.state_dir / "nonces.jsonl", expected_nodes=max(1, len(nodes)),
-        watermark_file=config.state_dir / "ledger_watermarks.json",
+        stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
+                      watermarks=config.state_dir / "ledger_watermarks.json",
+                      checkpoints=out / "checkpoint"),
+        # node id -> the name and key the operator registered (never what a node claims)
+        directory=SiteDirectory(
+            names={nid: n.name for nid, n in nodes.items()},
+            keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()}),
+        min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
+        run_name=f"run-{run_id}-{training.strategy}", coordinator_id=config.name,
+        sites=sorted(expected), expected_nodes=max(1, len(nodes)),
         params={"seed": seed, "deployment": config.name},
         report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
                                  "deployment": config.name},
                       "resumed_from_run": resume_run or None},
         checkpoint_meta={"deployment": {"training": training.model_dump(mode="json"),
                                         "seed": seed}},
-        resume=checkpoint,
-        protocol_run_id=checkpoint.run_id if checkpoint else None,
-        previous_audit=earlier / "audit.jsonl" if earlier else None,
+        resume=Resume(checkpoint, earlier / "audit.jsonl")
+        if checkpoint is not None and earlier is not None else None,
     )
-    done = checkpoint.round if checkpoint else 0
-    initial = numpy_to_arrays(checkpoint.model) if checkpoint else \
-        numpy_to_arrays(get_parameters(build_model(plan.model, seed=seed)))
-    last = min(plan.rounds, pause_after) if pause_after > done else plan.rounds
 
     def execute(strategy: Any) -> Any:
-        result = strategy.start(grid=_SitesOnly(grid, set(nodes)), initial_arrays=initial,
-                                num_rounds=last - done, timeout=600,
-                                train_config=ConfigRecord({"model": plan.model}),
-                                evaluate_config=ConfigRecord({"model": plan.model}))
-        return result.arrays
+        return start_rounds(strategy, _SitesOnly(grid, set(nodes)), spec, seed=seed,
+                            pause_after=pause_after, timeout=600)
 
     run_federation(spec, execute, on_round=on_round)
 

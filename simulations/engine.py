@@ -115,7 +115,8 @@ def run_simulation(config: SimulationConfig,
     ``checkpoint``: what :func:`resumed_config` returned for a resume (else it is loaded)."""
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
-    from cleanroom.coordinator.runner import RunSpec, run_federation
+    from cleanroom.coordinator.gate import SiteDirectory
+    from cleanroom.coordinator.run import Resume, RunSpec, Stores, run_federation
     from cleanroom.simulations.scenarios import SCENARIOS, Fault, SimulatedSites
     from cleanroom.site_agent.runtime import code_measurement
 
@@ -150,29 +151,35 @@ def run_simulation(config: SimulationConfig,
         "dataset", "strategy", "rounds", "model", "local_steps", "sample_rate", "lr",
         "optimizer", "momentum", "max_grad_norm", "max_update_norm", "dp", "epsilon",
         "delta")}).plan()
+    node_names = {NODE_ID_BASE + i: name for i, name in enumerate(names)}
     spec = RunSpec(
-        run_id=str(run_id), out=out, policy=policy, plan=plan,
+        label=str(run_id), out=out, policy=policy, plan=plan,
         strategy=config.strategy,
         strategy_options={**STRATEGY_OPTIONS.get(config.strategy, {}), **config.strategy_options},
-        dataset=config.dataset, audit_key=state / "coordinator" / "audit_signing_key.pem",
+        dataset=config.dataset,
+        stores=Stores(audit_key=state / "coordinator" / "audit_signing_key.pem",
+                      nonces=out / "coordinator" / "nonces.jsonl",
+                      watermarks=state / "coordinator" / "ledger_watermarks.json",
+                      checkpoints=out / "checkpoint"),
+        # In-process, node ids are ours (NODE_ID_BASE + partition); Flower's simulation
+        # runtime assigns its own, so there the sites' claimed names are used (unique).
+        directory=SiteDirectory(names=node_names, strict=True)
+        if config.backend == "inprocess" else SiteDirectory(strict=False),
         confidential=config.confidential, tracking=config.tracking,
         tracking_uri=config.tracking_uri,
         run_name=f"{config.scenario}-{config.strategy}-s{config.seed}",
         coordinator_id="simulation-coordinator", sites=names,
-        node_sites={NODE_ID_BASE + i: name for i, name in enumerate(names)},
-        nonce_file=out / "coordinator" / "nonces.jsonl",
         checkpoint_meta={"simulation_config": config.model_copy(update={
             "state_dir": state, "out": out}).model_dump(mode="json")},  # absolute paths
-        resume=checkpoint,
-        watermark_file=state / "coordinator" / "ledger_watermarks.json",
+        resume=Resume(checkpoint, out / "audit.jsonl") if checkpoint is not None else None,
         params={"scenario": config.scenario, "hostile_site": hostile, "seed": config.seed,
                 "backend": config.backend, "code_measurement": code_measurement().hex()},
         report_extra={"config": config.model_dump(mode="json"),
                       "scenario": {"name": config.scenario, "hostile_site": hostile,
                                    "description": SCENARIOS[config.scenario]}},
     )
-    outcome = run_federation(spec, lambda strategy: _execute(config, strategy, sites, run_id,
-                                                             checkpoint), on_round=on_round)
+    outcome = run_federation(spec, lambda strategy: _execute(config, spec, strategy, sites,
+                                                             run_id), on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
                             outcome.seconds)
 
@@ -200,59 +207,47 @@ def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
     return resumed, checkpoint
 
 
-def _execute(config: SimulationConfig, strategy: Any, sites: Any, run_id: int,
-             checkpoint: Any = None) -> Any:
+def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
+             run_id: int) -> Any:
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
-    from flwr.app import ArrayRecord, ConfigRecord
-
-    from cleanroom.models import build_model, get_parameters
-    from cleanroom.protocol.flower import numpy_to_arrays
+    from cleanroom.coordinator.run import start_rounds
     from cleanroom.site_agent.app import make_client_app
 
-    if checkpoint is not None:
-        initial = numpy_to_arrays(checkpoint.model)
-        rounds = config.rounds - checkpoint.round
-    else:
-        initial = numpy_to_arrays(get_parameters(build_model(config.model, seed=config.seed)))
-        rounds = config.rounds
-    plain_settings = _plain_settings(config) if not config.confidential else None
+    plain = _plain_settings(config, spec.plan) if not config.confidential else {}
     n = len(sites.configs)
     if config.backend == "inprocess":
         from cleanroom.simulations.inprocess import InProcessGrid
 
-        app = make_client_app(sites, confidential=config.confidential,
-                              plain_settings=plain_settings)
+        app = make_client_app(sites, confidential=config.confidential, **plain)
         grid = InProcessGrid.build(lambda _nid: app,
                                    {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
                                     for i in range(n)}, run_id=run_id,
                                    workers=config.workers)
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                              train_config=ConfigRecord({"model": config.model}),
-                              evaluate_config=ConfigRecord({"model": config.model}))
-        return result.arrays if isinstance(result.arrays, ArrayRecord) else None
-    return _execute_ray(config, strategy, sites, initial, plain_settings)
+        return start_rounds(strategy, grid, spec, seed=config.seed)
+    return _execute_ray(config, spec, strategy, sites, plain)
 
 
-def _plain_settings(config: SimulationConfig) -> dict[str, object]:
-    """Training settings for the plaintext baseline (no mod decides them)."""
-    from cleanroom.site_agent.mod import noise_for
+def _plain_settings(config: SimulationConfig, plan: Any) -> dict[str, Any]:
+    """The plan and settings of the plaintext baseline (no mod decides them)."""
+    from cleanroom.site_agent.settings import RoundSettings, noise_for
 
     sigma = noise_for(config.epsilon, config.delta, config.sample_rate,
-                      config.rounds * config.local_steps) if config.dp else 0.0
-    return {"model": config.model, "local-steps": config.local_steps,
-            "sample-rate": config.sample_rate, "lr": config.lr, "optimizer": config.optimizer,
-            "momentum": config.momentum, "max-grad-norm": config.max_grad_norm,
-            "noise-multiplier": sigma, "dp": config.dp, "seed": config.seed}
+                      config.rounds * config.local_steps) if config.dp else None
+    return {"plain_plan": plan,
+            "plain_settings": RoundSettings(sigma, config.sample_rate, config.local_steps,
+                                            config.epsilon if config.dp else None,
+                                            config.delta)}
 
 
-def _execute_ray(config: SimulationConfig, strategy: Any, sites: Any, initial: Any,
-                 plain_settings: dict[str, object] | None) -> Any:
+def _execute_ray(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
+                 plain: dict[str, Any]) -> Any:
     import os
 
-    from flwr.app import ConfigRecord, Context
+    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from cleanroom.coordinator.run import start_rounds
     from cleanroom.site_agent.app import make_client_app
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -261,13 +256,9 @@ def _execute_ray(config: SimulationConfig, strategy: Any, sites: Any, initial: A
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds,
-                              train_config=ConfigRecord({"model": config.model}),
-                              evaluate_config=ConfigRecord({"model": config.model}))
-        holder["arrays"] = result.arrays
+        holder["arrays"] = start_rounds(strategy, grid, spec, seed=config.seed)
 
-    client_app = make_client_app(sites, confidential=config.confidential,
-                                 plain_settings=plain_settings)
+    client_app = make_client_app(sites, confidential=config.confidential, **plain)
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=len(sites.configs),
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -94,18 +94,13 @@ class SiteRuntime:
 
     @cached_property
     def node_public_key(self) -> bytes:
-        """DER SubjectPublicKeyInfo of the Flower node auth key (bound into attestations)."""
+        """The Flower node auth key's identity bytes (bound into attestations; deployment)."""
         path = self.config.node_public_key
         if path is None:
             return b""
         from cleanroom.pki import NodePublicKey
 
-        pem = NodePublicKey.load(path).spki_pem
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_pem_public_key(pem)
-        return key.public_bytes(serialization.Encoding.DER,
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        return NodePublicKey.load(path).identity
 
 
 def build_runtime(config: SiteConfig, provider: EnclaveProvider | None = None) -> SiteRuntime:

@@ -223,7 +223,7 @@ def test_next_round_attested_with_the_evaluation(tmp_path, monkeypatch):
 
 def test_budget_running_out_mid_run_is_caught_on_the_piggybacked_attestation(tmp_path):
     from cleanroom.site_agent.ledger import epsilon_of
-    from cleanroom.site_agent.mod import noise_for
+    from cleanroom.site_agent.settings import noise_for
 
     config = SimulationConfig(out=tmp_path / "probe", **FAST)
     sigma = noise_for(config.epsilon, config.delta, config.sample_rate,

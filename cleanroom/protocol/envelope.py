@@ -26,7 +26,7 @@ INFO_TAG = b"cleanroom-fl/envelope/v1"
 PUBLIC_KEY_SIZE = 32
 MAX_CIPHERTEXT = 512 * 1024 * 1024
 
-Direction = Literal["model", "update", "evaluate"]
+Direction = Literal["model", "update", "evaluate", "metrics"]
 
 
 @dataclass(frozen=True)

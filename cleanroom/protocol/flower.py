@@ -1,34 +1,34 @@
-"""Thin Flower adapter: wire schemas and envelopes in and out of Flower ``RecordDict``s.
+"""Thin Flower adapter: typed protocol objects in and out of Flower ``RecordDict``s.
 
-The only module of the shared package that knows Flower's record types. Layout:
+The only module of the shared package that knows Flower's record types; it maps, it decides
+nothing. Layout of every message the protocol sends:
 
 * attestation query (``query.cleanroom_attest``): ConfigRecord ``cleanroom.challenge`` with
-  ``challenge`` (JSON); the reply: ConfigRecord ``cleanroom.attest`` with ``response`` (JSON),
+  ``challenge`` (JSON). Reply: ConfigRecord ``cleanroom.attest`` with ``response`` (JSON),
   ``evidence`` and ``endorsement`` (bytes).
-* train/evaluate instructions and train replies: no ArrayRecord at all; ConfigRecord
-  ``cleanroom.envelope`` with ``header`` (JSON), ``ciphertext`` (bytes) and ``array_key`` (the
-  record name the wrapped strategy or app used for its arrays). Other records (the strategy's
-  config, the site's metrics) pass unchanged.
+* train / evaluate instructions: ConfigRecord ``cleanroom.envelope`` (``header`` JSON,
+  ``ciphertext`` bytes) holding the sealed global model, plus the inner strategy's own
+  ConfigRecord(s) (e.g. FedProx's ``proximal-mu``); no ArrayRecord at all. An evaluate
+  instruction may also carry ``cleanroom.challenge`` (next round's challenge, answered in the
+  reply: one message round trip less per round).
+* train reply: exactly one record, ``cleanroom.envelope`` (the sealed update and its report).
+  Evaluate reply: ``cleanroom.envelope`` (the sealed evaluation report) and optionally
+  ``cleanroom.attest``. :func:`read_reply` refuses anything else: a reply that carries extra
+  records is a malformed reply of that one site, never a reason to stop the run.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ValidationError
 
 from cleanroom.errors import ProtocolError
-from cleanroom.protocol.arrays import decode_arrays, encode_arrays
-from cleanroom.protocol.envelope import (
-    SUITE_NAME,
-    EnvelopeContext,
-    KeyPair,
-    ciphertext_digest,
-    open_sealed,
-    seal,
-)
+from cleanroom.protocol.payload import Sealed
+from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, EnvelopeHeader
 
 ATTEST_ACTION = "cleanroom_attest"
@@ -36,17 +36,23 @@ ATTEST_MESSAGE_TYPE = f"query.{ATTEST_ACTION}"
 CHALLENGE_RECORD = "cleanroom.challenge"
 ATTEST_RECORD = "cleanroom.attest"
 ENVELOPE_RECORD = "cleanroom.envelope"
+ARRAYS_RECORD = "arrays"  # the ArrayRecord key Flower's strategies use by default
+METRICS_RECORD = "metrics"
 MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 64 * 1024
+MAX_JSON = 256 * 1024
 
 
 def _parse(model: type[BaseModel], text: object, what: str) -> BaseModel:
     if not isinstance(text, str):
         raise ProtocolError(f"{what} is missing or not a string")
+    if len(text) > MAX_JSON:
+        raise ProtocolError(f"{what} is larger than {MAX_JSON} bytes")
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
-        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) or "(root)"
+                           for e in exc.errors())
         raise ProtocolError(f"{what} is malformed ({fields})") from None
 
 
@@ -65,11 +71,23 @@ def numpy_to_arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
+def single_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
+    """The parameters of a message that must carry exactly one ArrayRecord."""
+    records = list(content.array_records.values())
+    if len(records) != 1:
+        raise ProtocolError(f"expected exactly one ArrayRecord, found {len(records)}")
+    return arrays_to_numpy(records[0])
+
+
 # ----------------------------------------------------------------------------- attestation
 
 
 def challenge_content(challenge: AttestChallenge) -> RecordDict:
-    return RecordDict({CHALLENGE_RECORD: ConfigRecord({"challenge": challenge.model_dump_json()})})
+    return RecordDict({CHALLENGE_RECORD: challenge_record(challenge)})
+
+
+def challenge_record(challenge: AttestChallenge) -> ConfigRecord:
+    return ConfigRecord({"challenge": challenge.model_dump_json()})
 
 
 def read_challenge(content: RecordDict) -> AttestChallenge:
@@ -77,74 +95,112 @@ def read_challenge(content: RecordDict) -> AttestChallenge:
     return _parse(AttestChallenge, record.get("challenge"), "challenge")  # type: ignore[return-value]
 
 
+def has_challenge(content: RecordDict) -> bool:
+    return CHALLENGE_RECORD in content.config_records
+
+
+def attest_record(response: AttestResponse, evidence: bytes = b"",
+                  endorsement: bytes = b"") -> ConfigRecord:
+    return ConfigRecord({"response": response.model_dump_json(), "evidence": evidence,
+                         "endorsement": endorsement})
+
+
 def attest_content(response: AttestResponse, evidence: bytes = b"",
                    endorsement: bytes = b"") -> RecordDict:
-    return RecordDict({ATTEST_RECORD: ConfigRecord({
-        "response": response.model_dump_json(), "evidence": evidence,
-        "endorsement": endorsement})})
+    return RecordDict({ATTEST_RECORD: attest_record(response, evidence, endorsement)})
+
+
+def has_attest(content: RecordDict) -> bool:
+    return ATTEST_RECORD in content.config_records
 
 
 def read_attest(content: RecordDict) -> tuple[AttestResponse, bytes, bytes]:
     record = _config(content, ATTEST_RECORD)
-    response = _parse(AttestResponse, record.get("response"), "attestation response")
     evidence, endorsement = record.get("evidence", b""), record.get("endorsement", b"")
     if not isinstance(evidence, bytes) or not isinstance(endorsement, bytes):
         raise ProtocolError("evidence and endorsement must be bytes")
     if len(evidence) > MAX_EVIDENCE or len(endorsement) > MAX_ENDORSEMENT:
         raise ProtocolError(f"evidence ({len(evidence)} B) or endorsement "
                             f"({len(endorsement)} B) exceeds the size limit")
+    response = _parse(AttestResponse, record.get("response"), "attestation response")
     return response, evidence, endorsement  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- envelopes
 
 
-def seal_arrays(content: RecordDict, recipient_public_key: bytes, context: EnvelopeContext,
-                ) -> tuple[RecordDict, EnvelopeHeader]:
-    """Replace the (single) ArrayRecord of ``content`` by its ciphertext; keep other records."""
-    array_items = list(content.array_records.items())
-    if len(array_items) != 1:
-        raise ProtocolError(f"expected exactly one ArrayRecord, found {len(array_items)}")
-    array_key, record = array_items[0]
-    ciphertext = seal(encode_arrays(arrays_to_numpy(record)), recipient_public_key, context)
-    header = EnvelopeHeader(direction=context.direction, run_id=context.run_id,
-                            round=context.round, site=context.site,
-                            model_digest=context.model_digest, suite=SUITE_NAME,
-                            ciphertext_sha256=ciphertext_digest(ciphertext))
-    out = RecordDict()
-    for key, value in content.items():
-        if key != array_key:
-            out[key] = value
-    out[ENVELOPE_RECORD] = ConfigRecord({"header": header.model_dump_json(),
-                                         "ciphertext": ciphertext, "array_key": array_key})
-    return out, header
+def envelope_record(sealed: Sealed) -> ConfigRecord:
+    return ConfigRecord({"header": sealed.header.model_dump_json(),
+                         "ciphertext": sealed.ciphertext})
 
 
-def envelope_header(content: RecordDict) -> EnvelopeHeader:
+def read_envelope(content: RecordDict) -> Sealed:
     record = _config(content, ENVELOPE_RECORD)
-    return _parse(EnvelopeHeader, record.get("header"), "envelope header")  # type: ignore[return-value]
+    ciphertext = record.get("ciphertext")
+    if not isinstance(ciphertext, bytes):
+        raise ProtocolError("envelope has no ciphertext")
+    header = _parse(EnvelopeHeader, record.get("header"), "envelope header")
+    return Sealed(header, ciphertext)  # type: ignore[arg-type]
 
 
-def open_arrays(content: RecordDict, recipient: KeyPair, context: EnvelopeContext,
-                ) -> tuple[RecordDict, OrderedDict[str, np.ndarray]]:
-    """Inverse of :func:`seal_arrays`: a RecordDict with the ArrayRecord back in place."""
-    record = _config(content, ENVELOPE_RECORD)
-    header = envelope_header(content)
-    ciphertext, array_key = record.get("ciphertext"), record.get("array_key")
-    if not isinstance(ciphertext, bytes) or not isinstance(array_key, str) or not array_key:
-        raise ProtocolError("envelope has no ciphertext or array_key")
-    if ciphertext_digest(ciphertext) != header.ciphertext_sha256:
-        raise ProtocolError("envelope ciphertext does not match its header digest")
-    if (header.direction, header.run_id, header.round, header.site, header.model_digest) != (
-            context.direction, context.run_id, context.round, context.site,
-            context.model_digest):
-        raise ProtocolError(f"envelope is for {header.direction}/{header.run_id}/round "
-                            f"{header.round}/{header.site}, expected {context.direction}/"
-                            f"{context.run_id}/round {context.round}/{context.site}")
-    arrays = decode_arrays(open_sealed(ciphertext, recipient, context))
+def instruction_content(sealed: Sealed, strategy_content: RecordDict,
+                        challenge: AttestChallenge | None = None) -> RecordDict:
+    """A train/evaluate instruction: the sealed model replaces the strategy's ArrayRecord(s);
+    the strategy's ConfigRecords (its per-round config) travel as they are."""
     out = RecordDict()
-    for key, value in content.items():
-        if key != ENVELOPE_RECORD:
+    for key, value in strategy_content.items():
+        if not isinstance(value, ArrayRecord):
             out[key] = value
-    out[array_key] = numpy_to_arrays(arrays)
-    return out, arrays
+    out[ENVELOPE_RECORD] = envelope_record(sealed)
+    if challenge is not None:
+        out[CHALLENGE_RECORD] = challenge_record(challenge)
+    return out
+
+
+def strategy_config(content: RecordDict) -> ConfigRecord:
+    """The wrapped strategy's per-round ConfigRecord of an instruction (empty if none)."""
+    for key, record in content.config_records.items():
+        if not key.startswith("cleanroom."):
+            return record
+    return ConfigRecord()
+
+
+def read_reply(content: RecordDict, *, allowed: Iterable[str]) -> None:
+    """Refuse a reply holding any record besides ``allowed`` (array, metric or config)."""
+    allowed = set(allowed)
+    extra = sorted(k for k in content if k not in allowed)
+    if extra:
+        raise ProtocolError(f"reply carries unexpected record(s) {extra}; only "
+                            f"{sorted(allowed)} are accepted")
+
+
+def reply_content(sealed: Sealed, attest: ConfigRecord | None = None) -> RecordDict:
+    out = RecordDict({ENVELOPE_RECORD: envelope_record(sealed)})
+    if attest is not None:
+        out[ATTEST_RECORD] = attest
+    return out
+
+
+# ----------------------------------------------------------------------------- inner strategy
+
+
+def train_metrics(report: TrainReport) -> MetricRecord:
+    """What the wrapped strategy sees of a site's train report: the sample count it weights
+    by (from the authenticated report), and the loss when there is one."""
+    values: dict[str, int | float] = {NUM_EXAMPLES: report.num_examples}
+    if report.train_loss is not None:
+        values["train-loss"] = report.train_loss
+    return MetricRecord(values)  # type: ignore[arg-type]
+
+
+def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
+    return MetricRecord({NUM_EXAMPLES: report.num_examples, **report.metrics})  # type: ignore[arg-type]
+
+
+def plain_train_reply(arrays: OrderedDict[str, np.ndarray], report: TrainReport) -> RecordDict:
+    return RecordDict({ARRAYS_RECORD: numpy_to_arrays(arrays),
+                       METRICS_RECORD: train_metrics(report)})
+
+
+def plain_evaluate_reply(report: EvaluateReport) -> RecordDict:
+    return RecordDict({METRICS_RECORD: evaluate_metrics(report)})

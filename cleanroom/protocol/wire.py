@@ -105,7 +105,7 @@ class EnvelopeHeader(_Wire):
     """Describes a ciphertext (model to a site, update back); the bytes travel beside it."""
 
     protocol: Literal[1] = PROTOCOL_VERSION
-    direction: Literal["model", "update", "evaluate"]
+    direction: Literal["model", "update", "evaluate", "metrics"]
     run_id: str
     round: int
     site: SiteName

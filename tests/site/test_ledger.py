@@ -208,7 +208,7 @@ def test_context_cache_of_the_mod_is_macd(tmp_path):
     """The noise multiplier and architecture digest cached in the node's Flower context are
     MACed too: an edited value is recomputed, not used."""
     from cleanroom.site_agent.ledger import EpsilonMemo
-    from cleanroom.site_agent.mod import _cached
+    from cleanroom.site_agent.settings import _cached
 
     store: dict[str, object] = {}
     memo = EpsilonMemo(store, b"M" * 32)

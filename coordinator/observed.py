@@ -1,0 +1,112 @@
+"""ObservedStrategy: the plaintext baseline of the benchmarks, recorded like a confidential run.
+
+No attestation, no encryption: a pass-through wrapper that only fills a :class:`RoundRecord`
+per round from the plain replies, so the baseline is reported the same way as the
+confidential run (report.json, MLflow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from pydantic import ValidationError
+
+from cleanroom.coordinator.records import RoundRecord, SiteRound
+from cleanroom.protocol.arrays import arrays_digest
+from cleanroom.protocol.flower import arrays_to_numpy
+from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
+
+DP_STEPS = "dp-steps"  # what the plain ClientApp reports beside num-examples
+
+
+def _values(reply: Message) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metrics in reply.content.metric_records.values():
+        out.update({k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                    if isinstance(v, (int, float))})
+    return out
+
+
+def plain_train_report(reply: Message) -> TrainReport | None:
+    values = _values(reply)
+    try:
+        return TrainReport(num_examples=int(values.get(NUM_EXAMPLES, 0)),
+                           steps=int(values.get(DP_STEPS, 0)),
+                           train_loss=values.get("train-loss"))
+    except ValidationError:
+        return None
+
+
+def plain_evaluate_report(reply: Message) -> EvaluateReport | None:
+    values = _values(reply)
+    try:
+        return EvaluateReport(num_examples=int(values.pop(NUM_EXAMPLES, 0)), metrics=values)
+    except ValidationError:
+        return None
+
+
+class ObservedStrategy(Strategy):
+    """Pass-through wrapper that only records rounds."""
+
+    def __init__(self, inner: Strategy, *, node_sites: dict[int, str] | None = None,
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 on_start: Callable[[str], None] | None = None) -> None:
+        self.inner = inner
+        self.on_start = on_start
+        self.node_sites = node_sites or {}
+        self.on_round = on_round
+        self.records: list[RoundRecord] = []
+        self._current: RoundRecord | None = None
+
+    def _site(self, node_id: int) -> str:
+        return self.node_sites.get(node_id, f"node-{node_id}")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._current = RoundRecord(round=server_round, run_id=str(grid.run.run_id),
+                                    model_digest=arrays_digest(arrays_to_numpy(arrays)))
+        if self.on_start is not None and not self.records:
+            self.on_start(self._current.run_id)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        record = self._current
+        assert record is not None
+        for reply in replies:
+            site = self._site(reply.metadata.src_node_id)
+            ok = not reply.has_error()
+            record.sites[site] = SiteRound(site=site, node_id=reply.metadata.src_node_id,
+                                           admission={}, admitted=ok,
+                                           reason="plain" if ok else reply.error.reason,
+                                           train=plain_train_report(reply) if ok else None)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        record = self._current
+        assert record is not None
+        for reply in replies:
+            site = self._site(reply.metadata.src_node_id)
+            if not reply.has_error() and site in record.sites:
+                record.sites[site].evaluation = plain_evaluate_report(reply)
+        result = self.inner.aggregate_evaluate(server_round, replies)
+        import time
+
+        record.seconds = time.time() - record.started_at
+        self.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return result
+
+    def summary(self) -> None:
+        self.inner.summary()

@@ -1,0 +1,263 @@
+"""The observers of a federated run (:mod:`cleanroom.coordinator.run`), one concern each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cleanroom.coordinator.run import ClosedRun, FederatedRun, RoundEvent, RunObserver
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointObserver(RunObserver):
+    """After each round: the global model and the inner strategy's state, crash-safe; the
+    round's receipt names the checkpoint's SHA-256 (a resume trusts only a receipted one)."""
+
+    def opened(self, run: FederatedRun) -> None:
+        from cleanroom.coordinator.checkpoint import write_rounds
+
+        write_rounds(run.spec.stores.checkpoints, run.prior)  # (a fresh run: none)
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
+        from cleanroom.coordinator.checkpoint import (
+            Checkpoint,
+            append_round,
+            strategy_state,
+            write_checkpoint,
+        )
+
+        if event.model is None:
+            return
+        directory = run.spec.stores.checkpoints
+        append_round(directory, event.entry)
+        event.receipt["checkpoint_sha256"] = write_checkpoint(directory, Checkpoint(
+            run_id=event.record.run_id, round=event.record.round, rounds=run.spec.plan.rounds,
+            model=event.model, state=strategy_state(run.inner), meta=run.spec.checkpoint_meta))
+
+
+def open_audit(path: Path, key_path: Path) -> Any:
+    """The coordinator's audit log, with its signing key created on first use (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from cleanroom.coordinator.audit import AuditLog, load_signing_key
+    from cleanroom.fsutil import write_private
+
+    if not key_path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return AuditLog(path, load_signing_key(key_path))
+
+
+class AuditObserver(RunObserver):
+    """The signed hash chain: run start (or resume), one receipt per round, run end."""
+
+    def __init__(self) -> None:
+        self.audit: Any = None
+
+    def opened(self, run: FederatedRun) -> None:
+        from cleanroom.coordinator.audit import public_key_hex
+        from cleanroom.coordinator.checkpoint import check_against_audit
+        from cleanroom.coordinator.receipts import code_version
+        from cleanroom.protocol.arrays import arrays_digest
+
+        spec = run.spec
+        previous_head = ""
+        if spec.resume is not None:  # (load_resumable checked it; a bare checkpoint is checked)
+            ckpt = spec.resume.checkpoint
+            previous_head = ckpt.audit_head or check_against_audit(ckpt,
+                                                                   spec.resume.previous_audit)
+        self.audit = open_audit(run.out / "audit.jsonl", spec.stores.audit_key)
+        run.audit_path = self.audit.path
+        common = {"coordinator_public_key": public_key_hex(self.audit.key),
+                  "code_version": code_version(), "run_id": run.run_id,
+                  "policy_digest": run.gate.policy_digest}
+        if spec.resume is not None:
+            ckpt = spec.resume.checkpoint
+            self.audit.append("run-resume", {
+                **common, "from_round": ckpt.round, "rounds": ckpt.rounds,
+                "checkpoint_sha256": ckpt.sha256, "previous_audit_head": previous_head,
+                "checkpoint_model_sha256": arrays_digest(ckpt.model)})
+            return
+        self.audit.append("run-start", {
+            **common, "strategy": spec.strategy, "sites": spec.sites,
+            "policy_name": spec.policy.name,
+            "measurements": [m.hex() for m in spec.policy.measurements],
+            "plan": spec.plan.model_dump(mode="json")})
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
+        self.audit.append("round-receipt", event.receipt)
+
+    def failed(self, run: FederatedRun) -> None:
+        if self.audit is not None:
+            self.audit.append("run-end", {"status": "failed", "rounds": len(run.records)})
+
+    def closed(self, run: FederatedRun, result: ClosedRun) -> None:
+        last = result.records[-1] if result.records else None
+        run.audit_head = self.audit.append("run-end", {
+            "status": "completed" if result.last_round >= run.spec.plan.rounds else "paused",
+            "last_round": result.last_round, "rounds": len(result.records),
+            "final_model_sha256": result.final_digest,
+            "attested_last_round": last.attested if last else [],
+            "epsilon": dict(run.epsilon)})
+        run.audit_entries = self.audit.seq
+        result.paths["audit"] = self.audit.path
+
+
+def site_samples(records: list[Any]) -> dict[str, dict[str, int]]:
+    """Train and test sample counts per site (from the sites' authenticated reports)."""
+    samples: dict[str, dict[str, int]] = {}
+    for record in records:
+        for site, s in record.sites.items():
+            entry = samples.setdefault(site, {})
+            if s.train is not None:
+                entry["train"] = s.train.num_examples
+            if s.evaluation is not None:
+                entry["test"] = s.evaluation.num_examples
+    return samples
+
+
+class ReportObserver(RunObserver):
+    """report.json, report.png and the model card, at the end of the run."""
+
+    def closed(self, run: FederatedRun, result: ClosedRun) -> None:
+        from cleanroom.coordinator.model_card import build_model_card, write_model_card
+        from cleanroom.coordinator.report import build_report, plot_report, write_report
+
+        spec, out = run.spec, run.out
+        plan = spec.plan
+        report = build_report(
+            result.records, prior=run.prior, run_id=run.run_id,
+            audit_log=str(run.audit_path), audit_head=run.audit_head,
+            mlflow=dict(run.tracking_info),
+            policy={"name": spec.policy.name, "digest": run.gate.policy_digest,
+                    "measurements": [m.hex() for m in spec.policy.measurements],
+                    "simulated_root": str(spec.policy.simulated_root)
+                    if spec.policy.simulated_root else None},
+            model_card=str(out / "model_card.md"),
+            privacy={"dp": plan.dp.enabled, "delta": plan.dp.delta,
+                     "epsilon_target_per_run": plan.dp.epsilon if plan.dp.enabled else None},
+            seconds=round(time_since(run.started), 3), **spec.report_extra)
+        result.report = report
+        result.paths["report"] = write_report(report, out)
+        result.paths["plot"] = plot_report(report, out / "report.png")
+        card = build_model_card(report, site_samples=site_samples(result.records),
+                                architecture_digest=plan.model_architecture_digest,
+                                final_model_sha256=result.final_digest)
+        result.paths["model_card.md"], result.paths["model_card.json"] = \
+            write_model_card(card, out)
+        if result.final_model is not None:
+            import numpy as np
+
+            path = out / "final_model.npz"
+            np.savez(path, **result.final_model)
+            result.paths["final_model"] = path
+
+
+def time_since(start: float) -> float:
+    import time
+
+    return time.time() - start
+
+
+def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of one report round entry."""
+    metrics: dict[str, float] = {
+        "attested": len(entry["attested"]), "quarantined": len(entry["quarantined"]),
+        "bytes_sent": entry["bytes_sent"], "bytes_received": entry["bytes_received"],
+        "round_seconds": entry["seconds"]}
+    if entry["accuracy_mean"] is not None:
+        metrics["accuracy_mean"] = entry["accuracy_mean"]
+        metrics["loss_mean"] = entry["loss_mean"]
+    for site, m in entry["metrics"].items():
+        metrics[f"accuracy.{site}"] = m["accuracy"]
+        metrics[f"loss.{site}"] = m["loss"]
+    for site, eps in entry["epsilon"].items():
+        if eps is not None:
+            metrics[f"epsilon.{site}"] = eps
+    return metrics
+
+
+class TrackingObserver(RunObserver):
+    """MLflow: parameters at the start, metrics per round, artifacts and the registered model
+    at the end (never a site's update, a row or a key)."""
+
+    def __init__(self) -> None:
+        self.tracker: Any = None
+
+    def opened(self, run: FederatedRun) -> None:
+        from cleanroom.coordinator.tracking import MlflowTracker, default_tracking_uri
+
+        spec, plan = run.spec, run.spec.plan
+        self.tracker = MlflowTracker(spec.tracking_uri or default_tracking_uri(run.out),
+                                     run.out / "mlartifacts", run_name=spec.run_name)
+        run.tracking_info = {"tracking_uri": self.tracker.tracking_uri,
+                             "run_id": self.tracker.run_id}
+        self.tracker.log_params({
+            "run_label": spec.label, "dataset": spec.dataset, "sites": ",".join(spec.sites),
+            "rounds": plan.rounds, "strategy": spec.strategy, "dp": plan.dp.enabled,
+            "epsilon": plan.dp.epsilon, "delta": plan.dp.delta, "model": plan.model,
+            "local_steps": plan.local_steps, "sample_rate": plan.sample_rate, "lr": plan.lr,
+            "optimizer": plan.optimizer, "max_grad_norm": plan.dp.max_grad_norm,
+            "max_update_norm": plan.max_update_norm, "confidential": spec.confidential,
+            "policy_digest": run.gate.policy_digest, **spec.params})
+        tags = {"flower_run_id": str(run.run_id)}
+        if spec.resume is not None:
+            tags["resumed_after_round"] = str(spec.resume.checkpoint.round)
+        self.tracker.set_tags(tags)
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
+        self.tracker.log_metrics(round_metrics(event.entry), step=event.record.round)
+
+    def failed(self, run: FederatedRun) -> None:
+        if self.tracker is not None:
+            self.tracker.end("FAILED")
+
+    def closed(self, run: FederatedRun, result: ClosedRun) -> None:
+        from cleanroom.coordinator.receipts import code_version
+
+        tracker, spec = self.tracker, run.spec
+        tracker.set_tags({"audit_head": run.audit_head, "audit_entries": str(run.audit_entries),
+                          "code_version": code_version()})
+        for name in ("model_card.md", "model_card.json"):
+            if name in result.paths:
+                tracker.log_artifact(result.paths[name], "model_card")
+        if result.final_model is not None:
+            import numpy as np
+
+            tracker.log_artifact(result.paths["final_model"])
+            model = torch_model(spec.plan.model, result.final_model)
+            n_features = next(iter(model.parameters())).shape[-1]
+            tracker.log_model(model, registered_name=f"cleanroom-{spec.dataset}-"
+                              f"{spec.plan.model}",
+                              input_example=np.zeros((1, n_features), dtype=np.float32))
+        for name in ("report", "plot", "audit"):
+            if name in result.paths:
+                tracker.log_artifact(result.paths[name])
+        accuracy = result.report.get("final", {}).get("accuracy_mean")
+        if accuracy is not None:
+            tracker.log_metrics({"final_accuracy_mean": accuracy}, step=spec.plan.rounds)
+        tracker.end("FINISHED")
+
+
+def torch_model(name: str, model: Any) -> Any:
+    from cleanroom.models import build_model, set_parameters
+
+    net = build_model(name)
+    set_parameters(net, {k: v.astype("float32", copy=False) for k, v in model.items()})
+    return net
+
+
+class ProgressObserver(RunObserver):
+    """Hands each round's report entry to a callback (progress bars, progress.jsonl)."""
+
+    def __init__(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self.callback = callback
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
+        self.callback(event.entry)

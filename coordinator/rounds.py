@@ -1,0 +1,292 @@
+"""The coordinator's side of one round of the confidential protocol, as a state machine.
+
+Flower-free and synchronous: the Flower adapter (:mod:`cleanroom.coordinator.strategy`) moves
+messages; everything a round decides happens here, in this order:
+
+1. ``challenge(node)`` for every connected node that has no admission yet, ``admit(node, ...)``
+   for every answer, ``end_attestation()`` (silent nodes quarantined, nonces and ledger
+   watermarks made durable by the gate before any model leaves);
+2. ``seal(node, ...)`` the global model for admitted nodes only (to the key each node's
+   evidence bound, context = run, round, site, model digest);
+3. ``open_update(node, sealed)``: decrypt with this round's key, read the site's typed report
+   from inside the envelope, validate the update against the plan; any failure rejects that
+   one site for the round;
+4. ``look_ahead(digest)``: the next round, created while this round evaluates, so its
+   challenges ride on the evaluation messages (one message round trip less per round);
+5. ``open_metrics`` / ``close()``: the :class:`RoundRecord` for reports, receipts and audit.
+
+Keys live for one round. Every site entry is filed under the node's authenticated identity
+(:class:`~cleanroom.coordinator.gate.SiteDirectory`), never under the name a reply claims.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cleanroom.coordinator.gate import Admission, AttestationGate, refused
+from cleanroom.coordinator.records import RoundRecord, SiteRound
+from cleanroom.coordinator.validation import validate_update
+from cleanroom.errors import CleanroomError
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+from cleanroom.protocol.payload import Sealed, open_metrics, open_update, seal_model
+from cleanroom.protocol.reports import EvaluateReport, TrainReport
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, TrainPlan
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    ATTESTING = "attesting"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    CLOSED = "closed"
+
+
+class RoundStateError(CleanroomError):
+    """A round step called out of order (a bug in the adapter, not a site's fault)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """An admitted site for this round: where its sealed model goes."""
+
+    node_id: int
+    site: str
+    public_key: bytes
+
+
+class CoordinatorRound:
+    """One round: its key, challenges, admissions, sealed payloads and record."""
+
+    def __init__(self, *, gate: AttestationGate, plan: TrainPlan, run_id: str, round: int,
+                 model_digest: str, keys: KeyPair | None = None) -> None:
+        self.gate = gate
+        self.plan = plan
+        self.keys = keys or KeyPair.generate()
+        self.record = RoundRecord(round=round, run_id=run_id, model_digest=model_digest)
+        self.phase = Phase.ATTESTING
+        self._challenges: dict[int, AttestChallenge] = {}
+        self._judged: set[int] = set()
+        self._sessions: dict[int, Session] = {}
+
+    @property
+    def round(self) -> int:
+        return self.record.round
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def model_digest(self) -> str:
+        return self.record.model_digest
+
+    def _expect(self, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise RoundStateError(f"round {self.round} is {self.phase.value}, not "
+                                  f"{' or '.join(p.value for p in phases)}")
+
+    # ------------------------------------------------------------------ attestation
+    def challenge(self, node_id: int) -> AttestChallenge:
+        """A fresh challenge for ``node_id``; it replaces an unanswered earlier one (e.g. a
+        piggybacked challenge the site did not answer), whose nonce then never verifies."""
+        self._expect(Phase.ATTESTING)
+        if node_id in self._judged:
+            raise RoundStateError(f"node {node_id} was already judged for round {self.round}")
+        challenge = self.gate.challenge(run_id=self.run_id, round=self.round, node_id=node_id,
+                                        model_digest=self.model_digest,
+                                        coordinator_public_key=self.keys.public_bytes,
+                                        plan=self.plan)
+        self._challenges[node_id] = challenge
+        return challenge
+
+    def needs_challenge(self, node_id: int) -> bool:
+        """No decision about ``node_id`` yet (never challenged, or no answer so far)."""
+        return node_id not in self._judged
+
+    def awaiting(self, node_id: int) -> bool:
+        """Challenged and not answered yet."""
+        return node_id in self._challenges and node_id not in self._judged
+
+    def admit(self, node_id: int, response: AttestResponse, evidence: bytes,
+              endorsement: bytes) -> Admission:
+        """Judge ``node_id``'s answer to its challenge (once; later answers are ignored)."""
+        self._expect(Phase.ATTESTING)
+        challenge = self._challenges.get(node_id)
+        if challenge is None:
+            return self._apply(refused(node_id, "protocol: an answer to a challenge this "
+                                       "round never sent", response.site))
+        if node_id in self._judged:
+            return refused(node_id, "protocol: answered twice", response.site)
+        label = self.gate.directory.label(node_id, response.site)
+        if self._label_taken(label, node_id):
+            return self._apply(refused(node_id, f"identity: site name {label!r} already "
+                                       "answered this round", response.site))
+        admission = self.gate.admit(node_id, challenge, response, evidence, endorsement)
+        self.record.bytes_received += len(evidence) + len(endorsement)
+        self.record.verify_seconds += admission.verify_seconds
+        return self._apply(admission)
+
+    def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
+        """A node that answered with an error or an unreadable reply."""
+        self._expect(Phase.ATTESTING)
+        return self._apply(refused(node_id, reason, claimed))
+
+    def _label_taken(self, label: str, node_id: int) -> bool:
+        entry = self.record.sites.get(label)
+        return entry is not None and entry.node_id != node_id
+
+    def _apply(self, admission: Admission) -> Admission:
+        node_id = admission.node_id
+        self._judged.add(node_id)
+        label = self.gate.directory.label(node_id, admission.site)
+        if self._label_taken(label, node_id):
+            label = f"node-{node_id}"  # never overwrite another node's entry
+        self.record.sites[label] = SiteRound(
+            site=label, node_id=node_id, admission=admission.summary(),
+            admitted=admission.admitted, reason=admission.reason,
+            nonce_sha256=admission.nonce_sha256)
+        if admission.admitted:
+            assert admission.site_public_key is not None
+            self._sessions[node_id] = Session(node_id, label, admission.site_public_key)
+        else:
+            log.warning("round %d: %s quarantined: %s", self.round, label, admission.reason)
+        return admission
+
+    def end_attestation(self, timed_out: str = "no attestation reply before the timeout",
+                        ) -> list[int]:
+        """Quarantine every challenged node that did not answer; make the phase durable;
+        returns the admitted node ids (sorted)."""
+        self._expect(Phase.ATTESTING)
+        for node_id in self._challenges:
+            if node_id not in self._judged:
+                self._apply(refused(node_id, timed_out))
+        self.gate.end_phase()
+        self.phase = Phase.TRAINING
+        return self.admitted
+
+    @property
+    def admitted(self) -> list[int]:
+        return sorted(self._sessions)
+
+    def site(self, node_id: int) -> str | None:
+        session = self._sessions.get(node_id)
+        return session.site if session else None
+
+    def skip(self, reason: str) -> None:
+        """No training this round (too few sites)."""
+        self.record.skipped = reason
+        log.error("round %d: %s", self.round, reason)
+
+    # ------------------------------------------------------------------ model out
+    def seal(self, node_id: int, arrays: Mapping[str, np.ndarray], *, direction: str,
+             model_digest: str) -> Sealed | None:
+        """``arrays`` sealed to ``node_id``'s attested key, or None for a node this round did
+        not admit (the caller must drop that message: never send a model unattested)."""
+        self._expect(Phase.TRAINING, Phase.EVALUATING)
+        session = self._sessions.get(node_id)
+        if session is None:
+            log.error("round %d: a model for unattested node %d was dropped", self.round,
+                      node_id)
+            return None
+        context = EnvelopeContext(direction, self.run_id, self.round,  # type: ignore[arg-type]
+                                  session.site, model_digest)
+        sealed = seal_model(arrays, session.public_key, context)
+        self.record.bytes_sent += len(sealed.ciphertext)
+        if direction == "model":
+            self.record.sites[session.site].model_ciphertext_sha256 = sealed.sha256
+        return sealed
+
+    # ------------------------------------------------------------------ updates in
+    def open_update(self, node_id: int, sealed: Sealed,
+                    reference: Mapping[str, np.ndarray],
+                    ) -> tuple[OrderedDict[str, np.ndarray], TrainReport] | None:
+        """The site's update and report, validated; None (site rejected) on any problem."""
+        self._expect(Phase.TRAINING)
+        session = self._sessions.get(node_id)
+        if session is None:
+            return None  # a reply from a node that was not sent a model
+        entry = self.record.sites[session.site]
+        context = EnvelopeContext("update", self.run_id, self.round, session.site,
+                                  self.model_digest)
+        try:
+            update, report = open_update(sealed, self.keys, context)
+            entry.update_ciphertext_sha256 = sealed.sha256
+            self.record.bytes_received += len(sealed.ciphertext)
+            entry.update_norm = validate_update(update, reference,
+                                                max_norm=self.plan.max_update_norm)
+            self._check_report(report)
+        except CleanroomError as exc:
+            self.reject(node_id, f"update rejected: {exc}")
+            return None
+        entry.train = report
+        if report.privacy is not None:
+            self.gate.ledger_grew(session.site, report.privacy.ledger_records)
+        return update, report
+
+    def _check_report(self, report: TrainReport) -> None:
+        from cleanroom.errors import UpdateRejected
+
+        plan = self.plan
+        if report.steps != plan.local_steps:
+            raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
+                                 f"{plan.local_steps}")
+        if plan.dp.enabled and report.privacy is None:
+            raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
+
+    def reject(self, node_id: int, reason: str) -> None:
+        """Drop an admitted site for the rest of this round."""
+        session = self._sessions.pop(node_id, None)
+        if session is None:
+            return
+        entry = self.record.sites[session.site]
+        entry.admitted = False
+        entry.reason = reason
+        log.warning("round %d: %s: %s", self.round, session.site, reason)
+
+    def end_training(self, aggregate_digest: str | None) -> None:
+        self._expect(Phase.TRAINING)
+        self.record.aggregate_digest = aggregate_digest
+        self.phase = Phase.EVALUATING
+
+    # ------------------------------------------------------------------ evaluation
+    def look_ahead(self, model_digest: str) -> CoordinatorRound:
+        """The next round, to be challenged with this round's evaluation messages: the model
+        being evaluated *is* the next round's global model, so the evidence can bind it."""
+        return CoordinatorRound(gate=self.gate, plan=self.plan, run_id=self.run_id,
+                                round=self.round + 1, model_digest=model_digest)
+
+    def open_metrics(self, node_id: int, sealed: Sealed, model_digest: str,
+                     ) -> EvaluateReport | None:
+        self._expect(Phase.EVALUATING)
+        session = self._sessions.get(node_id)
+        if session is None:
+            return None
+        context = EnvelopeContext("metrics", self.run_id, self.round, session.site,
+                                  model_digest)
+        try:
+            report = open_metrics(sealed, self.keys, context)
+        except CleanroomError as exc:
+            log.warning("round %d: %s: evaluation report refused: %s", self.round,
+                        session.site, exc)
+            return None
+        self.record.bytes_received += len(sealed.ciphertext)
+        self.record.sites[session.site].evaluation = report
+        return report
+
+    def close(self) -> RoundRecord:
+        """The round's record; the key and sessions are forgotten."""
+        if self.phase is Phase.CLOSED:
+            raise RoundStateError(f"round {self.round} is already closed")
+        self.phase = Phase.CLOSED
+        self._sessions.clear()
+        self.keys = None  # type: ignore[assignment]  # round keys live for one round
+        self.record.seconds = time.time() - self.record.started_at
+        return self.record

@@ -1,0 +1,305 @@
+"""One federated run on the coordinator side, wherever it executes.
+
+A run has explicit steps: :meth:`FederatedRun.open` (the protocol's run id is known, nothing
+sent yet), one :meth:`~FederatedRun.round_closed` per round, then :meth:`~FederatedRun.close`
+(or :meth:`~FederatedRun.fail`). What happens at each step is the business of
+:class:`RunObserver`\\ s, each with one concern, called in order:
+
+* :class:`CheckpointObserver`: the global model + server-optimiser state after each round
+  (it names the checkpoint's digest in the round's receipt before the audit signs it);
+* :class:`AuditObserver`: the signed hash chain (run start or resume, a receipt per round,
+  run end);
+* :class:`ReportObserver`: report.json, report.png and the model card at the end;
+* :class:`TrackingObserver`: MLflow parameters, per-round metrics, artifacts, the registered
+  model;
+* :class:`ProgressObserver`: a caller's per-round callback (progress bars, progress.jsonl).
+
+The simulation engine and the deployed ServerApp describe a run with a :class:`RunSpec` and
+call :func:`run_federation` with a callback that starts the strategy on their Grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cleanroom.attestation.validate.policy import Policy
+from cleanroom.coordinator.checkpoint import Checkpoint
+from cleanroom.coordinator.gate import SiteDirectory
+from cleanroom.coordinator.records import RoundRecord
+from cleanroom.protocol.wire import TrainPlan
+
+log = logging.getLogger(__name__)
+
+Execute = Callable[[Any], Any]  # (strategy) -> final ArrayRecord | None
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where the coordinator keeps what outlives a run."""
+
+    audit_key: Path  # Ed25519 signing key of the audit chain (created on first use, 0600)
+    nonces: Path  # issued/consumed nonces (replay defence across restarts)
+    watermarks: Path  # the sites' privacy-ledger watermarks (kept across runs)
+    checkpoints: Path  # round checkpoints of this run
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run continued from its last receipted checkpoint."""
+
+    checkpoint: Checkpoint
+    previous_audit: Path  # the audit chain that receipted it
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one run on the coordinator side."""
+
+    label: str  # the run's name until the protocol's run id is known
+    out: Path
+    policy: Policy
+    plan: TrainPlan
+    strategy: str
+    dataset: str
+    stores: Stores
+    directory: SiteDirectory = field(default_factory=SiteDirectory)
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    min_nodes: int = 2
+    sites: list[str] = field(default_factory=list)
+    expected_nodes: int | None = None  # nodes to wait for each round (default: len(sites))
+    coordinator_id: str = ""
+    confidential: bool = True  # False: the plaintext baseline of the benchmarks
+    tracking: bool = True
+    tracking_uri: str | None = None
+    run_name: str = "cleanroom"
+    resume: Resume | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
+    report_extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
+
+    @property
+    def protocol_run_id(self) -> str | None:
+        """The run id the sites see: a resumed run keeps its first run's."""
+        return self.resume.checkpoint.run_id if self.resume else None
+
+
+@dataclass
+class RunOutcome:
+    report: dict[str, Any]
+    report_path: Path
+    plot_path: Path
+    audit_path: Path
+    seconds: float
+
+
+@dataclass
+class RoundEvent:
+    """One closed round as observers see it; ``receipt`` is signed by the audit observer,
+    earlier observers may add to it (the checkpoint's digest)."""
+
+    record: RoundRecord
+    entry: dict[str, Any]  # the round's report entry
+    receipt: dict[str, Any]
+    model: OrderedDict[str, np.ndarray] | None  # the global model after the round
+
+
+@dataclass
+class ClosedRun:
+    """What the run produced, as the close step sees it."""
+
+    final_model: OrderedDict[str, np.ndarray] | None
+    final_digest: str | None
+    last_round: int
+    records: list[RoundRecord]
+    report: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)  # report, plot, model cards...
+
+
+class RunObserver:
+    """One concern of a run; every step is a no-op unless overridden."""
+
+    def opened(self, run: FederatedRun) -> None: ...
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None: ...
+
+    def closed(self, run: FederatedRun, result: ClosedRun) -> None: ...
+
+    def failed(self, run: FederatedRun) -> None: ...
+
+
+class FederatedRun:
+    """A run's state between its steps: the gate, the strategies, the epsilon so far."""
+
+    def __init__(self, spec: RunSpec, observers: Sequence[RunObserver]) -> None:
+        from cleanroom.coordinator.checkpoint import restore_strategy_state
+        from cleanroom.coordinator.gate import AttestationGate, NonceStore
+        from cleanroom.coordinator.strategies import build_strategy
+        from cleanroom.coordinator.watermarks import LedgerWatermarks
+
+        self.spec = spec
+        self.observers = list(observers)
+        self.started = time.time()
+        self.out = Path(spec.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.gate = AttestationGate(spec.policy, NonceStore(spec.stores.nonces),
+                                    coordinator_id=spec.coordinator_id,
+                                    directory=spec.directory,
+                                    watermarks=LedgerWatermarks(spec.stores.watermarks))
+        self.inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes,
+                                    **spec.strategy_options)
+        self.prior: list[dict[str, Any]] = []
+        if spec.resume is not None:
+            self.prior = list(spec.resume.checkpoint.meta.get("report_rounds", []))
+            restore_strategy_state(self.inner, spec.resume.checkpoint.state)
+        self.epsilon: dict[str, float | None] = {}
+        for entry in self.prior:
+            self.epsilon.update(entry.get("epsilon", {}))
+        self.run_id: str | None = None
+        # facts observers hand on to later observers
+        self.audit_path = self.out / "audit.jsonl"
+        self.audit_head = ""
+        self.audit_entries = 0
+        self.tracking_info: dict[str, str] = {"tracking_uri": "", "run_id": ""}
+        self.strategy: Any = self._wrap()
+
+    def _wrap(self) -> Any:
+        from cleanroom.coordinator.checkpoint import RoundOffset
+        from cleanroom.coordinator.observed import ObservedStrategy
+        from cleanroom.coordinator.strategy import ConfidentialStrategy
+
+        spec = self.spec
+        if spec.confidential:
+            strategy: Any = ConfidentialStrategy(
+                self.inner, gate=self.gate, plan=spec.plan,
+                expected_nodes=spec.expected_nodes or len(spec.sites) or None,
+                on_round=self.round_closed, on_start=self.open,
+                run_id=spec.protocol_run_id)
+        else:
+            strategy = ObservedStrategy(self.inner, on_round=self.round_closed,
+                                        node_sites=dict(spec.directory.names),
+                                        on_start=self.open)
+        self.wrapper = strategy
+        resume = spec.resume
+        return RoundOffset(strategy, resume.checkpoint.round) if resume else strategy
+
+    @property
+    def records(self) -> list[RoundRecord]:
+        return list(self.wrapper.records)
+
+    # ------------------------------------------------------------------ steps
+    def open(self, run_id: str) -> None:
+        """The protocol's run id is known and nothing was sent yet (idempotent)."""
+        if self.run_id is not None:
+            return
+        self.run_id = run_id
+        for observer in self.observers:
+            observer.opened(self)
+
+    def round_closed(self, record: RoundRecord) -> None:
+        from cleanroom.coordinator.receipts import round_receipt
+        from cleanroom.coordinator.report import round_entry
+
+        event = RoundEvent(record=record, entry=round_entry(record, self.epsilon),
+                           receipt=round_receipt(record, policy_digest=self.gate.policy_digest),
+                           model=getattr(self.wrapper, "model_after_round", None))
+        for observer in self.observers:
+            observer.round_closed(self, event)
+
+    def fail(self) -> None:
+        self.gate.watermarks.flush()
+        self.open(self.spec.label)
+        for observer in self.observers:
+            observer.failed(self)
+
+    def close(self, final_arrays: Any) -> ClosedRun:
+        from cleanroom.protocol.arrays import arrays_digest
+        from cleanroom.protocol.flower import arrays_to_numpy
+
+        self.gate.watermarks.flush()  # the last round's ledger counts (from its train replies)
+        self.open(self.spec.label)  # (no round ran)
+        model = arrays_to_numpy(final_arrays) if final_arrays is not None and \
+            len(final_arrays) else None
+        resume = self.spec.resume
+        if model is None and resume is not None:  # no round aggregated after the resume
+            model = resume.checkpoint.model
+        records = self.records
+        last = records[-1].round if records else (resume.checkpoint.round if resume else 0)
+        result = ClosedRun(final_model=model,
+                           final_digest=arrays_digest(model) if model is not None else None,
+                           last_round=last, records=records)
+        for observer in self.observers:
+            observer.closed(self, result)
+        return result
+
+    def execute(self, execute: Execute) -> ClosedRun:
+        try:
+            final = execute(self.strategy)
+        except BaseException:
+            self.fail()
+            raise
+        return self.close(final)
+
+
+def default_observers(spec: RunSpec, on_round: Callable[[dict[str, Any]], None] | None = None,
+                      ) -> list[RunObserver]:
+    from cleanroom.coordinator.observers import (
+        AuditObserver,
+        CheckpointObserver,
+        ProgressObserver,
+        ReportObserver,
+        TrackingObserver,
+    )
+
+    observers: list[RunObserver] = []
+    if spec.confidential:
+        observers.append(CheckpointObserver())
+    observers.append(AuditObserver())
+    observers.append(ReportObserver())
+    if spec.tracking:
+        observers.append(TrackingObserver())
+    if on_round is not None:
+        observers.append(ProgressObserver(on_round))
+    return observers
+
+
+def run_federation(spec: RunSpec, execute: Execute,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Run ``spec`` with ``execute`` and write every output into ``spec.out``."""
+    run = FederatedRun(spec, default_observers(spec, on_round))
+    result = run.execute(execute)
+    return RunOutcome(report=result.report, report_path=result.paths["report"],
+                      plot_path=result.paths["plot"], audit_path=result.paths["audit"],
+                      seconds=time.time() - run.started)
+
+
+def initial_model(spec: RunSpec, seed: int) -> OrderedDict[str, np.ndarray]:
+    """Round 1's global model (from ``seed``), or the resumed checkpoint's."""
+    if spec.resume is not None:
+        return spec.resume.checkpoint.model
+    from cleanroom.models import build_model, get_parameters
+
+    return get_parameters(build_model(spec.plan.model, seed=seed))
+
+
+def start_rounds(strategy: Any, grid: Any, spec: RunSpec, *, seed: int,
+                 pause_after: int = 0, timeout: float = 3600.0) -> Any:
+    """Run the wrapped strategy's rounds on ``grid`` (the one start-up path of simulations and
+    deployments): from round 1 or after the resumed checkpoint's round, to the plan's last
+    round or ``pause_after``; returns the final ArrayRecord (None if no round trained)."""
+    from flwr.app import ArrayRecord
+
+    from cleanroom.protocol.flower import numpy_to_arrays
+
+    done = spec.resume.checkpoint.round if spec.resume else 0
+    last = min(spec.plan.rounds, pause_after) if pause_after > done else spec.plan.rounds
+    result = strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial_model(spec, seed)),
+                            num_rounds=last - done, timeout=timeout)
+    return result.arrays if isinstance(result.arrays, ArrayRecord) else None

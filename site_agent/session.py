@@ -1,0 +1,233 @@
+"""The site's side of one round of the confidential protocol, Flower-free.
+
+:class:`SiteProtocol` answers a challenge (policy and budget checks, a fresh ephemeral key,
+evidence binding nonce + key + model + node key + ledger state, or a typed refusal), opens a
+sealed model only with that round's key and only if it is the model the evidence bound,
+trains it with the site's :class:`SiteTrainer` under the settings the site decided, charges
+the sealed privacy ledger (reserve before, commit the steps taken before the update leaves),
+and seals the update *with its report* to the coordinator's round key. The round's secrets
+(the ephemeral private key and the challenge) travel between messages only sealed with the
+enclave's key (:class:`SessionBlob`); the Flower mod (:mod:`cleanroom.site_agent.mod`) just
+stores that blob in the node's context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from cleanroom.errors import ProtocolError, SiteRefusal
+from cleanroom.protocol.arrays import arrays_digest
+from cleanroom.protocol.binding import Binding
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+from cleanroom.protocol.payload import Sealed, open_model, seal_metrics, seal_update
+from cleanroom.protocol.reports import EvaluateReport, PrivacySpend, TrainReport
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal, TrainPlan
+from cleanroom.site_agent.ledger import EpsilonMemo
+from cleanroom.site_agent.runtime import SiteRuntime
+from cleanroom.site_agent.sealed import seal_blob, unseal_blob
+from cleanroom.site_agent.settings import RoundSettings, decide_settings, round_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a trainer did; ``(noise_multiplier, sample_rate, steps)`` is the charge."""
+
+    parameters: OrderedDict[str, np.ndarray]
+    steps: int
+    num_examples: int
+    noise_multiplier: float | None
+    sample_rate: float
+    train_loss: float
+
+
+class SiteTrainer(Protocol):
+    """The site's trusted trainer: it, not the task, owns the data and the DP."""
+
+    def train(self, runtime: SiteRuntime, plan: TrainPlan,
+              arrays: Mapping[str, np.ndarray], settings: RoundSettings, seed: int,
+              strategy_config: Mapping[str, Any]) -> TrainOutcome: ...
+
+    def evaluate(self, runtime: SiteRuntime, plan: TrainPlan,
+                 arrays: Mapping[str, np.ndarray]) -> EvaluateReport: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The reply to a challenge; ``session`` (sealed) is set when the site attested."""
+
+    response: AttestResponse
+    evidence: bytes = b""
+    endorsement: bytes = b""
+    session: SessionBlob | None = None
+
+
+@dataclass(frozen=True)
+class SessionBlob:
+    """One round's secrets, sealed with the enclave's session key (safe to store outside)."""
+
+    run_id: str
+    round: int
+    sealed: bytes
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class SiteProtocol:
+    """One site's protocol steps for one message (cheap to build per message)."""
+
+    def __init__(self, runtime: SiteRuntime, trainer: SiteTrainer,
+                 memo: EpsilonMemo | None = None) -> None:
+        self.runtime = runtime
+        self.trainer = trainer
+        self.memo = memo
+        if memo is not None:
+            runtime.ledger.memo = memo
+
+    # ------------------------------------------------------------------ attestation
+    def answer(self, challenge: AttestChallenge) -> Answer:
+        """The attestation answer to ``challenge``, or a typed refusal."""
+        runtime = self.runtime
+        base = {"site": runtime.site, "run_id": challenge.run_id, "round": challenge.round,
+                "nonce": challenge.nonce.hex(), "provider": runtime.provider.name,
+                "node_public_key": runtime.node_public_key.hex()}
+        try:
+            settings = decide_settings(runtime, challenge, self.memo)
+            if settings.noise_multiplier is not None:
+                runtime.ledger.check(challenge.run_id, challenge.round,
+                                     settings.noise_multiplier, settings.sample_rate,
+                                     settings.local_steps)
+        except SiteRefusal as refusal:
+            log.info("site %s refuses run %s round %d: %s", runtime.site, challenge.run_id,
+                     challenge.round, refusal.code)
+            runtime.activity.record("refused", challenge.run_id, challenge.round,
+                                    code=refusal.code, detail=refusal.detail)
+            return Answer(AttestResponse.model_validate(
+                {**base, "refusal": Refusal(code=refusal.code, detail=refusal.detail)}))
+        keys = KeyPair.generate()
+        ledger_records, ledger_head = runtime.ledger.state()
+        anchor = challenge.ledger_anchor
+        anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
+        binding = Binding(run_id=challenge.run_id, round=challenge.round, site=runtime.site,
+                          nonce=challenge.nonce, site_public_key=keys.public_bytes,
+                          model_digest=challenge.model_digest,
+                          node_public_key=runtime.node_public_key,
+                          ledger_records=ledger_records, ledger_head=ledger_head,
+                          ledger_anchor_head=anchor_head or "" if anchor else "")
+        evidence = runtime.provider.evidence(binding.report_data())
+        secrets = {"private_key": keys.private_bytes().hex(),
+                   "challenge": challenge.model_dump_json()}
+        blob = SessionBlob(challenge.run_id, challenge.round, seal_blob(
+            runtime.session_key(), json.dumps(secrets).encode(),
+            self._label(challenge.run_id)))
+        response = AttestResponse.model_validate(
+            {**base, "site_public_key": keys.public_bytes.hex(),
+             "ledger_records": ledger_records, "ledger_head": ledger_head,
+             "ledger_anchor_head": anchor_head})
+        log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
+                 challenge.run_id, challenge.round, _digest(evidence.data)[:16])
+        runtime.activity.record("attested", challenge.run_id, challenge.round,
+                                evidence_sha256=_digest(evidence.data),
+                                model_digest=challenge.model_digest,
+                                coordinator=challenge.coordinator_id)
+        return Answer(response, evidence.data, evidence.endorsement, blob)
+
+    def _label(self, run_id: str) -> bytes:
+        return f"session/{self.runtime.site}/{run_id}".encode()
+
+    def _session(self, blob: SessionBlob | None) -> tuple[KeyPair, AttestChallenge]:
+        if blob is None:
+            raise ProtocolError("no attested session for this round: the site must attest "
+                                "before it receives a model")
+        raw = unseal_blob(self.runtime.session_key(), blob.sealed, self._label(blob.run_id))
+        secrets = json.loads(raw)
+        return (KeyPair.from_private_bytes(bytes.fromhex(secrets["private_key"])),
+                AttestChallenge.model_validate_json(secrets["challenge"]))
+
+    def _open(self, blob: SessionBlob | None, sealed: Sealed, direction: str,
+              ) -> tuple[KeyPair, AttestChallenge, OrderedDict[str, np.ndarray]]:
+        keys, challenge = self._session(blob)
+        header = sealed.header
+        if (header.run_id, header.round) != (challenge.run_id, challenge.round):
+            raise ProtocolError(f"{direction} for run {header.run_id} round {header.round} but "
+                                f"the attested session is run {challenge.run_id} round "
+                                f"{challenge.round}")
+        digest = challenge.model_digest if direction == "model" else header.model_digest
+        context = EnvelopeContext(direction, challenge.run_id, challenge.round,  # type: ignore[arg-type]
+                                  self.runtime.site, digest)
+        arrays = open_model(sealed, keys, context)
+        if arrays_digest(arrays) != digest:
+            raise ProtocolError(f"decrypted {direction} differs from the model digest "
+                                + ("bound in this round's attestation" if direction == "model"
+                                   else "of its header"))
+        return keys, challenge, arrays
+
+    # ------------------------------------------------------------------ train
+    def train(self, blob: SessionBlob | None, sealed: Sealed,
+              strategy_config: Mapping[str, Any]) -> Sealed:
+        """Train on the sealed global model; returns the sealed update and report."""
+        runtime = self.runtime
+        _, challenge, arrays = self._open(blob, sealed, "model")
+        settings = decide_settings(runtime, challenge, self.memo)
+        plan = challenge.plan
+        if settings.noise_multiplier is not None:
+            runtime.ledger.reserve(challenge.run_id, challenge.round, settings.noise_multiplier,
+                                   settings.sample_rate, settings.local_steps)
+        outcome = self.trainer.train(runtime, plan, arrays, settings,
+                                     round_seed(runtime.config.seed, challenge.round),
+                                     strategy_config)
+        privacy = None
+        if settings.noise_multiplier is not None:
+            if outcome.noise_multiplier != settings.noise_multiplier or \
+                    outcome.sample_rate != settings.sample_rate:
+                raise ProtocolError("training did not use the DP settings this site decided; "
+                                    "the update is withheld")
+            projection = runtime.ledger.commit(challenge.run_id, challenge.round, outcome.steps)
+            privacy = PrivacySpend(
+                noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate,
+                steps=outcome.steps, epsilon_round=projection.epsilon_round,
+                epsilon_run=projection.epsilon_run,
+                epsilon_lifetime=projection.epsilon_lifetime, delta=settings.delta,
+                ledger_records=runtime.ledger.state()[0])
+            if challenge.round < plan.rounds:  # Opacus is loaded now: answer the next
+                runtime.ledger.project(  # round's budget check ahead, for its attestation
+                    challenge.run_id, challenge.round + 1, settings.noise_multiplier,
+                    settings.sample_rate, settings.local_steps)
+        report = TrainReport(num_examples=outcome.num_examples, steps=outcome.steps,
+                             privacy=privacy,
+                             train_loss=None if settings.dp else outcome.train_loss)
+        runtime.activity.record("trained", challenge.run_id, challenge.round,
+                                steps=outcome.steps,
+                                epsilon_run=privacy.epsilon_run if privacy else None)
+        return seal_update(outcome.parameters, report, challenge.coordinator_public_key,
+                           EnvelopeContext("update", challenge.run_id, challenge.round,
+                                           runtime.site, challenge.model_digest))
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, blob: SessionBlob | None, sealed: Sealed,
+                 next_challenge: AttestChallenge | None) -> tuple[Sealed, Answer | None]:
+        """Evaluate the sealed model; answer the piggybacked next-round challenge, if any."""
+        _, challenge, arrays = self._open(blob, sealed, "evaluate")
+        digest = sealed.header.model_digest
+        if next_challenge is not None and (next_challenge.run_id, next_challenge.round,
+                                           next_challenge.model_digest) != (
+                challenge.run_id, challenge.round + 1, digest):
+            raise ProtocolError("the piggybacked challenge is not for the next round of this "
+                                "run and the model being evaluated")
+        report = self.trainer.evaluate(self.runtime, challenge.plan, arrays)
+        sealed_report = seal_metrics(report, challenge.coordinator_public_key,
+                                     EnvelopeContext("metrics", challenge.run_id,
+                                                     challenge.round, self.runtime.site, digest))
+        answer = self.answer(next_challenge) if next_challenge is not None else None
+        return sealed_report, answer

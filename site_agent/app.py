@@ -9,7 +9,7 @@ baseline the benchmarks compare against.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,14 +35,16 @@ DP_STEPS = "dp-steps"  # what the plain path reports beside num-examples
 
 def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidential: bool = True,
                     plain_plan: TrainPlan | None = None,
-                    plain_settings: RoundSettings | None = None) -> ClientApp:
+                    plain_settings: RoundSettings | None = None,
+                    outer_mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
     """The site ClientApp; ``confidential=False`` serves plaintext with ``plain_plan`` and
-    ``plain_settings`` (the benchmarks' baseline only)."""
+    ``plain_settings`` (the benchmarks' baseline only). ``outer_mods`` wrap everything,
+    the confidential mod included (they see only sealed messages)."""
     from cleanroom.site_agent.trainers import RegistryTrainer
 
     trainer = RegistryTrainer()
     mod = ConfidentialMod(runtime_for, trainer) if confidential else None
-    app = ClientApp(mods=[mod] if mod else [])
+    app = ClientApp(mods=[*outer_mods, *([mod] if mod else [])])
 
     def plain() -> tuple[TrainPlan, RoundSettings]:
         if plain_plan is None or plain_settings is None:

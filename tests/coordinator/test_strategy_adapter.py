@@ -1,0 +1,69 @@
+"""The Flower adapter judges every reply on its own: whatever one site sends (an error, extra
+records, a garbled envelope, a count outside the envelope), only that site is rejected for the
+round; the others train and the run goes on."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from cleanroom.coordinator.strategy import ConfidentialStrategy
+from cleanroom.models import build_model, get_parameters
+from cleanroom.protocol.flower import ENVELOPE_RECORD, numpy_to_arrays
+from cleanroom.simulations.inprocess import InProcessGrid
+from cleanroom.site_agent.app import make_client_app
+from tests import fakes
+
+NAMES = {1: "alpha", 2: "beta", 3: "gamma"}
+
+
+def hostile(kind: str):
+    def mod(msg: Message, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if not msg.metadata.message_type.startswith("train") or reply.has_error():
+            return reply
+        if kind == "extra-record":
+            reply.content["metrics"] = MetricRecord({"num-examples": 10**9})
+        elif kind == "garbled":
+            record = reply.content.config_records[ENVELOPE_RECORD]
+            reply.content[ENVELOPE_RECORD] = ConfigRecord(
+                {"header": record["header"], "ciphertext": b"\x00" * 64})
+        elif kind == "no-envelope":
+            del reply.content[ENVELOPE_RECORD]
+        elif kind == "raise":
+            raise RuntimeError("the site's app crashed")
+        return reply
+    return mod
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("extra-record", "unexpected record(s) ['metrics']"),
+    ("garbled", "ciphertext does not match its header digest"),
+    ("no-envelope", "no cleanroom.envelope record"),
+    ("raise", "site error: RuntimeError: the site's app crashed"),
+])
+def test_one_bad_reply_rejects_one_site(tmp_path, sim_root_dir, sim_root, kind, reason):
+    runtimes = {nid: fakes.site(tmp_path, sim_root_dir, sim_root, name, nid)
+                for nid, name in NAMES.items()}
+
+    def app_for(node_id: int) -> ClientApp:
+        return make_client_app(lambda ctx: runtimes[ctx.node_id],
+                               outer_mods=[hostile(kind)] if node_id == 3 else ())
+
+    grid = InProcessGrid.build(app_for, {nid: {} for nid in NAMES}, run_id=42)
+    records = []
+    strategy = ConfidentialStrategy(
+        FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
+        gate=fakes.gate(tmp_path, sim_root, NAMES), plan=fakes.plan(rounds=2),
+        expected_nodes=3, on_round=records.append)
+    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(get_parameters(
+        build_model("logreg", seed=0))), num_rounds=2)
+    assert [r.round for r in records] == [1, 2]
+    for record in records:
+        assert record.attested == ["alpha", "beta"]
+        assert reason in record.quarantined["gamma"]
+        assert record.aggregate_digest is not None
+        assert record.sites["alpha"].train.num_examples == 60  # from the sealed report
+

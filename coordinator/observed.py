@@ -16,10 +16,8 @@ from pydantic import ValidationError
 
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.protocol.arrays import arrays_digest
-from cleanroom.protocol.flower import arrays_to_numpy
+from cleanroom.protocol.flower import DP_STEPS, TRAIN_LOSS, arrays_to_numpy
 from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
-
-DP_STEPS = "dp-steps"  # what the plain ClientApp reports beside num-examples
 
 
 def _values(reply: Message) -> dict[str, float]:
@@ -35,7 +33,7 @@ def plain_train_report(reply: Message) -> TrainReport | None:
     try:
         return TrainReport(num_examples=int(values.get(NUM_EXAMPLES, 0)),
                            steps=int(values.get(DP_STEPS, 0)),
-                           train_loss=values.get("train-loss"))
+                           train_loss=values.get(TRAIN_LOSS))
     except ValidationError:
         return None
 

@@ -17,7 +17,10 @@ from flwr.clientapp import ClientApp
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.flower import (
     ARRAYS_RECORD,
+    DP_STEPS,
     METRICS_RECORD,
+    SERVER_ROUND,
+    TRAIN_LOSS,
     evaluate_metrics,
     numpy_to_arrays,
     single_arrays,
@@ -29,8 +32,6 @@ from cleanroom.site_agent.runtime import SiteRuntime
 from cleanroom.site_agent.settings import RoundSettings, round_seed
 
 log = logging.getLogger(__name__)
-
-DP_STEPS = "dp-steps"  # what the plain path reports beside num-examples
 
 
 def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidential: bool = True,
@@ -56,13 +57,13 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
         plan, settings = plain()
         runtime = runtime_for(ctx)
         config = msg.content.config_records.get("config", ConfigRecord())
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
         outcome = trainer.train(runtime, plan, single_arrays(msg.content), settings,
                                 round_seed(runtime.config.seed, server_round), dict(config))
         values: dict[str, int | float] = {NUM_EXAMPLES: outcome.num_examples,
                                           DP_STEPS: outcome.steps}
         if not settings.dp:
-            values["train-loss"] = outcome.train_loss
+            values[TRAIN_LOSS] = outcome.train_loss
         return Message(RecordDict({ARRAYS_RECORD: numpy_to_arrays(outcome.parameters),
                                    METRICS_RECORD: MetricRecord(values)}), reply_to=msg)  # type: ignore[arg-type]
 

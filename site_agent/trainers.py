@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cleanroom.protocol.flower import PROXIMAL_MU
 from cleanroom.protocol.reports import EvaluateReport
 from cleanroom.protocol.wire import TrainPlan
 from cleanroom.site_agent.runtime import SiteRuntime
@@ -36,7 +37,7 @@ class RegistryTrainer:
               strategy_config: Mapping[str, Any]) -> TrainOutcome:
         from cleanroom.site_agent.training import TrainSettings, train_local
 
-        mu = strategy_config.get("proximal-mu", 0.0)
+        mu = strategy_config.get(PROXIMAL_MU, 0.0)
         train = TrainSettings(
             local_steps=settings.local_steps, sample_rate=settings.sample_rate, lr=plan.lr,
             optimizer=plan.optimizer, momentum=plan.momentum,

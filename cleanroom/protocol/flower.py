@@ -38,6 +38,11 @@ ATTEST_RECORD = "cleanroom.attest"
 ENVELOPE_RECORD = "cleanroom.envelope"
 ARRAYS_RECORD = "arrays"  # the ArrayRecord key Flower's strategies use by default
 METRICS_RECORD = "metrics"
+# Flower's own keys the protocol reads or writes (its strategies' config and metric records)
+SERVER_ROUND = "server-round"  # the round number in a strategy's per-round ConfigRecord
+PROXIMAL_MU = "proximal-mu"  # FedProx's proximal term weight, in the same record
+TRAIN_LOSS = "train-loss"  # a plain reply's raw training loss (only ever without DP)
+DP_STEPS = "dp-steps"  # a plain reply's optimiser steps (the baseline's report)
 MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 64 * 1024
 MAX_JSON = 256 * 1024
@@ -189,7 +194,7 @@ def train_metrics(report: TrainReport) -> MetricRecord:
     by (from the authenticated report), and the loss when there is one."""
     values: dict[str, int | float] = {NUM_EXAMPLES: report.num_examples}
     if report.train_loss is not None:
-        values["train-loss"] = report.train_loss
+        values[TRAIN_LOSS] = report.train_loss
     return MetricRecord(values)  # type: ignore[arg-type]
 
 

@@ -46,12 +46,14 @@ def test_restored_old_ledger_refused_as_rollback(tmp_path):
     remembers how far that ledger had got."""
     state = tmp_path / "state"
     ledger = state / "sites" / "hungary" / "privacy_ledger.jsonl"
+    head = ledger.with_name(ledger.name + ".head")  # the ledger's sealed head record
     simulate(tmp_path / "a", state_dir=state, rounds=1)
-    backup = ledger.read_bytes()
+    backup = ledger.read_bytes(), head.read_bytes()
     simulate(tmp_path / "b", state_dir=state, rounds=1)  # spends more, watermark advances
     marks = json.loads((state / "coordinator" / "ledger_watermarks.json").read_text())
     assert marks["hungary"]["records"] == len(ledger.read_bytes().splitlines())
-    ledger.write_bytes(backup)  # the rollback
+    ledger.write_bytes(backup[0])  # the rollback: the whole sealed state from a snapshot
+    head.write_bytes(backup[1])
     third = simulate(tmp_path / "c", state_dir=state)
     for entry in third["rounds"]:
         assert set(entry["quarantined"]) == {"hungary"}
@@ -65,12 +67,14 @@ def test_forked_ledger_grown_past_the_watermark_is_refused(tmp_path):
     (the site must show its ledger still passes through the state attested earlier)."""
     state = tmp_path / "state"
     ledger = state / "sites" / "hungary" / "privacy_ledger.jsonl"
+    head = ledger.with_name(ledger.name + ".head")
     marks = state / "coordinator" / "ledger_watermarks.json"
     simulate(tmp_path / "a", state_dir=state, rounds=1)
-    backup = ledger.read_bytes()
+    backup = ledger.read_bytes(), head.read_bytes()
     simulate(tmp_path / "b", state_dir=state, rounds=2)  # attested anchor beyond the backup
     seen = marks.read_bytes()
-    ledger.write_bytes(backup)
+    ledger.write_bytes(backup[0])  # the whole sealed state from a snapshot
+    head.write_bytes(backup[1])
     marks.unlink()  # "another coordinator" that never saw this ledger
     simulate(tmp_path / "c", state_dir=state, rounds=3)
     assert len(ledger.read_bytes().splitlines()) > json.loads(seen)["hungary"]["records"]
@@ -165,3 +169,18 @@ def test_model_card_registry_and_audit_of_a_tracked_run(tmp_path):
     versions = mlflow.MlflowClient().search_model_versions(
         "name='cleanroom-heart-disease-logreg'")
     assert versions and versions[0].run_id == report["mlflow"]["run_id"]
+
+
+def test_a_site_stripping_its_own_ledger_refuses_to_train(tmp_path):
+    """The cheap refund: cut the last records off the ledger (no snapshot needed). The site's
+    sealed head record names more records than are left: the ledger refuses to open, so the
+    site trains nothing and the coordinator quarantines it with the reason."""
+    state = tmp_path / "state"
+    ledger = state / "sites" / "va" / "privacy_ledger.jsonl"
+    simulate(tmp_path / "a", state_dir=state, rounds=1)
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join(lines[:-1]))
+    report = simulate(tmp_path / "b", state_dir=state, rounds=1)
+    reason = report["rounds"][0]["quarantined"]["va"]
+    assert "acknowledged records were removed" in reason and "rollback" in reason
+    assert report["rounds"][0]["attested"] == ["cleveland", "hungary", "switzerland"]

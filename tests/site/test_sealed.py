@@ -71,18 +71,65 @@ def test_modified_ciphertext_detected(tmp_path):
         SealedJournal(path, KEY, "test")
 
 
-def test_torn_last_line_recovered(tmp_path):
+def test_torn_last_line_recovered_and_the_recovery_recorded(tmp_path):
+    """A crash in the middle of an append leaves a partial line that its head record never
+    acknowledged: dropped on open, and the journal says so."""
     path = tmp_path / "j.jsonl"
     j = SealedJournal(path, KEY, "test")
     j.append({"i": 0})
     j.append({"i": 1})
-    data = path.read_bytes()
-    path.write_bytes(data[:-20])  # crash in the middle of writing the last record
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq":2,"prev":"3f2a","nonce":"AAAA","ct":"Zm9v')  # killed mid-write
     again = SealedJournal(path, KEY, "test")
     assert again.recovered_torn_line
-    assert again.records() == [{"i": 0}]
+    records = again.records()
+    assert records[:2] == [{"i": 0}, {"i": 1}]
+    assert records[2]["kind"] == "recovered-torn-write" and records[2]["records"] == 2
     again.append({"i": 2})
-    assert SealedJournal(path, KEY, "test").records() == [{"i": 0}, {"i": 2}]
+    assert SealedJournal(path, KEY, "test").records()[3] == {"i": 2}
+
+
+@pytest.mark.parametrize("cut", ["partial", "whole-line"])
+def test_removing_an_acknowledged_record_is_a_rollback_not_a_torn_write(tmp_path, cut):
+    """A host that strips the end of the ledger (to refund budget) is refused every time,
+    whether it leaves a partial line behind or removes whole lines."""
+    path = tmp_path / "j.jsonl"
+    j = SealedJournal(path, KEY, "test")
+    for i in range(3):
+        j.append({"i": i})
+    data = path.read_bytes()
+    path.write_bytes(data[:-20] if cut == "partial" else b"".join(_lines(path)[:-1]))
+    with pytest.raises(LedgerError, match="holds 2 complete records but its sealed head record "
+                       "names 3: acknowledged records were removed"):
+        SealedJournal(path, KEY, "test")
+
+
+def test_a_journal_without_its_head_record_is_refused(tmp_path):
+    path = tmp_path / "j.jsonl"
+    SealedJournal(path, KEY, "test").append({"i": 0})
+    (tmp_path / "j.jsonl.head").unlink()
+    with pytest.raises(LedgerError, match="head record j.jsonl.head is missing"):
+        SealedJournal(path, KEY, "test")
+    SealedJournal(tmp_path / "fresh.jsonl", KEY, "test")  # a journal never written: fine
+
+
+def test_a_removed_journal_is_refused_when_its_head_remains(tmp_path):
+    path = tmp_path / "j.jsonl"
+    SealedJournal(path, KEY, "test").append({"i": 0})
+    path.unlink()
+    with pytest.raises(LedgerError, match="was removed"):
+        SealedJournal(path, KEY, "test")
+
+
+def test_a_crash_between_append_and_head_record_keeps_the_record(tmp_path):
+    path = tmp_path / "j.jsonl"
+    j = SealedJournal(path, KEY, "test")
+    j.append({"i": 0})
+    head = (tmp_path / "j.jsonl.head").read_bytes()
+    j.append({"i": 1})
+    (tmp_path / "j.jsonl.head").write_bytes(head)  # the head write never happened
+    again = SealedJournal(path, KEY, "test")
+    assert again.records() == [{"i": 0}, {"i": 1}] and not again.recovered_torn_line
 
 
 def test_two_writers_share_a_journal(tmp_path):
@@ -117,5 +164,8 @@ def test_same_size_swap_is_noticed(tmp_path):
     b.append({"v": "bbbb"})
     assert a.records() == [{"v": "aaaa"}]
     (tmp_path / "a.jsonl").write_bytes((tmp_path / "b.jsonl").read_bytes())  # same size
+    with pytest.raises(LedgerError, match="replaced by another"):  # its head record disagrees
+        a.records()
+    (tmp_path / "a.jsonl.head").write_bytes((tmp_path / "b.jsonl.head").read_bytes())
     assert a.records() == [{"v": "bbbb"}]
     assert a.head == b.head

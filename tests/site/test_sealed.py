@@ -108,7 +108,7 @@ def test_a_journal_without_its_head_record_is_refused(tmp_path):
     path = tmp_path / "j.jsonl"
     SealedJournal(path, KEY, "test").append({"i": 0})
     (tmp_path / "j.jsonl.head").unlink()
-    with pytest.raises(LedgerError, match="head record j.jsonl.head is missing"):
+    with pytest.raises(LedgerError, match=r"head record j\.jsonl\.head is missing"):
         SealedJournal(path, KEY, "test")
     SealedJournal(tmp_path / "fresh.jsonl", KEY, "test")  # a journal never written: fine
 

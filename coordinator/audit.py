@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cleanroom.errors import AuditChainError
 
 GENESIS = "0" * 64
+MAX_KEY_FILE = 16 * 1024
 FORMAT = "cleanroom-fl/audit/v1"
 
 
@@ -67,7 +68,21 @@ def load_public_key(text_or_path: str | Path) -> ed25519.Ed25519PublicKey:
     """Public key from a PEM file, a raw 32-byte hex string, or a file holding that hex."""
     raw = str(text_or_path)
     path = Path(raw)
-    data = path.read_bytes() if path.exists() else raw.encode()
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_KEY_FILE + 1)
+        except IsADirectoryError:
+            raise AuditChainError(None, f"audit public key {raw}: is a folder, expect a PEM "
+                                  "or hex file") from None
+        except OSError as exc:
+            raise AuditChainError(None, f"audit public key {raw}: cannot read: "
+                                  f"{exc.strerror}") from None
+        if len(data) > MAX_KEY_FILE:
+            raise AuditChainError(None, f"audit public key {raw}: larger than {MAX_KEY_FILE} "
+                                  "bytes, not a key")
+    else:
+        data = raw.encode()
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_public_key(data)
@@ -75,7 +90,7 @@ def load_public_key(text_or_path: str | Path) -> ed25519.Ed25519PublicKey:
                 raise ValueError("not Ed25519")
             return key
         return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(data.decode().strip()))
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise AuditChainError(None, f"cannot load audit public key {raw[:64]}: {exc}") from None
 
 
@@ -135,9 +150,47 @@ class ChainResult:
     public_key: str = ""
 
 
+ENTRY_FIELDS = {"format": str, "seq": int, "prev": str, "time": (int, float), "kind": str,
+                "body": dict, "sig": str}
+
+
+def _shape_problem(line: bytes) -> str | None:
+    """Why ``line`` is not a well-formed entry (every field present with its type), or None."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return "not a well-formed audit entry (not JSON)"
+    if not isinstance(entry, dict):
+        return "not a well-formed audit entry (not a JSON object)"
+    for name, kind in ENTRY_FIELDS.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"not a well-formed audit entry (field {name!r} is missing or not " \
+                   f"{getattr(kind, '__name__', 'a number')})"
+    try:
+        base64.b64decode(entry["sig"], validate=True)
+    except ValueError:
+        return "not a well-formed audit entry (signature is not base64)"
+    return None
+
+
+MAX_ENTRY_BYTES = 4 * 1024 * 1024  # one receipt of a 1000-site round is ~1 MB
+MAX_ENTRIES = 10_000_000
+
+
 def iter_entries(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The chain's lines, each read with a hard cap (an endless or garbage file costs at most
+    one cap's worth of memory)."""
     with open(path, "rb") as fh:
-        yield from enumerate(fh)
+        for index in range(MAX_ENTRIES + 1):
+            line = fh.readline(MAX_ENTRY_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_ENTRY_BYTES or index == MAX_ENTRIES:
+                raise AuditChainError(index, f"entry {index} is larger than {MAX_ENTRY_BYTES} "
+                                      "bytes, or the chain has too many entries: not an audit "
+                                      "chain")
+            yield index, line
 
 
 def verify_chain(path: Path, public_key: ed25519.Ed25519PublicKey | None = None,
@@ -145,61 +198,76 @@ def verify_chain(path: Path, public_key: ed25519.Ed25519PublicKey | None = None,
     """Verify every entry; the first bad one is named. Without ``public_key`` the key recorded
     in the first entry (``run-start``) is used, which proves integrity, not authorship."""
     path = Path(path)
-    try:
-        lines = list(iter_entries(path))
-    except OSError as exc:
-        raise AuditChainError(None, f"cannot read {path}: {exc.strerror}") from None
+    if path.is_dir():
+        raise AuditChainError(None, f"{path} is a folder, expect an audit chain file")
     head, key = GENESIS, public_key
     key_hex = public_key_hex(key) if key else ""
 
     def bad(index: int, reason: str) -> ChainResult:
         return ChainResult(False, index, head, index, reason, key_hex)
 
-    for index, line in lines:
-        if not line.endswith(b"\n"):
-            return bad(index, "torn last line (incomplete write)")
-        try:
-            entry = json.loads(line)
-            sig = base64.b64decode(entry["sig"], validate=True)
-            seq, prev = entry["seq"], entry["prev"]
-            message = signed_part(entry)
-        except (ValueError, KeyError, TypeError):
-            return bad(index, "not a well-formed audit entry")
-        if entry.get("format") != FORMAT:
-            return bad(index, f"unknown format {entry.get('format')!r}")
-        if seq != index:
-            return bad(index, f"sequence number is {seq}, expect {index} (entry inserted, "
-                       "removed or reordered)")
-        if prev != head:
-            return bad(index, "previous-hash link broken (an earlier entry was changed, "
-                       "removed or reordered)")
-        if key is None:
-            if index != 0 or "coordinator_public_key" not in entry.get("body", {}):
-                return bad(index, "no public key given and the first entry does not name one")
-            try:
-                key = ed25519.Ed25519PublicKey.from_public_bytes(
-                    bytes.fromhex(entry["body"]["coordinator_public_key"]))
-            except ValueError:
-                return bad(index, "the first entry's public key is malformed")
+    count = 0
+    try:
+        lines = iter_entries(path)  # lazily: the first bad entry ends the walk
+        for index, line in lines:
+            count = index + 1
+            result = _check_entry(index, line, head, key)
+            if isinstance(result, str):
+                return bad(index, result)
+            head, key = result
             key_hex = public_key_hex(key)
-        try:
-            key.verify(sig, message)
-        except InvalidSignature:
-            return bad(index, "signature does not verify (entry changed or signed by another "
-                       "key)")
-        head = line_hash(line)
+    except OSError as exc:
+        raise AuditChainError(None, f"cannot read {path}: {exc.strerror}") from None
     if expected_head is not None and expected_head != head:
-        return ChainResult(False, len(lines), head, len(lines),
+        return ChainResult(False, count, head, count,
                            f"head {head[:16]}... differs from the anchor {expected_head[:16]}..."
                            " (entries removed from the end?)", key_hex)
-    return ChainResult(True, len(lines), head, None, "intact", key_hex)
+    return ChainResult(True, count, head, None, "intact", key_hex)
+
+
+def _check_entry(index: int, line: bytes, head: str, key: ed25519.Ed25519PublicKey | None,
+                 ) -> tuple[str, ed25519.Ed25519PublicKey] | str:
+    """(new head, key) after entry ``index``, or why it is bad."""
+    if not line.endswith(b"\n"):
+        return "torn last line (incomplete write)"
+    problem = _shape_problem(line)
+    if problem is not None:
+        return problem
+    entry = json.loads(line)
+    sig = base64.b64decode(entry["sig"], validate=True)
+    seq, prev = entry["seq"], entry["prev"]
+    if entry["format"] != FORMAT:
+        return f"unknown format {entry['format']!r}"
+    if seq != index:
+        return f"sequence number is {seq}, expect {index} (entry inserted, removed or reordered)"
+    if prev != head:
+        return "previous-hash link broken (an earlier entry was changed, removed or reordered)"
+    if key is None:
+        if index != 0 or "coordinator_public_key" not in entry["body"]:
+            return "no public key given and the first entry does not name one"
+        try:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(
+                bytes.fromhex(str(entry["body"]["coordinator_public_key"])))
+        except ValueError:
+            return "the first entry's public key is malformed"
+    try:
+        key.verify(sig, signed_part(entry))
+    except InvalidSignature:
+        return "signature does not verify (entry changed or signed by another key)"
+    return line_hash(line), key
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:
+    """Every entry, each checked for its shape (not its signature: see :func:`verify_chain`)."""
     out = []
-    for index, line in iter_entries(Path(path)):
-        try:
+    if Path(path).is_dir():
+        raise AuditChainError(None, f"{path} is a folder, expect an audit chain file")
+    try:
+        for index, line in iter_entries(Path(path)):
+            problem = _shape_problem(line)
+            if problem is not None:
+                raise AuditChainError(index, problem)
             out.append(json.loads(line))
-        except ValueError:
-            raise AuditChainError(index, "not JSON") from None
+    except OSError as exc:
+        raise AuditChainError(None, f"cannot read {path}: {exc.strerror}") from None
     return out

@@ -122,3 +122,81 @@ def test_cli_verify_and_show(tmp_path, key):
     shown = subprocess.run([sys.executable, "-m", "cleanroom", "audit", "show",
                             str(path)], capture_output=True, text=True)
     assert shown.returncode == 0 and "round-receipt" in shown.stdout
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cleanroom audit ...`` in process: (exit code, stdout, stderr)."""
+    from types import SimpleNamespace
+
+    from cleanroom.cli import main
+
+    def run(*args: str):
+        code = main(["audit", *args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
+def test_cli_never_says_intact_without_the_expected_key(tmp_path, key, cli):
+    """A chain re-signed by a forger is consistent with the key it names itself: without
+    --key the CLI says so and exits 2, never 0."""
+    path = tmp_path / "a.jsonl"
+    make_log(path, key)
+    out = cli("verify", str(path))
+    assert out.returncode == 2, out.stdout
+    assert "NOT verified" in out.stdout and "authorship not verified" in out.stdout
+    as_json = json.loads(cli("verify", str(path), "--json").stdout)
+    assert as_json["ok"] is False and as_json["consistent"] is True
+    assert as_json["key_checked"] is False
+
+
+def test_cli_warns_that_truncation_needs_a_head(tmp_path, key, cli):
+    path = tmp_path / "a.jsonl"
+    make_log(path, key)
+    keyfile = tmp_path / "k.hex"
+    keyfile.write_text(public_key_hex(key))
+    path.write_bytes(b"".join(lines(path)[:-2]))  # trailing entries removed
+    out = cli("verify", str(path), "--key", str(keyfile))
+    assert out.returncode == 0
+    assert "no head given: truncation not detectable" in out.stdout
+    head = verify_chain(path, key.public_key()).head
+    anchored = cli("verify", str(path), "--key", str(keyfile), "--head", "0" * 64)
+    assert anchored.returncode == 1 and "entries removed from the end" in anchored.stdout
+    assert cli("verify", str(path), "--key", str(keyfile), "--head", head).returncode == 0
+
+
+@pytest.mark.parametrize("body", ['"a string"', "[1, 2]", "null", "7"])
+def test_an_entry_whose_body_is_not_an_object_is_named_not_a_traceback(tmp_path, key, body,
+                                                                       cli):
+    path = tmp_path / "a.jsonl"
+    make_log(path, key)
+    ls = lines(path)
+    entry = json.loads(ls[0])
+    ls[0] = json.dumps({**entry, "body": json.loads(body)}).encode() + b"\n"
+    path.write_bytes(b"".join(ls))
+    keyfile = tmp_path / "k.hex"
+    keyfile.write_text(public_key_hex(key))
+    for args in (("verify", str(path), "--key", str(keyfile)), ("verify", str(path))):
+        out = cli(*args)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "field 'body' is missing or not dict" in out.stdout
+    shown = cli("show", str(path))
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr
+    assert "entry 0" in shown.stderr
+
+
+def test_unusable_inputs_exit_2_with_one_line(tmp_path, key, cli):
+    path = tmp_path / "a.jsonl"
+    make_log(path, key)
+    for args in (("verify", str(path), "--key", str(tmp_path)),  # a folder as the key
+                 ("verify", str(tmp_path), "--key", public_key_hex(key)),  # a folder chain
+                 ("verify", str(path), "--key", "not-hex")):
+        out = cli(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
+
+
+def test_an_endless_file_is_refused_quickly(tmp_path, key, cli):
+    out = cli("verify", "/dev/urandom", "--key", public_key_hex(key))
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr

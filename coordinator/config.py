@@ -13,6 +13,8 @@ from pydantic import Field, field_validator
 from cleanroom.config import Section, load_model, paths
 from cleanroom.protocol.wire import DpPlan, SiteName, TrainPlan
 
+NO_DP_UPDATE_NORM = 1.0  # without DP nothing clips: measured honest updates are 0.03-0.2
+
 # Server-optimiser settings per strategy (docs/dp-tuning.md); others use Flower's defaults.
 STRATEGY_OPTIONS: dict[str, dict[str, float]] = {"fedadam": {"eta": 0.3},
                                                  "fedyogi": {"eta": 0.1}}
@@ -32,7 +34,10 @@ class TrainingSettings(Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(0.5, gt=0)
-    max_update_norm: float = Field(50.0, gt=0)
+    max_update_norm: float | None = Field(
+        None, gt=0, description="L2 bound on a site's update. Under DP each site's bound is "
+        "derived from the plan (docs/architecture.md, update bounds) and this can only tighten "
+        f"it; without DP it is the bound (default {NO_DP_UPDATE_NORM}).")
     dp: bool = True
     epsilon: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -53,7 +58,9 @@ class TrainingSettings(Section):
                          dp=DpPlan(enabled=self.dp, epsilon=self.epsilon, delta=self.delta,
                                    max_grad_norm=self.max_grad_norm),
                          model=self.model, model_architecture_digest=architecture_digest(
-                             self.model), max_update_norm=self.max_update_norm)
+                             self.model),
+                         max_update_norm=self.max_update_norm if self.max_update_norm is not None
+                         or self.dp else NO_DP_UPDATE_NORM)
 
 
 class SuperLinkSettings(Section):

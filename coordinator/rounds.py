@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cleanroom.coordinator.bounds import update_bound
 from cleanroom.coordinator.gate import Admission, AttestationGate, refused
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.coordinator.validation import validate_update
@@ -220,9 +221,9 @@ class CoordinatorRound:
             update, report = open_update(sealed, self.keys, context)
             entry.update_ciphertext_sha256 = sealed.sha256
             self.record.bytes_received += len(sealed.ciphertext)
-            entry.update_norm = validate_update(update, reference,
-                                                max_norm=self.plan.max_update_norm)
             self._check_report(report)
+            entry.update_norm = validate_update(update, reference,
+                                                max_norm=self._bound(report, reference))
         except CleanroomError as exc:
             self.reject(node_id, f"update rejected: {exc}")
             return None
@@ -240,6 +241,13 @@ class CoordinatorRound:
                                  f"{plan.local_steps}")
         if plan.dp.enabled and report.privacy is None:
             raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
+
+    def _bound(self, report: TrainReport, reference: Mapping[str, np.ndarray]) -> float:
+        """This site's update bound: derived from the plan and its row count under DP."""
+        n_params = sum(int(np.asarray(v).size) for v in reference.values())
+        sigma = report.privacy.noise_multiplier if report.privacy is not None else None
+        return update_bound(self.plan, noise_multiplier=sigma,
+                            n_examples=max(1, report.num_examples), n_params=n_params)
 
     def reject(self, node_id: int, reason: str) -> None:
         """Drop an admitted site for the rest of this round."""

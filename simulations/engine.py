@@ -51,7 +51,7 @@ class SimulationConfig(BaseModel):
     optimizer: Literal["sgd", "adam"] = _T.optimizer
     momentum: float = Field(_T.momentum, ge=0, lt=1)
     max_grad_norm: float = Field(_T.max_grad_norm, gt=0)
-    max_update_norm: float = Field(_T.max_update_norm, gt=0)
+    max_update_norm: float | None = Field(_T.max_update_norm, gt=0)
     backend: Backend = "inprocess"
     tracking: bool = True
     tracking_uri: str | None = None

@@ -45,7 +45,10 @@ class TrainPlan(_Wire):
     dp: DpPlan = DpPlan()
     model: str = Field(description="Model name in the registry (models/).")
     model_architecture_digest: HexDigest
-    max_update_norm: float = Field(gt=0, description="L2 bound on (update - global model).")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="L2 bound on (update - global model). Under DP the coordinator "
+        "derives each site's bound from this plan (cleanroom.coordinator.bounds); a value here "
+        "can only tighten it. Without DP it is the bound.")
 
 
 class LedgerAnchor(_Wire):

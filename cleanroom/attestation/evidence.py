@@ -149,7 +149,7 @@ def _verify_tdx(data: bytes, digest: str, policy: Policy, endorsements: Endorsem
     checks.append(passed("parse", f"TDX quote version {quote.header.version}", Layer.PARSE))
     collateral: Any = None
     if endorsements.collateral_dir is not None:
-        from cleanroom.attestation.verify.collateral import load_collateral
+        from cleanroom.attestation.collateral_folder import load_collateral
 
         collateral = load_collateral(endorsements.collateral_dir)
     verification = tdx_verify.verify_tdx(quote, at=at, root=trust.intel_sgx_root(),

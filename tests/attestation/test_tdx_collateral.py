@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cleanroom.attestation.abi import tdx as abi
 from cleanroom.attestation.abi.tdx_collateral import TdxCollateral, split_signed_json
 from cleanroom.attestation.collateral_folder import load_collateral
-from cleanroom.attestation.trust import intel_sgx_root
+from cleanroom.attestation.trust import INTEL_TD_QE_MRSIGNER, intel_sgx_root
 from cleanroom.attestation.verify import collateral as col
 from cleanroom.attestation.verify.tdx import TdxVerification, verify_tdx
 from cleanroom.errors import CollateralError
@@ -251,7 +251,7 @@ def default_qe_identity(**overrides: Any) -> dict[str, Any]:
         "nextUpdate": "2025-07-01T00:00:00Z", "tcbEvaluationDataNumber": 99,
         "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
         "attributes": "11" + "00" * 15, "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8,
-        "mrsigner": "DC" * 32, "isvprodid": 2,
+        "mrsigner": INTEL_TD_QE_MRSIGNER.hex().upper(), "isvprodid": 2,
         "tcbLevels": [
             {"tcb": {"isvsvn": 6}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
             {"tcb": {"isvsvn": 4}, "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": "OutOfDate",

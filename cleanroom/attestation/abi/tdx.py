@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from cleanroom.attestation.abi._le import raw as _bytes
 from cleanroom.attestation.abi._le import u16 as _u16
@@ -106,6 +107,7 @@ TD_ATTRIBUTES_DEBUG_BIT = 0
 SIGNATURE_DATA_LENGTH_SIZE = 4
 ECDSA_SIGNATURE_SIZE = 64
 ECDSA_COMPONENT_SIZE = 32
+P256_ORDER = int("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", 16)  # n
 ATTESTATION_KEY_SIZE = 64
 CERT_DATA_HEADER_SIZE = 6  # u16 type + u32 size
 QE_AUTH_DATA_SIZE_SIZE = 2
@@ -488,6 +490,36 @@ def parse_quote(data: bytes) -> TdxQuote:
         raw=buf[:end], header=header, body_type=body_type, body=body,
         signed_length=signed_length, signature=signature, attestation_key=attestation_key,
         certification=certification, trailing_bytes=len(buf) - end)
+
+
+def _low_s(signature: EcdsaSignature) -> bytes:
+    s = signature.s
+    if 0 < s < P256_ORDER and s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return signature.r.to_bytes(ECDSA_COMPONENT_SIZE, "big") + \
+        s.to_bytes(ECDSA_COMPONENT_SIZE, "big")
+
+
+def _sized(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def canonical_bytes(quote: TdxQuote) -> bytes:
+    """The quote's canonical encoding (lengths as u32 little endian)::
+
+        len || header and body as signed | quote signature r || low-S s | attestation key |
+        QE report | QE report signature r || low-S s | len || QE auth data |
+        count || (len || DER) of each PCK chain certificate
+
+    Bytes after the signature data, the PEM text layout and NUL padding of the PCK chain, and
+    the (r, n - s) twin of either signature do not change it: one quote, one encoding.
+    """
+    cert = quote.certification
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in cert.pck_chain]
+    return b"".join([
+        _sized(quote.signed_bytes), _low_s(quote.signature), quote.attestation_key,
+        cert.qe_report.raw, _low_s(cert.qe_report_signature), _sized(cert.qe_auth_data),
+        struct.pack("<I", len(ders)), *(_sized(d) for d in ders)])
 
 
 def looks_like_quote(data: bytes) -> bool:

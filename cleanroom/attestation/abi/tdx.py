@@ -44,6 +44,7 @@ from cleanroom.attestation.abi._le import raw as _bytes
 from cleanroom.attestation.abi._le import u16 as _u16
 from cleanroom.attestation.abi._le import u32 as _u32
 from cleanroom.attestation.abi._le import u64 as _u64
+from cleanroom.attestation.abi._x509 import X509_EXTENSION_ERRORS, X509_LOAD_ERRORS
 from cleanroom.errors import CertificateError, ParseError, UnsupportedFormatError
 
 MAX_QUOTE_SIZE = 64 * 1024  # refused unread above this
@@ -397,7 +398,7 @@ def parse_pem_chain(data: bytes, field: str = "pck_chain") -> tuple[x509.Certifi
             raise ParseError(f"{field}[{index}]", "is not valid base64") from None
         try:
             certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except X509_LOAD_ERRORS as exc:
             raise ParseError(f"{field}[{index}]", f"is not an X.509 certificate: {exc}") \
                 from None
         pos = match.end()
@@ -651,7 +652,7 @@ def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
     except x509.ExtensionNotFound:
         raise CertificateError("PCK certificate has no SGX extensions "
                                f"({SGX_EXTENSIONS_OID})") from None
-    except ValueError as exc:
+    except X509_EXTENSION_ERRORS as exc:
         raise CertificateError(f"PCK certificate extensions are malformed: {exc}") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):

@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography import x509
 
+from cleanroom.attestation.abi._x509 import X509_LOAD_ERRORS
 from cleanroom.attestation.abi.tdx import TCB_COMPONENT_COUNT
 from cleanroom.errors import CollateralError
 
@@ -449,7 +450,7 @@ def parse_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
-    except ValueError as exc:
+    except X509_LOAD_ERRORS as exc:
         raise CollateralError(f"{source}: not a DER or PEM X.509 CRL: {exc}") from None
 
 
@@ -459,7 +460,7 @@ def parse_tcb_signing_chain(data: bytes, source: str = TCB_SIGNING_CHAIN_FILE) \
     _bounded(data, source)
     try:
         certs = tuple(x509.load_pem_x509_certificates(data))
-    except ValueError as exc:
+    except X509_LOAD_ERRORS as exc:
         raise CollateralError(f"{source}: not a PEM certificate chain: {exc}") from None
     if not 1 <= len(certs) <= MAX_TCB_SIGNING_CHAIN:
         raise CollateralError(f"{source}: holds {len(certs)} certificates, expect the TCB "

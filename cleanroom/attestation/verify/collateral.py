@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from cleanroom.attestation.abi._x509 import X509_KEY_ERRORS
 from cleanroom.attestation.abi.tdx import (
     TCB_COMPONENT_COUNT,
     EnclaveReport,
@@ -122,7 +123,10 @@ class CollateralResult:
 
 
 def _verify_p256(cert: x509.Certificate, signature: bytes, message: bytes) -> str | None:
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except X509_KEY_ERRORS:
+        return "signing certificate key does not decode"
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
                                                                         ec.SECP256R1):
         return "signing certificate key is not ECDSA P-256"

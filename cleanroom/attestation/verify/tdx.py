@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from cleanroom.attestation.abi._x509 import X509_EXTENSION_ERRORS
 from cleanroom.attestation.abi.tdx import (
     REPORT_DATA_SIZE,
     EcdsaSignature,
@@ -157,7 +158,7 @@ def _chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate,
     try:
         constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints)
         is_ca = constraints.value.ca
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, *X509_EXTENSION_ERRORS):
         is_ca = False
     if not is_ca:
         problems.append(f"intermediate {inter_name!r} is not a CA certificate")

@@ -10,6 +10,7 @@ those of an Intel-signed PCS QE identity document.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,9 @@ def reason(verdict: Verdict, name: str) -> str:
 def test_pinned_values_are_intels_signed_qe_identity() -> None:
     """The pinned values equal the identity of Intel's PCS TD_QE document in tests/vectors,
     whose signature (by the TCB signing certificate, chained to the pinned Intel root) holds."""
+    document = (REAL_COLLATERAL / "qe_identity.json").read_bytes()
+    provenance = Path(trust.__file__).with_name("PROVENANCE.md").read_text()
+    assert hashlib.sha256(document).hexdigest() in provenance  # the file PROVENANCE.md cites
     collateral = load_collateral(REAL_COLLATERAL)
     quote = abi.parse_quote(load_hex(DCAP_QVL / "quote-from-tappd.hex"))
     verification = verify_tdx(quote, at=AT_REAL, root=trust.intel_sgx_root(),

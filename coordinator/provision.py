@@ -4,8 +4,9 @@ Creates, under one folder: a consortium CA; the SuperLink's TLS certificate (SAN
 address); one SuperNode authentication key per site (or takes the public key a hospital
 generated itself with ``cleanroom site keygen``: its private key then never leaves the site);
 the coordinator's audit signing key; the attestation policy (measurement allow-list; simulated
-root trusted only for simulated enclaves; TDX collateral required for real enclaves); API tokens; and a config file for the coordinator
-and for each site. Private keys are written with mode 0600 and never printed.
+root trusted only for simulated enclaves; TDX collateral required for real enclaves); API
+tokens; and a config file for the coordinator and for each site. Private keys are written
+with mode 0600 and never printed.
 
 Layout::
 

@@ -1,4 +1,7 @@
-"""``python -m benchmarks [attestation|rounds|accuracy|deployment|all]``: the benchmarks."""
+"""``python -m benchmarks [attestation|rounds|accuracy|deployment|fuzz|all]``: the benchmarks.
+
+``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) runs only when named.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,19 @@ def main() -> int:
     if name in ("-h", "--help"):
         print(__doc__)
         return 0
-    from benchmarks import accuracy, attestation, deployment, rounds
+    from benchmarks import accuracy, attestation, deployment, fuzz, rounds
 
     modules = {"attestation": attestation, "rounds": rounds, "accuracy": accuracy,
                "deployment": deployment}
+    if name == "fuzz":
+        return int(fuzz.main(rest) or 0)
     if name == "all":
         for module in modules.values():
             print(f"\n## {module.__name__}")
             module.main([])
         return 0
     if name not in modules:
-        print(f"unknown benchmark {name!r}; choose from {', '.join(modules)} or all")
+        print(f"unknown benchmark {name!r}; choose from {', '.join(modules)}, fuzz or all")
         return 2
     return int(modules[name].main(rest) or 0)
 

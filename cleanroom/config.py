@@ -2,6 +2,8 @@
 
 Used for attestation policies, site and coordinator configuration: a missing file, bad syntax
 or a schema violation becomes one :class:`ConfigError` naming the file and every bad field.
+Every file is read with a hard cap (:func:`read_bounded`): a huge or endless file (a 100 MB
+policy, ``/dev/urandom``) is refused after at most ``limit + 1`` bytes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,34 @@ from pydantic import (
     field_validator,
 )
 
-from cleanroom.errors import ConfigError
+from cleanroom.errors import CleanroomError, ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_CONFIG_BYTES = 1024 * 1024  # configuration and policy files larger than this are refused
+
+
+def read_bounded(path: Path, limit: int, *, what: str = "",
+                 error: type[CleanroomError] = ConfigError) -> bytes:
+    """The bytes of ``path``, refused (``error``) when it holds more than ``limit`` bytes.
+
+    Reads at most ``limit + 1`` bytes from the open file, so a huge file or an endless device
+    costs no more than that; never ``Path.read_bytes()`` on a path someone else chose.
+    ``what`` prefixes the message (``"policy"`` -> ``"policy /x: file not found"``).
+    """
+    label = f"{what} {path}" if what else str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{label}: file not found") from None
+    except IsADirectoryError:
+        raise error(f"{label}: is a folder, expect a file") from None
+    except OSError as exc:
+        raise error(f"{label}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{label}: larger than {limit} bytes (refused unread)")
+    return data
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -35,19 +62,19 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def read_document(path: Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON (anything else) document into a dict."""
+    """Read a TOML (``.toml``) or JSON (anything else) document into a dict (bounded)."""
+    data = read_bounded(path, MAX_CONFIG_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     try:
         if path.suffix.lower() == ".toml":
             doc: Any = tomllib.loads(text)
         else:
             doc = json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # TOML/JSON decode errors are ValueErrors
         kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
         raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
     if not isinstance(doc, dict):

@@ -4,8 +4,9 @@ Creates, under one folder: a consortium CA; the SuperLink's TLS certificate (SAN
 address); one SuperNode authentication key per site (or takes the public key a hospital
 generated itself with ``cleanroom site keygen``: its private key then never leaves the site);
 the coordinator's audit signing key; the attestation policy (measurement allow-list; simulated
-root trusted only for simulated enclaves); API tokens; and a config file for the coordinator
-and for each site. Private keys are written with mode 0600 and never printed.
+root trusted only for simulated enclaves; TDX collateral required for real enclaves); API
+tokens; and a config file for the coordinator and for each site. Private keys are written
+with mode 0600 and never printed.
 
 Layout::
 
@@ -164,6 +165,8 @@ def provision(req: ProvisionRequest) -> Provisioned:
     }
     if root is not None:
         policy_top["simulated_root"] = str(root.bundle_path)
+    else:  # production: a TDX quote's TCB status and revocation need Intel's collateral
+        policy_top["require_collateral"] = True
     (coord / "policy.toml").write_text(_toml({}, policy_top))
 
     site_configs: dict[str, Path] = {}

@@ -25,14 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cleanroom.attestation.abi import snp_cert_table as cert_table
 from cleanroom.attestation.abi.amd_cert import load_certificates, pick_key_certificate
+from cleanroom.attestation.abi.snp_cert_table import GUID_ARK as GUID_ARK  # re-exported
+from cleanroom.attestation.abi.snp_cert_table import GUID_ASK as GUID_ASK  # re-exported
+from cleanroom.attestation.abi.snp_cert_table import GUID_VCEK, GUID_VLEK
 from cleanroom.attestation.simulated import (
     SimulatedChip,
     SimulatedRoot,
     SimulatedTcb,
     issue_vcek,
 )
-from cleanroom.errors import CleanroomError
+from cleanroom.errors import CleanroomError, ParseError
 from cleanroom.fsutil import write_private
 from cleanroom.site_agent.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
 
@@ -41,14 +45,6 @@ log = logging.getLogger(__name__)
 REPORT_DATA_SIZE = 64
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 MAX_BLOB = 64 * 1024
-
-# GUIDs of the SEV-SNP extended-report certificate table (GHCB spec / SNP ABI).
-GUID_VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
-GUID_VLEK = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
-GUID_ASK = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
-GUID_ARK = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
-CERT_TABLE_ENTRY = 24  # 16-byte GUID, u32 offset, u32 length
-
 
 class EnclaveError(CleanroomError):
     """The enclave provider could not produce evidence or a key."""
@@ -78,20 +74,12 @@ class EnclaveProvider(Protocol):
 
 
 def parse_cert_table(aux: bytes) -> dict[uuid.UUID, bytes]:
-    """Parse the SNP certificate table (GUID, offset, length entries, zero entry ends it)."""
-    table: dict[uuid.UUID, bytes] = {}
-    pos = 0
-    while pos + CERT_TABLE_ENTRY <= len(aux):
-        guid = uuid.UUID(bytes_le=aux[pos:pos + 16])
-        offset = int.from_bytes(aux[pos + 16:pos + 20], "little")
-        length = int.from_bytes(aux[pos + 20:pos + 24], "little")
-        if guid.int == 0 and offset == 0 and length == 0:
-            return table
-        if offset + length > len(aux) or length == 0:
-            raise EnclaveError(f"auxblob certificate entry {guid} is out of range")
-        table[guid] = aux[offset:offset + length]
-        pos += CERT_TABLE_ENTRY
-    raise EnclaveError("auxblob certificate table has no terminating entry")
+    """The host's SNP certificate table (:mod:`cleanroom.attestation.abi.snp_cert_table`) as
+    ``{GUID: certificate bytes}``; a malformed table is an :class:`EnclaveError`."""
+    try:
+        return cert_table.parse_cert_table(aux).as_dict()
+    except ParseError as exc:
+        raise EnclaveError(f"auxblob certificate table: {exc}") from None
 
 
 class TsmFs:

@@ -1,6 +1,8 @@
 """``cleanroom attest``: verify, show and simulate attestation evidence.
 
-Exit codes of ``verify``: 0 accepted, 1 rejected, 2 unusable input or usage.
+Exit codes of ``verify``: 0 accepted, 1 rejected, 2 unusable input or usage. Every file the
+commands take is read with a hard cap, so a huge or endless input (``/dev/urandom``) is refused
+with exit 2 after at most a megabyte.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cleanroom.attestation.abi.amd_cert import MAX_CERT_BYTES
 from cleanroom.attestation.evidence import (
     FORMAT_SNP,
     Endorsements,
     detect_format,
     verify_evidence,
 )
-from cleanroom.attestation.validate.policy import Policy, load_policy
+from cleanroom.attestation.registry import format_for
+from cleanroom.attestation.validate.policy import MAX_EVIDENCE_BYTES_LIMIT, Policy, load_policy
 from cleanroom.attestation.verdict import Layer, Verdict
+from cleanroom.config import read_bounded
 from cleanroom.errors import CleanroomError, ConfigError
 
 EXIT_ACCEPTED, EXIT_REJECTED, EXIT_UNUSABLE = 0, 1, 2
+MAX_EVIDENCE_FILE = MAX_EVIDENCE_BYTES_LIMIT  # no policy accepts more; the policy's own limit
+# (64 KiB by default) is applied by verify_evidence
 
 
 class UsageError(CleanroomError):
@@ -80,11 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     r.set_defaults(func=cmd_simulate_root)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+def _read(path: Path, what: str, limit: int) -> bytes:
+    return read_bounded(path, limit, what=what, error=UsageError)
 
 
 def parse_time(text: str) -> dt.datetime:
@@ -134,10 +138,10 @@ def exit_code(verdict: Verdict) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        data = _read(args.evidence, "evidence")
+        data = _read(args.evidence, "evidence", MAX_EVIDENCE_FILE)
         policy = build_policy(args)
         at = parse_time(args.at) if args.at else None
-        vcek = _read(args.vcek, "certificate") if args.vcek else None
+        vcek = _read(args.vcek, "certificate", MAX_CERT_BYTES) if args.vcek else None
         if args.collateral is not None and not args.collateral.is_dir():
             raise UsageError(f"--collateral {args.collateral} is not a folder")
         if vcek is None:
@@ -213,14 +217,9 @@ def _plain(value: Any) -> Any:
 
 
 def parse_any(data: bytes) -> tuple[str, Any]:
-    fmt = detect_format(data)
-    if fmt == FORMAT_SNP:
-        from cleanroom.attestation.abi.snp import parse_report
-
-        return fmt, parse_report(data)
-    from cleanroom.attestation.abi.tdx import parse_quote
-
-    return fmt, parse_quote(data)
+    """(format name, parsed evidence) of any registered format."""
+    fmt = format_for(data)
+    return fmt.name, fmt.parse(data)
 
 
 def _render_tree(value: Any, indent: int = 0) -> list[str]:
@@ -242,7 +241,7 @@ def _render_tree(value: Any, indent: int = 0) -> list[str]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     try:
-        data = _read(args.evidence, "evidence")
+        data = _read(args.evidence, "evidence", MAX_EVIDENCE_FILE)
         fmt, parsed = parse_any(data)
     except CleanroomError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cleanroom.attestation.abi import tdx as abi
-from cleanroom.attestation.trust import fingerprint, intel_sgx_root
+from cleanroom.attestation.trust import INTEL_TD_QE_MRSIGNER, fingerprint, intel_sgx_root
 from cleanroom.attestation.verify.tdx import verify_tdx
 from cleanroom.errors import CertificateError, ParseError, UnsupportedFormatError
 
@@ -213,7 +213,8 @@ def make_body(body_type: int = abi.BODY_TYPE_TDX10, *, tee_tcb_svn: bytes | None
     return bytes(body)
 
 
-def make_qe_report(report_data: bytes, *, mr_signer: bytes = b"\xdc" * 32, isv_prod_id: int = 2,
+def make_qe_report(report_data: bytes, *, mr_signer: bytes = INTEL_TD_QE_MRSIGNER,
+                   isv_prod_id: int = 2,
                    isv_svn: int = 6, attributes: bytes = bytes.fromhex("11") + bytes(15),
                    misc_select: int = 0) -> bytes:
     rep = bytearray(abi.QE_REPORT_SIZE)

@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cleanroom.attestation.abi import tdx as abi
-from cleanroom.attestation.trust import intel_sgx_root
+from cleanroom.attestation.abi.tdx_collateral import TdxCollateral, split_signed_json
+from cleanroom.attestation.collateral_folder import load_collateral
+from cleanroom.attestation.trust import INTEL_TD_QE_MRSIGNER, intel_sgx_root
 from cleanroom.attestation.verify import collateral as col
 from cleanroom.attestation.verify.tdx import TdxVerification, verify_tdx
 from cleanroom.errors import CollateralError
@@ -59,8 +61,8 @@ def tappd_quote() -> abi.TdxQuote:
 
 
 @pytest.fixture(scope="module")
-def real_collateral() -> col.TdxCollateral:
-    return col.load_collateral(REAL_DIR)
+def real_collateral() -> TdxCollateral:
+    return load_collateral(REAL_DIR)
 
 
 # --------------------------------------------------------------------------- real collateral
@@ -77,7 +79,7 @@ def test_derived_pcs_files_match_the_verbatim_source() -> None:
     assert (REAL_DIR / "tcb_signing_chain.pem").read_text() == src["tcb_info_issuer_chain"]
 
 
-def test_real_collateral_parses(real_collateral: col.TdxCollateral) -> None:
+def test_real_collateral_parses(real_collateral: TdxCollateral) -> None:
     info = real_collateral.tcb_info
     assert info.fmspc.hex() == "b0c06f000000" and info.tcb_evaluation_data_number == 17
     assert info.next_update == dt.datetime(2025, 4, 12, 7, 30, 24, tzinfo=UTC)
@@ -88,7 +90,7 @@ def test_real_collateral_parses(real_collateral: col.TdxCollateral) -> None:
 
 
 def test_real_collateral_signatures_and_identities(tappd_quote: abi.TdxQuote,
-                                                   real_collateral: col.TdxCollateral) -> None:
+                                                   real_collateral: TdxCollateral) -> None:
     verification = verify_tdx(tappd_quote, at=AT_REAL, root=intel_sgx_root(),
                               collateral=real_collateral)
     # Everything Intel signed checks out; the platform itself (SEAMLDR ACM SVN 3 in the PCK
@@ -112,7 +114,7 @@ def test_real_collateral_signatures_and_identities(tappd_quote: abi.TdxQuote,
      "issued 2025-03-13"),
 ])
 def test_real_collateral_out_of_its_window(tappd_quote: abi.TdxQuote,
-                                           real_collateral: col.TdxCollateral,
+                                           real_collateral: TdxCollateral,
                                            when: dt.datetime, failures: set[str],
                                            needle: str) -> None:
     verification = verify_tdx(tappd_quote, at=when, root=intel_sgx_root(),
@@ -131,7 +133,7 @@ def test_tampered_real_tcb_info_fails(tmp_path: Path, tappd_quote: abi.TdxQuote)
     path = _copy_real(tmp_path) / "tcb_info.json"
     path.write_text(path.read_text().replace('"pcesvn":11', '"pcesvn":10', 1))
     verification = verify_tdx(tappd_quote, at=AT_REAL, root=intel_sgx_root(),
-                              collateral=col.load_collateral(tmp_path))
+                              collateral=load_collateral(tmp_path))
     assert "tcb_info_signature" in failed_names(verification)
     assert "qe_identity_signature" not in failed_names(verification)
 
@@ -146,16 +148,16 @@ def test_signature_covers_raw_bytes_not_reserialised_json(tmp_path: Path,
     path.write_text('{\n  "signature" : "' + doc["signature"] + '",\n  "tcbInfo" :  ' + body
                     + "\n}\n")
     verification = verify_tdx(tappd_quote, at=AT_REAL, root=intel_sgx_root(),
-                              collateral=col.load_collateral(tmp_path))
+                              collateral=load_collateral(tmp_path))
     assert "tcb_info_signature" not in failed_names(verification)
     # Re-serialising the value (same data, other whitespace) breaks the signature.
     path.write_text(json.dumps(doc, indent=1))
     verification = verify_tdx(tappd_quote, at=AT_REAL, root=intel_sgx_root(),
-                              collateral=col.load_collateral(tmp_path))
+                              collateral=load_collateral(tmp_path))
     assert "tcb_info_signature" in failed_names(verification)
 
 
-def test_real_tcb_levels_with_other_platform_svns(real_collateral: col.TdxCollateral) -> None:
+def test_real_tcb_levels_with_other_platform_svns(real_collateral: TdxCollateral) -> None:
     """Intel's matching rule on the real TCB info, for platforms the quote is not from."""
     info = real_collateral.tcb_info
     base = abi.PckExtensions(ppid=bytes(16), tcb_components=(2, 2, 2, 2, 3, 1, 0, 5) + (0,) * 8,
@@ -173,7 +175,7 @@ def test_real_tcb_levels_with_other_platform_svns(real_collateral: col.TdxCollat
     assert col.match_tcb_level(info, base, bytes([5, 0, 2] + [0] * 13)) is not None
 
 
-def test_real_crls(tappd_quote: abi.TdxQuote, real_collateral: col.TdxCollateral) -> None:
+def test_real_crls(tappd_quote: abi.TdxQuote, real_collateral: TdxCollateral) -> None:
     pck_crl = x509.load_der_x509_crl(load_hex(DCAP_QVL / "pck_crl-2026-10-08.hex"))
     root_crl = x509.load_der_x509_crl(load_hex(DCAP_QVL / "root_crl-2026-02-26.hex"))
     both = dataclasses.replace(real_collateral, pck_crl=pck_crl, root_crl=root_crl)
@@ -198,11 +200,11 @@ def test_real_crl_files_load(tmp_path: Path, tappd_quote: abi.TdxQuote) -> None:
     (tmp_path / "pck_crl.der").write_bytes(load_hex(DCAP_QVL / "pck_crl-2026-10-08.hex"))
     crl = x509.load_der_x509_crl(load_hex(DCAP_QVL / "root_crl-2026-02-26.hex"))
     (tmp_path / "root_crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    loaded = col.load_collateral(tmp_path)
+    loaded = load_collateral(tmp_path)
     assert loaded.pck_crl is not None and loaded.root_crl is not None
     (tmp_path / "root_crl.der").write_bytes(b"x")
     with pytest.raises(CollateralError, match=re.escape("both root_crl.der and root_crl.pem")):
-        col.load_collateral(tmp_path)
+        load_collateral(tmp_path)
 
 
 # --------------------------------------------------------------------------- synthetic PCS
@@ -249,7 +251,7 @@ def default_qe_identity(**overrides: Any) -> dict[str, Any]:
         "nextUpdate": "2025-07-01T00:00:00Z", "tcbEvaluationDataNumber": 99,
         "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
         "attributes": "11" + "00" * 15, "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8,
-        "mrsigner": "DC" * 32, "isvprodid": 2,
+        "mrsigner": INTEL_TD_QE_MRSIGNER.hex().upper(), "isvprodid": 2,
         "tcbLevels": [
             {"tcb": {"isvsvn": 6}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
             {"tcb": {"isvsvn": 4}, "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": "OutOfDate",
@@ -313,7 +315,7 @@ def pcs(pki: FakePki) -> FakePcs:
 def _verify(pki: FakePki, folder: Path, *, at: dt.datetime = AT_FAKE,
             **quote_kwargs: Any) -> TdxVerification:
     quote = abi.parse_quote(build_quote(pki, **quote_kwargs))
-    return verify_tdx(quote, at=at, root=pki.root, collateral=col.load_collateral(folder))
+    return verify_tdx(quote, at=at, root=pki.root, collateral=load_collateral(folder))
 
 
 def _svn(*head: int) -> bytes:
@@ -487,44 +489,44 @@ def test_malformed_tcb_info(tmp_path: Path, pcs: FakePcs, mutate: Any, message: 
     path = folder / "tcb_info.json"
     path.write_text(mutate(path.read_text()))
     with pytest.raises(CollateralError, match=message):
-        col.load_collateral(folder)
+        load_collateral(folder)
 
 
 def test_malformed_files(tmp_path: Path, pcs: FakePcs) -> None:
     folder = _raw(pcs, tmp_path)
     (folder / "qe_identity.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(CollateralError, match="not UTF-8"):
-        col.load_collateral(folder)
+        load_collateral(folder)
     pcs.write(folder)
     (folder / "qe_identity.json").write_text(
         (folder / "qe_identity.json").read_text().replace('"TD_QE"', '"QE"'))
     with pytest.raises(CollateralError, match="expect 'TD_QE'"):
-        col.load_collateral(folder)
+        load_collateral(folder)
     pcs.write(folder)
     (folder / "tcb_signing_chain.pem").write_text("nothing")
     with pytest.raises(CollateralError, match=re.escape("tcb_signing_chain.pem")):
-        col.load_collateral(folder)
+        load_collateral(folder)
     pcs.write(folder)
     (folder / "pck_crl.der").write_bytes(b"\x30\x03\x02\x01\x01")
     with pytest.raises(CollateralError, match=re.escape("pck_crl.der: not a DER or PEM X.509 CRL")):
-        col.load_collateral(folder)
+        load_collateral(folder)
     (folder / "pck_crl.der").unlink()
     (folder / "qe_identity.json").unlink()
     with pytest.raises(CollateralError, match=re.escape("qe_identity.json is missing")):
-        col.load_collateral(folder)
+        load_collateral(folder)
     with pytest.raises(CollateralError, match="is not a folder"):
-        col.load_collateral(folder / "nope")
+        load_collateral(folder / "nope")
 
 
 def test_split_signed_json_slices_exact_bytes() -> None:
     text = b'  { "a" : {"x": 1,  "y":[1, 2]} , "b":"s" }  '
-    members = col.split_signed_json(text, "t")
+    members = split_signed_json(text, "t")
     assert members["a"] == ({"x": 1, "y": [1, 2]}, b'{"x": 1,  "y":[1, 2]}')
     assert members["b"] == ("s", b'"s"')
-    assert col.split_signed_json(b"{}", "t") == {}
+    assert split_signed_json(b"{}", "t") == {}
     for bad in (b"[]", b'{"a" 1}', b'{"a":1,}', b'{"a":1 "b":2}', b"", b'{"a":' + b"[" * 5000):
         with pytest.raises(CollateralError):
-            col.split_signed_json(bad, "t")
+            split_signed_json(bad, "t")
 
 
 def test_collateral_through_verify_evidence(tmp_path: Path) -> None:

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cleanroom.attestation.abi._x509 import (
+    X509_EXTENSION_ERRORS,
+    X509_KEY_ERRORS,
+    X509_LOAD_ERRORS,
+)
 from cleanroom.attestation.abi.snp import Product, TcbVersion
 from cleanroom.errors import CertificateError
 
@@ -51,7 +56,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
             if b"-----BEGIN CERTIFICATE-----" in data:
                 return list(x509.load_pem_x509_certificates(data))
             return [x509.load_der_x509_certificate(data)]
-        except ValueError as exc:
+        except X509_LOAD_ERRORS as exc:
             raise CertificateError(f"not a DER or PEM X.509 certificate: {exc}") from None
 
 
@@ -128,10 +133,14 @@ class AmdKeyCertificate:
 
 def parse_amd_key_certificate(cert: x509.Certificate) -> AmdKeyCertificate:
     """Decode the AMD extensions of a VCEK/VLEK (missing extensions become None)."""
-    if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+    if not isinstance(_public_key(cert), ec.EllipticCurvePublicKey):
         raise CertificateError("VCEK/VLEK public key is not an elliptic-curve key")
     values: dict[str, bytes] = {}
-    for ext in cert.extensions:
+    try:
+        extensions = list(cert.extensions)
+    except X509_EXTENSION_ERRORS as exc:
+        raise CertificateError(f"VCEK/VLEK extensions are malformed: {exc}") from None
+    for ext in extensions:
         oid = ext.oid.dotted_string
         if oid.startswith(AMD_OID_PREFIX) and isinstance(ext.value, x509.UnrecognizedExtension):
             values[oid] = ext.value.value
@@ -157,9 +166,17 @@ def parse_amd_key_certificate(cert: x509.Certificate) -> AmdKeyCertificate:
     )
 
 
+def _public_key(cert: x509.Certificate) -> object:
+    """The certificate's public key, or None when it does not decode (a broken SPKI)."""
+    try:
+        return cert.public_key()
+    except X509_KEY_ERRORS:
+        return None
+
+
 def pick_key_certificate(certs: list[x509.Certificate]) -> x509.Certificate:
     """From a PEM bundle that may also hold ASK/ARK, pick the VCEK/VLEK (the EC-keyed leaf)."""
-    leaves = [c for c in certs if isinstance(c.public_key(), ec.EllipticCurvePublicKey)]
+    leaves = [c for c in certs if isinstance(_public_key(c), ec.EllipticCurvePublicKey)]
     if not leaves:
         raise CertificateError("no VCEK/VLEK (elliptic-curve certificate) in the given data")
     if len(leaves) > 1:

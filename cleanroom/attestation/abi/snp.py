@@ -60,6 +60,8 @@ REPORT_ID_SIZE = 32
 CHIP_ID_SIZE = 64
 SIGNATURE_SIZE = 512
 ECDSA_P384_COMPONENT_SIZE = 72  # R and S are 72-byte little-endian fields (only 48 bytes used)
+P384_ORDER = int("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf"
+                 "581a0db248b0a77aecec196accc52973", 16)  # n of NIST P-384 (FIPS 186-4)
 
 MIN_VERSION = 2
 MAX_VERSION = 5
@@ -400,6 +402,20 @@ def parse_report(data: bytes) -> SnpReport:
         current_mit_vector=_u64(buf, OFF_CURRENT_MIT_VECTOR) if has_mit else None,
         signature=SnpSignature(r=r, s=s),
     )
+
+
+def canonical_bytes(report: SnpReport) -> bytes:
+    """The report's canonical encoding: the signed bytes [0, 0x2A0), then R and S (72 bytes
+    each, big endian) with S in low-S form (min(s, n - s)).
+
+    The reserved rest of the 512-byte signature field is not signed and is left out, and
+    (r, n - s), which verifies as well as (r, s), encodes the same: one report, one encoding.
+    """
+    s = report.signature.s
+    if 0 < s < P384_ORDER and s > P384_ORDER // 2:
+        s = P384_ORDER - s
+    return report.signed_bytes + report.signature.r.to_bytes(ECDSA_P384_COMPONENT_SIZE, "big") \
+        + s.to_bytes(ECDSA_P384_COMPONENT_SIZE, "big")
 
 
 def looks_like_report(data: bytes) -> bool:

@@ -38,11 +38,13 @@ import struct
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from cleanroom.attestation.abi._le import raw as _bytes
 from cleanroom.attestation.abi._le import u16 as _u16
 from cleanroom.attestation.abi._le import u32 as _u32
 from cleanroom.attestation.abi._le import u64 as _u64
+from cleanroom.attestation.abi._x509 import X509_EXTENSION_ERRORS, X509_LOAD_ERRORS
 from cleanroom.errors import CertificateError, ParseError, UnsupportedFormatError
 
 MAX_QUOTE_SIZE = 64 * 1024  # refused unread above this
@@ -106,6 +108,7 @@ TD_ATTRIBUTES_DEBUG_BIT = 0
 SIGNATURE_DATA_LENGTH_SIZE = 4
 ECDSA_SIGNATURE_SIZE = 64
 ECDSA_COMPONENT_SIZE = 32
+P256_ORDER = int("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", 16)  # n
 ATTESTATION_KEY_SIZE = 64
 CERT_DATA_HEADER_SIZE = 6  # u16 type + u32 size
 QE_AUTH_DATA_SIZE_SIZE = 2
@@ -395,7 +398,7 @@ def parse_pem_chain(data: bytes, field: str = "pck_chain") -> tuple[x509.Certifi
             raise ParseError(f"{field}[{index}]", "is not valid base64") from None
         try:
             certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except X509_LOAD_ERRORS as exc:
             raise ParseError(f"{field}[{index}]", f"is not an X.509 certificate: {exc}") \
                 from None
         pos = match.end()
@@ -488,6 +491,36 @@ def parse_quote(data: bytes) -> TdxQuote:
         raw=buf[:end], header=header, body_type=body_type, body=body,
         signed_length=signed_length, signature=signature, attestation_key=attestation_key,
         certification=certification, trailing_bytes=len(buf) - end)
+
+
+def _low_s(signature: EcdsaSignature) -> bytes:
+    s = signature.s
+    if 0 < s < P256_ORDER and s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return signature.r.to_bytes(ECDSA_COMPONENT_SIZE, "big") + \
+        s.to_bytes(ECDSA_COMPONENT_SIZE, "big")
+
+
+def _sized(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def canonical_bytes(quote: TdxQuote) -> bytes:
+    """The quote's canonical encoding (lengths as u32 little endian)::
+
+        len || header and body as signed | quote signature r || low-S s | attestation key |
+        QE report | QE report signature r || low-S s | len || QE auth data |
+        count || (len || DER) of each PCK chain certificate
+
+    Bytes after the signature data, the PEM text layout and NUL padding of the PCK chain, and
+    the (r, n - s) twin of either signature do not change it: one quote, one encoding.
+    """
+    cert = quote.certification
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in cert.pck_chain]
+    return b"".join([
+        _sized(quote.signed_bytes), _low_s(quote.signature), quote.attestation_key,
+        cert.qe_report.raw, _low_s(cert.qe_report_signature), _sized(cert.qe_auth_data),
+        struct.pack("<I", len(ders)), *(_sized(d) for d in ders)])
 
 
 def looks_like_quote(data: bytes) -> bool:
@@ -619,7 +652,7 @@ def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
     except x509.ExtensionNotFound:
         raise CertificateError("PCK certificate has no SGX extensions "
                                f"({SGX_EXTENSIONS_OID})") from None
-    except ValueError as exc:
+    except X509_EXTENSION_ERRORS as exc:
         raise CertificateError(f"PCK certificate extensions are malformed: {exc}") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):

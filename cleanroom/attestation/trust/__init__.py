@@ -4,6 +4,10 @@ The vendor roots are PEM files shipped inside this package (see ``PROVENANCE.md`
 AMD ARK and ASK (VCEK chain) and ASVK (VLEK chain) for Milan, Genoa and Turin, and the Intel SGX
 Root CA that anchors TDX DCAP quotes. They are never fetched from the network and never taken
 from the evidence. A simulated (consortium test) root is trusted only when a policy names it.
+
+Also pinned here: the identity of Intel's TD Quoting Enclave (:func:`intel_td_qe_identity`),
+checked against every TDX quote verified without collateral, so that an enclave the host
+controls cannot pose as the quoting enclave (provenance in ``PROVENANCE.md``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cleanroom.attestation.abi.amd_cert import load_certificates
+from cleanroom.attestation.abi.amd_cert import MAX_CERT_BYTES, load_certificates
 from cleanroom.attestation.abi.snp import Product
+from cleanroom.attestation.abi.tdx_collateral import QeIdentityValues
+from cleanroom.config import read_bounded
 from cleanroom.errors import CertificateError
 
 log = logging.getLogger(__name__)
@@ -77,16 +83,36 @@ def intel_sgx_root() -> x509.Certificate:
     return _read_package_pem("intel_sgx_root_ca.pem")
 
 
+# Intel's TD Quoting Enclave identity: the identity fields of Intel PCS "enclaveIdentity" id TD_QE,
+# version 2 (tcbEvaluationDataNumber 17), as Intel signed them (see PROVENANCE.md). They name the
+# enclave, not a TCB level, and have not changed across the PCS documents we have seen; a quote
+# verified with collateral is checked against the collateral's signed identity instead.
+INTEL_TD_QE_MRSIGNER = bytes.fromhex(
+    "dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
+INTEL_TD_QE_ISVPRODID = 2
+INTEL_TD_QE_MISCSELECT = bytes.fromhex("00000000")
+INTEL_TD_QE_MISCSELECT_MASK = bytes.fromhex("ffffffff")
+INTEL_TD_QE_ATTRIBUTES = bytes.fromhex("11000000000000000000000000000000")
+INTEL_TD_QE_ATTRIBUTES_MASK = bytes.fromhex("fbffffffffffffff0000000000000000")
+
+
+def intel_td_qe_identity() -> QeIdentityValues:
+    """Intel's TD Quoting Enclave identity, pinned (checked when a quote has no collateral)."""
+    return QeIdentityValues(
+        mrsigner=INTEL_TD_QE_MRSIGNER, isvprodid=INTEL_TD_QE_ISVPRODID,
+        miscselect=INTEL_TD_QE_MISCSELECT, miscselect_mask=INTEL_TD_QE_MISCSELECT_MASK,
+        attributes=INTEL_TD_QE_ATTRIBUTES, attributes_mask=INTEL_TD_QE_ATTRIBUTES_MASK,
+        source="Intel's TD_QE identity pinned in this package")
+
+
 def load_simulated_chain(path: Path) -> tuple[AmdChain, ...]:
     """Load a simulated ARK+ASK bundle written by ``cleanroom attest simulate-root``.
 
     The bundle holds the simulated ARK and ASK (PEM). It is named by the ARK's fingerprint so
     the verdict says exactly which simulated root anchored a chain.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CertificateError(f"cannot read simulated root {path}: {exc.strerror}") from None
+    data = read_bounded(Path(path), MAX_CERT_BYTES, what="simulated root",
+                        error=CertificateError)
     certs = load_certificates(data)
     roots = [c for c in certs if c.issuer == c.subject]
     inters = [c for c in certs if c.issuer != c.subject]

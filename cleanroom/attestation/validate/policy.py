@@ -5,6 +5,12 @@ strict where a permissive default would be dangerous (debug, migration agent, si
 and "not checked" only where no safe default exists (the measurement allow-list is deployment
 specific; the coordinator refuses to start without one).
 
+Parsing is strict (pydantic strict mode): values are never coerced, so ``allow_debug = "yes"``,
+``"on"`` or ``1`` and ``vmpl = "0"`` are refused instead of silently becoming True and 0; unknown
+keys are refused; ``formats`` must name registered evidence formats. The only conversions are
+the documented ones: hex strings to bytes, RTMR indices written as strings (TOML/JSON keys are
+strings), and paths written as strings.
+
 Example (TOML)::
 
     name = "consortium-2026"
@@ -19,14 +25,48 @@ Example (TOML)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cleanroom.config import hex_bytes, load_model
 
-Format = Literal["sev-snp", "tdx"]
 ProductName = Literal["Milan", "Genoa", "Turin"]
+TcbStatus = Literal["UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                    "ConfigurationAndSWHardeningNeeded", "OutOfDate",
+                    "OutOfDateConfigurationNeeded", "Revoked", "TcbNotSupported"]
+RTMR_COUNT = 4
+
+
+def _index_from_key(value: Any) -> Any:
+    """RTMR indices are table keys, which TOML and JSON always write as strings: "0".."3"."""
+    if isinstance(value, str) and len(value) == 1 and value in "0123":
+        return int(value)
+    return value
+
+
+RtmrIndex = Annotated[int, BeforeValidator(_index_from_key)]
+
+
+def _registered(name: str) -> str:
+    from cleanroom.attestation.registry import format_names
+
+    known = format_names()
+    if name not in known:
+        raise ValueError(f"{name!r} is not a registered evidence format ({', '.join(known)})")
+    return name
+
+
+FormatName = Annotated[str, AfterValidator(_registered)]
 
 Measurement = hex_bytes(48)
 Hex16 = hex_bytes(16)
@@ -35,12 +75,13 @@ Hex48 = hex_bytes(48)
 Hex64 = hex_bytes(64)
 
 DEFAULT_MAX_EVIDENCE_BYTES = 64 * 1024
+MAX_EVIDENCE_BYTES_LIMIT = 1024 * 1024  # the largest max_evidence_bytes a policy may set
 
 
 class TcbFloor(BaseModel):
     """Minimum security patch levels; a report's REPORTED_TCB must meet each component."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     bootloader: int = Field(0, ge=0, le=255)
     tee: int = Field(0, ge=0, le=255)
@@ -50,19 +91,21 @@ class TcbFloor(BaseModel):
 
 
 class Policy(BaseModel):
-    """Attestation policy. Unknown keys are refused so a typo never silently relaxes a check."""
+    """Attestation policy. Unknown keys are refused so a typo never silently relaxes a check;
+    values are never coerced (strict mode)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field("default", description="Shown in verdicts and the audit chain.")
     environment: Literal["production", "simulation"] = Field(
         "production", description="'production' policies can never trust a simulated root.")
-    formats: list[Format] = Field(
-        default_factory=lambda: ["sev-snp", "tdx"], description="Evidence formats accepted.")
+    formats: list[FormatName] = Field(
+        default_factory=lambda: ["sev-snp", "tdx"],
+        description="Evidence formats accepted (names of registered formats).")
     measurements: list[Measurement] = Field(  # type: ignore[valid-type]
         default_factory=list,
         description="Allowed SNP MEASUREMENT / TDX MRTD values. Not checked if empty.")
-    rtmrs: dict[int, list[Hex48]] = Field(  # type: ignore[valid-type]
+    rtmrs: dict[RtmrIndex, list[Hex48]] = Field(  # type: ignore[valid-type]
         default_factory=dict,
         description="TDX: allowed values per RTMR index 0..3. Indices not listed are not checked.")
     allow_debug: bool = Field(False, description="Accept debug enclaves (never in production).")
@@ -87,22 +130,25 @@ class Policy(BaseModel):
     min_tee_tcb_svn: Hex16 | None = Field(  # type: ignore[valid-type]
         None, description="TDX: per-byte floor of TEE_TCB_SVN. Not checked if None.")
     require_collateral: bool = Field(
-        False, description="TDX: refuse quotes verified without TCB collateral.")
-    accepted_tcb_statuses: list[str] = Field(
+        False, description="TDX: refuse quotes verified without TCB collateral (production "
+        "policies written by `cleanroom provision` set it). Without collateral the QE is still "
+        "checked against Intel's pinned QE identity.")
+    accepted_tcb_statuses: list[TcbStatus] = Field(
         default_factory=lambda: ["UpToDate"],
         description="TDX with collateral: acceptable TCB statuses.")
     report_data: Hex64 | None = Field(  # type: ignore[valid-type]
         None, description="Expected REPORT_DATA (the binding). Not checked if None; "
         "the coordinator always sets it per challenge.")
-    max_evidence_bytes: int = Field(DEFAULT_MAX_EVIDENCE_BYTES, gt=0, le=1024 * 1024,
+    max_evidence_bytes: int = Field(DEFAULT_MAX_EVIDENCE_BYTES, gt=0, le=MAX_EVIDENCE_BYTES_LIMIT,
                                     description="Evidence larger than this is refused unread.")
     simulated_root: Path | None = Field(
-        None, description="Simulated ARK+ASK bundle to trust (simulation only). None = AMD only.")
+        None, strict=False,
+        description="Simulated ARK+ASK bundle to trust (simulation only). None = AMD only.")
 
     @field_validator("rtmrs")
     @classmethod
     def _rtmr_indices(cls, value: dict[int, list[bytes]]) -> dict[int, list[bytes]]:
-        bad = [i for i in value if not 0 <= i <= 3]
+        bad = [i for i in value if not 0 <= i < RTMR_COUNT]
         if bad:
             raise ValueError(f"RTMR indices must be 0..3, got {bad}")
         return value

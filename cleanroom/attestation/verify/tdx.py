@@ -14,7 +14,11 @@ Checks (each reported separately, all collected):
   required to be byte-identical to the pinned one when present;
 * ``validity``: root, intermediate and PCK are all valid at the verification time;
 * with collateral, every check of :func:`cleanroom.attestation.verify.collateral.check_collateral`
-  (TCB info / QE identity signatures and dates, CRLs, QE identity, TDX module, TCB status).
+  (TCB info / QE identity signatures and dates, CRLs, QE identity, TDX module, TCB status);
+* without collateral, ``qe_identity`` when a pinned QE identity is given (the evidence pipeline
+  always gives Intel's, :func:`cleanroom.attestation.trust.intel_td_qe_identity`): the QE
+  report's MRSIGNER, ISVPRODID, MISCSELECT and ATTRIBUTES match Intel's TD Quoting Enclave, so
+  an enclave the host controls cannot pose as the quoting enclave.
 
 ECDSA signatures are malleable: (r, n - s) verifies as well as (r, s). Nothing here (or in the
 callers) may deduplicate or identify evidence by its signature bytes.
@@ -32,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from cleanroom.attestation.abi._x509 import X509_EXTENSION_ERRORS
 from cleanroom.attestation.abi.tdx import (
     REPORT_DATA_SIZE,
     EcdsaSignature,
@@ -39,10 +44,11 @@ from cleanroom.attestation.abi.tdx import (
     TdxQuote,
     parse_pck_extensions,
 )
+from cleanroom.attestation.abi.tdx_collateral import QeIdentityValues, TdxCollateral
 from cleanroom.attestation.trust import validity_problem
 from cleanroom.attestation.verdict import Check, Layer, failed, passed
 from cleanroom.attestation.verify.chain import der, issued_by
-from cleanroom.attestation.verify.collateral import TdxCollateral, check_collateral
+from cleanroom.attestation.verify.collateral import check_collateral, qe_identity_check
 from cleanroom.errors import CertificateError
 
 QE_REPORT_DATA_HASH_SIZE = 32
@@ -152,7 +158,7 @@ def _chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate,
     try:
         constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints)
         is_ca = constraints.value.ca
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, *X509_EXTENSION_ERRORS):
         is_ca = False
     if not is_ca:
         problems.append(f"intermediate {inter_name!r} is not a CA certificate")
@@ -174,11 +180,14 @@ def _chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate,
 
 
 def verify_tdx(quote: TdxQuote, *, at: dt.datetime, root: x509.Certificate,
-               collateral: TdxCollateral | None = None) -> TdxVerification:
+               collateral: TdxCollateral | None = None,
+               qe_identity: QeIdentityValues | None = None) -> TdxVerification:
     """Verify ``quote`` against the pinned Intel SGX Root CA ``root`` (and optional collateral).
 
     ``at`` is the verification time (certificate validity, collateral dates, CRLs); a naive
-    datetime is taken as UTC. Every check runs; the result lists them all.
+    datetime is taken as UTC. ``qe_identity`` is the QE identity checked when no collateral is
+    given (with collateral, the collateral's signed QE identity is checked instead); not checked
+    if None. Every check runs; the result lists them all.
     """
     if at.tzinfo is None:
         at = at.replace(tzinfo=dt.UTC)
@@ -224,6 +233,8 @@ def verify_tdx(quote: TdxQuote, *, at: dt.datetime, root: x509.Certificate,
         checks.extend(result.checks)
         tcb_status = result.tcb_status
         advisories = result.advisory_ids
+    elif qe_identity is not None:
+        checks.append(qe_identity_check(qe.qe_report, qe_identity))
     return TdxVerification(checks=tuple(checks), tcb_status=tcb_status, pck=pck,
                            advisory_ids=advisories, pck_certificate=pck_cert,
                            intermediate=intermediate, collateral_checked=collateral is not None)

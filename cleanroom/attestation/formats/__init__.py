@@ -1,0 +1,1 @@
+"""The built-in TEE formats, one registration each (see :mod:`cleanroom.attestation.registry`)."""

@@ -107,8 +107,11 @@ class CoordinatorConfig(Section):
     tracking_uri: str | None = Field(None, description="MLflow URI (default: SQLite in state)")
     site_wait_seconds: float = Field(120.0, gt=0, description="How long a run waits for "
                                      "registered sites to come online.")
+    tdx_collateral: Path | None = Field(None, description="Folder of Intel PCS collateral "
+                                        "(TCB info, QE identity, CRLs) for TDX sites; loaded "
+                                        "at start, reloaded when its files change.")
 
-    _paths = paths("state_dir", "audit_key", "policy")
+    _paths = paths("state_dir", "audit_key", "policy", "tdx_collateral")
 
     @field_validator("sites")
     @classmethod

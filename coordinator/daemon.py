@@ -36,8 +36,15 @@ def preflight(config: CoordinatorConfig) -> None:
     for site in config.sites:
         if not site.public_key.is_file():
             raise ConfigError(f"site {site.name}: public key {site.public_key} does not exist")
-    load_policy(config.policy)
+    policy = load_policy(config.policy)
     load_tokens(config.api.tokens)
+    if config.tdx_collateral is not None:
+        from cleanroom.attestation.collateral_folder import load_collateral
+
+        load_collateral(config.tdx_collateral)  # a broken folder fails here, named
+    elif policy.require_collateral and "tdx" in policy.formats:
+        log.warning("the policy requires TDX collateral but tdx_collateral is not set: TDX "
+                    "sites will be quarantined (set tdx_collateral in coordinator.toml)")
     require_free_ports((config.superlink.host, config.superlink.port, "SuperLink"),
                        (config.api.host, config.api.port, "coordinator API"))
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanroom.attestation import trust
+from cleanroom.attestation.collateral_folder import CollateralFolder
 from cleanroom.attestation.evidence import Endorsements, trusted_amd_chains, verify_evidence
+from cleanroom.attestation.registry import evidence_digest
 from cleanroom.attestation.validate.policy import Policy
 from cleanroom.attestation.verdict import Verdict
 from cleanroom.coordinator.watermarks import LedgerWatermarks
@@ -177,8 +179,13 @@ class AttestationGate:
                  coordinator_id: str = "",
                  clock: Callable[[], dt.datetime] | None = None,
                  directory: SiteDirectory | None = None,
-                 watermarks: LedgerWatermarks | None = None) -> None:
+                 watermarks: LedgerWatermarks | None = None,
+                 collateral: CollateralFolder | None = None) -> None:
+        """``collateral``: the configured TDX collateral (Intel PCS TCB info, QE identity,
+        CRLs), loaded once and reloaded when its files change; None: none configured (a
+        policy that requires collateral then refuses TDX sites, saying so)."""
         self.policy = policy
+        self.collateral = collateral
         self.nonces = nonces or NonceStore()
         self.watermarks = watermarks or LedgerWatermarks()
         self.directory = directory or SiteDirectory(strict=False)
@@ -204,7 +211,7 @@ class AttestationGate:
     def admit(self, node_id: int, challenge: AttestChallenge, response: AttestResponse,
               evidence: bytes, endorsement: bytes) -> Admission:
         site = response.site
-        evidence_sha = hashlib.sha256(evidence).hexdigest() if evidence else None
+        evidence_sha = evidence_digest(evidence) if evidence else None
         nonce_sha = hashlib.sha256(challenge.nonce).hexdigest()
 
         def quarantine(reason: str, **kw: object) -> Admission:
@@ -243,9 +250,11 @@ class AttestationGate:
                           if challenge.ledger_anchor else "")
         policy = self.policy.model_copy(update={"report_data": binding.report_data()})
         start = time.perf_counter()
+        endorsements = Endorsements(
+            key_certificate=endorsement or None,
+            collateral=self.collateral.current() if self.collateral is not None else None)
         verdict = verify_evidence(evidence, policy=policy, at=self.clock(),
-                                  endorsements=Endorsements(key_certificate=endorsement or None),
-                                  amd_chains=self._chains)
+                                  endorsements=endorsements, amd_chains=self._chains)
         elapsed = time.perf_counter() - start
         if not verdict.accepted:
             return quarantine(f"attestation: {verdict.summary}", verdict=verdict,

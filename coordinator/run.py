@@ -81,6 +81,7 @@ class RunSpec:
     tracking_uri: str | None = None
     run_name: str = "cleanroom"
     resume: Resume | None = None
+    tdx_collateral: Path | None = None  # Intel PCS collateral folder (TDX sites)
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
     report_extra: dict[str, Any] = field(default_factory=dict)
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
@@ -149,10 +150,16 @@ class FederatedRun:
         self.started = time.time()
         self.out = Path(spec.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        collateral = None
+        if spec.tdx_collateral is not None:
+            from cleanroom.attestation.collateral_folder import CollateralFolder
+
+            collateral = CollateralFolder(spec.tdx_collateral)
         self.gate = AttestationGate(spec.policy, NonceStore(spec.stores.nonces),
                                     coordinator_id=spec.coordinator_id,
                                     directory=spec.directory,
-                                    watermarks=LedgerWatermarks(spec.stores.watermarks))
+                                    watermarks=LedgerWatermarks(spec.stores.watermarks),
+                                    collateral=collateral)
         self.inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes,
                                     **spec.strategy_options)
         self.prior: list[dict[str, Any]] = []

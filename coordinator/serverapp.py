@@ -97,6 +97,7 @@ def main(grid: Grid, context: Context) -> None:
             names={nid: n.name for nid, n in nodes.items()},
             keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()}),
         min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
+        tdx_collateral=config.tdx_collateral,
         run_name=f"run-{run_id}-{training.strategy}", coordinator_id=config.name,
         sites=sorted(expected), expected_nodes=max(1, len(nodes)),
         params={"seed": seed, "deployment": config.name},

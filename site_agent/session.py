@@ -13,7 +13,6 @@ stores that blob in the node's context.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -81,7 +80,10 @@ class SessionBlob:
 
 
 def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The evidence digest the coordinator records too (canonical: padding-independent)."""
+    from cleanroom.attestation.registry import evidence_digest
+
+    return evidence_digest(data)
 
 
 class SiteProtocol:

@@ -203,6 +203,17 @@ def digest_of(fmt: TeeFormat, parsed: Any) -> str:
                           + fmt.canonical_bytes(parsed)).hexdigest()
 
 
+def evidence_digest(evidence: bytes) -> str:
+    """The digest to record for any evidence: canonical if it parses (both sides record the
+    same value for one piece of evidence), else the SHA-256 of the bytes as they came."""
+    from cleanroom.errors import CleanroomError
+
+    try:
+        return canonical_evidence_digest(evidence)
+    except CleanroomError:
+        return hashlib.sha256(evidence).hexdigest()
+
+
 def canonical_evidence_digest(evidence: bytes) -> str:
     """One digest per piece of evidence, whatever unsigned bytes surround it.
 

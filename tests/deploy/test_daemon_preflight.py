@@ -9,7 +9,7 @@ import pytest
 from cleanroom.coordinator.config import load_coordinator_config
 from cleanroom.coordinator.daemon import preflight as coordinator_preflight
 from cleanroom.coordinator.provision import ProvisionRequest, provision
-from cleanroom.errors import ConfigError
+from cleanroom.errors import CollateralError, ConfigError
 from cleanroom.process import DaemonError, port_in_use, tagged_pids
 from cleanroom.site_agent.config import load_site_config
 from cleanroom.site_agent.daemon import explain_failure
@@ -102,3 +102,31 @@ def test_supernode_failures_explained(log, advice):
 
 def test_tag_scan_finds_only_tagged():
     assert tagged_pids("no-such-tag-" + "x" * 20) == []
+
+
+def test_configured_tdx_collateral_loads_once_and_a_broken_folder_is_named(fed, tmp_path):
+    """The coordinator passes its configured Intel collateral to the gate: the folder is loaded
+    at start (a broken one stops the daemon, named) and handed to every verification."""
+    import shutil
+
+    from cleanroom.coordinator.gate import AttestationGate
+    from cleanroom.coordinator.run import FederatedRun, RunSpec, Stores
+    from tests.attestation.test_tdx_collateral import REAL_DIR
+
+    config = load_coordinator_config(fed / "coordinator" / "coordinator.toml")
+    good = config.model_copy(update={"tdx_collateral": REAL_DIR})
+    coordinator_preflight(good)
+    broken = tmp_path / "collateral"
+    shutil.copytree(REAL_DIR, broken)
+    next(broken.glob("tcb_info*")).write_text("{not json")
+    with pytest.raises(CollateralError, match=r"tcb_info\.json: not a JSON object"):
+        coordinator_preflight(config.model_copy(update={"tdx_collateral": broken}))
+    from cleanroom.attestation.validate.policy import load_policy
+    from tests import fakes
+
+    spec = RunSpec(label="1", out=tmp_path / "run", policy=load_policy(config.policy),
+                   plan=fakes.plan(), strategy="fedavg", dataset="synthetic",
+                   stores=Stores(tmp_path / "k", tmp_path / "n", tmp_path / "w", tmp_path / "c"),
+                   tdx_collateral=REAL_DIR)
+    gate: AttestationGate = FederatedRun(spec, []).gate
+    assert gate.collateral is not None and gate.collateral.current().tcb_info is not None

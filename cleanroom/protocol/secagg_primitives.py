@@ -127,7 +127,8 @@ def combine_shares(points: Mapping[int, bytes], threshold: int) -> bytes:
         ys.append(y)
     value = sum(y * c for y, c in zip(ys, _lagrange_at_zero(xs), strict=True)) % FIELD_PRIME
     if value >= 1 << (8 * SECRET_SIZE):
-        raise SecAggIntegrityError("shares do not reconstruct a 32-byte secret")
+        raise SecAggIntegrityError("shares do not reconstruct a 32-byte secret",
+                                   code="bad-reconstruction")
     return value.to_bytes(SECRET_SIZE, "big")
 
 

@@ -48,6 +48,7 @@ from cleanroom.errors import (
 )
 from cleanroom.protocol.secagg_primitives import (
     SHARE_SIZE,
+    Graph,
     check_site_list,
     combine_shares,
     default_threshold,
@@ -58,7 +59,6 @@ from cleanroom.protocol.secagg_primitives import (
     mac_ok,
     mask_dtype,
     mask_stream,
-    neighbourhoods,
     open_shares,
     quantize,
     recommended_neighbours,
@@ -211,13 +211,13 @@ def _exchange(private: x25519.X25519PrivateKey, public: bytes) -> bytes | None:
 @dataclass(frozen=True)
 class Topology:
     """Who shares masks with whom, computed by every participant from the same roster: the
-    sites sorted by id (a holder's share x coordinate is its index + 1), their keys and their
-    neighbourhoods (each includes the site itself)."""
+    sites sorted by id (a holder's share x coordinate is its index + 1), their keys and the
+    neighbour graph."""
 
     sites: tuple[str, ...]
     keys: Mapping[str, RosterEntry]
     x: Mapping[str, int]
-    neighbourhood: Mapping[str, frozenset[str]]
+    graph: Graph
 
     @classmethod
     def from_roster(cls, params: SecAggParams, roster: Sequence[RosterEntry]) -> Topology:
@@ -233,10 +233,14 @@ class Topology:
         sites = tuple(e.site for e in ordered)
         return cls(sites=sites, keys={e.site: e for e in ordered},
                    x={s: i + 1 for i, s in enumerate(sites)},
-                   neighbourhood=neighbourhoods(sites, params.neighbours, seed))
+                   graph=Graph.build(sites, params.neighbours, seed))
+
+    def neighbourhood(self, site: str) -> frozenset[str]:
+        """The site and the neighbours it shares masks with."""
+        return self.graph.neighbourhood(site)
 
     def peers(self, site: str) -> frozenset[str]:
-        return self.neighbourhood[site] - {site}
+        return self.graph.neighbourhood(site) - {site}
 
 
 class _Round:
@@ -407,7 +411,7 @@ class SiteSecAgg:
                                 f" below this site's policy ({want_k} / {want_t})",
                                 code="weak-parameters")
         self._params, self._topology = params, topology
-        neighbourhood = sorted(topology.neighbourhood[self.site])
+        neighbourhood = sorted(topology.neighbourhood(self.site))
         xs = [topology.x[h] for h in neighbourhood]
         self._seed = os.urandom(32)
         mask_secret = self._keys.mask.private_bytes(serialization.Encoding.Raw,
@@ -530,7 +534,7 @@ class SiteSecAgg:
         if self.site not in survivors:
             raise SecAggRefusal(f"survivor set leaves out {self.site} itself",
                                 code="not-a-survivor")
-        near = survivors & topology.neighbourhood[self.site]
+        near = survivors & topology.neighbourhood(self.site)
         stray = near - self._mask_peers - {self.site}
         if stray:
             raise SecAggRefusal(f"survivor set keeps {sorted(stray)[:5]}, which {self.site} "
@@ -712,7 +716,9 @@ class AggregatorSecAgg:
         for sender in sorted(kept):
             for x in self._share_keys[sender].sealed:
                 if x.peer in kept:
-                    inbox[x.peer].append(SealedShares(peer=sender, ciphertext=x.ciphertext))
+                    # validated on receipt: built without validating again
+                    inbox[x.peer].append(SealedShares.model_construct(
+                        peer=sender, ciphertext=x.ciphertext))
         requests = {}
         for receiver in sorted(kept):
             items = inbox[receiver]
@@ -815,7 +821,7 @@ class AggregatorSecAgg:
         for sender in sorted(confirmed):
             for receiver, tag in self._tags[sender].items():
                 if receiver in inbox:
-                    inbox[receiver].append(PeerTag(peer=sender, tag=tag))
+                    inbox[receiver].append(PeerTag.model_construct(peer=sender, tag=tag))
         ready = {h for h in confirmed if len(inbox[h]) + 1 >= t}
         self._check_holders(self._survivors, ready, "after consistency")
         requests = {}

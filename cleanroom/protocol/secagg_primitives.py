@@ -23,8 +23,8 @@ import hashlib
 import hmac as std_hmac
 import math
 import secrets
-import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -50,16 +50,17 @@ DOMAIN = b"cleanroom-fl/secagg/v1"
 
 def length_prefixed(*parts: bytes | str | int) -> bytes:
     """Unambiguous encoding of a tuple: every part length-prefixed (ints as 8 bytes)."""
-    out = bytearray()
+    chunks = []
     for part in parts:
-        if isinstance(part, int):
-            raw = struct.pack("<Q", part)
-        elif isinstance(part, str):
+        if isinstance(part, str):
             raw = part.encode()
+        elif isinstance(part, int):
+            raw = part.to_bytes(8, "little")
         else:
             raw = bytes(part)
-        out += struct.pack("<I", len(raw)) + raw
-    return bytes(out)
+        chunks.append(len(raw).to_bytes(4, "little"))
+        chunks.append(raw)
+    return b"".join(chunks)
 
 
 def round_context(run_id: str, round: int) -> bytes:
@@ -93,17 +94,28 @@ def split_secret(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, 
 @lru_cache(maxsize=4096)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     """Lagrange coefficients for f(0) from f at ``xs`` (cached: in the full graph every secret
-    is rebuilt from the same holders)."""
+    is rebuilt from the same holders). lambda_j = prod(x_m) / (x_j * prod_{m != j}(x_m - x_j)):
+    the denominators are exact products of small integers, inverted together with one
+    modular inversion (Montgomery's trick)."""
     numerator = 1
     for x in xs:
         numerator *= x
-    out = []
+    numerator %= FIELD_PRIME
+    denominators = []
     for j, xj in enumerate(xs):
-        denominator = xj
+        d = xj
         for m, xm in enumerate(xs):
             if m != j:
-                denominator *= xm - xj
-        out.append(numerator * pow(denominator % FIELD_PRIME, -1, FIELD_PRIME) % FIELD_PRIME)
+                d *= xm - xj
+        denominators.append(d % FIELD_PRIME)
+    prefix = [1]
+    for d in denominators:
+        prefix.append(prefix[-1] * d % FIELD_PRIME)
+    inverse = pow(prefix[-1], -1, FIELD_PRIME)
+    out = [0] * len(xs)
+    for j in range(len(xs) - 1, -1, -1):
+        out[j] = numerator * inverse * prefix[j] % FIELD_PRIME  # inverse of denominators[j]
+        inverse = inverse * denominators[j] % FIELD_PRIME
     return tuple(out)
 
 
@@ -249,21 +261,47 @@ def recommended_neighbours(n_sites: int, *, colluding_fraction: float = 0.1,
     return n_sites
 
 
+@dataclass(frozen=True)
+class Graph:
+    """Who shares masks with whom. ``neighbours == len(sites)``: every pair; otherwise the
+    sites sit on a ring in the order of SHA-256(seed || site) and each one's neighbourhood is
+    itself and the (k - 1) / 2 sites on either side (a Harary graph, as in SecAgg+)."""
+
+    order: tuple[str, ...]
+    neighbours: int
+    position: Mapping[str, int]
+    _cache: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, sites: Sequence[str], neighbours: int, seed: bytes) -> Graph:
+        n = len(sites)
+        if neighbours == n:
+            order = tuple(sites)
+        elif neighbours % 2 == 0 or not 3 <= neighbours < n:
+            raise SecAggConfigError(f"a ring neighbourhood must be odd and in [3, {n}), "
+                                    f"not {neighbours}")
+        else:
+            order = tuple(sorted(sites, key=lambda s: hashlib.sha256(seed + s.encode()).digest()))
+        return cls(order, neighbours, {s: i for i, s in enumerate(order)})
+
+    def neighbourhood(self, site: str) -> frozenset[str]:
+        """The site's neighbourhood, itself included (KeyError for a site not in the graph)."""
+        found = self._cache.get(site)
+        if found is None:
+            n, pos = len(self.order), self.position[site]
+            if self.neighbours == n:
+                found = self._cache.setdefault("", frozenset(self.order))
+            else:
+                half = self.neighbours // 2
+                found = frozenset(self.order[(pos + o) % n] for o in range(-half, half + 1))
+            self._cache[site] = found
+        return found
+
+
 def neighbourhoods(sites: Sequence[str], neighbours: int, seed: bytes) -> dict[str, frozenset[str]]:
-    """Each site's neighbourhood (itself included). ``neighbours == len(sites)``: every pair;
-    otherwise the sites sit on a ring in the order of SHA-256(seed || site) and each one's
-    neighbourhood is itself and the (k - 1) / 2 sites on either side (a Harary graph)."""
-    n = len(sites)
-    if neighbours == n:
-        everyone = frozenset(sites)
-        return {s: everyone for s in sites}
-    if neighbours % 2 == 0 or not 3 <= neighbours < n:
-        raise SecAggConfigError(f"a ring neighbourhood must be odd and in [3, {n}), "
-                                f"not {neighbours}")
-    order = sorted(sites, key=lambda s: hashlib.sha256(seed + s.encode()).digest())
-    half = neighbours // 2
-    return {s: frozenset(order[(i + o) % n] for o in range(-half, half + 1))
-            for i, s in enumerate(order)}
+    """Every site's neighbourhood (see :class:`Graph`)."""
+    graph = Graph.build(sites, neighbours, seed)
+    return {s: graph.neighbourhood(s) for s in sites}
 
 
 def check_site_list(sites: Sequence[str], what: str) -> None:

@@ -124,3 +124,33 @@ def test_malformed_masked_input_parts_are_refused(header, vector):
 def test_arbitrary_bytes_give_only_typed_errors(data, kind):
     with contextlib.suppress(SecAggMessageError):  # anything else fails the test
         w.decode(kind, data)
+
+
+def test_the_largest_legitimate_messages_fit_their_bounds():
+    """1000 sites with 64-character names: every message a full round can produce decodes."""
+    names = [f"{i:04d}" + "x" * 60 for i in range(w.MAX_SITES)]
+    entry = {"channel_key": KEY, "mask_key": b"\x02" * 32}
+    params = make_params("r" * 128, 2**62, n_sites=w.MAX_SITES, vector_length=10, clip=1.0,
+                         neighbours=w.MAX_SITES)
+    sealed = [w.SealedShares(peer=n, ciphertext=b"\x02" * w.SEALED_SHARES_SIZE)
+              for n in names[1:]]
+    tags = [w.PeerTag(peer=n, tag=KEY) for n in names[1:]]
+    shares = [w.RevealedShare(owner=n, share=b"\x03" * 66) for n in names]
+    head = {"run_id": "r" * 128, "round": 2**62}
+    for message in [
+        w.ShareKeysRequest(**head, params=params,
+                           roster=[w.RosterEntry(site=n, **entry) for n in names]),
+        w.ShareKeysResponse(**head, site=names[0], sealed=sealed, self_mask_commitment=KEY,
+                            commitments=[w.ShareCommitment(holder=n, self_mask_share=KEY,
+                                                           mask_key_share=KEY) for n in names]),
+        w.MaskedInputRequest(**head, site=names[0], sealed=sealed),
+        w.ConsistencyRequest(**head, site=names[0], survivors=names),
+        w.ConsistencyResponse(**head, site=names[0], tags=tags),
+        w.UnmaskRequest(**head, site=names[0], tags=tags, reveal_self_mask=names[:500],
+                        reveal_mask_key=names[500:]),
+        w.UnmaskResponse(**head, site=names[0], self_mask_shares=shares[:500],
+                         mask_key_shares=shares[500:]),
+    ]:
+        assert w.decode(type(message), w.encode(message)) == message
+    big = w.MaskedInput(**head, site=names[0], mask_peers=names[1:], vector=b"\x00" * 80)
+    assert w.masked_input_from_parts(*w.masked_input_parts(big)) == big

@@ -587,6 +587,33 @@ def test_shares_that_do_not_open_count_as_a_dropout():
     assert result.dropped == ("site-02",)
 
 
+@pytest.mark.parametrize("attack", ["relabelled", "other-round"])
+def test_redirected_or_replayed_shares_do_not_open(attack):
+    """The relay passes site-02's shares off as site-03's, or replays site-03's shares from
+    another round: the AEAD context (run, round, sender, receiver) does not match, so site-00
+    treats site-03 as dropped and the round completes without it."""
+    h = Harness(7)
+    requests = h.share_keys()
+    r = requests["site-00"]
+    if attack == "relabelled":
+        from_02 = next(x.ciphertext for x in r.sealed if x.peer == "site-02")
+        fake = from_02
+    else:
+        # the same keys in round 6 (keys are per round; this isolates the round binding)
+        old = {s: sa.SiteSecAgg(s, "run-1", 6, keys=h.sites[s]._keys) for s in h.names}
+        params = h.params.model_copy(update={"round": 6})
+        old_agg = sa.AggregatorSecAgg(params, [old[s].advertisement.roster_entry(s)
+                                               for s in h.names])
+        reply = old["site-03"].share_keys(old_agg.share_keys_request())
+        fake = next(x.ciphertext for x in reply.sealed if x.peer == "site-00")
+    sealed = [w.SealedShares(peer=x.peer, ciphertext=fake) if x.peer == "site-03" else x
+              for x in r.sealed]
+    requests["site-00"] = r.model_copy(update={"sealed": sealed})
+    result = h.unmask(h.consistency(h.masked(requests)))
+    assert result.dropped == ("site-03",)
+    h.check(result, [s for s in h.names if s != "site-03"])
+
+
 def test_a_corrupted_revealed_share_is_refused_and_the_others_suffice():
     h = Harness(5)
     requests = h.consistency(h.masked(h.share_keys()))

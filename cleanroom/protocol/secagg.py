@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -702,8 +703,8 @@ class AggregatorSecAgg:
         while True:
             # a site masks only with kept neighbours that sealed shares to it, and its own
             # shares are useful only at kept neighbours
-            weak = {s for s in kept if len(sent[s] & kept) + 1 < t
-                    or sum(1 for o in kept if s in sent[o]) + 1 < t}
+            inbound = Counter(peer for o in kept for peer in sent[o] if peer in kept)
+            weak = {s for s in kept if len(sent[s] & kept) + 1 < t or inbound[s] + 1 < t}
             if not weak:
                 break
             log.warning("secagg: dropping %s: too few neighbours exchanged shares", sorted(weak))

@@ -180,6 +180,35 @@ def test_ring_dropout_before_masking():
     h.check(result, [s for s in h.names if s != "site-05"])
 
 
+def test_a_site_sharing_with_too_few_neighbours_is_left_out():
+    """site-05 seals its shares to only 3 of its 6 ring neighbours (t = 5): its secrets could
+    not be rebuilt, so the aggregator leaves it out before anyone masks with it."""
+    h = Harness(20, neighbours=7)
+    request = h.agg.share_keys_request()
+    for s in h.names:
+        reply = h.sites[s].share_keys(request)
+        if s == "site-05":
+            few = reply.sealed[:3]
+            keep = {x.peer for x in few} | {s}
+            reply = reply.model_copy(update={
+                "sealed": few, "commitments": [c for c in reply.commitments if c.holder in keep]})
+        h.agg.receive_share_keys(reply)
+    requests = h.agg.masked_input_requests()
+    assert "site-05" not in requests
+    assert all(x.peer != "site-05" for r in requests.values() for x in r.sealed)
+    result = h.unmask(h.consistency(h.masked(requests)))
+    h.check(result, [s for s in h.names if s != "site-05"])
+
+
+def test_too_few_sites_sharing_keys_fails_typed():
+    h = Harness(4)
+    with pytest.raises(SecAggThresholdError):
+        h.share_keys(drop=["site-02", "site-03"])
+    assert h.agg.stage == "failed"
+    with pytest.raises(SecAggStageError):
+        h.agg.consistency_requests()
+
+
 def test_sixty_four_bit_modulus_and_clipping():
     h = Harness(20, max_weight=100_000, clip=0.5)
     assert h.params.mod_bits == 64

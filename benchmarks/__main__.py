@@ -1,11 +1,16 @@
-"""``python -m benchmarks [attestation|rounds|accuracy|deployment|fuzz|all]``: the benchmarks.
+"""``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
+NAME: attestation, rounds, accuracy, deployment, secagg, crypto, fuzz, or all.
 ``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) runs only when named.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+TIMING = ("attestation", "rounds", "accuracy", "deployment", "secagg")
+ON_DEMAND = ("fuzz",)
 
 
 def main() -> int:
@@ -14,21 +19,18 @@ def main() -> int:
     if name in ("-h", "--help"):
         print(__doc__)
         return 0
-    from benchmarks import accuracy, attestation, deployment, fuzz, rounds
-
-    modules = {"attestation": attestation, "rounds": rounds, "accuracy": accuracy,
-               "deployment": deployment}
-    if name == "fuzz":
-        return int(fuzz.main(rest) or 0)
+    names = [n for n in (*TIMING, *ON_DEMAND)
+             if importlib.util.find_spec(f"benchmarks.{n}") is not None]
     if name == "all":
-        for module in modules.values():
-            print(f"\n## {module.__name__}")
+        for module_name in TIMING:
+            module = importlib.import_module(f"benchmarks.{module_name}")
+            print(f"\n## {module_name}")
             module.main([])
         return 0
-    if name not in modules:
-        print(f"unknown benchmark {name!r}; choose from {', '.join(modules)}, fuzz or all")
+    if name not in names:
+        print(f"unknown benchmark {name!r}; choose from {', '.join(names)} or all")
         return 2
-    return int(modules[name].main(rest) or 0)
+    return int(importlib.import_module(f"benchmarks.{name}").main(rest) or 0)
 
 
 if __name__ == "__main__":

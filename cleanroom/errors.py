@@ -96,3 +96,60 @@ class AuditChainError(CleanroomError):
         self.detail = detail
         where = f"entry {index}" if index is not None else "audit log"
         super().__init__(f"{where}: {detail}")
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+
+class SecAggError(ProtocolError):
+    """Secure aggregation cannot go on; ``code`` is a stable machine-readable reason.
+
+    Subclasses say whose fault it is: bad parameters, a message out of order, a malformed
+    message, a site's deliberate refusal, too few survivors, or a reconstruction that does not
+    match its commitments. None of them ever comes with a (wrong) aggregate.
+    """
+
+    default_code = "secagg"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        self.code = code or self.default_code
+        self.detail = detail
+        super().__init__(f"{self.code}: {detail}")
+
+
+class SecAggConfigError(SecAggError):
+    """Secure-aggregation parameters are unsafe or inconsistent (threshold, modulus, sizes)."""
+
+    default_code = "secagg-config"
+
+
+class SecAggStageError(SecAggError):
+    """A stage was called out of order, twice, or after the participant aborted."""
+
+    default_code = "secagg-stage"
+
+
+class SecAggMessageError(SecAggError):
+    """A message is malformed, oversized, for another run/round/site, names an unknown or
+    duplicate site, or does not match what was sent before."""
+
+    default_code = "secagg-malformed"
+
+
+class SecAggRefusal(SecAggError):
+    """A site refuses a request on purpose (it would reveal an individual update)."""
+
+    default_code = "secagg-refused"
+
+
+class SecAggThresholdError(SecAggError):
+    """Fewer than the threshold of sites took part: the round has no aggregate."""
+
+    default_code = "secagg-below-threshold"
+
+
+class SecAggIntegrityError(SecAggError):
+    """A reconstructed secret does not match its commitment, or the unmasked sum is out of
+    range (a site dealt inconsistent shares or sent an out-of-range masked input)."""
+
+    default_code = "secagg-integrity"

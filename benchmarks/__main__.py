@@ -7,6 +7,7 @@ NAME: attestation, rounds, accuracy, deployment, secagg, crypto, fuzz, or all.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 TIMING = ("attestation", "rounds", "accuracy", "deployment", "secagg")

@@ -352,3 +352,13 @@ def test_architecture_digest_is_structure_not_weights() -> None:
     frozen[0].weight.requires_grad_(False)
     assert architecture_digest(frozen) != architecture_digest(a)
     assert len(architecture_digest(a)) == 64
+
+
+def test_the_builtin_task_is_installed_by_name() -> None:
+    from cleanroom.task import installed_tasks
+
+    assert installed_tasks()["heart-disease"] == "cleanroom.models.heart_disease"
+    loaded = load_task("heart-disease")
+    assert loaded.digest == task_digest(loaded.folder)
+    assert loaded.task.name == "heart-disease" and loaded.task.simulate is not None
+    assert loaded.module.startswith("cleanroom_task_")

@@ -153,3 +153,25 @@ class SecAggIntegrityError(SecAggError):
     range (a site dealt inconsistent shares or sent an out-of-range masked input)."""
 
     default_code = "secagg-integrity"
+
+
+# --------------------------------------------------------------------------- tasks and data
+
+
+class TaskError(SiteRefusal, ValueError):
+    """A task cannot be loaded, is malformed, or its code did something the site refuses.
+
+    ``code`` is stable and machine-readable (``task-unknown``, ``task-invalid``,
+    ``task-symlink``, ``task-model``, ``task-loss``, ``task-tampered``...), so a site can return
+    it to the coordinator as a quarantine reason. Also a ``ValueError``: a bad ``Task(...)``
+    definition is bad input.
+    """
+
+
+class DatasetError(SiteRefusal):
+    """The site's data room refuses: an unknown or changed dataset, or a field it will not serve.
+
+    Codes: ``dataset-unknown``, ``dataset-exists``, ``dataset-unreadable``, ``dataset-changed``,
+    ``dataset-invalid``, ``column-unknown``, ``field-missing``, ``field-identifying``,
+    ``field-type``. Messages name datasets, files and columns, never a value of a row.
+    """

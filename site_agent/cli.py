@@ -12,6 +12,9 @@ examples:
   cleanroom site keygen --out keys/                 make this site's node key; send the .pub
   cleanroom site approve 123 --config site.toml     approve run 123 (if approval is required)
   cleanroom site status --config site.toml          provider, measurement, budget, recent rounds
+  cleanroom site dataset add brca data.csv --split-column fold --config site.toml
+  cleanroom site dataset list --config site.toml    registered datasets (never rows)
+  cleanroom site dataset mark brca pid --identifying --config site.toml
 """
 
 
@@ -35,6 +38,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s = ssub.add_parser("status", help="provider, measurement, budget left, recent rounds")
     s.add_argument("--config", type=Path, required=True)
     s.set_defaults(func=cmd_status)
+    _add_dataset_parser(ssub)
+
+
+def _add_dataset_parser(ssub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = ssub.add_parser("dataset", help="the site's data room: register, list, show, mark "
+                        "datasets", description="Register the site's datasets (CSV or Parquet) "
+                        "by name, SHA-256 and schema; the identifier scan marks likely direct "
+                        "identifiers, which no task is ever served.")
+    dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    add = dsub.add_parser("add", help="register FILE as dataset NAME")
+    add.add_argument("name")
+    add.add_argument("file", type=Path)
+    add.add_argument("--config", type=Path, required=True)
+    split = add.add_mutually_exclusive_group()
+    split.add_argument("--test-file", type=Path, help="a separate file of test rows")
+    split.add_argument("--split-column", metavar="COL", help="a column holding train/test")
+    add.add_argument("--replace", action="store_true", help="replace a registered dataset")
+    add.set_defaults(func=cmd_dataset_add)
+    ls = dsub.add_parser("list", help="registered datasets")
+    ls.add_argument("--config", type=Path, required=True)
+    ls.set_defaults(func=cmd_dataset_list)
+    show = dsub.add_parser("show", help="one dataset: files, digests, schema, identifier flags")
+    show.add_argument("name")
+    show.add_argument("--config", type=Path, required=True)
+    show.set_defaults(func=cmd_dataset_show)
+    mark = dsub.add_parser("mark", help="overrule the identifier scan for one column")
+    mark.add_argument("name")
+    mark.add_argument("column")
+    mark.add_argument("--config", type=Path, required=True)
+    which = mark.add_mutually_exclusive_group(required=True)
+    which.add_argument("--identifying", dest="identifying", action="store_true")
+    which.add_argument("--not-identifying", dest="identifying", action="store_false")
+    mark.set_defaults(func=cmd_dataset_mark)
 
 
 def _runtime(config_path: Path):  # -> SiteRuntime
@@ -88,4 +124,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     from cleanroom.site_agent.api import status_of
 
     print(json.dumps(status_of(_runtime(args.config)), indent=2))
+    return 0
+
+
+def _print_columns(record: object) -> None:
+    for c in record.columns:  # type: ignore[attr-defined]
+        verdict = "IDENTIFYING" if c.identifying else "-"
+        why = ", ".join(c.flags) if c.marked_by == "scan" else f"marked by {c.marked_by}"
+        print(f"  {c.name:<40} {c.dtype:<8} {verdict:<12} {why if c.identifying or c.flags else ''}"
+              .rstrip())
+
+
+def cmd_dataset_add(args: argparse.Namespace) -> int:
+    room = _runtime(args.config).datasets
+    record = room.add(args.name, args.file, test_file=args.test_file,
+                      split_column=args.split_column, replace_existing=args.replace, by="cli")
+    print(f"dataset {record.name} registered: {record.train_rows} train / {record.test_rows} "
+          f"test rows, {len(record.columns)} columns, digest {record.digest}")
+    if record.identifying:
+        print(f"identifying (never served to a task): {', '.join(record.identifying)}")
+    _print_columns(record)
+    return 0
+
+
+def cmd_dataset_list(args: argparse.Namespace) -> int:
+    datasets = _runtime(args.config).datasets.datasets()
+    if not datasets:
+        print("no datasets registered")
+        return 0
+    print(f"{'name':<24} {'train':>7} {'test':>7} {'columns':>7}  {'identifying':<11}  digest")
+    for name, r in sorted(datasets.items()):
+        print(f"{name:<24} {r.train_rows:>7} {r.test_rows:>7} {len(r.columns):>7}  "
+              f"{len(r.identifying):<11}  {r.digest[:16]}")
+    return 0
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> int:
+    record = _runtime(args.config).datasets.get(args.name)
+    print(json.dumps(record.to_json(), indent=2))
+    return 0
+
+
+def cmd_dataset_mark(args: argparse.Namespace) -> int:
+    record = _runtime(args.config).datasets.mark(args.name, args.column,
+                                                 identifying=args.identifying, by="cli")
+    state = "identifying" if args.identifying else "not identifying"
+    print(f"dataset {record.name}: column {args.column!r} marked {state}")
     return 0

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cleanroom.attestation.simulated import load_simulated_root, measure_code
 from cleanroom.site_agent.activity import Activity
@@ -20,6 +21,9 @@ from cleanroom.site_agent.config import SiteConfig
 from cleanroom.site_agent.data import SiteData, load_heart_disease_site, synthetic_site
 from cleanroom.site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from cleanroom.site_agent.ledger import PrivacyLedger
+
+if TYPE_CHECKING:
+    from cleanroom.site_agent.datasets import DataRoom
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,13 @@ class SiteRuntime:
     @cached_property
     def activity(self) -> Activity:
         return Activity(self.config.state_dir, self.provider.sealing_key(b"activity"))
+
+    @cached_property
+    def datasets(self) -> DataRoom:
+        """The site's data room (registered datasets, sealed like the approvals)."""
+        from cleanroom.site_agent.datasets import DataRoom
+
+        return DataRoom(self.config.state_dir, self.provider.sealing_key(b"datasets"))
 
     @cached_property
     def approvals(self) -> Approvals:

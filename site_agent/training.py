@@ -100,6 +100,12 @@ class TrainResult:
     train_loss: float
     noise_multiplier: float | None
     sample_rate: float
+    max_grad_norm: float | None = None
+    """The clip actually used (DP only; :func:`train_local` leaves it unset)."""
+    task_digest: str = ""
+    """:func:`cleanroom.site_agent.trainer.train_task`: the task that ran."""
+    dataset_digest: str = ""
+    """:func:`cleanroom.site_agent.trainer.train_task`: the registered data it ran on."""
 
 
 def _loss_fn() -> nn.Module:

@@ -34,6 +34,7 @@ start here:
 COMMANDS: tuple[str, ...] = (
     "cleanroom.simulations.cli",            # simulate
     "cleanroom.attestation.cli",            # attest verify|show|simulate-root
+    "cleanroom.task_cli",                   # task digest|show
     "cleanroom.coordinator.cli.audit",      # audit verify|show
     "cleanroom.site_agent.cli",             # site (daemon, keygen, approve, status)
     "cleanroom.coordinator.cli.daemon",     # coordinator

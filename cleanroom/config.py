@@ -129,8 +129,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
-    """Relative paths in a config file are relative to that file's folder."""
+def resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Relative paths in a config file are relative to that file's folder (a list of paths:
+    each of them)."""
+    if isinstance(value, list):
+        return [resolve_path(v, info) for v in value]
     base = (info.context or {}).get("base_dir")
     if value is not None and base is not None and not value.is_absolute():
         return (Path(base) / value).resolve()

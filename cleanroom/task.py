@@ -20,6 +20,12 @@ can run in place of a reviewed source). The folder is imported as a package with
 ``__file__`` of a task module is its real path, so a task may read files beside it (e.g. its
 simulation data); those reads are not part of the import snapshot.
 
+A task folder that is also a Flower App (a ``pyproject.toml`` with ``[tool.flwr.app]``) is
+digested as the FAB Flower builds from it (the files it ships, ``pyproject.toml`` as Flower
+rewrites it; not its ``.info/CONTENT`` manifest): so the digest of the folder, of the FAB that
+``flwr run`` submits and of the app folder a SuperNode installs are the same, and a site can
+check a FAB's digest (:func:`fab_snapshot`) before anything of it is installed or imported.
+
 The digest format (version 1) is documented in ``docs/tasks.md``: a header line
 ``cleanroom-fl/task-digest/v1``, then one ``<sha256 hex>  <relative posix path>`` line per
 regular file, sorted by the UTF-8 bytes of the path (exactly ``sha256sum``'s output format),
@@ -54,12 +60,13 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DIGEST_HEADER", "ENTRY_POINT_GROUP", "TASK_FILE", "Field", "LoadedTask", "Task",
-           "architecture_digest", "digest_before_import", "installed_tasks", "load_task",
-           "task_digest"]
+           "architecture_digest", "digest_before_import", "fab_digest", "installed_tasks",
+           "load_task", "task_digest"]
 
 FieldType = Literal["float", "int", "bool"]
 FIELD_TYPES: tuple[str, ...] = ("float", "int", "bool")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+SITE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 METRIC_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
 RESERVED_METRICS = frozenset({"loss"})
 MAX_FIELD_NAME = 256
@@ -134,6 +141,12 @@ class Task:
     * ``dataset``: the name sites register the data under (default: the task's ``name``).
     * ``simulate(partition_id, num_partitions) -> (train, test)`` pandas frames: used ONLY by
       simulated sites to register their dataset; never in a deployment.
+    * ``sites``: the names of the simulated sites ``simulate`` serves, when the task's data has
+      natural sites (hospitals, regions); empty: any number of sites, named ``site00``...
+    * ``plan``: the consortium's recommended plan for the COORDINATOR (``strategy``, ``rounds``,
+      ``local_steps``, ``lr``, ``max_grad_norm``, ``strategy_options``...; a nested ``dp`` /
+      ``no_dp`` mapping applies on top for DP / non-DP runs). Sites never read it: each site
+      decides its own noise from its own budget, and checks the plan it is sent.
 
     There are deliberately no fields for noise, clipping, sampling rate, steps, optimiser,
     batch size or learning rate: the site's trusted trainer owns DP and the coordinator's plan
@@ -150,6 +163,8 @@ class Task:
     dataset: str = ""
     description: str = ""
     simulate: Callable[[int, int], tuple[pandas.DataFrame, pandas.DataFrame]] | None = None
+    sites: tuple[str, ...] = ()
+    plan: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
@@ -192,6 +207,16 @@ class Task:
         if self.simulate is not None and not callable(self.simulate):
             raise TaskError("task-invalid", f"task {self.name}: simulate must be callable or "
                             "None")
+        sites = tuple(self.sites)
+        if any(not isinstance(x, str) or not SITE_PATTERN.fullmatch(x) for x in sites) or \
+                len(set(sites)) != len(sites):
+            raise TaskError("task-invalid", f"task {self.name}: sites must be unique names "
+                            f"matching {SITE_PATTERN.pattern}")
+        object.__setattr__(self, "sites", sites)
+        if not isinstance(self.plan, Mapping) or any(not isinstance(k, str) for k in self.plan):
+            raise TaskError("task-invalid", f"task {self.name}: plan must be a mapping of "
+                            "setting name -> value")
+        object.__setattr__(self, "plan", types.MappingProxyType(dict(self.plan)))
 
     @property
     def dataset_name(self) -> str:
@@ -314,6 +339,84 @@ def _listing(files: Mapping[str, bytes]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+FAB_MANIFEST = ".info/CONTENT"
+MAX_FAB_BYTES = 64 * 1024 * 1024
+
+
+def is_flower_app(folder: Path) -> bool:
+    """Whether ``folder`` holds a Flower App (``pyproject.toml`` with ``[tool.flwr.app]``)."""
+    import tomllib
+
+    path = Path(folder) / "pyproject.toml"
+    if not path.is_file():
+        return False
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(doc.get("tool", {}).get("flwr", {}).get("app"), dict)
+
+
+def build_fab(folder: Path) -> bytes:
+    """The FAB ``flwr run`` builds from ``folder`` (Flower's own builder: same bytes)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        return build_fab_from_disk(Path(folder))
+    except (ValueError, OSError) as exc:
+        raise TaskError("task-invalid", f"{folder} is not a valid Flower App: {exc}") from None
+
+
+def fab_files(fab: bytes) -> dict[str, bytes]:
+    """The files of a FAB (zip), checked against its own ``.info/CONTENT`` manifest and the
+    size limits; the manifest itself is not a task file. Raises :class:`TaskError`."""
+    import io
+    import zipfile
+
+    if len(fab) > MAX_FAB_BYTES:
+        raise TaskError("task-too-large", f"FAB of {len(fab)} bytes exceeds {MAX_FAB_BYTES}")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(fab))
+        infos = archive.infolist()
+        if len(infos) > MAX_TASK_FILES:
+            raise TaskError("task-too-large", f"FAB holds more than {MAX_TASK_FILES} files")
+        total = sum(i.file_size for i in infos)
+        if total > MAX_TASK_BYTES:
+            raise TaskError("task-too-large", f"FAB unpacks to more than {MAX_TASK_BYTES} B")
+        files: dict[str, bytes] = {}
+        for info in infos:
+            name = info.filename
+            if info.is_dir():
+                continue
+            if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+                raise TaskError("task-invalid", f"FAB member {name!r} escapes the app folder")
+            if name in files:
+                raise TaskError("task-invalid", f"FAB member {name!r} appears twice")
+            files[name] = archive.read(info)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise TaskError("task-invalid", f"not a FAB (zip): {exc}") from None
+    manifest = files.pop(FAB_MANIFEST, None)
+    if manifest is None:
+        raise TaskError("task-invalid", f"FAB has no {FAB_MANIFEST} manifest")
+    listed: dict[str, str] = {}
+    for line in manifest.decode("utf-8", "replace").splitlines():
+        path, _, rest = line.partition(",")
+        listed[path] = rest.partition(",")[0]
+    actual = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    if listed != actual:
+        raise TaskError("task-invalid", "FAB files do not match its manifest (files added, "
+                        "removed or changed after it was built)")
+    return files
+
+
+def _files_of(folder: Path) -> dict[str, bytes]:
+    """The task's files: a Flower App's FAB files, else every regular file of the folder."""
+    if is_flower_app(folder):
+        _walk(folder)  # refuse symlinks and special files first, as for any task folder
+        return fab_files(build_fab(folder))
+    return _walk(folder)
+
+
 def _folder(folder: str | Path) -> Path:
     path = Path(folder)
     if not path.exists():
@@ -325,9 +428,14 @@ def _folder(folder: str | Path) -> Path:
 
 def _snapshot(folder: str | Path) -> _Snapshot:
     path = _folder(folder)
-    files = _walk(path)
+    files = _files_of(path)
     return _Snapshot(folder=path, files=files,
                      digest=hashlib.sha256(_listing(files)).hexdigest())
+
+
+def fab_digest(fab: bytes) -> str:
+    """The task digest of a FAB's bytes, before anything of it is unpacked or imported."""
+    return hashlib.sha256(_listing(fab_files(fab))).hexdigest()
 
 
 def task_digest(folder: str | Path) -> str:
@@ -488,7 +596,8 @@ def installed_tasks() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _installed_folder(name: str) -> Path:
+def installed_folder(name: str) -> Path:
+    """The folder of installed task ``name`` (TaskError ``task-unknown``)."""
     installed = installed_tasks()
     if name not in installed:
         known = ", ".join(sorted(installed)) or "none"
@@ -506,7 +615,7 @@ def _installed_folder(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_task(spec: str | Path) -> LoadedTask:
+def load_task(spec: str | Path, *, expect_digest: str | None = None) -> LoadedTask:
     """Load a task from a folder, or an installed task by name (e.g. ``heart-disease``).
 
     A :class:`~pathlib.Path`, or a string naming an existing folder, is a folder; any other
@@ -517,17 +626,22 @@ def load_task(spec: str | Path) -> LoadedTask:
     Raises :class:`TaskError`: ``task-unknown`` (no such installed task), ``task-not-found``
     (no folder, no task.py), ``task-import`` (task.py raised), ``task-invalid`` (no ``task``,
     or not a :class:`Task`), ``task-model`` (the factory fails or returns no module),
-    ``task-symlink`` and the other digest errors.
+    ``task-symlink`` and the other digest errors; with ``expect_digest``, ``task-not-approved``
+    when the folder's digest differs, raised BEFORE anything of the folder is imported.
     """
     if isinstance(spec, Path) or (isinstance(spec, str) and spec and Path(spec).is_dir()):
         folder = Path(spec)
     elif isinstance(spec, str) and spec:
-        folder = _installed_folder(spec)
+        folder = installed_folder(spec)
     else:
         raise TaskError("task-unknown", f"a task is a folder or an installed task name, got "
                         f"{spec!r:.80}")
     with _LOCK:
         snapshot = _snapshot(folder)
+        if expect_digest is not None and snapshot.digest != expect_digest:
+            raise TaskError("task-not-approved", f"task folder {folder} has digest "
+                            f"{snapshot.digest[:16]}..., expected {expect_digest[:16]}...: "
+                            "nothing of it was loaded")
         task, module = _import_task(snapshot)
     model = build_task_model(task)
     return LoadedTask(task=task, digest=snapshot.digest, folder=snapshot.folder,

@@ -6,12 +6,15 @@ Paths are resolved relative to the file. Unknown keys are refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from cleanroom.config import Section, load_model, paths
-from cleanroom.protocol.wire import DpPlan, SiteName, TrainPlan
+from cleanroom.protocol.wire import DpPlan, SiteName, TaskRef, TrainPlan
+
+if TYPE_CHECKING:
+    from cleanroom.task import LoadedTask
 
 NO_DP_UPDATE_NORM = 1.0  # without DP nothing clips: measured honest updates are 0.03-0.2
 
@@ -24,10 +27,10 @@ class TrainingSettings(Section):
     """Defaults for runs (chosen in docs/dp-tuning.md: full-batch DP-SGD, few steps, FedAdam);
     ``cleanroom run`` / ``cleanroom simulate`` options override them per run."""
 
-    dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
+    task: str = Field("heart-disease", description="the task: an installed task's name or a "
+                      "task folder (docs/tasks.md)")
     strategy: str = "fedadam"
     rounds: int = Field(5, ge=1, le=1000)
-    model: str = "logreg"
     local_steps: int = Field(1, ge=1)
     sample_rate: float = Field(1.0, gt=0, le=1)
     lr: float = Field(0.3, gt=0)
@@ -49,18 +52,23 @@ class TrainingSettings(Section):
     def strategy_kwargs(self) -> dict[str, float]:
         return {**STRATEGY_OPTIONS.get(self.strategy, {}), **self.strategy_options}
 
-    def plan(self) -> TrainPlan:
-        from cleanroom.models import architecture_digest
-
+    def plan(self, task: LoadedTask) -> TrainPlan:
+        """The plan of a run of ``task`` (loaded by the coordinator: the consortium's code)."""
         return TrainPlan(rounds=self.rounds, local_steps=self.local_steps,
                          sample_rate=self.sample_rate, lr=self.lr, optimizer=self.optimizer,
                          momentum=self.momentum,
                          dp=DpPlan(enabled=self.dp, epsilon=self.epsilon, delta=self.delta,
                                    max_grad_norm=self.max_grad_norm),
-                         model=self.model, model_architecture_digest=architecture_digest(
-                             self.model),
+                         task=task_ref(task),
                          max_update_norm=self.max_update_norm if self.max_update_norm is not None
                          or self.dp else NO_DP_UPDATE_NORM)
+
+
+def task_ref(task: LoadedTask) -> TaskRef:
+    """How a plan names a loaded task (digests, dataset, the fields it reads)."""
+    return TaskRef(name=task.name, digest=task.digest,
+                   architecture_digest=task.architecture_digest, dataset=task.task.dataset_name,
+                   fields=tuple(f.name for f in task.task.fields))
 
 
 class SuperLinkSettings(Section):

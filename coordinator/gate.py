@@ -148,13 +148,19 @@ class Admission:
     nonce_sha256: str | None = None
     refusal_code: str | None = None
     verify_seconds: float = 0.0
+    task_digest: str | None = None  # the task the evidence binds
+    dataset_digest: str | None = None  # the site's registered dataset it binds
+    dataset_rows: int = 0
 
     def summary(self) -> dict[str, object]:
         """Audit/report view: digests and reasons, never evidence bytes or keys."""
         out: dict[str, object] = {"node_id": self.node_id, "site": self.site,
                                   "admitted": self.admitted, "reason": self.reason,
                                   "evidence_sha256": self.evidence_sha256,
-                                  "nonce_sha256": self.nonce_sha256}
+                                  "nonce_sha256": self.nonce_sha256,
+                                  "task_digest": self.task_digest,
+                                  "dataset_digest": self.dataset_digest,
+                                  "dataset_rows": self.dataset_rows}
         if self.verdict is not None and self.verdict.claims is not None:
             c = self.verdict.claims
             out.update(measurement=c.measurement.hex(), format=c.format, root=c.root,
@@ -236,6 +242,10 @@ class AttestationGate:
             return quarantine(f"freshness: {problem}")
         if response.site_public_key is None or not evidence:
             return quarantine("protocol: no evidence or no site key in the reply")
+        task = challenge.plan.task
+        if response.task_digest != task.digest:
+            return quarantine(f"task: the site answers for task {str(response.task_digest)[:16]}"
+                              f"..., the run's task is {task.name} ({task.digest[:16]}...)")
         node_key = bytes.fromhex(response.node_public_key) if response.node_public_key else b""
         keys = self.directory.keys
         if keys is not None and keys.get(node_id, b"") != node_key:
@@ -247,8 +257,13 @@ class AttestationGate:
                           ledger_records=response.ledger_records,
                           ledger_head=response.ledger_head,
                           ledger_anchor_head=response.ledger_anchor_head or ""
-                          if challenge.ledger_anchor else "")
-        policy = self.policy.model_copy(update={"report_data": binding.report_data()})
+                          if challenge.ledger_anchor else "",
+                          task_digest=task.digest,
+                          dataset_digest=response.dataset_digest or "",
+                          dataset_rows=response.dataset_rows)
+        policy = self.policy.model_copy(update={"report_data": binding.report_data(),
+                                                "measurements": self.expected_measurements(
+                                                    task.digest)})
         start = time.perf_counter()
         endorsements = Endorsements(
             key_certificate=endorsement or None,
@@ -267,7 +282,19 @@ class AttestationGate:
         return Admission(node_id=node_id, site=site, admitted=True, reason="attested",
                          verdict=verdict, site_public_key=response.site_public_key,
                          evidence_sha256=evidence_sha, nonce_sha256=nonce_sha,
-                         verify_seconds=elapsed)
+                         verify_seconds=elapsed, task_digest=task.digest,
+                         dataset_digest=response.dataset_digest,
+                         dataset_rows=response.dataset_rows)
+
+    def expected_measurements(self, task_digest: str) -> list[bytes]:
+        """The MEASUREMENTs a site running ``task_digest`` may show: the policy's, or for a
+        simulation policy its site-agent launch digests folded with the task (a simulated
+        enclave is launched per task)."""
+        if self.policy.environment != "simulation":
+            return list(self.policy.measurements)
+        from cleanroom.attestation.simulated import task_measurement
+
+        return [task_measurement(m, task_digest) for m in self.policy.measurements]
 
     def _ledger_problem(self, node_id: int, site: str, challenge: AttestChallenge,
                         response: AttestResponse) -> str | None:

@@ -10,17 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-PURPOSES = {
-    "heart-disease": "Research model estimating the presence of heart disease (UCI 'num' > 0) "
-                     "from 13 routine clinical features (FLamby Fed-Heart-Disease). Not a "
-                     "medical device; not for clinical decisions.",
-    "synthetic": "Synthetic benchmark data; the model has no clinical meaning.",
-}
+NOT_A_DEVICE = "Research model; not a medical device; not for clinical decisions."
 
 KNOWN_LIMITS = [
     "Differential privacy bounds what the updates reveal about any one training record "
     "(example-level (epsilon, delta), RDP accountant of Opacus); the per-site test metrics "
-    "reported each round are not privatised.",
+    "reported each round leave the sites without DP noise.",
     "In the local simulation the TEE is simulated: its evidence has the SEV-SNP format and the "
     "code measurement is honest, but it is anchored in a consortium test root, not in AMD "
     "hardware. Production policies never trust that root.",
@@ -33,8 +28,12 @@ KNOWN_LIMITS = [
 ]
 
 
-def build_model_card(report: dict[str, Any], *, site_samples: dict[str, dict[str, int]],
-                     architecture_digest: str, final_model_sha256: str | None) -> dict[str, Any]:
+def build_model_card(report: dict[str, Any], *, plan: dict[str, Any], task: dict[str, Any],
+                     site_samples: dict[str, dict[str, int]],
+                     final_model_sha256: str | None) -> dict[str, Any]:
+    """The card of the run ``report`` describes. DP and training facts come from the ``plan``
+    that ran (``TrainPlan.model_dump()``), the privacy spent from the sites' reports, the
+    purpose from the task's own description."""
     config = report.get("config", {})
     rounds = report.get("rounds", [])
     attestation: dict[str, Any] = {"measurements_allowed": report.get("policy", {}).get(
@@ -45,24 +44,33 @@ def build_model_card(report: dict[str, Any], *, site_samples: dict[str, dict[str
     for r in rounds:
         for site, reason in r["quarantined"].items():
             quarantines.setdefault(site, []).append(f"round {r['round']}: {reason}")
-    dp = {"enabled": bool(config.get("dp")), "delta": config.get("delta"),
-          "epsilon_target_per_site": config.get("epsilon"),
-          "epsilon_spent": report.get("final", {}).get("epsilon", {}),
+    dp_plan = plan.get("dp", {})
+    spent = report.get("final", {}).get("epsilon", {})
+    dp = {"enabled": bool(dp_plan.get("enabled")), "delta": dp_plan.get("delta"),
+          "epsilon_target_per_site": dp_plan.get("epsilon"),
+          "epsilon_spent": spent,
           "accountant": "RDP (Opacus), every DP-SGD step counted by the site's own ledger",
-          "max_grad_norm": config.get("max_grad_norm"),
-          "sample_rate": config.get("sample_rate"), "local_steps": config.get("local_steps")}
+          "max_grad_norm": dp_plan.get("max_grad_norm"),
+          "sample_rate": plan.get("sample_rate"), "local_steps": plan.get("local_steps")}
+    description = task.get("description") or f"task {task.get('name')}"
     return {
-        "purpose": PURPOSES.get(config.get("dataset", ""), "federated model"),
-        "model": {"name": config.get("model"), "architecture_digest": architecture_digest,
+        "purpose": f"{description}. {NOT_A_DEVICE}",
+        "task": {k: task.get(k) for k in ("name", "digest", "dataset")},
+        "model": {"name": task.get("name"),
+                  "architecture_digest": task.get("architecture_digest"),
                   "final_model_sha256": final_model_sha256},
-        "training": {k: config.get(k) for k in ("strategy", "rounds", "local_steps",
-                                                "sample_rate", "lr", "optimizer",
-                                                "max_update_norm", "seed", "backend")},
+        "training": {"strategy": config.get("strategy", report.get("strategy")),
+                     "rounds": plan.get("rounds"), "local_steps": plan.get("local_steps"),
+                     "sample_rate": plan.get("sample_rate"), "lr": plan.get("lr"),
+                     "optimizer": plan.get("optimizer"),
+                     "max_update_norm": plan.get("max_update_norm") or "derived per site",
+                     "seed": config.get("seed")},
         "sites": site_samples,
         "differential_privacy": dp,
         "attestation": attestation,
         "quarantines": quarantines,
         "metrics": report.get("final", {}),
+        "primary_metric": (task.get("metrics") or ["accuracy"])[0],
         "scenario": report.get("scenario"),
         "audit": {"log": report.get("audit_log"), "head": report.get("audit_head")},
         "mlflow": report.get("mlflow"),
@@ -72,8 +80,11 @@ def build_model_card(report: dict[str, Any], *, site_samples: dict[str, dict[str
 
 def render_markdown(card: dict[str, Any]) -> str:
     m, t, dp = card["model"], card["training"], card["differential_privacy"]
+    task = card.get("task") or {}
     lines = ["# Model card", "", "## Purpose", card["purpose"], "",
-             "## Model", f"- name: `{m['name']}`",
+             "## Task (approved code)", f"- name: `{task.get('name')}`",
+             f"- task digest: `{task.get('digest')}`", f"- dataset: `{task.get('dataset')}`",
+             "", "## Model", f"- name: `{m['name']}`",
              f"- architecture digest: `{m['architecture_digest']}`",
              f"- final parameters sha256: `{m['final_model_sha256']}`", "",
              "## Training", *[f"- {k}: {v}" for k, v in t.items()], "",
@@ -90,7 +101,8 @@ def render_markdown(card: dict[str, Any]) -> str:
         for site, eps in sorted(dp["epsilon_spent"].items()):
             lines.append(f"| {site} | {'-' if eps is None else f'{eps:.4f}'} |")
     else:
-        lines.append("**DP was off for this run**: no formal privacy guarantee for the updates.")
+        lines.append("**DP was off for this run** (the plan that ran): no formal privacy "
+                     "guarantee for the updates.")
     lines += ["", "## Attestation",
               f"- allowed measurements: {', '.join(f'`{x[:16]}...`' for x in card['attestation']['measurements_allowed']) or 'none'}",  # noqa: E501
               f"- policy digest: `{card['attestation']['policy_digest']}`",
@@ -98,13 +110,16 @@ def render_markdown(card: dict[str, Any]) -> str:
     for r in card["attestation"]["rounds"]:
         q = "; ".join(f"{s}: {why}" for s, why in r["quarantined"].items()) or "-"
         lines.append(f"| {r['round']} | {', '.join(r['attested'])} | {q} |")
-    metrics = card["metrics"]
+    metrics, primary = card["metrics"], card.get("primary_metric", "accuracy")
+    per_site = metrics.get("per_site") or {}
+    names = sorted({n for values in per_site.values() for n in values},
+                   key=lambda n: (n != primary, n == "loss", n))
     lines += ["", "## Metrics (final global model, each site's test split)",
-              f"Client-average accuracy: {metrics.get('accuracy_mean')}", "",
-              "| site | accuracy | loss |", "|---|---|---|"]
-    for site, acc in sorted((metrics.get("accuracy") or {}).items()):
-        loss = (metrics.get("loss") or {}).get(site)
-        lines.append(f"| {site} | {acc:.4f} | {'-' if loss is None else f'{loss:.4f}'} |")
+              f"Client-average {primary}: {metrics.get(primary)}", "",
+              "| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for site, values in sorted(per_site.items()):
+        cells = ["-" if values.get(n) is None else f"{values[n]:.4f}" for n in names]
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
     lines += ["", "## Known limits", *[f"- {x}" for x in card["known_limits"]], "",
               "## Provenance", f"- audit log: `{card['audit']['log']}` head "
               f"`{card['audit']['head']}`",

@@ -142,12 +142,14 @@ class ReportObserver(RunObserver):
             model_card=str(out / "model_card.md"),
             privacy={"dp": plan.dp.enabled, "delta": plan.dp.delta,
                      "epsilon_target_per_run": plan.dp.epsilon if plan.dp.enabled else None},
+            task=task_summary(spec.task), plan=plan.model_dump(mode="json"),
+            strategy=spec.strategy,
             seconds=round(time_since(run.started), 3), **spec.report_extra)
         result.report = report
         result.paths["report"] = write_report(report, out)
         result.paths["plot"] = plot_report(report, out / "report.png")
-        card = build_model_card(report, site_samples=site_samples(result.records),
-                                architecture_digest=plan.model_architecture_digest,
+        card = build_model_card(report, plan=report["plan"], task=report["task"],
+                                site_samples=site_samples(result.records),
                                 final_model_sha256=result.final_digest)
         result.paths["model_card.md"], result.paths["model_card.json"] = \
             write_model_card(card, out)
@@ -159,6 +161,14 @@ class ReportObserver(RunObserver):
             result.paths["final_model"] = path
 
 
+def task_summary(task: Any) -> dict[str, Any]:
+    """report.json's ``task``: what ran (digests; never code)."""
+    return {"name": task.name, "digest": task.digest,
+            "architecture_digest": task.architecture_digest,
+            "dataset": task.task.dataset_name, "description": task.task.description,
+            "metrics": [*task.task.metrics, "loss"]}
+
+
 def time_since(start: float) -> float:
     import time
 
@@ -166,17 +176,18 @@ def time_since(start: float) -> float:
 
 
 def round_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """MLflow metrics of one report round entry."""
+    """MLflow metrics of one report round entry: counts, the task's metrics (client average
+    as ``<name>_mean`` and per site as ``<name>.<site>``), epsilon per site."""
     metrics: dict[str, float] = {
         "attested": len(entry["attested"]), "quarantined": len(entry["quarantined"]),
         "bytes_sent": entry["bytes_sent"], "bytes_received": entry["bytes_received"],
         "round_seconds": entry["seconds"]}
-    if entry["accuracy_mean"] is not None:
-        metrics["accuracy_mean"] = entry["accuracy_mean"]
-        metrics["loss_mean"] = entry["loss_mean"]
-    for site, m in entry["metrics"].items():
-        metrics[f"accuracy.{site}"] = m["accuracy"]
-        metrics[f"loss.{site}"] = m["loss"]
+    for name, value in (entry.get("means") or {}).items():
+        if value is not None:
+            metrics[f"{name}_mean"] = value
+    for site, values in entry["metrics"].items():
+        for name, value in values.items():
+            metrics[f"{name}.{site}"] = value
     for site, eps in entry["epsilon"].items():
         if eps is not None:
             metrics[f"epsilon.{site}"] = eps
@@ -199,9 +210,10 @@ class TrackingObserver(RunObserver):
         run.tracking_info = {"tracking_uri": self.tracker.tracking_uri,
                              "run_id": self.tracker.run_id}
         self.tracker.log_params({
-            "run_label": spec.label, "dataset": spec.dataset, "sites": ",".join(spec.sites),
+            "run_label": spec.label, "task": plan.task.name, "task_digest": plan.task.digest,
+            "dataset": plan.task.dataset, "sites": ",".join(spec.sites),
             "rounds": plan.rounds, "strategy": spec.strategy, "dp": plan.dp.enabled,
-            "epsilon": plan.dp.epsilon, "delta": plan.dp.delta, "model": plan.model,
+            "epsilon": plan.dp.epsilon, "delta": plan.dp.delta,
             "local_steps": plan.local_steps, "sample_rate": plan.sample_rate, "lr": plan.lr,
             "optimizer": plan.optimizer, "max_grad_norm": plan.dp.max_grad_norm,
             "max_update_norm": plan.max_update_norm, "confidential": spec.confidential,
@@ -231,24 +243,26 @@ class TrackingObserver(RunObserver):
             import numpy as np
 
             tracker.log_artifact(result.paths["final_model"])
-            model = torch_model(spec.plan.model, result.final_model)
-            n_features = next(iter(model.parameters())).shape[-1]
-            tracker.log_model(model, registered_name=f"cleanroom-{spec.dataset}-"
-                              f"{spec.plan.model}",
-                              input_example=np.zeros((1, n_features), dtype=np.float32))
+            model = torch_model(spec.task, result.final_model)
+            tracker.log_model(model, registered_name=f"cleanroom-{spec.task.name}",
+                              input_example=np.zeros((1, spec.task.n_features),
+                                                     dtype=np.float32))
         for name in ("report", "plot", "audit"):
             if name in result.paths:
                 tracker.log_artifact(result.paths[name])
-        accuracy = result.report.get("final", {}).get("accuracy_mean")
-        if accuracy is not None:
-            tracker.log_metrics({"final_accuracy_mean": accuracy}, step=spec.plan.rounds)
+        final = result.report.get("final", {})
+        tracker.log_metrics({f"final_{name}_mean": value for name, value in final.items()
+                             if isinstance(value, float) and name != "accuracy_mean"},
+                            step=spec.plan.rounds)
         tracker.end("FINISHED")
 
 
-def torch_model(name: str, model: Any) -> Any:
-    from cleanroom.models import build_model, set_parameters
+def torch_model(task: Any, model: Any) -> Any:
+    """The task's model holding the final global parameters (for the model registry)."""
+    from cleanroom.models import set_parameters
+    from cleanroom.task import build_task_model
 
-    net = build_model(name)
+    net = build_task_model(task.task)
     set_parameters(net, {k: v.astype("float32", copy=False) for k, v in model.items()})
     return net
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cleanroom.attestation.simulated import create_simulated_root
-from cleanroom.errors import ConfigError
+from cleanroom.errors import CleanroomError, ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import add_token
 from cleanroom.pki import (
@@ -61,8 +61,7 @@ class ProvisionRequest:
     site_api_base_port: int = 9600
     site_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # (node, API) ports
     extra_hosts: list[str] = field(default_factory=list)
-    dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
-    data_dir: Path | None = None
+    task: str = "heart-disease"  # an installed task's name or a task folder
     rounds: int = 5
 
 
@@ -111,6 +110,29 @@ def _check_names(names: list[str]) -> None:
         raise ConfigError(f"site names must be unique and non-empty, got {names}")
 
 
+def _simulated_site(root: object, site_dir: Path, task: object, index: int, count: int) -> None:
+    """A simulated site's chip (its VCEK issued by the simulated vendor) and its data: the
+    task's simulated data registered in the site's sealed data room, as a hospital's IT team
+    registers its export."""
+    from cleanroom.site_agent.config import load_site_config
+    from cleanroom.site_agent.enclave import CHIP_VCEK, SimulatedProvider
+    from cleanroom.site_agent.runtime import build_runtime
+
+    chip_dir = site_dir / "state" / "enclave"
+    provider = SimulatedProvider.launch(root, chip_dir, bytes(48))  # type: ignore[arg-type]
+    (chip_dir / CHIP_VCEK).write_bytes(provider.chip.vcek_pem)
+    runtime = build_runtime(load_site_config(site_dir / "site.toml"), provider)
+    natural = list(task.task.sites)  # type: ignore[attr-defined]
+    name = runtime.site
+    if natural:  # a site named like one of the task's own sites gets its data, others in turn
+        partition = natural.index(name) if name in natural else index % len(natural)
+        partition, partitions = partition, len(natural)
+    else:
+        partition, partitions = index, count
+    if task.task.simulate is not None:  # type: ignore[attr-defined]
+        runtime.datasets.register_simulated(task.task, partition, partitions)  # type: ignore[attr-defined]
+
+
 def provision(req: ProvisionRequest) -> Provisioned:
     from cleanroom.site_agent.runtime import code_measurement
 
@@ -151,6 +173,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
         write_private(path, (add_token(coord / "api_tokens.json", role) + "\n").encode())
 
     simulated = req.enclave == "simulated"
+    installed = not Path(req.task).is_dir()
     root = create_simulated_root(out / "simulated-root") if simulated else None
     measurements = list(req.measurements)
     if simulated:
@@ -158,10 +181,17 @@ def provision(req: ProvisionRequest) -> Provisioned:
     if not measurements:
         raise ConfigError("a real-enclave federation needs --measurement HEX (the launch "
                           "measurement of the approved site image)")
+    from cleanroom.task import load_task
+
+    try:
+        task = load_task(Path(req.task) if Path(req.task).is_dir() else req.task)
+    except CleanroomError as exc:
+        raise ConfigError(f"task {req.task}: {exc}") from None
     policy_top: dict[str, object] = {
         "name": f"{'simulated' if simulated else 'production'}-consortium-policy",
         "environment": "simulation" if simulated else "production",
         "measurements": measurements, "allow_debug": False, "allow_migration_agent": False,
+        "tasks": [task.digest],
     }
     if root is not None:
         policy_top["simulated_root"] = str(root.bundle_path)
@@ -186,37 +216,33 @@ def provision(req: ProvisionRequest) -> Provisioned:
         tokens[f"{name}-operator"] = site_dir / "operator.token"
         write_private(site_dir / "operator.token",
                       (add_token(site_dir / "api_tokens.json", "operator") + "\n").encode())
-        if root is not None:  # the simulated vendor makes this site's chip, issues its VCEK
-            from cleanroom.site_agent.enclave import CHIP_VCEK, SimulatedProvider
-
-            chip_dir = site_dir / "state" / "enclave"
-            provider = SimulatedProvider.launch(root, chip_dir, bytes(48))
-            (chip_dir / CHIP_VCEK).write_bytes(provider.chip.vcek_pem)
         node_port, api_port = req.site_ports.get(
             name, (req.site_base_port + index, req.site_api_base_port + index))
-        data: dict[str, object] = {"kind": req.dataset, "name": name, "index": index}
-        if req.data_dir is not None:
-            data["path"] = str(Path(req.data_dir).resolve())
         enclave: dict[str, object] = {"provider": req.enclave}
+        policy: dict[str, object] = {"require_approval": False}
+        if not installed:
+            policy["task_dirs"] = [str(task.folder)]
         (site_dir / "site.toml").write_text(_toml({
-            "data": data,
             "enclave": enclave,
             "privacy": {"delta": 1e-5, "lifetime_epsilon": 10.0, "max_epsilon_per_run": 1.0},
-            "policy": {"require_approval": False},
+            "policy": policy,
             "flower": {"superlink": f"{req.superlink_host}:{req.superlink_port}",
                        "root_certificates": "ca.pem", "auth_key": "node_auth.key",
                        "port": node_port},
             "api": {"host": "127.0.0.1", "port": api_port, "tokens": "api_tokens.json"},
         }, {"site": name, "state_dir": "state", "node_public_key": "node_auth.spki.pem",
-            "seed": index}))
+            "seed": index}, {"policy.tasks": [{"digest": task.digest, "name": task.name}]}))
         site_configs[name] = site_dir / "site.toml"
+        if root is not None:  # the simulated vendor makes this site's chip, issues its VCEK;
+            _simulated_site(root, site_dir, task, index, len(req.sites))  # its data registered
 
     (coord / "coordinator.toml").write_text(_toml({
         "superlink": {"host": req.superlink_host, "port": req.superlink_port,
                       "ca_cert": "ca.pem", "cert": "superlink.pem", "key": "superlink.key",
                       "database": "state/superlink.db"},
         "api": {"host": "127.0.0.1", "port": req.api_port, "tokens": "api_tokens.json"},
-        "training": {"dataset": req.dataset, "rounds": req.rounds},
+        "training": {"task": task.name if installed else str(task.folder),
+                     "rounds": req.rounds},
     }, {"name": "cleanroom-consortium", "state_dir": "state",
         "audit_key": "audit_signing_key.pem", "policy": "policy.toml"},
         {"sites": registered}))

@@ -14,30 +14,42 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _means(per_site: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    names = sorted({name for metrics in per_site.values() for name in metrics})
+    return {name: _mean([m[name] for m in per_site.values() if m.get(name) is not None])
+            for name in names}
+
+
 def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) -> dict[str, Any]:
-    """One element of report["rounds"]; ``epsilon_so_far`` carries each site's cumulative ε."""
-    metrics = {site: {"accuracy": s.evaluation.metrics["accuracy"],
-                      "loss": s.evaluation.metrics["loss"]}
+    """One element of report["rounds"]; ``epsilon_so_far`` carries each site's cumulative ε.
+
+    ``metrics``: each site's evaluation of the global model by metric name (the task's metrics
+    and ``loss``); ``means``: their client averages (``accuracy_mean``/``loss_mean`` repeat
+    two of them for readers of earlier reports)."""
+    metrics = {site: {k: v for k, v in s.evaluation.metrics.items() if v is not None}
                for site, s in sorted(record.sites.items())
-               if s.evaluation is not None and "accuracy" in s.evaluation.metrics
-               and "loss" in s.evaluation.metrics}
+               if s.evaluation is not None and s.evaluation.metrics}
     for site, s in record.sites.items():
         if s.epsilon_run is not None:
             epsilon_so_far[site] = s.epsilon_run
         else:
             epsilon_so_far.setdefault(site, None)
+    means = _means(metrics)
     return {
         "round": record.round,
         "attested": record.attested,
         "quarantined": record.quarantined,
         "metrics": metrics,
-        "accuracy_mean": _mean([m["accuracy"] for m in metrics.values()]),
-        "loss_mean": _mean([m["loss"] for m in metrics.values()]),
+        "means": means,
+        "accuracy_mean": means.get("accuracy"),
+        "loss_mean": means.get("loss"),
         "epsilon": dict(sorted(epsilon_so_far.items())),
         "skipped": record.skipped,
         "sites": {site: {"admitted": s.admitted, "reason": s.reason,
                          "measurement": s.admission.get("measurement"),
-                         "evidence_sha256": s.admission.get("evidence_sha256")}
+                         "evidence_sha256": s.admission.get("evidence_sha256"),
+                         "nonce_sha256": s.nonce_sha256,
+                         "dataset_digest": s.admission.get("dataset_digest")}
                   for site, s in sorted(record.sites.items())},
         "model_digest": record.model_digest,
         "aggregate_digest": record.aggregate_digest,
@@ -53,20 +65,21 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
 
 def build_report(records: list[RoundRecord], *, prior: list[dict[str, Any]] | None = None,
                  **extra: Any) -> dict[str, Any]:
-    """``prior``: report entries of rounds run before a resume (from the checkpoint)."""
+    """``prior``: report entries of rounds run before a resume (from the checkpoint).
+
+    ``final``: the last evaluated round's client-averaged metrics by name (``final["c_index"]``,
+    ``final["accuracy"]``, ``final["loss"]``...), each site's values under ``per_site``, and
+    each site's cumulative ε."""
     epsilon: dict[str, float | None] = {}
     for entry in prior or []:
         epsilon.update(entry.get("epsilon", {}))
     rounds = [*(prior or []), *(round_entry(r, epsilon) for r in records)]
-    final_metrics = next((r["metrics"] for r in reversed(rounds) if r["metrics"]), {})
+    per_site = next((r["metrics"] for r in reversed(rounds) if r["metrics"]), {})
+    means = _means(per_site)
     report: dict[str, Any] = {
         "rounds": rounds,
-        "final": {
-            "accuracy_mean": _mean([m["accuracy"] for m in final_metrics.values()]),
-            "accuracy": {s: m["accuracy"] for s, m in final_metrics.items()},
-            "loss": {s: m["loss"] for s, m in final_metrics.items()},
-            "epsilon": dict(sorted(epsilon.items())),
-        },
+        "final": {**means, "per_site": per_site, "accuracy_mean": means.get("accuracy"),
+                  "epsilon": dict(sorted(epsilon.items()))},
     }
     report.update(extra)
     return report
@@ -78,8 +91,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def primary_metric(report: dict[str, Any]) -> str:
+    """The metric the plot and summaries show: the task's first, else accuracy, else loss."""
+    listed = (report.get("task") or {}).get("metrics") or []
+    return listed[0] if listed else "accuracy"
+
+
 def plot_report(report: dict[str, Any], path: Path) -> Path:
-    """Accuracy and ε per round, per site, with quarantines marked."""
+    """The task's main metric and ε per round, per site, with quarantines marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,13 +109,15 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sites)}
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = [r["round"] for r in rounds]
+    metric = primary_metric(report)
     for site in sites:
-        acc = [r["metrics"].get(site, {}).get("accuracy", math.nan) for r in rounds]
+        acc = [r["metrics"].get(site, {}).get(metric, math.nan) for r in rounds]
         ax_acc.plot(xs, acc, marker="o", ms=3, lw=1, color=colors[site], label=site)
         eps = [r["epsilon"].get(site) for r in rounds]
         eps_vals = [math.nan if e is None else e for e in eps]
         ax_eps.plot(xs, eps_vals, marker="o", ms=3, lw=1, color=colors[site], label=site)
-    mean = [math.nan if r["accuracy_mean"] is None else r["accuracy_mean"] for r in rounds]
+    mean = [math.nan if (r.get("means") or {}).get(metric) is None else r["means"][metric]
+            for r in rounds]
     ax_acc.plot(xs, mean, color="black", lw=2.5, label="client average")
     first = True
     for r in rounds:
@@ -105,10 +126,11 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
             ax_acc.scatter([r["round"]], [0.02 + 0.04 * sites.index(site)], marker="x",
                            color=colors[site], s=40, label="quarantined" if first else None)
             first = False
-    ax_acc.set_ylim(0, 1)
+    if metric != "loss":
+        ax_acc.set_ylim(0, 1)
     ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_title("Accuracy per site (x = quarantined that round)")
+    ax_acc.set_ylabel(f"test {metric}")
+    ax_acc.set_title(f"{metric} per site (x = quarantined that round)")
     ax_acc.legend(fontsize=7, loc="lower right")
     ax_eps.set_xlabel("round")
     ax_eps.set_ylabel("cumulative ε (this run)")

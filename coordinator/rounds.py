@@ -61,6 +61,7 @@ class Session:
     node_id: int
     site: str
     public_key: bytes
+    dataset_rows: int = 0  # the training rows its evidence bound
 
 
 class CoordinatorRound:
@@ -156,7 +157,8 @@ class CoordinatorRound:
             nonce_sha256=admission.nonce_sha256)
         if admission.admitted:
             assert admission.site_public_key is not None
-            self._sessions[node_id] = Session(node_id, label, admission.site_public_key)
+            self._sessions[node_id] = Session(node_id, label, admission.site_public_key,
+                                              admission.dataset_rows)
         else:
             log.warning("round %d: %s quarantined: %s", self.round, label, admission.reason)
         return admission
@@ -221,7 +223,7 @@ class CoordinatorRound:
             update, report = open_update(sealed, self.keys, context)
             entry.update_ciphertext_sha256 = sealed.sha256
             self.record.bytes_received += len(sealed.ciphertext)
-            self._check_report(report)
+            self._check_report(report, session)
             entry.update_norm = validate_update(update, reference,
                                                 max_norm=self._bound(report, reference))
         except CleanroomError as exc:
@@ -232,10 +234,13 @@ class CoordinatorRound:
             self.gate.ledger_grew(session.site, report.privacy.ledger_records)
         return update, report
 
-    def _check_report(self, report: TrainReport) -> None:
+    def _check_report(self, report: TrainReport, session: Session) -> None:
         from cleanroom.errors import UpdateRejected
 
         plan = self.plan
+        if report.num_examples != session.dataset_rows:
+            raise UpdateRejected(f"the site reports {report.num_examples} examples, its "
+                                 f"attested dataset holds {session.dataset_rows} training rows")
         if report.steps != plan.local_steps:
             raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
                                  f"{plan.local_steps}")

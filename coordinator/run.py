@@ -34,7 +34,9 @@ from cleanroom.attestation.validate.policy import Policy
 from cleanroom.coordinator.checkpoint import Checkpoint
 from cleanroom.coordinator.gate import SiteDirectory
 from cleanroom.coordinator.records import RoundRecord
+from cleanroom.errors import ConfigError
 from cleanroom.protocol.wire import TrainPlan
+from cleanroom.task import LoadedTask
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,8 @@ class RunSpec:
     out: Path
     policy: Policy
     plan: TrainPlan
+    task: LoadedTask  # the consortium's task (the coordinator loads it: initial model, card)
     strategy: str
-    dataset: str
     stores: Stores
     directory: SiteDirectory = field(default_factory=SiteDirectory)
     strategy_options: dict[str, float] = field(default_factory=dict)
@@ -145,6 +147,7 @@ class FederatedRun:
         from cleanroom.coordinator.strategies import build_strategy
         from cleanroom.coordinator.watermarks import LedgerWatermarks
 
+        check_task(spec)
         self.spec = spec
         self.observers = list(observers)
         self.started = time.time()
@@ -255,6 +258,18 @@ class FederatedRun:
         return self.close(final)
 
 
+def check_task(spec: RunSpec) -> None:
+    """A run starts only for a task the coordinator's policy lists, planned as loaded."""
+    task, ref = spec.task, spec.plan.task
+    if (ref.digest, ref.architecture_digest) != (task.digest, task.architecture_digest):
+        raise ConfigError(f"the plan names task {ref.name} {ref.digest[:16]}..., the run loaded "
+                          f"{task.name} {task.digest[:16]}...")
+    if task.digest not in spec.policy.tasks:
+        raise ConfigError(f"task {task.name} (digest {task.digest}) is not in the coordinator "
+                          f"policy's tasks ({spec.policy.name}): add it to 'tasks' in the "
+                          "policy to run it")
+
+
 def default_observers(spec: RunSpec, on_round: Callable[[dict[str, Any]], None] | None = None,
                       ) -> list[RunObserver]:
     from cleanroom.coordinator.observers import (
@@ -288,12 +303,21 @@ def run_federation(spec: RunSpec, execute: Execute,
 
 
 def initial_model(spec: RunSpec, seed: int) -> OrderedDict[str, np.ndarray]:
-    """Round 1's global model (from ``seed``), or the resumed checkpoint's."""
+    """Round 1's global model (the task's model, initialised from ``seed``), or the resumed
+    checkpoint's."""
     if spec.resume is not None:
         return spec.resume.checkpoint.model
-    from cleanroom.models import build_model, get_parameters
+    import torch
 
-    return get_parameters(build_model(spec.plan.model, seed=seed))
+    from cleanroom.models import get_parameters
+    from cleanroom.task import build_task_model
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return get_parameters(build_task_model(spec.task.task))
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def start_rounds(strategy: Any, grid: Any, spec: RunSpec, *, seed: int,

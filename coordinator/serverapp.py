@@ -79,7 +79,11 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
     log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
     policy = load_policy(config.policy)
-    plan = training.plan()
+    from cleanroom.task import load_task
+
+    task_spec = training.task
+    task = load_task(Path(task_spec) if Path(task_spec).is_dir() else task_spec)
+    plan = training.plan(task)
     progress = out / "progress.jsonl"
 
     def on_round(entry: dict[str, Any]) -> None:
@@ -87,8 +91,8 @@ def main(grid: Grid, context: Context) -> None:
             fh.write(json.dumps(entry) + "\n")
 
     spec = RunSpec(
-        label=run_id, out=out, policy=policy, plan=plan, strategy=training.strategy,
-        strategy_options=training.strategy_kwargs(), dataset=training.dataset,
+        label=run_id, out=out, policy=policy, plan=plan, task=task,
+        strategy=training.strategy, strategy_options=training.strategy_kwargs(),
         stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
                       watermarks=config.state_dir / "ledger_watermarks.json",
                       checkpoints=out / "checkpoint"),

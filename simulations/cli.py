@@ -41,16 +41,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "simulate", help="run the local multi-site simulation (4 hospitals, attested, DP)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Federated training on the four UCI heart-disease hospitals, on one "
-        "machine: every round each\nsite is attested by its simulated TEE, the model and "
-        "updates are HPKE-encrypted, sites train\nwith Opacus DP-SGD under their own budget, "
-        "and everything is tracked in MLflow.")
-    p.add_argument("--dataset", default="heart-disease", choices=["heart-disease", "synthetic"],
-                   help="the 4 UCI hospitals (default) or synthetic partitions")
-    p.add_argument("--sites", type=int, default=4, help="synthetic only (default 4)")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 5)")
-    p.add_argument("--strategy", default="fedadam", choices=sorted(STRATEGIES),
-                   help="Flower strategy to wrap (default fedadam)")
+        description="Federated training of a task (default: the four UCI heart-disease "
+        "hospitals) on one machine:\nevery round each site is attested by its simulated TEE, "
+        "the model and updates are HPKE-encrypted,\nsites train the approved task with Opacus "
+        "DP-SGD under their own budget, and everything is\ntracked in MLflow.")
+    p.add_argument("--task", default="heart-disease", help="an installed task (heart-disease, "
+                   "synthetic) or a task folder, e.g. examples/fed_tcga_brca (default "
+                   "heart-disease)")
+    p.add_argument("--sites", type=int, default=None, help="number of simulated sites (default: "
+                   "the task's own, e.g. 4 hospitals; synthetic: 4)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the "
+                   "task's plan, else 5)")
+    p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
+                   help="Flower strategy to wrap (default: the task's plan, else fedadam)")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--epsilon", type=float, default=1.0,
                    help="privacy budget per site for the run (default 1.0)")
@@ -63,7 +66,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="output folder (default runs/latest)")
     p.add_argument("--seed", type=int, default=0, help="initial model and data seed (default 0)")
-    p.add_argument("--model", default=None, help="model from models/ (default logreg)")
     p.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per round")
     p.add_argument("--sample-rate", type=float, default=None, help="Poisson sampling rate")
     p.add_argument("--lr", type=float, default=None, help="local learning rate")
@@ -84,16 +86,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from cleanroom.simulations.defaults import training_defaults
-    from cleanroom.simulations.engine import SimulationConfig
+    from cleanroom.simulations.engine import SimulationConfig, load_simulation_task
 
     if args.resume is not None:
         return SimulationConfig(resume=args.resume, progress=not args.no_progress,
                                 tracking_uri=args.tracking_uri)
-    values: dict[str, Any] = dict(training_defaults(dp=not args.no_dp))
-    overrides = {"rounds": args.rounds, "model": args.model, "local_steps": args.local_steps,
-                 "sample_rate": args.sample_rate, "lr": args.lr}
+    task = load_simulation_task(args.task)
+    values: dict[str, Any] = dict(training_defaults(dp=not args.no_dp, plan=task.task.plan))
+    overrides = {"rounds": args.rounds, "local_steps": args.local_steps,
+                 "sample_rate": args.sample_rate, "lr": args.lr, "strategy": args.strategy}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    values.update(dataset=args.dataset, sites=args.sites, strategy=args.strategy,
+    values.update(task=args.task, sites=args.sites,
                   dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
                   scenario=args.scenario, hostile_site=args.hostile_site, out=args.out,
                   seed=args.seed, backend=args.backend, tracking=not args.no_tracking,
@@ -123,10 +126,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                unit="round", disable=not config.progress, file=sys.stderr)
 
     def on_round(entry: dict[str, Any]) -> None:
-        acc = entry["accuracy_mean"]
-        bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "-",
-                        attested=len(entry["attested"]),
-                        quarantined=len(entry["quarantined"]))
+        means = entry.get("means") or {}
+        metric = next((m for m in means if m != "loss"), "loss")
+        value = means.get(metric)
+        bar.set_postfix({metric: f"{value:.3f}" if value is not None else "-",
+                         "attested": len(entry["attested"]),
+                         "quarantined": len(entry["quarantined"])})
         for site, reason in entry["quarantined"].items():
             bar.write(f"round {entry['round']}: {site} quarantined: {reason}")
         bar.update(1)
@@ -149,11 +154,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     final = report["final"]
-    print(f"done in {result.seconds:.1f}s: {len(report['rounds'])} rounds, scenario "
-          f"{config.scenario}, strategy {config.strategy}, DP {'on' if config.dp else 'off'}")
-    if final["accuracy_mean"] is not None:
-        accs = ", ".join(f"{s} {a:.3f}" for s, a in final["accuracy"].items())
-        print(f"final client-average accuracy {final['accuracy_mean']:.3f} ({accs})")
+    print(f"done in {result.seconds:.1f}s: task {report['task']['name']}, "
+          f"{len(report['rounds'])} rounds, scenario {config.scenario}, strategy "
+          f"{config.strategy}, DP {'on' if config.dp else 'off'}")
+    for metric in report["task"]["metrics"]:
+        if final.get(metric) is not None:
+            per_site = ", ".join(f"{s} {v[metric]:.3f}" for s, v in final["per_site"].items()
+                                 if v.get(metric) is not None)
+            print(f"final client-average {metric} {final[metric]:.3f} ({per_site})")
     eps = {s: e for s, e in final["epsilon"].items() if e is not None}
     if eps:
         print("epsilon spent: " + ", ".join(f"{s} {e:.3f}" for s, e in eps.items())

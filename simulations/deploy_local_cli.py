@@ -56,7 +56,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     started = time.time()
     site_ports = {name: (ports[2 + 2 * i], ports[3 + 2 * i]) for i, name in enumerate(names)}
     prov = provision(ProvisionRequest(
-        out=out, sites=names, dataset="heart-disease" if args.sites <= len(HEART) else
+        out=out, sites=names, task="heart-disease" if args.sites <= len(HEART) else
         "synthetic", superlink_port=ports[0], api_port=ports[1], site_ports=site_ports,
         rounds=args.rounds))
     sup = Supervisor(out / "logs")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleanroom.coordinator.config import STRATEGY_OPTIONS, TrainingSettings
-from cleanroom.errors import ConfigError
+from cleanroom.errors import CleanroomError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ class SimulationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: Literal["heart-disease", "synthetic"] = "heart-disease"
-    sites: int = Field(4, ge=2, le=64, description="synthetic only; heart-disease has 4")
+    task: str = Field(_T.task, description="an installed task's name (heart-disease, "
+                      "synthetic) or a task folder")
+    sites: int | None = Field(None, ge=1, le=1_000_000, description="simulated sites (default: "
+                              "the task's own sites, e.g. heart-disease's 4 hospitals)")
     rounds: int = Field(_T.rounds, ge=1, le=1000)
     strategy: str = _T.strategy
     dp: bool = True
@@ -44,7 +46,6 @@ class SimulationConfig(BaseModel):
     hostile_site: str | None = None
     out: Path = Path("runs/latest")
     seed: int = 0
-    model: str = _T.model
     local_steps: int = Field(_T.local_steps, ge=1)
     sample_rate: float = Field(_T.sample_rate, gt=0, le=1)
     lr: float = Field(_T.lr, gt=0)
@@ -77,22 +78,31 @@ class SimulationResult:
     seconds: float
 
 
-def site_names(config: SimulationConfig) -> list[str]:
-    if config.dataset == "heart-disease":
-        from cleanroom.site_agent.data import HEART_DISEASE_SITES
+def site_names(config: SimulationConfig, task: Any) -> list[str]:
+    """The simulated sites: the task's own (its hospitals, regions), else ``site00``..."""
+    natural = list(task.task.sites)
+    if natural and config.sites in (None, len(natural)):
+        return natural
+    if natural:
+        raise ConfigError(f"task {task.name} simulates its {len(natural)} sites "
+                          f"({', '.join(natural)}), not {config.sites}")
+    count = config.sites or 4
+    width = max(2, len(str(count - 1)))
+    return [f"site{i:0{width}d}" for i in range(count)]
 
-        return list(HEART_DISEASE_SITES)
-    return [f"site{i:02d}" for i in range(config.sites)]
 
-
-def _site_configs(config: SimulationConfig, state: Path, root_dir: Path,
-                  hostile: str | None) -> list[Any]:
-    from cleanroom.site_agent.config import DataConfig, EnclaveConfig, PrivacyConfig, SiteConfig
+def _site_configs(config: SimulationConfig, names: list[str], task: Any, state: Path,
+                  root_dir: Path, hostile: str | None) -> list[Any]:
+    from cleanroom.site_agent.config import (
+        ApprovedTask,
+        EnclaveConfig,
+        PrivacyConfig,
+        SiteConfig,
+        SitePolicyConfig,
+    )
 
     configs = []
-    for index, name in enumerate(site_names(config)):
-        data = DataConfig(kind=config.dataset, name=name, index=index,
-                          seed=config.seed * 1000 + index)
+    for index, name in enumerate(names):
         lifetime = config.site_budget if config.site_budget is not None else max(
             10.0, 10 * config.epsilon)
         if hostile == name and config.scenario == "over-budget":
@@ -101,11 +111,29 @@ def _site_configs(config: SimulationConfig, state: Path, root_dir: Path,
             lifetime = OVER_BUDGET_EPSILON
         privacy = PrivacyConfig(delta=config.delta, lifetime_epsilon=lifetime,
                                 max_epsilon_per_run=config.epsilon, allow_no_dp=not config.dp)
-        configs.append(SiteConfig(site=name, state_dir=state / "sites" / name, data=data,
+        # the simulated hospitals reviewed and approved the consortium's task
+        policy = SitePolicyConfig(tasks=[ApprovedTask(digest=task.digest, name=task.name)],
+                                  task_dirs=[task.folder])
+        configs.append(SiteConfig(site=name, state_dir=state / "sites" / name,
                                   enclave=EnclaveConfig(provider="simulated",
                                                         simulated_root=root_dir),
-                                  privacy=privacy, seed=config.seed * 7919 + index))
+                                  privacy=privacy, policy=policy,
+                                  seed=config.seed * 7919 + index))
     return configs
+
+
+def load_simulation_task(spec: str) -> Any:
+    """The task to simulate; an unknown name or a broken folder is one clear ConfigError."""
+    from cleanroom.task import load_task
+
+    try:
+        loaded = load_task(Path(spec) if Path(spec).is_dir() else spec)
+    except CleanroomError as exc:
+        raise ConfigError(f"--task {spec}: {exc}") from None
+    if loaded.task.simulate is None:
+        raise ConfigError(f"--task {spec}: task {loaded.name} has no simulate() to give "
+                          "simulated sites their data")
+    return loaded
 
 
 def run_simulation(config: SimulationConfig,
@@ -129,7 +157,8 @@ def run_simulation(config: SimulationConfig,
     if config.scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {config.scenario!r}; choose one of "
                           f"{', '.join(SCENARIOS)}")
-    names = site_names(config)
+    task = load_simulation_task(config.task)
+    names = site_names(config, task)
     hostile = None
     if config.scenario != "honest":
         hostile = config.hostile_site or names[-1]
@@ -140,23 +169,24 @@ def run_simulation(config: SimulationConfig,
     state = Path(config.state_dir).resolve() if config.state_dir else out / "state"
     root_dir = state / "simulated-root"
     root = ensure_simulated_root(root_dir)
-    sites = SimulatedSites(_site_configs(config, state, root_dir, hostile),
-                           {hostile: Fault(config.scenario)} if hostile else {})
+    sites = SimulatedSites(_site_configs(config, names, task, state, root_dir, hostile),
+                           {hostile: Fault(config.scenario)} if hostile else {},
+                           task_folder=task.folder)
     # A fresh run id per simulation (as Flower gives each run): the sites' ledgers key
     # charges by run, so a second simulation on the same state spends more budget.
     run_id = int(checkpoint.run_id) if checkpoint is not None else secrets.randbits(63)
     policy = Policy(name="simulation", environment="simulation",
-                    simulated_root=root.bundle_path, measurements=[code_measurement()])
+                    simulated_root=root.bundle_path, measurements=[code_measurement()],
+                    tasks=[task.digest])
     plan = TrainingSettings(**{name: getattr(config, name) for name in (
-        "dataset", "strategy", "rounds", "model", "local_steps", "sample_rate", "lr",
+        "task", "strategy", "rounds", "local_steps", "sample_rate", "lr",
         "optimizer", "momentum", "max_grad_norm", "max_update_norm", "dp", "epsilon",
-        "delta")}).plan()
+        "delta")}).plan(task)
     node_names = {NODE_ID_BASE + i: name for i, name in enumerate(names)}
     spec = RunSpec(
-        label=str(run_id), out=out, policy=policy, plan=plan,
+        label=str(run_id), out=out, policy=policy, plan=plan, task=task,
         strategy=config.strategy,
         strategy_options={**STRATEGY_OPTIONS.get(config.strategy, {}), **config.strategy_options},
-        dataset=config.dataset,
         stores=Stores(audit_key=state / "coordinator" / "audit_signing_key.pem",
                       nonces=out / "coordinator" / "nonces.jsonl",
                       watermarks=state / "coordinator" / "ledger_watermarks.json",

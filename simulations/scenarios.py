@@ -19,6 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cleanroom.attestation.abi import snp as abi
 from cleanroom.attestation.simulated import measure_code
@@ -60,6 +61,9 @@ class ReplayingProvider:
     def sealing_key(self, label: bytes) -> bytes:
         return self.inner.sealing_key(label)
 
+    def for_task(self, task_digest: str) -> EnclaveProvider:
+        return type(self)(self.inner.for_task(task_digest))
+
 
 class ForgingProvider:
     """Wraps an honest provider and edits the report after signing (e.g. a better TCB)."""
@@ -76,6 +80,9 @@ class ForgingProvider:
 
     def sealing_key(self, label: bytes) -> bytes:
         return self.inner.sealing_key(label)
+
+    def for_task(self, task_digest: str) -> EnclaveProvider:
+        return type(self)(self.inner.for_task(task_digest))
 
 
 def tampered_code_measurement(code_roots: list[Path]) -> bytes:
@@ -103,18 +110,21 @@ class SimulatedSites:
     state folder, hostile sites get their faulty provider.
     """
 
-    def __init__(self, configs: list, faults: dict[str, Fault]) -> None:
+    def __init__(self, configs: list, faults: dict[str, Fault], *,
+                 task_folder: Path | None = None) -> None:
         self.configs = list(configs)
         self.faults = dict(faults)
+        self.task_folder = task_folder
         self._cache: dict[int, object] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
-        return {"configs": self.configs, "faults": self.faults}
+        return {"configs": self.configs, "faults": self.faults, "task_folder": self.task_folder}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.configs = state["configs"]  # type: ignore[assignment]
         self.faults = state["faults"]  # type: ignore[assignment]
+        self.task_folder = state.get("task_folder")  # type: ignore[assignment]
         self._cache = {}
         self._lock = threading.Lock()
 
@@ -153,4 +163,18 @@ class SimulatedSites:
             provider = ReplayingProvider(provider)
         elif kind == "forged-evidence":
             provider = ForgingProvider(provider)
-        return build_runtime(config, provider)
+        runtime = build_runtime(config, provider)
+        self._register_data(runtime, index)
+        return runtime
+
+    def _register_data(self, runtime: Any, index: int) -> None:
+        """The simulated hospital's data: the task's simulate() for this site, registered in
+        its data room as its IT team would register a real export."""
+        from cleanroom.task import load_task
+
+        policy = runtime.config.policy
+        if not policy.tasks:
+            return
+        folder = self.task_folder or policy.task_dirs[0]
+        loaded = load_task(folder, expect_digest=policy.tasks[0].digest)
+        runtime.datasets.register_simulated(loaded.task, index, len(self.configs))

@@ -1,8 +1,10 @@
 """The site daemon's local HTTP API (aiohttp, loopback by default).
 
-``GET /health`` (no token), ``GET /status``, ``GET /policy``, ``GET /approvals`` (operator or
-auditor token), ``POST /approvals`` ``{"run_id": ...}`` and ``DELETE /approvals/{run_id}``
-(operator token). Nothing here returns data rows, updates or keys.
+``GET /health`` (no token), ``GET /status``, ``GET /policy``, ``GET /approvals``,
+``GET /datasets`` (operator or auditor token), ``POST /approvals``
+``{"run_id": ..., "task_digest": ..., "epsilon": ...}`` (strict: no coercion, no extra keys) and
+``DELETE /approvals/{run_id}`` (operator token). Nothing here returns data rows, updates or
+keys.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def status_of(runtime: SiteRuntime, *, recent: int = 20) -> dict[str, Any]:
                    "max_epsilon_per_run": ledger.run_epsilon, "charges": len(charges)},
         "recent": runtime.activity.recent(recent),
         "approved_runs": runtime.approvals.approved_runs(),
+        "approved_tasks": [t.model_dump(mode="json") for t in runtime.config.policy.tasks],
     }
 
 
@@ -54,20 +57,45 @@ async def policy(request: web.Request) -> web.Response:
                               "privacy": config.privacy.model_dump(mode="json")})
 
 
+def _approval_view(approval: Any) -> dict[str, Any]:
+    return {"run_id": approval.run_id, "task_digest": approval.task_digest,
+            "epsilon": approval.epsilon, "by": approval.by, "at": approval.at}
+
+
 @requires(READ)
 async def approvals(request: web.Request) -> web.Response:
-    return web.json_response({"approved_runs":
-                              request.app[RUNTIME_KEY].approvals.approved_runs()})
+    current = request.app[RUNTIME_KEY].approvals.current()
+    return web.json_response({"approved_runs": sorted(current),
+                              "approvals": [_approval_view(a) for _, a in sorted(current.items())]})
 
 
 @requires(WRITE)
 async def approve(request: web.Request) -> web.Response:
+    from pydantic import ValidationError
+
+    from cleanroom.config import format_validation_error
+    from cleanroom.site_agent.approvals import ApprovalRequest
+
     body = await read_json(request)
-    run_id = str(body.get("run_id", "")).strip()
-    if not run_id or len(run_id) > 128:
-        raise CleanroomError("run_id is required (at most 128 characters)")
-    request.app[RUNTIME_KEY].approvals.approve(run_id, by=f"api:{request[REQUEST_ROLE]}")
-    return web.json_response({"approved": run_id}, status=201)
+    try:
+        wanted = ApprovalRequest.model_validate(body)
+    except ValidationError as exc:
+        raise CleanroomError(format_validation_error(exc, "approval")) from None
+    approval = request.app[RUNTIME_KEY].approvals.approve(wanted,
+                                                          by=f"api:{request[REQUEST_ROLE]}")
+    return web.json_response({"approved": _approval_view(approval)}, status=201)
+
+
+@requires(READ)
+async def datasets(request: web.Request) -> web.Response:
+    """Registered datasets: names, digests, row counts, columns and identifier flags (never a
+    value of a row)."""
+    records = request.app[RUNTIME_KEY].datasets.datasets()
+    return web.json_response({"datasets": [
+        {"name": r.name, "digest": r.digest, "train_rows": r.train_rows,
+         "test_rows": r.test_rows, "registered_at": r.registered_at,
+         "columns": [{"name": c.name, "identifying": c.identifying} for c in r.columns]}
+        for r in records.values()]})
 
 
 @requires(WRITE)
@@ -91,4 +119,5 @@ def build_site_api(runtime: SiteRuntime, tokens: dict[str, str]) -> web.Applicat
     app.router.add_get("/approvals", approvals)
     app.router.add_post("/approvals", approve)
     app.router.add_delete("/approvals/{run_id}", revoke)
+    app.router.add_get("/datasets", datasets)
     return app

@@ -41,9 +41,9 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
     """The site ClientApp; ``confidential=False`` serves plaintext with ``plain_plan`` and
     ``plain_settings`` (the benchmarks' baseline only). ``outer_mods`` wrap everything,
     the confidential mod included (they see only sealed messages)."""
-    from cleanroom.site_agent.trainers import RegistryTrainer
+    from cleanroom.site_agent.trainers import TaskTrainer
 
-    trainer = RegistryTrainer()
+    trainer = TaskTrainer()
     mod = ConfidentialMod(runtime_for, trainer) if confidential else None
     app = ClientApp(mods=[*outer_mods, *([mod] if mod else [])])
 

@@ -10,7 +10,8 @@ EPILOG = """\
 examples:
   cleanroom site --config site.toml                 run the daemon (SuperNode + local API)
   cleanroom site keygen --out keys/                 make this site's node key; send the .pub
-  cleanroom site approve 123 --config site.toml     approve run 123 (if approval is required)
+  cleanroom site approve 123 --task DIGEST --epsilon 1 --config site.toml
+                                                    approve run 123 of that task, up to epsilon 1
   cleanroom site status --config site.toml          provider, measurement, budget, recent rounds
   cleanroom site dataset add brca data.csv --split-column fold --config site.toml
   cleanroom site dataset list --config site.toml    registered datasets (never rows)
@@ -30,8 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "stays here, mode 0600)")
     k.add_argument("--out", type=Path, required=True, metavar="DIR")
     k.set_defaults(func=cmd_keygen)
-    a = ssub.add_parser("approve", help="approve a run (sites with require_approval)")
+    a = ssub.add_parser("approve", help="approve a run of one task up to an epsilon",
+                        description="Approve run RUN_ID to train task DIGEST here, spending at "
+                        "most EPSILON (a site with require_approval trains only approved runs; "
+                        "any site runs a task outside its policy's [[policy.tasks]] only for "
+                        "a run approved with it). --revoke withdraws it.")
     a.add_argument("run_id")
+    a.add_argument("--task", metavar="DIGEST", help="the task's digest (cleanroom task digest "
+                   "FOLDER); required unless --revoke")
+    a.add_argument("--epsilon", type=float, help="the most this run may spend at this site; "
+                   "required unless --revoke")
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--revoke", action="store_true", help="withdraw the approval")
     a.set_defaults(func=cmd_approve)
@@ -110,13 +119,28 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    runtime = _runtime(args.config)
+    from pydantic import ValidationError
+
+    from cleanroom.config import format_validation_error
+    from cleanroom.errors import ConfigError
+    from cleanroom.site_agent.approvals import ApprovalRequest
+
     if args.revoke:
+        runtime = _runtime(args.config)
         runtime.approvals.revoke(args.run_id, by="cli")
         print(f"approval of run {args.run_id} withdrawn at site {runtime.site}")
-    else:
-        runtime.approvals.approve(args.run_id, by="cli")
-        print(f"run {args.run_id} approved at site {runtime.site}")
+        return 0
+    if args.task is None or args.epsilon is None:
+        raise ConfigError("approve needs --task DIGEST and --epsilon E (or --revoke)")
+    try:
+        request = ApprovalRequest(run_id=args.run_id, task_digest=args.task,
+                                  epsilon=args.epsilon)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "approval")) from None
+    runtime = _runtime(args.config)
+    runtime.approvals.approve(request, by="cli")
+    print(f"run {args.run_id} approved at site {runtime.site}: task {args.task[:16]}..., "
+          f"at most epsilon {args.epsilon:g}")
     return 0
 
 

@@ -12,23 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from cleanroom.config import Section, load_model, paths
-from cleanroom.protocol.wire import SiteName
-
-
-class DataConfig(Section):
-    """Where the site's data is. It is read inside the enclave and never leaves it."""
-
-    kind: Literal["heart-disease", "synthetic"] = "heart-disease"
-    name: str = Field(description="heart-disease: cleveland|hungary|switzerland|va; "
-                      "synthetic: any label")
-    path: Path | None = Field(None, description="Folder with the data files (default: the "
-                              "vendored copy).")
-    index: int = Field(0, ge=0, description="synthetic: partition index")
-    n_train: int = Field(200, gt=0)
-    n_test: int = Field(100, gt=0)
-    seed: int = 0
-
-    _resolve_path = paths("path")
+from cleanroom.protocol.wire import HexDigest, SiteName
 
 
 class EnclaveConfig(Section):
@@ -67,15 +51,34 @@ class PrivacyConfig(Section):
                               "patient data).")
 
 
+class ApprovedTask(Section):
+    """A task (approved code) this site runs, by digest ('cleanroom task digest FOLDER')."""
+
+    digest: HexDigest = Field(description="task digest (docs/tasks.md)")
+    name: str = Field("", max_length=64, description="a label for people; not checked")
+    coordinators: list[str] = Field(default_factory=list, description="coordinators it may "
+                                    "run for (fingerprints); any allowed coordinator if empty")
+    max_epsilon_per_run: float | None = Field(None, gt=0, description="a lower per-run "
+                                              "epsilon cap for this task")
+
+
 class SitePolicyConfig(Section):
-    """Which work this site accepts (job approval and allow-lists)."""
+    """Which work this site accepts (approved tasks, job approval and allow-lists)."""
 
     coordinators: list[str] = Field(default_factory=list, description="Allowed coordinator key "
                                     "fingerprints (hex). Any if empty.")
     models: list[str] = Field(default_factory=list, description="Allowed model architecture "
                               "digests. Any if empty.")
-    require_approval: bool = Field(False, description="New runs wait for 'cleanroom site "
-                                   "approve RUN_ID'.")
+    tasks: list[ApprovedTask] = Field(default_factory=list, description="Tasks this site runs "
+                                      "for any run. A task not listed runs only for a run "
+                                      "approved with 'cleanroom site approve RUN --task DIGEST'.")
+    task_dirs: list[Path] = Field(default_factory=list, description="Folders holding the code "
+                                  "of approved tasks (each a task folder or a folder of them); "
+                                  "installed tasks are found without it.")
+    require_approval: bool = Field(False, description="Every run waits for 'cleanroom site "
+                                   "approve RUN_ID --task DIGEST --epsilon E'.")
+
+    _paths = paths("task_dirs")
 
 
 class FlowerNodeSettings(Section):
@@ -105,8 +108,8 @@ class SiteConfig(Section):
     """Everything one site agent needs."""
 
     site: SiteName
-    state_dir: Path = Field(description="Sealed store: ledger, approvals, enclave state.")
-    data: DataConfig
+    state_dir: Path = Field(description="Sealed store: ledger, approvals, data room, enclave "
+                            "state.")
     enclave: EnclaveConfig = EnclaveConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     policy: SitePolicyConfig = SitePolicyConfig()

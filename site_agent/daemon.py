@@ -53,7 +53,10 @@ def preflight(config: SiteConfig) -> SiteRuntime:
     require_free_ports(("127.0.0.1", flower.port, "SuperNode runtime API"),
                        (config.api.host, config.api.port, "site API"))
     runtime = build_runtime(config)
-    _ = runtime.data  # the data must load inside the enclave before we join
+    registered = runtime.datasets.datasets()  # the data room must open inside the enclave
+    if not registered:
+        log.warning("site %s has no registered dataset yet: it refuses every task until one "
+                    "is ('cleanroom site dataset add NAME FILE')", config.site)
     return runtime
 
 

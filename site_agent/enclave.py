@@ -69,6 +69,12 @@ class EnclaveProvider(Protocol):
 
     def sealing_key(self, label: bytes) -> bytes: ...
 
+    def for_task(self, task_digest: str) -> EnclaveProvider:
+        """The enclave that runs ``task_digest``: a simulated enclave is launched per task
+        (its MEASUREMENT covers agent and task); a real one is the image that was launched,
+        and the task is bound through REPORT_DATA."""
+        ...
+
 
 # ----------------------------------------------------------------------------- configfs-tsm
 
@@ -187,6 +193,9 @@ class ConfigfsTsmProvider:
         raise EnclaveError("the host provides no certificate table (auxblob) and no vcek_path is "
                            "configured: fetch the VCEK from AMD KDS once and set vcek_path")
 
+    def for_task(self, task_digest: str) -> ConfigfsTsmProvider:
+        return self  # the launched image's measurement; the task is bound in REPORT_DATA
+
     def sealing_key(self, label: bytes) -> bytes:
         """Key for the sealed store, one per ``label``, derived (HKDF) from the enclave secret.
 
@@ -282,6 +291,15 @@ class SimulatedProvider:
 
     def evidence(self, report_data: bytes) -> Evidence:
         return Evidence("sev-snp", self.chip.report(report_data), self.chip.vcek_pem, self.name)
+
+    def for_task(self, task_digest: str) -> SimulatedProvider:
+        """This chip running an enclave launched for ``task_digest`` (same keys and sealing)."""
+        import dataclasses
+
+        from cleanroom.attestation.simulated import task_measurement
+
+        return SimulatedProvider(dataclasses.replace(
+            self.chip, measurement=task_measurement(self.chip.measurement, task_digest)))
 
     def sealing_key(self, label: bytes) -> bytes:
         return self.chip.derived_key(label)

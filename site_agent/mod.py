@@ -48,9 +48,9 @@ class ConfidentialMod:
     def __init__(self, runtime_for: Callable[[Context], SiteRuntime],
                  trainer: SiteTrainer | None = None) -> None:
         if trainer is None:
-            from cleanroom.site_agent.trainers import RegistryTrainer
+            from cleanroom.site_agent.trainers import TaskTrainer
 
-            trainer = RegistryTrainer()
+            trainer = TaskTrainer()
         self.runtime_for = runtime_for
         self.trainer = trainer
 

@@ -1,8 +1,9 @@
 """A site's long-lived pieces, built once per process from its :class:`SiteConfig`.
 
-The runtime owns the enclave provider, the sealed privacy ledger, the site policy and (lazily)
-the site's data. Flower may start a fresh ClientApp per message; the runtime is cached per site
-and process, and everything durable lives in the sealed store, not in memory.
+The runtime owns the enclave provider, the sealed privacy ledger, the approvals, the data room
+and the site policy, and finds the code of an approved task by its digest (:meth:`task`).
+Flower may start a fresh ClientApp per message; the runtime is cached per site and process,
+and everything durable lives in the sealed store, not in memory.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from cleanroom.attestation.simulated import load_simulated_root, measure_code
 from cleanroom.site_agent.activity import Activity
 from cleanroom.site_agent.approvals import Approvals
 from cleanroom.site_agent.config import SiteConfig
-from cleanroom.site_agent.data import SiteData, load_heart_disease_site, synthetic_site
 from cleanroom.site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from cleanroom.site_agent.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
-    from cleanroom.site_agent.datasets import DataRoom
+    from cleanroom.protocol.wire import TaskRef
+    from cleanroom.site_agent.datasets import DataRoom, TaskData
+    from cleanroom.task import LoadedTask
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,10 @@ class SiteRuntime:
 
     config: SiteConfig
     provider: EnclaveProvider
+    task_sources: tuple[Path, ...] = ()  # task folders besides policy.task_dirs (a FAB's app)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tasks: dict[str, LoadedTask] = field(default_factory=dict, repr=False)
+    _data: dict[tuple[str, str], TaskData] = field(default_factory=dict, repr=False)
 
     @property
     def site(self) -> str:
@@ -78,12 +83,55 @@ class SiteRuntime:
                              delta=p.delta, lifetime_epsilon=p.lifetime_epsilon,
                              run_epsilon=p.max_epsilon_per_run)
 
-    @cached_property
-    def data(self) -> SiteData:
-        d = self.config.data
-        if d.kind == "heart-disease":
-            return load_heart_disease_site(d.name, d.path)
-        return synthetic_site(d.name, d.index, d.n_train, d.n_test, d.seed)
+    def _task_folders(self, name: str) -> list[Path]:
+        from cleanroom.task import TASK_FILE, installed_folder, installed_tasks
+
+        folders: list[Path] = []
+        if name in installed_tasks():
+            folders.append(installed_folder(name))
+        for root in (*self.task_sources, *self.config.policy.task_dirs):
+            root = Path(root)
+            if (root / TASK_FILE).is_file():
+                folders.append(root)
+            elif root.is_dir():
+                folders += [c for c in sorted(root.iterdir()) if (c / TASK_FILE).is_file()]
+        return folders
+
+    def task(self, ref: TaskRef) -> LoadedTask:
+        """The approved task ``ref`` names, loaded from the first folder whose digest is
+        ``ref.digest`` (installed tasks, ``task_sources``, ``policy.task_dirs``). A folder
+        with another digest is never imported (see :func:`cleanroom.task.load_task`).
+        Raises :class:`~cleanroom.errors.SiteRefusal` ``task-not-found``."""
+        from cleanroom.errors import SiteRefusal
+        from cleanroom.task import TaskError, load_task
+
+        with self._lock:
+            cached = self._tasks.get(ref.digest)
+            if cached is not None:
+                return cached
+            for folder in self._task_folders(ref.name):
+                try:
+                    loaded = load_task(folder, expect_digest=ref.digest)
+                except TaskError as exc:
+                    if exc.code == "task-not-approved":
+                        continue  # another version of the task: not imported
+                    raise
+                self._tasks[ref.digest] = loaded
+                return loaded
+        raise SiteRefusal("task-not-found", f"site {self.site} holds no code of task "
+                          f"{ref.name} with digest {ref.digest[:16]}... (installed tasks and "
+                          "policy.task_dirs were searched)")
+
+    def task_data(self, loaded: LoadedTask, dataset: str) -> TaskData:
+        """The task's fields of registered ``dataset``, read once per registration."""
+        record = self.datasets.get(dataset)
+        key = (loaded.digest, record.digest)
+        with self._lock:
+            data = self._data.get(key)
+            if data is None:
+                data = self.datasets.serve(loaded.task, dataset)
+                self._data = {key: data}  # keep one: the current task and registration
+            return data
 
     @cached_property
     def activity(self) -> Activity:

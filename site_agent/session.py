@@ -121,13 +121,16 @@ class SiteProtocol:
         ledger_records, ledger_head = runtime.ledger.state()
         anchor = challenge.ledger_anchor
         anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
+        task = challenge.plan.task
         binding = Binding(run_id=challenge.run_id, round=challenge.round, site=runtime.site,
                           nonce=challenge.nonce, site_public_key=keys.public_bytes,
                           model_digest=challenge.model_digest,
                           node_public_key=runtime.node_public_key,
                           ledger_records=ledger_records, ledger_head=ledger_head,
-                          ledger_anchor_head=anchor_head or "" if anchor else "")
-        evidence = runtime.provider.evidence(binding.report_data())
+                          ledger_anchor_head=anchor_head or "" if anchor else "",
+                          task_digest=task.digest, dataset_digest=settings.dataset_digest,
+                          dataset_rows=settings.dataset_rows)
+        evidence = runtime.provider.for_task(task.digest).evidence(binding.report_data())
         secrets = {"private_key": keys.private_bytes().hex(),
                    "challenge": challenge.model_dump_json()}
         blob = SessionBlob(challenge.run_id, challenge.round, seal_blob(
@@ -136,12 +139,16 @@ class SiteProtocol:
         response = AttestResponse.model_validate(
             {**base, "site_public_key": keys.public_bytes.hex(),
              "ledger_records": ledger_records, "ledger_head": ledger_head,
-             "ledger_anchor_head": anchor_head})
+             "ledger_anchor_head": anchor_head, "task_digest": task.digest,
+             "dataset_digest": settings.dataset_digest or None,
+             "dataset_rows": settings.dataset_rows})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
         runtime.activity.record("attested", challenge.run_id, challenge.round,
                                 evidence_sha256=_digest(evidence.data),
                                 model_digest=challenge.model_digest,
+                                task=task.name, task_digest=task.digest,
+                                dataset_digest=settings.dataset_digest,
                                 coordinator=challenge.coordinator_id)
         return Answer(response, evidence.data, evidence.endorsement, blob)
 

@@ -11,37 +11,51 @@ from cleanroom.coordinator.config import TrainingSettings
 from cleanroom.coordinator.gate import AttestationGate, NonceStore, SiteDirectory
 from cleanroom.coordinator.watermarks import LedgerWatermarks
 from cleanroom.protocol.wire import TrainPlan
-from cleanroom.site_agent.config import DataConfig, EnclaveConfig, PrivacyConfig, SiteConfig
+from cleanroom.site_agent.config import (
+    ApprovedTask,
+    EnclaveConfig,
+    PrivacyConfig,
+    SiteConfig,
+    SitePolicyConfig,
+)
 from cleanroom.site_agent.enclave import SimulatedProvider
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime, code_measurement
+from cleanroom.task import load_task
 
 MEASUREMENT = code_measurement()
+TASK = load_task("synthetic")  # 200 training rows per site
+ROWS = 200
 
 
 def plan(**overrides: Any) -> TrainPlan:
     """The tuned defaults (logistic regression, DP, 1 full-batch step per round)."""
-    fields = {"dataset": "synthetic", "rounds": 3, **overrides}
-    return TrainingSettings(**fields).plan()
+    fields = {"task": "synthetic", "rounds": 3, **overrides}
+    return TrainingSettings(**fields).plan(TASK)
 
 
 def site(tmp: Path, root_dir: Path, root: Any, name: str = "alpha", index: int = 0, *,
-         measurement: bytes = MEASUREMENT, debug: bool = False, **config: Any) -> SiteRuntime:
-    """A simulated site with synthetic data, its own chip and sealed state under ``tmp``."""
+         measurement: bytes = MEASUREMENT, debug: bool = False, register: bool = True,
+         **config: Any) -> SiteRuntime:
+    """A simulated site that approved the synthetic task and registered its data, with its
+    own chip and sealed state under ``tmp``."""
     state = tmp / "sites" / name
+    policy = config.pop("policy", SitePolicyConfig(tasks=[ApprovedTask(digest=TASK.digest)]))
     cfg = SiteConfig(site=name, state_dir=state,
-                     data=DataConfig(kind="synthetic", name=name, index=index, n_train=60,
-                                     n_test=30, seed=index),
                      enclave=EnclaveConfig(provider="simulated", simulated_root=root_dir),
-                     privacy=config.pop("privacy", PrivacyConfig()), seed=index, **config)
+                     privacy=config.pop("privacy", PrivacyConfig()), policy=policy, seed=index,
+                     **config)
     provider = SimulatedProvider.launch(root, state / "enclave", measurement, debug=debug)
-    return build_runtime(cfg, provider)
+    runtime = build_runtime(cfg, provider)
+    if register:
+        runtime.datasets.register_simulated(TASK.task, index, 8)
+    return runtime
 
 
 def gate(tmp: Path, root: Any, names: dict[int, str] | None = None, *, strict: bool = True,
          keys: dict[int, bytes] | None = None, **kw: Any) -> AttestationGate:
     """A coordinator gate trusting the simulated root and the honest site code."""
     policy = Policy(name="test", environment="simulation", simulated_root=root.bundle_path,
-                    measurements=[MEASUREMENT])
+                    measurements=[MEASUREMENT], tasks=[TASK.digest])
     return AttestationGate(policy, NonceStore(tmp / "coordinator" / "nonces.jsonl"),
                            coordinator_id="test-coordinator",
                            directory=SiteDirectory(names=names or {}, keys=keys,

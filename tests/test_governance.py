@@ -9,6 +9,7 @@ import pytest
 
 from cleanroom.simulations import engine
 from cleanroom.simulations.engine import SimulationConfig, run_simulation
+from cleanroom.site_agent.approvals import ApprovalRequest
 from cleanroom.site_agent.config import SitePolicyConfig
 
 pytestmark = pytest.mark.slow
@@ -20,11 +21,12 @@ def simulate(out, **kw):
 
 
 def with_site_policy(monkeypatch, **policy):
+    """The simulated sites' policy with ``policy`` on top (their approved task stays)."""
     original = engine._site_configs
 
     def patched(*args, **kwargs):
-        return [c.model_copy(update={"policy": SitePolicyConfig(**policy)})
-                for c in original(*args, **kwargs)]
+        return [c.model_copy(update={"policy": SitePolicyConfig(**{
+            **c.policy.model_dump(), **policy})}) for c in original(*args, **kwargs)]
 
     monkeypatch.setattr(engine, "_site_configs", patched)
 
@@ -112,10 +114,12 @@ def test_unapproved_run_refused_until_approved(tmp_path, monkeypatch):
         if entry["round"] != 1:
             return
         run_id = next(iter(entry["quarantined"].values())).split()[3]
-        sites = engine._site_configs(config, out / "state", out / "state" / "simulated-root",
-                                     None)
+        task = engine.load_simulation_task("heart-disease")
+        sites = engine._site_configs(config, engine.site_names(config, task), task,
+                                     out / "state", out / "state" / "simulated-root", None)
         for site in sites[:2]:
-            build_runtime(site).approvals.approve(run_id, by="test")
+            build_runtime(site).approvals.approve(ApprovalRequest(
+                run_id=run_id, task_digest=task.digest, epsilon=1.0), by="test")
 
     report = run_simulation(config, on_round=approve_after_round_one).report
     first = report["rounds"][0]["quarantined"]
@@ -132,7 +136,8 @@ def test_policy_forbidden_model_refused(tmp_path, monkeypatch):
     report = simulate(tmp_path / "a")
     reasons = report["rounds"][0]["quarantined"]
     assert len(reasons) == 4
-    assert all(r.startswith("model not allowed: model logreg") for r in reasons.values())
+    assert all(r.startswith("model not allowed: the model of task heart-disease")
+               for r in reasons.values())
 
 
 def test_coordinator_not_in_site_policy_refused(tmp_path, monkeypatch):
@@ -167,7 +172,7 @@ def test_model_card_registry_and_audit_of_a_tracked_run(tmp_path):
     assert "accuracy_mean" in run.data.metrics and "epsilon.cleveland" in run.data.metrics
     assert run.data.params["strategy"] == "fedadam"
     versions = mlflow.MlflowClient().search_model_versions(
-        "name='cleanroom-heart-disease-logreg'")
+        "name='cleanroom-heart-disease'")
     assert versions and versions[0].run_id == report["mlflow"]["run_id"]
 
 

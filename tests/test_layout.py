@@ -27,9 +27,11 @@ EXCEPTIONS = {
     # of the site build that the coordinator's policy allows
     ("coordinator/provision.py", "cleanroom.site_agent.runtime"),
     ("coordinator/provision.py", "cleanroom.site_agent.enclave"),
+    ("coordinator/provision.py", "cleanroom.site_agent.config"),
     # the built-in heart-disease task's simulate() is a simulated site's data source: it
     # reads the vendored files with the site's FLamby loader (never called in a deployment)
     ("models/heart_disease/task.py", "cleanroom.site_agent.data"),
+    ("models/synthetic/task.py", "cleanroom.site_agent.data"),
 }
 
 

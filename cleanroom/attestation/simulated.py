@@ -198,6 +198,16 @@ def issue_vcek(root: SimulatedRoot, chip_id: bytes, tcb: SimulatedTcb,
     return key, cert
 
 
+TASK_MEASUREMENT_TAG = b"cleanroom-fl/simulated-task-launch/v1\0"
+
+
+def task_measurement(launch: bytes, task_digest: str) -> bytes:
+    """The MEASUREMENT of a simulated enclave launched to run one task: the site agent's launch
+    digest folded with the task's digest (as a confidential VM whose image holds both). The
+    coordinator derives the same value from its policy's agent digests and the run's task."""
+    return hashlib.sha384(TASK_MEASUREMENT_TAG + launch + bytes.fromhex(task_digest)).digest()
+
+
 def measure_code(roots: Iterable[Path], extra: bytes = b"") -> bytes:
     """48-byte launch digest of the code a site runs: SHA-384 over every ``.py`` file.
 

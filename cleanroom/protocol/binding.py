@@ -1,8 +1,8 @@
 """The report_data binding: what a site's evidence must commit to, computed by both sides.
 
 ``report_data = SHA-512(tag || run || round || site || nonce || site key || model digest ||
-node key || ledger state || ledger head at the anchor)`` with every field length-prefixed, so
-no two different tuples hash the same input.
+node key || ledger state || ledger head at the anchor || task digest || dataset digest and rows)``
+with every field length-prefixed, so no two different tuples hash the same input.
 The coordinator recomputes it from *its own* challenge and compares it to the hardware
 report_data (constant time); a stale nonce, a replayed report, another site's key or another
 model all change it. The ledger state (records in the site's sealed privacy ledger and its head
@@ -16,7 +16,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-DOMAIN_TAG = b"cleanroom-fl/attestation-binding/v2"
+DOMAIN_TAG = b"cleanroom-fl/attestation-binding/v3"
 NONCE_SIZE = 32
 REPORT_DATA_SIZE = 64
 
@@ -39,6 +39,9 @@ class Binding:
     ledger_records: int = 0  # records in the site's sealed privacy ledger
     ledger_head: str = "0" * 64  # hex SHA-256 head of that ledger's hash chain
     ledger_anchor_head: str = ""  # its head at the coordinator's anchor count ("" if none)
+    task_digest: str = ""  # the task the site will run (hex), "" if none
+    dataset_digest: str = ""  # the registered dataset it serves the task from (hex), "" if none
+    dataset_rows: int = 0  # that dataset's training rows
 
     def report_data(self) -> bytes:
         if len(self.nonce) != NONCE_SIZE:
@@ -48,7 +51,8 @@ class Binding:
                      self.nonce, self.site_public_key, bytes.fromhex(self.model_digest),
                      self.node_public_key,
                      struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head),
-                     bytes.fromhex(self.ledger_anchor_head)):
+                     bytes.fromhex(self.ledger_anchor_head), bytes.fromhex(self.task_digest),
+                     bytes.fromhex(self.dataset_digest) + struct.pack("<Q", self.dataset_rows)):
             h.update(_field(part))
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE

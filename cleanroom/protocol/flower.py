@@ -199,7 +199,9 @@ def train_metrics(report: TrainReport) -> MetricRecord:
 
 
 def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
-    return MetricRecord({NUM_EXAMPLES: report.num_examples, **report.metrics})  # type: ignore[arg-type]
+    """Defined metrics only (a MetricRecord holds numbers), with the count Flower weights by."""
+    return MetricRecord({NUM_EXAMPLES: report.num_examples,  # type: ignore[arg-type]
+                         **{k: v for k, v in report.metrics.items() if v is not None}})
 
 
 def plain_train_reply(arrays: OrderedDict[str, np.ndarray], report: TrainReport) -> RecordDict:

@@ -62,12 +62,15 @@ class EvaluateReport(_Report):
     """Site -> coordinator after evaluating the global model on its test split."""
 
     num_examples: int = Field(ge=0, le=MAX_EXAMPLES)
-    metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=MAX_METRICS)
+    metrics: dict[MetricName, float | None] = Field(
+        default_factory=dict, max_length=MAX_METRICS,
+        description="by name; None: undefined on this split (e.g. a C-index without a "
+        "comparable pair)")
 
     @field_validator("metrics")
     @classmethod
-    def _finite_metrics(cls, metrics: dict[str, float]) -> dict[str, float]:
+    def _finite_metrics(cls, metrics: dict[str, float | None]) -> dict[str, float | None]:
         for name, value in metrics.items():
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise ValueError(f"metric {name} is not finite")
         return metrics

@@ -18,6 +18,8 @@ PROTOCOL_VERSION = 1
 Hex32 = hex_bytes(32)
 HexDigest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 SiteName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+TaskName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+DatasetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 class _Wire(BaseModel):
@@ -33,6 +35,21 @@ class DpPlan(_Wire):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+class TaskRef(_Wire):
+    """The approved code a run executes at the sites, named by digest (cleanroom.task): a site
+    checks it against its approvals before it loads anything, and binds it in every
+    attestation."""
+
+    name: TaskName
+    digest: HexDigest = Field(description="task digest (docs/tasks.md): the task folder's "
+                              "files, or the FAB Flower builds from it")
+    architecture_digest: HexDigest = Field(description="of the model the task builds")
+    dataset: DatasetName = Field(description="the dataset name sites serve this task from")
+    fields: tuple[Annotated[str, StringConstraints(min_length=1, max_length=256)], ...] = Field(
+        max_length=10_000, description="the dataset columns the task reads (features, then "
+        "targets): a site refuses an identifying or missing one before it loads the task")
+
+
 class TrainPlan(_Wire):
     """Training work for one run; lets a site check its budget before it attests."""
 
@@ -43,8 +60,7 @@ class TrainPlan(_Wire):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     dp: DpPlan = DpPlan()
-    model: str = Field(description="Model name in the registry (models/).")
-    model_architecture_digest: HexDigest
+    task: TaskRef
     max_update_norm: float | None = Field(
         None, gt=0, description="L2 bound on (update - global model). Under DP the coordinator "
         "derives each site's bound from this plan (cleanroom.coordinator.bounds); a value here "
@@ -102,6 +118,12 @@ class AttestResponse(_Wire):
     ledger_anchor_head: HexDigest | None = Field(  # type: ignore[valid-type]
         None, description="the ledger's head at the challenge's anchor count (None: the ledger "
         "never held that many records)")
+    task_digest: HexDigest | None = Field(  # type: ignore[valid-type]
+        None, description="the task the site will run (must be the plan's; bound)")
+    dataset_digest: HexDigest | None = Field(  # type: ignore[valid-type]
+        None, description="SHA-256 of the registered dataset the site serves the task from")
+    dataset_rows: int = Field(0, ge=0, le=10**9, description="its training rows (bound: the "
+                              "update bound and the reported sample count use it)")
 
 
 class EnvelopeHeader(_Wire):

@@ -40,8 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--api-port", type=int, default=9401, help="coordinator API port")
     p.add_argument("--site-port", type=int, default=9500, help="first SuperNode port")
     p.add_argument("--site-api-port", type=int, default=9600, help="first site API port")
-    p.add_argument("--dataset", choices=["heart-disease", "synthetic"], default="heart-disease",
-                   help="data the sites train on (default heart-disease)")
+    p.add_argument("--task", default="heart-disease", help="the federation's task: an "
+                   "installed task's name or a task folder (default heart-disease); pinned in "
+                   "the coordinator policy and approved in every site's policy; simulated "
+                   "sites get its simulated data registered")
     p.add_argument("--rounds", type=int, default=5, help="default rounds of a run")
     p.set_defaults(func=cmd_provision)
 
@@ -66,7 +68,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         out=args.out, sites=sites, enclave=args.enclave, site_keys=keys,
         measurements=list(args.measurement), superlink_host=args.host,
         superlink_port=args.port, api_port=args.api_port, site_base_port=args.site_port,
-        site_api_base_port=args.site_api_port, dataset=args.dataset, rounds=args.rounds))
+        site_api_base_port=args.site_api_port, task=args.task, rounds=args.rounds))
     print(f"provisioned {len(sites)} site(s) in {result.out}")
     print(f"  coordinator: cleanroom coordinator --config {result.coordinator_config}")
     for name, path in result.site_configs.items():

@@ -158,4 +158,11 @@ task = Task(
     description="FLamby Fed-TCGA-BRCA: linear risk score on 39 clinical covariates, Weibull "
     "proportional-hazards log-likelihood (per patient), concordance index",
     simulate=simulate,
+    sites=tuple(region.lower() for region in REGIONS),
+    # the plans measured in docs/benchmarks.md (tune.py): FedAdam without DP; few full-batch
+    # DP-SGD steps with FedAvg under DP (FedAdam's normalisation amplifies the noise)
+    plan={"strategy": "fedadam", "rounds": 50, "local_steps": 5, "lr": 0.03,
+          "sample_rate": 1.0, "strategy_options": {"eta": 0.1, "tau": 1e-9},
+          "dp": {"strategy": "fedavg", "rounds": 10, "local_steps": 1, "lr": 2.0,
+                 "max_grad_norm": 1.0, "strategy_options": {}}},
 )

@@ -68,4 +68,5 @@ task = Task(
     description="FLamby Fed-Heart-Disease: logistic regression (13 normalised features -> "
     "heart disease yes/no), binary cross-entropy, accuracy",
     simulate=simulate,
+    sites=("cleveland", "hungary", "switzerland", "va"),
 )

@@ -58,14 +58,14 @@ def test_honest_dp_updates_pass_and_ten_times_one_does_not(tmp_path, sim_root_di
     from cleanroom.coordinator.validation import update_norm
     from cleanroom.models import build_model, get_parameters
     from cleanroom.site_agent.settings import decide_settings
-    from cleanroom.site_agent.trainers import RegistryTrainer
+    from cleanroom.site_agent.trainers import TaskTrainer
     from tests.site.test_settings import challenge
 
     runtime = fakes.site(tmp_path, sim_root_dir, sim_root, "alpha", 0)
     plan = fakes.plan()
     settings = decide_settings(runtime, challenge(plan))
     model = get_parameters(build_model("logreg", seed=0))
-    trainer = RegistryTrainer()
+    trainer = TaskTrainer()
     ratios = []
     for seed in range(30):
         out = trainer.train(runtime, plan, model, settings, seed, {})

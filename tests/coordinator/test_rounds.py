@@ -18,7 +18,7 @@ from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.payload import seal_model, seal_update
 from cleanroom.protocol.reports import TrainReport
 from cleanroom.site_agent.session import SiteProtocol
-from cleanroom.site_agent.trainers import RegistryTrainer
+from cleanroom.site_agent.trainers import TaskTrainer
 from tests import fakes
 
 
@@ -41,7 +41,7 @@ def new_round(tmp_path, sim_root, model, names, **kw) -> CoordinatorRound:
 def attest_all(round_, sites):
     blobs = {}
     for node_id, runtime in sites.items():
-        answer = SiteProtocol(runtime, RegistryTrainer()).answer(round_.challenge(node_id))
+        answer = SiteProtocol(runtime, TaskTrainer()).answer(round_.challenge(node_id))
         round_.admit(node_id, answer.response, answer.evidence, answer.endorsement)
         blobs[node_id] = answer.session
     return blobs
@@ -61,7 +61,7 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
         sealed = round_.seal(node_id, model, direction="model", model_digest=round_.model_digest)
         assert sealed is not None
         assert record.sites[runtime.site].model_ciphertext_sha256 == sealed.sha256
-        reply = SiteProtocol(runtime, RegistryTrainer()).train(blobs[node_id], sealed, {})
+        reply = SiteProtocol(runtime, TaskTrainer()).train(blobs[node_id], sealed, {})
         opened = round_.open_update(node_id, reply, model)
         assert opened is not None
         updates[node_id] = opened
@@ -77,7 +77,7 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
     for node_id, runtime in two_sites.items():
         sealed = round_.seal(node_id, update, direction="evaluate",
                              model_digest=arrays_digest(update))
-        metrics, answer = SiteProtocol(runtime, RegistryTrainer()).evaluate(
+        metrics, answer = SiteProtocol(runtime, TaskTrainer()).evaluate(
             blobs[node_id], sealed, ahead.challenge(node_id))
         assert round_.open_metrics(node_id, metrics, arrays_digest(update)) is not None
         assert answer is not None
@@ -149,7 +149,7 @@ def test_each_node_is_judged_once_and_only_for_its_own_challenge(
         tmp_path, sim_root_dir, sim_root, model):
     alpha = fakes.site(tmp_path, sim_root_dir, sim_root, "alpha", 0)
     round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "alpha2"})
-    answer = SiteProtocol(alpha, RegistryTrainer()).answer(round_.challenge(1))
+    answer = SiteProtocol(alpha, TaskTrainer()).answer(round_.challenge(1))
     assert round_.admit(1, answer.response, answer.evidence, answer.endorsement).admitted
     again = round_.admit(1, answer.response, answer.evidence, answer.endorsement)
     assert not again.admitted and again.reason == "protocol: answered twice"
@@ -161,7 +161,7 @@ def test_an_unanswered_look_ahead_challenge_is_replaced(tmp_path, sim_root_dir, 
                                                         model):
     alpha = fakes.site(tmp_path, sim_root_dir, sim_root, "alpha", 0)
     round_ = new_round(tmp_path, sim_root, model, {1: "alpha"})
-    stale = SiteProtocol(alpha, RegistryTrainer()).answer(round_.challenge(1))
+    stale = SiteProtocol(alpha, TaskTrainer()).answer(round_.challenge(1))
     assert round_.awaiting(1) and round_.needs_challenge(1)
     fresh = round_.challenge(1)  # e.g. the piggybacked answer never came
     assert fresh.nonce != stale.response.nonce
@@ -178,7 +178,7 @@ def _admitted_round(tmp_path, sim_root_dir, sim_root, model):
 
 
 def _report(**kw) -> TrainReport:
-    fields = {"num_examples": 60, "steps": 1, "train_loss": None}
+    fields = {"num_examples": 200, "steps": 1, "train_loss": None}
     return TrainReport(**{**fields, **kw})
 
 
@@ -226,7 +226,7 @@ def test_the_site_refuses_a_model_other_than_the_one_its_evidence_bound(
     context = EnvelopeContext("model", "run-1", 1, "alpha", round_.model_digest)
     swapped = seal_model(other, round_._sessions[1].public_key, context)
     with pytest.raises(ProtocolError, match="differs from the model digest bound"):
-        SiteProtocol(alpha, RegistryTrainer()).train(blob, swapped, {})
+        SiteProtocol(alpha, TaskTrainer()).train(blob, swapped, {})
     assert alpha.ledger.state()[0] == 0  # nothing charged
 
 

@@ -65,5 +65,5 @@ def test_one_bad_reply_rejects_one_site(tmp_path, sim_root_dir, sim_root, kind, 
         assert record.attested == ["alpha", "beta"]
         assert reason in record.quarantined["gamma"]
         assert record.aggregate_digest is not None
-        assert record.sites["alpha"].train.num_examples == 60  # from the sealed report
+        assert record.sites["alpha"].train.num_examples == 200  # from the sealed report
 

@@ -105,11 +105,19 @@ async def test_site_api(aiohttp_client, fed):
     assert status["budget"]["remaining_epsilon"] == status["budget"]["lifetime_epsilon"]
     policy = await (await client.get("/policy", headers=auditor)).json()
     assert policy["privacy"]["max_epsilon_per_run"] == 1.0
-    assert (await client.post("/approvals", headers=auditor, json={"run_id": "5"})).status == 403
-    created = await client.post("/approvals", headers=operator, json={"run_id": "5"})
-    assert created.status == 201 and runtime.approvals.is_approved("5")
+    good = {"run_id": "5", "task_digest": "ab" * 32, "epsilon": 0.5}
+    assert (await client.post("/approvals", headers=auditor, json=good)).status == 403
+    created = await client.post("/approvals", headers=operator, json=good)
+    assert created.status == 201
+    assert runtime.approvals.for_run("5").task_digest == "ab" * 32
     listed = await (await client.get("/approvals", headers=auditor)).json()
-    assert listed["approved_runs"] == ["5"]
+    assert listed["approved_runs"] == ["5"] and listed["approvals"][0]["epsilon"] == 0.5
     assert (await client.delete("/approvals/5", headers=operator)).status == 200
-    assert not runtime.approvals.is_approved("5")
-    assert (await client.post("/approvals", headers=operator, json={})).status == 400
+    assert runtime.approvals.for_run("5") is None
+    for bad in ({}, {**good, "run_id": None}, {**good, "run_id": ["a", "b"]},
+                {**good, "run_id": 5}, {**good, "epsilon": "1"}, {**good, "epsilon": -1},
+                {**good, "task_digest": "xyz"}, {**good, "extra": 1}, [good], "text"):
+        refused = await client.post("/approvals", headers=operator, json=bad)
+        assert refused.status == 400, bad
+        assert "error" in await refused.json()
+    assert runtime.approvals.current() == {}  # nothing stored for any of them

@@ -124,8 +124,9 @@ def test_configured_tdx_collateral_loads_once_and_a_broken_folder_is_named(fed, 
     from cleanroom.attestation.validate.policy import load_policy
     from tests import fakes
 
-    spec = RunSpec(label="1", out=tmp_path / "run", policy=load_policy(config.policy),
-                   plan=fakes.plan(), strategy="fedavg", dataset="synthetic",
+    policy = load_policy(config.policy).model_copy(update={"tasks": [fakes.TASK.digest]})
+    spec = RunSpec(label="1", out=tmp_path / "run", policy=policy, task=fakes.TASK,
+                   plan=fakes.plan(), strategy="fedavg",
                    stores=Stores(tmp_path / "k", tmp_path / "n", tmp_path / "w", tmp_path / "c"),
                    tdx_collateral=REAL_DIR)
     gate: AttestationGate = FederatedRun(spec, []).gate

@@ -291,7 +291,7 @@ def test_simulated_registration_writes_inside_the_state_folder(room: DataRoom,
 @pytest.fixture
 def site_toml(tmp_path: Path, sim_root_dir: Path) -> Path:
     path = tmp_path / "site.toml"
-    path.write_text(f'site = "cleveland"\nstate_dir = "state"\n[data]\nname = "cleveland"\n'
+    path.write_text(f'site = "cleveland"\nstate_dir = "state"\n'
                     f'[enclave]\nsimulated_root = "{sim_root_dir}"\n')
     return path
 

@@ -33,6 +33,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -104,7 +105,15 @@ class Policy(BaseModel):
         description="Evidence formats accepted (names of registered formats).")
     measurements: list[Measurement] = Field(  # type: ignore[valid-type]
         default_factory=list,
-        description="Allowed SNP MEASUREMENT / TDX MRTD values. Not checked if empty.")
+        description="Allowed SNP MEASUREMENT / TDX MRTD values. Not checked if empty. In a "
+        "'simulation' policy these are site-agent launch digests: a simulated enclave is "
+        "launched per task, and the coordinator expects each folded with the run's task "
+        "digest (cleanroom.attestation.simulated.task_measurement).")
+    tasks: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=list,
+        description="Coordinator: the task digests ('cleanroom task digest FOLDER') this "
+        "consortium runs; a run whose task is not listed does not start. Sites bind the "
+        "task's digest into every attestation.")
     rtmrs: dict[RtmrIndex, list[Hex48]] = Field(  # type: ignore[valid-type]
         default_factory=dict,
         description="TDX: allowed values per RTMR index 0..3. Indices not listed are not checked.")

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [attestation|rounds|accuracy|deployment|all]``: the benchmarks."""
+"""``python -m benchmarks [attestation|rounds|accuracy|deployment|crypto|all]``: the benchmarks."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ def main() -> int:
     if name in ("-h", "--help"):
         print(__doc__)
         return 0
-    from benchmarks import accuracy, attestation, deployment, rounds
+    from benchmarks import accuracy, attestation, crypto, deployment, rounds
 
     modules = {"attestation": attestation, "rounds": rounds, "accuracy": accuracy,
-               "deployment": deployment}
+               "deployment": deployment, "crypto": crypto}
     if name == "all":
         for module in modules.values():
             print(f"\n## {module.__name__}")

@@ -304,6 +304,14 @@ def seal_envelope(payload: Buffer, recipients: Sequence[Recipient], *,
                        signer=signer, chunk_log2=chunk_log2, align_offset=0, workers=workers)
 
 
+def envelope_ciphertext_id(sealed_payload: Buffer,
+                           max_payload: int = stream.MAX_PAYLOAD) -> str:
+    """The :attr:`SealedEnvelope.ciphertext_id` of a sealed payload, computed by anyone from
+    its bytes alone (header and tags, no key): what audit records name."""
+    sealed = _as_bytes_view(sealed_payload)
+    return stream.tag_chain(sealed, stream.parse_header(sealed, max_payload)).hex()
+
+
 def _unwrap(sealed: memoryview, wrapped_key: bytes, recipient: KeyPair,
             context: EnvelopeContext, expected_signer: ed25519.Ed25519PublicKey | None,
             max_payload: int) -> tuple[stream.StreamHeader, stream.StreamKeys, bytes]:

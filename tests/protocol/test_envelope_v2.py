@@ -28,6 +28,7 @@ from cleanroom.protocol.envelope import (
     EnvelopeContext,
     KeyPair,
     Recipient,
+    envelope_ciphertext_id,
     load_signer_public_key,
     open_arrays_envelope,
     open_envelope,
@@ -103,6 +104,7 @@ def test_roundtrip_sizes(coordinator, site_key, size, signed):
     assert bytes(opened.payload) == payload
     assert opened.signer == (signer_public_bytes(site_key) if signed else None)
     assert opened.ciphertext_id == sealed.ciphertext_id
+    assert envelope_ciphertext_id(bytes(sealed.payload)) == sealed.ciphertext_id
 
 
 @pytest.mark.parametrize("size", [1 << 20, (1 << 20) + 1])

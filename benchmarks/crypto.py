@@ -9,7 +9,8 @@ In one run, ``--repeats`` times, interleaved so every path sees the same machine
   code calls it today (``protocol.flower.seal_arrays`` / ``open_arrays``) and v1 at library
   level (``encode_arrays`` + ``seal``, ``open_sealed`` + ``decode_arrays``);
 * the same payload as a model (the digest is part of the work: hashed on seal, checked on
-  open), and the ``bytes()`` copy a Flower ConfigRecord would need;
+  open), and the cost of joining v2's per-chunk parts into one ``bytes`` (not needed when
+  the parts travel as a list of bytes);
 * one global model to ``--sites`` sites per round: v1 encodes and encrypts it per site; v2
   encodes and hashes it once, encrypts it once and wraps a 32-byte key per site.
 
@@ -122,12 +123,12 @@ def run(mb: int, sites: int, repeats: int) -> dict[str, list[float]]:
                 update, up, metadata=metrics, signer=site_key, workers=w))
             record(f"v2 seal{tag}", t)
             t, opened = timed(lambda s=sealed, w=workers: env.open_arrays_envelope(
-                s.payload, s.wrapped_keys[0], coordinator, upd_ctx,
+                s.parts, s.wrapped_keys[0], coordinator, upd_ctx,
                 expected_signer=site_key.public_key(), workers=w))
             record(f"v2 open{tag}", t)
             assert np.array_equal(opened.arrays["layer2.bias"], update["layer2.bias"])
-        t, _ = timed(lambda s=sealed: bytes(s.payload))
-        record("v2 payload to bytes", t)
+        t, _ = timed(lambda s=sealed: s.to_bytes())
+        record("v2 join parts to one bytes", t)
         del sealed, opened
         # --- v2 as a model: digest hashed on seal, checked on open
         t, sealed = timed(lambda: env.seal_arrays_envelope(
@@ -135,7 +136,7 @@ def run(mb: int, sites: int, repeats: int) -> dict[str, list[float]]:
                                                        model_ctx)]))
         record("v2 seal model (+hash)", t)
         t, opened = timed(lambda s=sealed: env.open_arrays_envelope(
-            s.payload, s.wrapped_keys[0], site_keys[0], model_ctx))
+            s.parts, s.wrapped_keys[0], site_keys[0], model_ctx))
         record("v2 open model (+hash)", t)
         del sealed, opened
         # --- v1 today: the Flower adapter, and the library calls under it

@@ -155,6 +155,7 @@ MAX_METADATA_DEPTH = 8
 MODEL_DIRECTIONS = ("model", "evaluate")  # the payload is the model its context names
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
+Sealed = stream.SealedParts  # one buffer, or the header then one buffer per chunk
 
 
 def _context_info_v2(context: EnvelopeContext) -> bytes:
@@ -171,12 +172,23 @@ class Recipient:
 
 @dataclass(frozen=True)
 class SealedEnvelope:
-    """One ciphertext for everyone plus one small wrapped key per recipient (in order)."""
+    """One ciphertext for everyone plus one small wrapped key per recipient (in order).
 
-    payload: memoryview  # read-only: header || chunks (send as is, or bytes(payload))
+    The sealed payload is ``parts``: the 88-byte header, then one ``bytes`` per chunk. Send
+    the parts as they are (e.g. a list of bytes in a Flower ConfigRecord: no copy), or
+    :meth:`to_bytes` for the contiguous form (one copy). Both open alike."""
+
+    parts: tuple[bytes, ...]
     wrapped_keys: tuple[bytes, ...]
     ciphertext_id: str  # hex SHA-256(header digest || chunk tags): what the audit records
     header: stream.StreamHeader
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.sealed_len
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(frozen=True)
@@ -289,8 +301,7 @@ def _seal_parts(parts: Sequence[memoryview], recipients: Sequence[Recipient], *,
         if signer is not None:
             plain += signer.sign(_signed_message(info, sealed.chain))
         wraps.append(SUITE.encrypt(plain, public, info=info))
-    return SealedEnvelope(memoryview(sealed.sealed), tuple(wraps), sealed.chain.hex(),
-                          sealed.header)
+    return SealedEnvelope(sealed.parts(), tuple(wraps), sealed.chain.hex(), sealed.header)
 
 
 def seal_envelope(payload: Buffer, recipients: Sequence[Recipient], *,
@@ -304,19 +315,18 @@ def seal_envelope(payload: Buffer, recipients: Sequence[Recipient], *,
                        signer=signer, chunk_log2=chunk_log2, align_offset=0, workers=workers)
 
 
-def envelope_ciphertext_id(sealed_payload: Buffer,
+def envelope_ciphertext_id(sealed_payload: Sealed,
                            max_payload: int = stream.MAX_PAYLOAD) -> str:
     """The :attr:`SealedEnvelope.ciphertext_id` of a sealed payload, computed by anyone from
     its bytes alone (header and tags, no key): what audit records name."""
-    sealed = _as_bytes_view(sealed_payload)
-    return stream.tag_chain(sealed, stream.parse_header(sealed, max_payload)).hex()
+    return stream.tag_chain(*stream.split(sealed_payload, max_payload)).hex()
 
 
-def _unwrap(sealed: memoryview, wrapped_key: bytes, recipient: KeyPair,
-            context: EnvelopeContext, expected_signer: ed25519.Ed25519PublicKey | None,
-            max_payload: int) -> tuple[stream.StreamHeader, stream.StreamKeys, bytes]:
+def _unwrap(header: stream.StreamHeader, chunks: list[memoryview], wrapped_key: bytes,
+            recipient: KeyPair, context: EnvelopeContext,
+            expected_signer: ed25519.Ed25519PublicKey | None,
+            ) -> tuple[stream.StreamKeys, bytes]:
     """Check everything that can be checked before decrypting the payload."""
-    header = stream.parse_header(sealed, max_payload)
     what = f"{context.direction} envelope for site {context.site!r} round {context.round}"
     if not isinstance(wrapped_key, bytes) or len(wrapped_key) not in (WRAP_SIZE,
                                                                       WRAP_SIZE_SIGNED):
@@ -340,7 +350,7 @@ def _unwrap(sealed: memoryview, wrapped_key: bytes, recipient: KeyPair,
         raise EnvelopeError(f"{what}: the wrapped key belongs to another payload")
     keys = stream.derive_keys(content_key, header.payload_id)
     stream.check_commitment(keys, header)
-    chain = stream.tag_chain(sealed, header)
+    chain = stream.tag_chain(header, chunks)
     if expected_signer is not None:
         if not signed:
             raise EnvelopeError(f"{what} is not signed by the attested key (no signature)")
@@ -349,24 +359,23 @@ def _unwrap(sealed: memoryview, wrapped_key: bytes, recipient: KeyPair,
         except InvalidSignature:
             raise EnvelopeError(f"{what} is not signed by the attested key (signature by "
                                 "another key, or over another envelope)") from None
-    return header, keys, chain
+    return keys, chain
 
 
-def _open(sealed_payload: Buffer, wrapped_key: bytes, recipient: KeyPair,
+def _open(sealed_payload: Sealed, wrapped_key: bytes, recipient: KeyPair,
           context: EnvelopeContext, expected_signer: ed25519.Ed25519PublicKey | None,
           max_payload: int, workers: int,
           ) -> tuple[np.ndarray, stream.StreamHeader, dict[str, Any], str]:
-    sealed = _as_bytes_view(sealed_payload)
-    header, keys, chain = _unwrap(sealed, wrapped_key, recipient, context, expected_signer,
-                                  max_payload)
-    plain = stream.decrypt(sealed, header, keys, header.digest(), workers=workers)
+    header, chunks = stream.split(sealed_payload, max_payload)
+    keys, chain = _unwrap(header, chunks, wrapped_key, recipient, context, expected_signer)
+    plain = stream.decrypt(chunks, header, keys, header.digest(), workers=workers)
     if not stream.padding_is_zero(plain, header):
         raise EnvelopeError("envelope padding is not zero")
     metadata = _parse_metadata(plain[:header.meta_len].tobytes())
     return plain, header, metadata, chain.hex()
 
 
-def open_envelope(sealed_payload: Buffer, wrapped_key: bytes, recipient: KeyPair,
+def open_envelope(sealed_payload: Sealed, wrapped_key: bytes, recipient: KeyPair,
                   context: EnvelopeContext, *,
                   expected_signer: ed25519.Ed25519PublicKey | None = None,
                   max_payload: int = stream.MAX_PAYLOAD,
@@ -417,7 +426,7 @@ def seal_arrays_envelope(arrays: Mapping[str, np.ndarray] | EncodedArrays,
                        workers=workers)
 
 
-def open_arrays_envelope(sealed_payload: Buffer, wrapped_key: bytes, recipient: KeyPair,
+def open_arrays_envelope(sealed_payload: Sealed, wrapped_key: bytes, recipient: KeyPair,
                          context: EnvelopeContext, *,
                          expected_signer: ed25519.Ed25519PublicKey | None = None,
                          max_payload: int = stream.MAX_PAYLOAD,

@@ -62,6 +62,7 @@ class _Fixture:
     signer: ed25519.Ed25519PrivateKey
     context: EnvelopeContext
     payload: bytes  # a genuine signed update, three 4 KiB chunks, with metadata
+    parts: tuple[bytes, ...]  # the same, as header and chunks
     wrapped: bytes
 
 
@@ -75,7 +76,8 @@ def _fixture() -> _Fixture:
     sealed = seal_envelope(blob, [Recipient(recipient.public_bytes, context)],
                            metadata={"num-examples": 10}, signer=signer,
                            chunk_log2=FUZZ_CHUNK_LOG2)
-    return _Fixture(recipient, signer, context, bytes(sealed.payload), sealed.wrapped_keys[0])
+    return _Fixture(recipient, signer, context, sealed.to_bytes(), sealed.parts,
+                    sealed.wrapped_keys[0])
 
 
 def _patched(original: bytes, patches: bytes) -> bytes:
@@ -86,18 +88,35 @@ def _patched(original: bytes, patches: bytes) -> bytes:
     return bytes(out)
 
 
+def _edited_parts(original: tuple[bytes, ...], ops: bytes) -> list[bytes]:
+    parts = list(original)
+    for op in ops[:16]:
+        if not parts:
+            break
+        kind, index = op % 3, (op // 3) % len(parts)
+        if kind == 0:
+            del parts[index]
+        elif kind == 1:
+            parts.insert(index, parts[index])
+        else:
+            other = (index + 1) % len(parts)
+            parts[index], parts[other] = parts[other], parts[index]
+    return parts
+
+
 def fuzz_envelope(data: bytes) -> None:
     """Open hostile envelopes; the first byte picks what ``data[1:]`` becomes:
 
     0: the whole sealed payload (with a genuine wrap); 1: the wrapped key (with a genuine
     payload); 2: patches (u32 position, u8 xor) to a genuine payload; 3: patches to the genuine
-    wrap; 4: an array blob sealed genuinely, then opened and decoded; 5: envelope metadata.
-    Modes 2 and 3 also assert that an envelope that was changed never opens.
+    wrap; 4: an array blob sealed genuinely, then opened and decoded; 5: envelope metadata;
+    6: edits to the genuine payload's parts (each byte drops, duplicates or swaps a part).
+    Modes 2, 3 and 6 also assert that an envelope that was changed never opens.
     """
     f = _fixture()
     if not data:
         return
-    mode, body = data[0] % 6, data[1:]
+    mode, body = data[0] % 7, data[1:]
     expect = f.signer.public_key()
     try:
         if mode == 0:
@@ -113,10 +132,15 @@ def fuzz_envelope(data: bytes) -> None:
         elif mode == 4:
             sealed = seal_envelope(body, [Recipient(f.recipient.public_bytes, f.context)],
                                    signer=f.signer, chunk_log2=FUZZ_CHUNK_LOG2)
-            open_arrays_envelope(sealed.payload, sealed.wrapped_keys[0], f.recipient,
+            open_arrays_envelope(sealed.parts, sealed.wrapped_keys[0], f.recipient,
                                  f.context, expected_signer=expect)
-        else:
+        elif mode == 5:
             _parse_metadata(body[:stream.MAX_METADATA])
+        else:
+            parts = _edited_parts(f.parts, body)
+            open_envelope(parts, f.wrapped, f.recipient, f.context, expected_signer=expect)
+            if parts != list(f.parts):
+                raise AssertionError("an envelope with edited parts opened")
     except ProtocolError:
         pass
 
@@ -155,7 +179,7 @@ def seeds(target: str) -> list[bytes]:
     f = _fixture()
     return [b"\x00" + f.payload, b"\x01" + f.wrapped, b"\x02" + PATCH.pack(100, 1),
             b"\x03" + PATCH.pack(5, 1), *(b"\x04" + a for a in arrays),
-            b'\x05{"num-examples": 3, "loss": [0.5, {"a": null}]}']
+            b'\x05{"num-examples": 3, "loss": [0.5, {"a": null}]}', b"\x06\x02"]
 
 
 INTERESTING = [b"0", b"-1", b"4294967296", b"18446744073709551616", b"1e308", b"NaN",

@@ -111,20 +111,18 @@ class StreamHeader:
         """SHA-256 of the header: every chunk's associated data, and what a key wrap names."""
         return hashlib.sha256(self.to_bytes()).digest()
 
-    def chunk_span(self, index: int) -> tuple[int, int, int]:
-        """(plaintext offset, plaintext length, sealed offset) of chunk ``index``."""
-        start = index * self.chunk_size
-        length = min(self.chunk_size, self.plaintext_len - start)
-        return start, length, HEADER_SIZE + index * (self.chunk_size + TAG_SIZE)
+    def chunk_len(self, index: int) -> int:
+        """Plaintext bytes of chunk ``index`` (every chunk is full but the last)."""
+        return min(self.chunk_size, self.plaintext_len - index * self.chunk_size)
 
 
-def parse_header(sealed: memoryview, max_payload: int = MAX_PAYLOAD) -> StreamHeader:
-    """Parse and bound-check the header; the sealed length must match it exactly."""
-    if sealed.nbytes < HEADER_SIZE:
-        raise EnvelopeError(f"sealed payload of {sealed.nbytes} bytes is shorter than its "
+def parse_header(head: memoryview, max_payload: int = MAX_PAYLOAD) -> StreamHeader:
+    """Parse and bound-check the 88-byte header (what follows it is not looked at)."""
+    if head.nbytes < HEADER_SIZE:
+        raise EnvelopeError(f"sealed payload of {head.nbytes} bytes is shorter than its "
                             f"{HEADER_SIZE}-byte header")
     magic, suite, chunk_log2, pad, reserved, meta_len, payload_len, payload_id, commitment = \
-        HEADER.unpack_from(sealed, 0)
+        HEADER.unpack_from(head, 0)
     if magic != MAGIC:
         raise EnvelopeError("sealed payload: bad magic (not an envelope v2)")
     if suite != SUITE_ID:
@@ -140,11 +138,58 @@ def parse_header(sealed: memoryview, max_payload: int = MAX_PAYLOAD) -> StreamHe
     if payload_len > min(max_payload, MAX_PAYLOAD):
         raise EnvelopeError(f"sealed payload: payload of {payload_len} bytes exceeds "
                             f"{min(max_payload, MAX_PAYLOAD)}")
-    header = StreamHeader(chunk_log2, pad, meta_len, payload_len, payload_id, commitment)
-    if sealed.nbytes != header.sealed_len:
-        raise EnvelopeError(f"sealed payload is {sealed.nbytes} bytes, its header makes "
+    return StreamHeader(chunk_log2, pad, meta_len, payload_len, payload_id, commitment)
+
+
+Sealed = bytes | bytearray | memoryview | np.ndarray
+SealedParts = Sealed | Sequence[Sealed]
+
+
+def _view(buf: object, what: str) -> memoryview:
+    try:
+        view = memoryview(buf)  # type: ignore[arg-type]
+    except TypeError:
+        raise EnvelopeError(f"{what} must be bytes-like, not {type(buf).__name__}") from None
+    if not view.c_contiguous:
+        raise EnvelopeError(f"{what} must be a contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def split(sealed: SealedParts, max_payload: int = MAX_PAYLOAD,
+          ) -> tuple[StreamHeader, list[memoryview]]:
+    """The header and one view per chunk (ciphertext || tag) of a sealed payload given either
+    as one buffer or as its parts (the header, then one buffer per chunk, as
+    :func:`encrypt` makes them). Every size must be exactly what the header says."""
+    if isinstance(sealed, list | tuple):
+        if not sealed:
+            raise EnvelopeError("sealed payload has no parts")
+        head = _view(sealed[0], "sealed payload header")
+        header = parse_header(head, max_payload)
+        if head.nbytes != HEADER_SIZE or len(sealed) != 1 + header.chunks:
+            raise EnvelopeError(f"sealed payload has {len(sealed)} parts and a "
+                                f"{head.nbytes}-byte header, its header makes "
+                                f"{1 + header.chunks} parts and {HEADER_SIZE} bytes "
+                                "(truncated or extended)")
+        views = []
+        for index, part in enumerate(sealed[1:]):
+            view = _view(part, "sealed payload chunk")
+            if view.nbytes != header.chunk_len(index) + TAG_SIZE:
+                raise EnvelopeError(f"chunk {index} is {view.nbytes} bytes, the header makes "
+                                    f"{header.chunk_len(index) + TAG_SIZE}")
+            views.append(view)
+        return header, views
+    whole = _view(sealed, "sealed payload")
+    header = parse_header(whole, max_payload)
+    if whole.nbytes != header.sealed_len:
+        raise EnvelopeError(f"sealed payload is {whole.nbytes} bytes, its header makes "
                             f"{header.sealed_len} (truncated or extended)")
-    return header
+    views = []
+    offset = HEADER_SIZE
+    for index in range(header.chunks):
+        end = offset + header.chunk_len(index) + TAG_SIZE
+        views.append(whole[offset:end])
+        offset = end
+    return header, views
 
 
 @dataclass(frozen=True)
@@ -221,15 +266,21 @@ def _run(count: int, job: Callable[[int, int], None], workers: int) -> None:
 
 @dataclass(frozen=True)
 class SealedStream:
-    sealed: np.ndarray  # uint8: header || chunks
     header: StreamHeader
+    chunks: tuple[bytes, ...]  # per chunk: ciphertext || tag
     chain: bytes  # SHA-256(header digest || every chunk tag in order)
+
+    def parts(self) -> tuple[bytes, ...]:
+        """The sealed payload as the header then one ``bytes`` per chunk; their
+        concatenation is the contiguous form."""
+        return (self.header.to_bytes(), *self.chunks)
 
 
 def encrypt(parts: Sequence[memoryview], content_key: bytes, *, meta: bytes, pad_len: int,
             chunk_log2: int = DEFAULT_CHUNK_LOG2, workers: int = DEFAULT_WORKERS,
             ) -> SealedStream:
-    """Encrypt ``meta || pad_len zero bytes || parts`` once, into one new buffer."""
+    """Encrypt ``meta || pad_len zero bytes || parts`` once, one ``bytes`` per chunk (no
+    full-size buffer: chunks go to the wire as they are, or are joined once)."""
     data = _Stream([memoryview(meta), memoryview(bytes(pad_len)), *parts])
     payload_len = data.nbytes - len(meta) - pad_len
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
@@ -243,31 +294,26 @@ def encrypt(parts: Sequence[memoryview], content_key: bytes, *, meta: bytes, pad
     header = StreamHeader(chunk_log2, pad_len, len(meta), payload_len, payload_id,
                           keys.commitment)
     aad = header.digest()
-    out = aligned_empty(header.sealed_len)
-    view = memoryview(out)
-    view[:HEADER_SIZE] = header.to_bytes()
     n = header.chunks
+    chunks: list[bytes] = [b""] * n
 
     def job(lo: int, hi: int) -> None:
         scratch = bytearray(header.chunk_size)
         for index in range(lo, hi):
-            start, length, offset = header.chunk_span(index)
-            keys.aead.encrypt_into(chunk_nonce(keys.nonce_prefix, index, index == n - 1),
-                                   data.read(start, length, scratch), aad,
-                                   view[offset:offset + length + TAG_SIZE])
+            chunks[index] = keys.aead.encrypt(
+                chunk_nonce(keys.nonce_prefix, index, index == n - 1),
+                data.read(index * header.chunk_size, header.chunk_len(index), scratch), aad)
 
     _run(n, job, workers)
-    out.flags.writeable = False
-    return SealedStream(out, header, tag_chain(view, header))
+    return SealedStream(header, tuple(chunks), tag_chain(header, chunks))
 
 
-def tag_chain(sealed: memoryview, header: StreamHeader) -> bytes:
+def tag_chain(header: StreamHeader, chunks: Sequence[memoryview | bytes]) -> bytes:
     """SHA-256(header digest || every chunk tag): names this exact ciphertext (computed from
     the tags alone, without decrypting); envelope signatures sign it."""
     chain = hashlib.sha256(header.digest())
-    for index in range(header.chunks):
-        _, length, offset = header.chunk_span(index)
-        chain.update(sealed[offset + length:offset + length + TAG_SIZE])
+    for chunk in chunks:
+        chain.update(memoryview(chunk)[-TAG_SIZE:])
     return chain.digest()
 
 
@@ -276,9 +322,12 @@ def check_commitment(keys: StreamKeys, header: StreamHeader) -> None:
         raise EnvelopeError("content key does not match the payload's key commitment")
 
 
-def decrypt(sealed: memoryview, header: StreamHeader, keys: StreamKeys, aad: bytes, *,
-            workers: int = DEFAULT_WORKERS) -> np.ndarray:
-    """Decrypt every chunk straight into one new aligned buffer (the plaintext stream)."""
+def decrypt(chunks: Sequence[memoryview], header: StreamHeader, keys: StreamKeys, aad: bytes,
+            *, workers: int = DEFAULT_WORKERS) -> np.ndarray:
+    """Decrypt every chunk (views from :func:`split`) straight into one new aligned buffer,
+    the plaintext stream; no other full-size buffer."""
+    if len(chunks) != header.chunks:
+        raise EnvelopeError(f"{len(chunks)} chunks, the header makes {header.chunks}")
     out = aligned_empty(header.plaintext_len)
     view = memoryview(out)
     n = header.chunks
@@ -286,12 +335,11 @@ def decrypt(sealed: memoryview, header: StreamHeader, keys: StreamKeys, aad: byt
 
     def job(lo: int, hi: int) -> None:
         for index in range(lo, hi):
-            start, length, offset = header.chunk_span(index)
+            start, length = index * header.chunk_size, header.chunk_len(index)
             try:
                 keys.aead.decrypt_into(chunk_nonce(keys.nonce_prefix, index, index == n - 1),
-                                       sealed[offset:offset + length + TAG_SIZE], aad,
-                                       view[start:start + length])
-            except InvalidTag:
+                                       chunks[index], aad, view[start:start + length])
+            except (InvalidTag, ValueError):  # ValueError: a chunk of the wrong size
                 failed.append(index)
                 return
 

@@ -73,12 +73,8 @@ def open_update(coordinator: KeyPair, payload, wrapped: bytes, signer=None, cont
 
 
 def chunks_of(sealed: bytes) -> tuple[bytes, list[bytes]]:
-    header = stream.parse_header(memoryview(sealed))
-    out = []
-    for i in range(header.chunks):
-        _, length, offset = header.chunk_span(i)
-        out.append(sealed[offset:offset + length + stream.TAG_SIZE])
-    return sealed[:stream.HEADER_SIZE], out
+    _, views = stream.split(sealed)
+    return sealed[:stream.HEADER_SIZE], [bytes(v) for v in views]
 
 
 def with_header(sealed: bytes, **fields) -> bytes:
@@ -100,11 +96,11 @@ def test_roundtrip_sizes(coordinator, site_key, size, signed):
     sealed = seal_update(coordinator, payload, signer)
     assert len(sealed.wrapped_keys[0]) == (WRAP_SIZE_SIGNED if signed else WRAP_SIZE)
     assert sealed.header.chunks == max(1, -(-size // CHUNK))
-    opened = open_update(coordinator, sealed.payload, sealed.wrapped_keys[0], signer)
+    opened = open_update(coordinator, sealed.parts, sealed.wrapped_keys[0], signer)
     assert bytes(opened.payload) == payload
     assert opened.signer == (signer_public_bytes(site_key) if signed else None)
     assert opened.ciphertext_id == sealed.ciphertext_id
-    assert envelope_ciphertext_id(bytes(sealed.payload)) == sealed.ciphertext_id
+    assert envelope_ciphertext_id(sealed.to_bytes()) == sealed.ciphertext_id
 
 
 @pytest.mark.parametrize("size", [1 << 20, (1 << 20) + 1])
@@ -112,7 +108,7 @@ def test_roundtrip_default_chunk_boundaries(coordinator, size):
     payload = np.random.default_rng(1).bytes(size)
     sealed = seal_envelope(payload, [Recipient(coordinator.public_bytes, ctx())])
     assert sealed.header.chunks == (1 if size == 1 << 20 else 2)
-    assert bytes(open_envelope(sealed.payload, sealed.wrapped_keys[0], coordinator,
+    assert bytes(open_envelope(sealed.parts, sealed.wrapped_keys[0], coordinator,
                                ctx()).payload) == payload
 
 
@@ -120,7 +116,7 @@ def test_roundtrip_default_chunk_boundaries(coordinator, size):
 def test_parallel_chunks_give_the_same_plaintext(coordinator, workers):
     payload = np.random.default_rng(2).bytes(9 * CHUNK + 5)
     sealed = seal_update(coordinator, payload, workers=workers)
-    opened = open_update(coordinator, sealed.payload, sealed.wrapped_keys[0],
+    opened = open_update(coordinator, sealed.parts, sealed.wrapped_keys[0],
                          workers=4 - workers)
     assert bytes(opened.payload) == payload
 
@@ -128,23 +124,24 @@ def test_parallel_chunks_give_the_same_plaintext(coordinator, workers):
 def test_sealed_payload_hides_plaintext_and_is_read_only(coordinator):
     payload = b"secret model bytes " * 1000
     sealed = seal_update(coordinator, payload)
-    assert b"secret model" not in bytes(sealed.payload)
-    assert sealed.payload.readonly
-    assert bytes(sealed.payload) != bytes(seal_update(coordinator, payload).payload)
+    assert b"secret model" not in sealed.to_bytes()
+    assert all(isinstance(part, bytes) for part in sealed.parts)
+    assert len(sealed.parts) == 1 + sealed.header.chunks
+    assert sealed.to_bytes() != seal_update(coordinator, payload).to_bytes()
 
 
 def test_metadata_travels_authenticated(coordinator, site_key):
     metrics = {"num-examples": 120, "loss": 0.25, "tags": ["a", "b"], "dp": {"eps": 0.5}}
     sealed = seal_update(coordinator, b"update", site_key, metadata=metrics)
-    opened = open_update(coordinator, sealed.payload, sealed.wrapped_keys[0], site_key)
+    opened = open_update(coordinator, sealed.parts, sealed.wrapped_keys[0], site_key)
     assert opened.metadata == metrics and bytes(opened.payload) == b"update"
-    assert b"num-examples" not in bytes(sealed.payload)  # encrypted, not only authenticated
+    assert b"num-examples" not in sealed.to_bytes()  # encrypted, not only authenticated
 
 
 def test_arrays_roundtrip_views_one_aligned_writable_buffer(coordinator, site_key):
     sealed = seal_arrays_envelope(MODEL, [Recipient(coordinator.public_bytes, ctx())],
                                   signer=site_key, metadata={"num-examples": 5})
-    opened = open_arrays_envelope(sealed.payload, sealed.wrapped_keys[0], coordinator, ctx(),
+    opened = open_arrays_envelope(sealed.parts, sealed.wrapped_keys[0], coordinator, ctx(),
                                   expected_signer=site_key.public_key())
     assert list(opened.arrays) == list(MODEL) and opened.metadata == {"num-examples": 5}
     for name, arr in MODEL.items():
@@ -165,7 +162,7 @@ def test_one_model_ciphertext_many_sites(coordinator):
     sealed = seal_arrays_envelope(encoded, recipients)
     assert len(sealed.wrapped_keys) == 20 and len(set(sealed.wrapped_keys)) == 20
     for (name, kp), wrapped in zip(sites.items(), sealed.wrapped_keys, strict=True):
-        opened = open_arrays_envelope(sealed.payload, wrapped, kp,
+        opened = open_arrays_envelope(sealed.parts, wrapped, kp,
                                       ctx(direction="model", site=name))
         assert opened.digest == DIGEST == encoded.digest
         assert opened.ciphertext_id == sealed.ciphertext_id
@@ -179,7 +176,7 @@ def test_one_model_ciphertext_many_sites(coordinator):
 def four_chunks(coordinator):
     payload = np.random.default_rng(4).bytes(4 * CHUNK)
     sealed = seal_update(coordinator, payload)
-    return bytes(sealed.payload), sealed.wrapped_keys[0]
+    return sealed.to_bytes(), sealed.wrapped_keys[0]
 
 
 def refused(coordinator, payload: bytes, wrapped: bytes, match: str | None = None,
@@ -226,24 +223,23 @@ def test_last_chunk_flag_stops_truncation_even_with_the_header_bypassed(coordina
     key = bytes(range(32))
     data = np.random.default_rng(5).bytes(3 * CHUNK)
     sealed = stream.encrypt([memoryview(data)], key, meta=b"", pad_len=0, chunk_log2=SMALL)
-    view = memoryview(sealed.sealed)
     keys = stream.derive_keys(key, sealed.header.payload_id)
     aad = sealed.header.digest()
-    assert bytes(stream.decrypt(view, sealed.header, keys, aad)) == data
+    chunks = [memoryview(c) for c in sealed.chunks]
+    assert bytes(stream.decrypt(chunks, sealed.header, keys, aad)) == data
     cut = stream.StreamHeader(SMALL, 0, 0, 2 * CHUNK, sealed.header.payload_id,
                               sealed.header.key_commitment)
     with pytest.raises(EnvelopeError, match="chunk 1 of 2 fails"):
-        stream.decrypt(view[:cut.sealed_len], cut, keys, aad)
+        stream.decrypt(chunks[:2], cut, keys, aad)
     grown = stream.StreamHeader(SMALL, 0, 0, 4 * CHUNK, sealed.header.payload_id,
                                 sealed.header.key_commitment)
-    extended = bytes(view) + bytes(view[-(CHUNK + 16):])
     with pytest.raises(EnvelopeError, match="chunk 2 of 4 fails"):
-        stream.decrypt(memoryview(extended), grown, keys, aad)
+        stream.decrypt([*chunks, chunks[-1]], grown, keys, aad)
 
 
 def test_chunk_spliced_from_another_payload_refused(coordinator, four_chunks):
     payload, wrapped = four_chunks
-    other = bytes(seal_update(coordinator, np.random.default_rng(6).bytes(4 * CHUNK)).payload)
+    other = seal_update(coordinator, np.random.default_rng(6).bytes(4 * CHUNK)).to_bytes()
     head, chunks = chunks_of(payload)
     chunks[2] = chunks_of(other)[1][2]
     refused(coordinator, head + b"".join(chunks), wrapped, "chunk 2 of 4 fails")
@@ -253,6 +249,26 @@ def test_chunk_spliced_from_another_payload_refused(coordinator, four_chunks):
     # this payload under the other's wrap
     refused(coordinator, payload, seal_update(coordinator, b"x").wrapped_keys[0],
             "belongs to another payload")
+
+
+def test_parts_form_opens_like_the_contiguous_form_and_is_as_strict(coordinator, site_key):
+    sealed = seal_update(coordinator, np.random.default_rng(10).bytes(3 * CHUNK + 1), site_key)
+    parts, wrapped = list(sealed.parts), sealed.wrapped_keys[0]
+    for form in (parts, tuple(parts), sealed.to_bytes(), bytearray(sealed.to_bytes()),
+                 [bytearray(p) for p in parts], [memoryview(p) for p in parts]):
+        assert open_update(coordinator, form, wrapped, site_key).ciphertext_id == \
+            sealed.ciphertext_id
+    head, c = parts[0], parts[1:]
+    refused(coordinator, [], wrapped, "no parts")
+    refused(coordinator, [head, *c[:-1]], wrapped, "truncated or extended")  # dropped
+    refused(coordinator, [head, *c, c[-1]], wrapped, "truncated or extended")  # appended
+    refused(coordinator, [head + c[0], *c[1:]], wrapped, "truncated or extended")
+    refused(coordinator, [head, c[0] + b"\0", *c[1:]], wrapped, "chunk 0 is")
+    refused(coordinator, [head, c[0], c[0], *c[2:]], wrapped, signer=site_key)  # duplicated
+    refused(coordinator, [head, c[1], c[0], *c[2:]], wrapped, "fails authentication")
+    refused(coordinator, [head, "text", *c[1:]], wrapped, "bytes-like")
+    refused(coordinator, [head, None, *c[1:]], wrapped, "bytes-like")
+    refused(coordinator, 42, wrapped, "bytes-like")  # type: ignore[arg-type]
 
 
 HEADER_FIELDS = {"magic": (0, 8), "suite": (8, 9), "chunk size": (9, 10), "padding": (10, 11),
@@ -265,7 +281,7 @@ HEADER_FIELDS = {"magic": (0, 8), "suite": (8, 9), "chunk size": (9, 10), "paddi
 def test_bit_flip_in_every_header_field_refused(coordinator, site_key, field):
     sealed = seal_update(coordinator, np.random.default_rng(7).bytes(2 * CHUNK + 3), site_key,
                          metadata={"n": 1})
-    payload, wrapped = bytes(sealed.payload), sealed.wrapped_keys[0]
+    payload, wrapped = sealed.to_bytes(), sealed.wrapped_keys[0]
     lo, hi = HEADER_FIELDS[field]
     for pos in range(lo, hi):
         for bit in (0, 7):
@@ -277,10 +293,11 @@ def test_bit_flip_in_every_header_field_refused(coordinator, site_key, field):
 def test_bit_flip_in_every_chunk_and_tag_refused(coordinator, site_key):
     sealed = seal_update(coordinator, np.random.default_rng(8).bytes(2 * CHUNK + 3), site_key,
                          metadata={"n": 1})
-    payload, wrapped = bytes(sealed.payload), sealed.wrapped_keys[0]
+    payload, wrapped = sealed.to_bytes(), sealed.wrapped_keys[0]
     header = sealed.header
+    offset = stream.HEADER_SIZE
     for index in range(header.chunks):
-        _, length, offset = header.chunk_span(index)
+        length = header.chunk_len(index)
         for pos in (offset, offset + length // 2, offset + length - 1,  # ciphertext
                     offset + length, offset + length + 15):  # tag
             bad = bytearray(payload)
@@ -288,6 +305,7 @@ def test_bit_flip_in_every_chunk_and_tag_refused(coordinator, site_key):
             # the tag chain changes with a tag: the signature check catches it first
             refused(coordinator, bytes(bad), wrapped, signer=site_key)
             refused(coordinator, bytes(bad), wrapped, "fails authentication")
+        offset += length + stream.TAG_SIZE
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -298,15 +316,15 @@ def test_bit_flip_anywhere_in_the_wrapped_key_refused(coordinator, site_key, sig
     for pos in range(len(wrapped)):
         bad = bytearray(wrapped)
         bad[pos] ^= 0x01
-        refused(coordinator, sealed.payload, bytes(bad), "wrong key, wrong context",
+        refused(coordinator, sealed.parts, bytes(bad), "wrong key, wrong context",
                 signer=signer)
 
 
 def test_wrapped_key_of_wrong_size_or_type_refused(coordinator):
     sealed = seal_update(coordinator, b"payload")
     for bad in (b"", sealed.wrapped_keys[0][:-1], sealed.wrapped_keys[0] + b"\0", b"\0" * 500):
-        refused(coordinator, sealed.payload, bad, "wrapped key must be")
-    refused(coordinator, sealed.payload, bytearray(sealed.wrapped_keys[0]),  # type: ignore[arg-type]
+        refused(coordinator, sealed.parts, bad, "wrapped key must be")
+    refused(coordinator, sealed.parts, bytearray(sealed.wrapped_keys[0]),  # type: ignore[arg-type]
             "wrapped key must be")
 
 
@@ -319,11 +337,11 @@ def test_swapped_wrapped_keys_between_sites_refused():
     sealed = seal_arrays_envelope(MODEL, [Recipient(a.public_bytes, ca),
                                           Recipient(b.public_bytes, cb)])
     wa, wb = sealed.wrapped_keys
-    assert open_arrays_envelope(sealed.payload, wa, a, ca).digest == DIGEST
+    assert open_arrays_envelope(sealed.parts, wa, a, ca).digest == DIGEST
     with pytest.raises(EnvelopeError, match="wrong key, wrong context"):
-        open_arrays_envelope(sealed.payload, wb, a, ca)  # b's wrap, a's key
+        open_arrays_envelope(sealed.parts, wb, a, ca)  # b's wrap, a's key
     with pytest.raises(EnvelopeError, match="wrong key, wrong context"):
-        open_arrays_envelope(sealed.payload, wa, a, cb)  # a's wrap and key, b's context
+        open_arrays_envelope(sealed.parts, wa, a, cb)  # a's wrap and key, b's context
 
 
 @pytest.mark.parametrize("other", [
@@ -332,13 +350,13 @@ def test_swapped_wrapped_keys_between_sites_refused():
 ])
 def test_wrong_context_refused(coordinator, site_key, other):
     sealed = seal_update(coordinator, b"update", site_key)
-    refused(coordinator, sealed.payload, sealed.wrapped_keys[0], "wrong key, wrong context",
+    refused(coordinator, sealed.parts, sealed.wrapped_keys[0], "wrong key, wrong context",
             signer=site_key, context=ctx(**other))
 
 
 def test_wrong_recipient_key_refused(coordinator):
     sealed = seal_update(coordinator, b"update")
-    refused(KeyPair.generate(), sealed.payload, sealed.wrapped_keys[0],
+    refused(KeyPair.generate(), sealed.parts, sealed.wrapped_keys[0],
             "wrong key, wrong context")
 
 
@@ -347,7 +365,7 @@ def test_replay_of_another_rounds_update_refused(coordinator, site_key):
     the coordinator's round key is fresh every round)."""
     round3 = seal_update(coordinator, b"update of round 3", site_key, context=ctx(round=3))
     for key in (coordinator, KeyPair.generate()):
-        refused(key, round3.payload, round3.wrapped_keys[0], signer=site_key,
+        refused(key, round3.parts, round3.wrapped_keys[0], signer=site_key,
                 context=ctx(round=4))
 
 
@@ -356,7 +374,7 @@ def test_v1_ciphertext_is_not_a_v2_wrap(coordinator):
 
     v1 = seal(b"\x02\x00" + bytes(64), coordinator.public_bytes, ctx())
     sealed = seal_update(coordinator, b"x")
-    refused(coordinator, sealed.payload, v1, "wrong key, wrong context")
+    refused(coordinator, sealed.parts, v1, "wrong key, wrong context")
 
 
 # ----------------------------------------------------------------------------- sender
@@ -364,13 +382,13 @@ def test_v1_ciphertext_is_not_a_v2_wrap(coordinator):
 
 def test_unsigned_update_refused_when_a_signer_is_expected(coordinator, site_key):
     sealed = seal_update(coordinator, b"update")
-    refused(coordinator, sealed.payload, sealed.wrapped_keys[0],
+    refused(coordinator, sealed.parts, sealed.wrapped_keys[0],
             r"not signed by the attested key \(no signature\)", signer=site_key)
 
 
 def test_update_signed_by_another_key_refused(coordinator, site_key):
     sealed = seal_update(coordinator, b"update", ed25519.Ed25519PrivateKey.generate())
-    refused(coordinator, sealed.payload, sealed.wrapped_keys[0],
+    refused(coordinator, sealed.parts, sealed.wrapped_keys[0],
             "not signed by the attested key", signer=site_key)
 
 
@@ -380,14 +398,14 @@ def test_relay_cannot_pass_its_own_update_as_the_sites(coordinator, site_key):
     genuine = seal_update(coordinator, b"honest update", site_key)
     relay_key = ed25519.Ed25519PrivateKey.generate()
     forged = seal_update(coordinator, b"poisoned update", relay_key)
-    refused(coordinator, forged.payload, forged.wrapped_keys[0],
+    refused(coordinator, forged.parts, forged.wrapped_keys[0],
             "not signed by the attested key", signer=site_key)
     unsigned = seal_update(coordinator, b"poisoned update")
-    refused(coordinator, unsigned.payload, unsigned.wrapped_keys[0],
+    refused(coordinator, unsigned.parts, unsigned.wrapped_keys[0],
             "not signed by the attested key", signer=site_key)
-    refused(coordinator, forged.payload, genuine.wrapped_keys[0],
+    refused(coordinator, forged.parts, genuine.wrapped_keys[0],
             "belongs to another payload", signer=site_key)
-    assert bytes(open_update(coordinator, genuine.payload, genuine.wrapped_keys[0],
+    assert bytes(open_update(coordinator, genuine.parts, genuine.wrapped_keys[0],
                              site_key).payload) == b"honest update"
 
 
@@ -398,9 +416,9 @@ def test_signature_binds_the_recipient_context(coordinator, site_key):
     c1, c2 = ctx(site="va"), ctx(site="va", run_id="other-run")
     sealed = seal_envelope(b"update", [Recipient(coordinator.public_bytes, c1),
                                        Recipient(other.public_bytes, c2)], signer=site_key)
-    assert open_envelope(sealed.payload, sealed.wrapped_keys[0], coordinator, c1,
+    assert open_envelope(sealed.parts, sealed.wrapped_keys[0], coordinator, c1,
                          expected_signer=site_key.public_key()).signer
-    assert open_envelope(sealed.payload, sealed.wrapped_keys[1], other, c2,
+    assert open_envelope(sealed.parts, sealed.wrapped_keys[1], other, c2,
                          expected_signer=site_key.public_key()).signer
 
 
@@ -426,7 +444,7 @@ def test_model_envelope_must_carry_the_bound_model(coordinator):
     context = ctx(direction="model")
     sealed = seal_envelope(encode_arrays(other), [Recipient(site.public_bytes, context)])
     with pytest.raises(ProtocolError, match="differs from the model digest"):
-        open_arrays_envelope(sealed.payload, sealed.wrapped_keys[0], site, context)
+        open_arrays_envelope(sealed.parts, sealed.wrapped_keys[0], site, context)
 
 
 def test_hostile_arrays_inside_an_authentic_envelope_are_a_protocol_error(coordinator):
@@ -434,7 +452,7 @@ def test_hostile_arrays_inside_an_authentic_envelope_are_a_protocol_error(coordi
     blob = b"CRFLARR1" + struct.pack("<I", len(head)) + head
     sealed = seal_update(coordinator, blob)
     with pytest.raises(ProtocolError, match="too large"):
-        open_arrays_envelope(sealed.payload, sealed.wrapped_keys[0], coordinator, ctx())
+        open_arrays_envelope(sealed.parts, sealed.wrapped_keys[0], coordinator, ctx())
 
 
 # ----------------------------------------------------------------------------- limits
@@ -504,13 +522,23 @@ def test_fuzz_open_random_bytes_only_envelope_errors(coordinator, payload, wrapp
         open_update(coordinator, payload, wrapped)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=5))
+def test_fuzz_open_random_parts_only_envelope_errors(coordinator, signed_update, parts):
+    with contextlib.suppress(EnvelopeError):
+        open_update(coordinator, [signed_update.parts[0], *parts],
+                    signed_update.wrapped_keys[0])
+    with contextlib.suppress(EnvelopeError):
+        open_update(coordinator, parts, signed_update.wrapped_keys[0])
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1,
                 max_size=4), st.booleans())
 def test_fuzz_mutated_envelopes_refused(coordinator, site_key, signed_update, mutations,
                                         in_wrap):
     sealed = signed_update
-    payload, wrapped = bytearray(sealed.payload), bytearray(sealed.wrapped_keys[0])
+    payload, wrapped = bytearray(sealed.to_bytes()), bytearray(sealed.wrapped_keys[0])
     target = wrapped if in_wrap else payload
     for pos, xor in {pos % len(target): xor for pos, xor in mutations}.items():
         target[pos] ^= xor

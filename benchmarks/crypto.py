@@ -5,7 +5,8 @@ In one run, ``--repeats`` times, interleaved so every path sees the same machine
 * ``openssl speed -evp aes-256-gcm -bytes 1048576`` (one core, warm buffers: the limit), or
   AESGCM over 1 MiB chunks when openssl is missing;
 * a ``--mb`` MB float32 update, site -> coordinator: v2 seal (encode, encrypt once, sign) and
-  open (verify, decrypt, decode into views), with the default threads and with one; v1 as the
+  open (verify, decrypt, decode into views), with the default threads and with one, and open
+  into a buffer reused from the previous repeat (no page faults); v1 as the
   code calls it today (``protocol.flower.seal_arrays`` / ``open_arrays``) and v1 at library
   level (``encode_arrays`` + ``seal``, ``open_sealed`` + ``decode_arrays``);
 * the same payload as a model (the digest is part of the work: hashed on seal, checked on
@@ -14,7 +15,10 @@ In one run, ``--repeats`` times, interleaved so every path sees the same machine
 * one global model to ``--sites`` sites per round: v1 encodes and encrypts it per site; v2
   encodes and hashes it once, encrypts it once and wraps a 32-byte key per site.
 
-Prints min / median / max GB/s (seconds for the round) and the ratios. Run:
+A first, untimed pass warms the process up (its first large allocations and glibc's mmap
+threshold cost several times more; printed apart). Prints wall-clock and CPU (user + system,
+all threads: what ``openssl speed`` reports by default) min / median / max GB/s, seconds for
+the round, and the ratios. Run:
 ``python -m benchmarks crypto [--mb 100] [--sites 20] [--repeats 3]``.
 """
 
@@ -34,12 +38,16 @@ import numpy as np
 MB = 1_000_000
 
 
-def openssl_aes_gcm() -> float | None:
-    """GB/s of ``openssl speed -evp aes-256-gcm`` on 1 MiB blocks (None without openssl)."""
+def openssl_aes_gcm(elapsed: bool) -> float | None:
+    """GB/s of ``openssl speed -evp aes-256-gcm`` on 1 MiB blocks (None without openssl).
+
+    openssl counts user CPU time by default (so its figure holds on a loaded machine);
+    ``elapsed`` asks for wall-clock time instead (``-elapsed``)."""
+    cmd = ["openssl", "speed", *(["-elapsed"] if elapsed else []), "-seconds", "1", "-evp",
+           "aes-256-gcm", "-bytes", "1048576"]
     try:
-        out = subprocess.run(["openssl", "speed", "-seconds", "1", "-evp", "aes-256-gcm",
-                              "-bytes", "1048576"], capture_output=True, text=True,
-                             timeout=60, check=False).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                             check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -49,26 +57,30 @@ def openssl_aes_gcm() -> float | None:
     return None
 
 
-def aesgcm_chunks(nbytes: int) -> float:
-    """GB/s of cryptography's AESGCM over 1 MiB chunks into a warm buffer (the fallback)."""
+def aesgcm_chunks(nbytes: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of cryptography's AESGCM over 1 MiB chunks into a warm buffer."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     chunk = 1 << 20
     data = memoryview(np.random.default_rng(0).bytes(chunk))
     out = bytearray(chunk + 16)
     aead = AESGCM(AESGCM.generate_key(256))
-    count = max(1, nbytes // chunk)
-    start = time.perf_counter()
-    for i in range(count):
-        aead.encrypt_into(i.to_bytes(12, "big"), data, None, out)
-    return count * chunk / (time.perf_counter() - start) / 1e9
+
+    def run() -> None:
+        for i in range(max(1, nbytes // chunk)):
+            aead.encrypt_into(i.to_bytes(12, "big"), data, None, out)
+
+    wall, cpu, _ = timed(run)
+    scale = nbytes / (max(1, nbytes // chunk) * chunk)
+    return wall * scale, cpu * scale
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of the whole process: user + system, every thread)."""
     gc.collect()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def make_update(nbytes: int) -> OrderedDict[str, np.ndarray]:
@@ -84,7 +96,10 @@ def make_update(nbytes: int) -> OrderedDict[str, np.ndarray]:
     return arrays
 
 
-def run(mb: int, sites: int, repeats: int) -> dict[str, list[float]]:
+Times = dict[str, list[tuple[float, float]]]  # path -> [(wall s, CPU s)] per repeat
+
+
+def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -108,53 +123,64 @@ def run(mb: int, sites: int, repeats: int) -> dict[str, list[float]]:
                 for i in range(sites)]
     up = [env.Recipient(coordinator.public_bytes, upd_ctx)]
     metrics = {"num-examples": 1000, "loss": 0.5}
-    results: dict[str, list[float]] = {}
+    times: Times = {}
+    reusable: np.ndarray | None = None
 
-    def record(name: str, seconds: float) -> None:
-        results.setdefault(name, []).append(seconds)
+    def measure(name: str, fn: Callable[[], object]) -> object:
+        wall, cpu, result = timed(fn)
+        times.setdefault(name, []).append((wall, cpu))
+        return result
 
-    for _ in range(repeats):
-        base = openssl_aes_gcm()
-        record("openssl", size / base / 1e9 if base else float("nan"))
-        record("aesgcm 1 MiB chunks", size / aesgcm_chunks(size) / 1e9)
-        # --- v2, site -> coordinator update (signed, with metadata)
-        for workers, tag in ((env.stream.DEFAULT_WORKERS, ""), (1, " 1 thread")):
-            t, sealed = timed(lambda w=workers: env.seal_arrays_envelope(
+    for repeat in range(repeats + 1):  # pass 0 warms the process up and is reported apart
+        if repeat == 1:
+            cold = {name: pairs.pop() for name, pairs in times.items()}
+            times.clear()
+            times["_cold"] = [cold["v2 seal update"], cold["v2 open update"],
+                              cold["v1 flower.seal_arrays"], cold["v1 flower.open_arrays"]]
+        cpu_rate, wall_rate = openssl_aes_gcm(False), openssl_aes_gcm(True)
+        chunks_wall, chunks_cpu = aesgcm_chunks(size)
+        times.setdefault("openssl aes-256-gcm", []).append(
+            (size / wall_rate / 1e9 if wall_rate else chunks_wall,
+             size / cpu_rate / 1e9 if cpu_rate else chunks_cpu))
+        times.setdefault("AESGCM 1 MiB chunks (python)", []).append((chunks_wall, chunks_cpu))
+        # --- v2, site -> coordinator update (signed, metrics inside)
+        for workers, tag in ((env.stream.DEFAULT_WORKERS, ""), (1, ", 1 thread")):
+            sealed = measure(f"v2 seal update{tag}", lambda w=workers: env.seal_arrays_envelope(
                 update, up, metadata=metrics, signer=site_key, workers=w))
-            record(f"v2 seal{tag}", t)
-            t, opened = timed(lambda s=sealed, w=workers: env.open_arrays_envelope(
-                s.parts, s.wrapped_keys[0], coordinator, upd_ctx,
-                expected_signer=site_key.public_key(), workers=w))
-            record(f"v2 open{tag}", t)
+            opened = measure(f"v2 open update{tag}", lambda s=sealed, w=workers:
+                             env.open_arrays_envelope(
+                                 s.parts, s.wrapped_keys[0], coordinator, upd_ctx,
+                                 expected_signer=site_key.public_key(), workers=w))
             assert np.array_equal(opened.arrays["layer2.bias"], update["layer2.bias"])
-        t, _ = timed(lambda s=sealed: s.to_bytes())
-        record("v2 join parts to one bytes", t)
-        del sealed, opened
-        # --- v2 as a model: digest hashed on seal, checked on open
-        t, sealed = timed(lambda: env.seal_arrays_envelope(
+        del opened
+        if reusable is None:  # kept from one repeat to the next, as a daemon would
+            reusable = env.stream.aligned_empty(env.envelope_plaintext_size(sealed.parts))
+        measure("v2 open update, reused out buffer", lambda s=sealed, o=reusable:
+                env.open_arrays_envelope(s.parts, s.wrapped_keys[0], coordinator, upd_ctx,
+                                         expected_signer=site_key.public_key(), out=o))
+        measure("v2 join parts into one bytes", lambda s=sealed: s.to_bytes())
+        del sealed
+        # --- v2 as a model: the digest is part of the work (hashed on seal, checked on open)
+        sealed = measure("v2 seal model (+ SHA-256)", lambda: env.seal_arrays_envelope(
             encode_arrays_view(update), [env.Recipient(site_keys[0].public_bytes,
                                                        model_ctx)]))
-        record("v2 seal model (+hash)", t)
-        t, opened = timed(lambda s=sealed: env.open_arrays_envelope(
+        measure("v2 open model (+ SHA-256)", lambda s=sealed: env.open_arrays_envelope(
             s.parts, s.wrapped_keys[0], site_keys[0], model_ctx))
-        record("v2 open model (+hash)", t)
-        del sealed, opened
+        del sealed
         # --- v1 today: the Flower adapter, and the library calls under it
         content = RecordDict({"arrays": flower.numpy_to_arrays(update),
                               "metrics": ConfigRecord({"num-examples": 1000})})
-        t, (sealed_content, _) = timed(lambda c=content: flower.seal_arrays(
-            c, coordinator.public_bytes, upd_ctx))
-        record("v1 seal_arrays", t)
-        t, _ = timed(lambda c=sealed_content: flower.open_arrays(c, coordinator, upd_ctx))
-        record("v1 open_arrays", t)
+        sealed_content, _ = measure("v1 flower.seal_arrays", lambda c=content:
+                                    flower.seal_arrays(c, coordinator.public_bytes, upd_ctx))
+        measure("v1 flower.open_arrays", lambda c=sealed_content:
+                flower.open_arrays(c, coordinator, upd_ctx))
         del content, sealed_content
-        t, ct = timed(lambda: env.seal(encode_arrays(update), coordinator.public_bytes,
-                                       upd_ctx))
-        record("v1 encode+seal", t)
-        t, _ = timed(lambda c=ct: decode_arrays(env.open_sealed(c, coordinator, upd_ctx)))
-        record("v1 open_sealed+decode", t)
+        ct = measure("v1 encode_arrays + seal", lambda: env.seal(
+            encode_arrays(update), coordinator.public_bytes, upd_ctx))
+        measure("v1 open_sealed + decode_arrays", lambda c=ct: decode_arrays(
+            env.open_sealed(c, coordinator, upd_ctx)))
         del ct
-        # --- one global model to N sites
+        # --- one global model to N sites (coordinator side)
         record_in = flower.numpy_to_arrays(update)
 
         def v1_round(rec: ArrayRecord = record_in) -> None:
@@ -171,63 +197,77 @@ def run(mb: int, sites: int, repeats: int) -> dict[str, list[float]]:
                                                for kp, c in zip(site_keys, site_ctx,
                                                                 strict=True)])
 
-        t, _ = timed(v1_round)
-        record(f"v1 model to {sites} sites", t)
-        t, _ = timed(v2_round)
-        record(f"v2 model to {sites} sites", t)
+        measure(f"v1 model to {sites} sites", v1_round)
+        measure(f"v2 model to {sites} sites", v2_round)
         del record_in
-    results["_size"] = [size]
-    return results
+    return size, times
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cleanroom.protocol.stream import DEFAULT_WORKERS
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks crypto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100, help="update / model size in MB")
     parser.add_argument("--sites", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    res = run(args.mb, args.sites, args.repeats)
-    size = res.pop("_size")[0]
-    gbps = {k: sorted(size / t / 1e9 for t in v) for k, v in res.items()}
+    size, times = run(args.mb, args.sites, args.repeats)
+    cold = [f"{size / w / 1e9:.2f}/{size / c / 1e9:.2f}" for w, c in times.pop("_cold")]
 
-    def row(name: str, values: list[float], unit: str) -> None:
-        print(f"{name:34s} {min(values):8.3f} {statistics.median(values):8.3f} "
-              f"{max(values):8.3f}  {unit}")
+    def stats(values: list[float]) -> str:
+        return f"{min(values):7.3f} {statistics.median(values):7.3f} {max(values):7.3f}"
 
-    from cleanroom.protocol.stream import DEFAULT_WORKERS
-
-    print(f"payload {size / MB:.1f} MB float32, {args.repeats} repeats, interleaved; "
-          f"v2 threads: {DEFAULT_WORKERS}")
-    print(f"{'path':34s} {'min':>8s} {'median':>8s} {'max':>8s}")
-    for name, values in gbps.items():
-        if "sites" not in name:
-            row(name, values, "GB/s")
-    for name, values in res.items():
+    print(f"payload {size / MB:.1f} MB float32, {args.repeats} repeats interleaved, v2 threads "
+          f"{DEFAULT_WORKERS}; CPU = user + system time of the process (all threads), the "
+          "measure openssl speed reports by default")
+    print(f"{'path':34s} {'wall GB/s min/median/max':>24s}   {'CPU GB/s min/median/max':>23s}")
+    for name, pairs in times.items():
         if "sites" in name:
-            row(name, sorted(values), "s per round (coordinator)")
+            continue
+        wall = [size / w / 1e9 for w, _ in pairs]
+        cpu = [size / c / 1e9 for _, c in pairs]
+        print(f"{name:34s} {stats(wall)}   {stats(cpu)}")
+    print(f"\n{'one model to ' + str(args.sites) + ' sites':34s} "
+          f"{'wall s min/median/max':>24s}   {'CPU s min/median/max':>23s}")
+    for name, pairs in times.items():
+        if "sites" in name:
+            print(f"{name:34s} {stats([w for w, _ in pairs])}   {stats([c for _, c in pairs])}")
 
-    def med(name: str) -> float:
-        return statistics.median(res[name])
+    def med(name: str, which: int) -> float:
+        return statistics.median(p[which] for p in times[name])
 
-    def ratio_rows(label: str, seal: str, open_: str) -> None:
-        both = 2 * med("openssl") / (med(seal) + med(open_))
-        print(f"{label:34s} seal {med('openssl') / med(seal):6.2f}  open "
-              f"{med('openssl') / med(open_):6.2f}  seal+open {both:6.2f}")
+    base = "openssl aes-256-gcm"
 
-    print("\nratios of medians (throughput / openssl aes-256-gcm throughput; "
-          "seal+open = 2 x size / (seal + open time))")
-    ratio_rows("v2 / openssl", "v2 seal", "v2 open")
-    ratio_rows("v2 1 thread / openssl", "v2 seal 1 thread", "v2 open 1 thread")
-    ratio_rows("v2 model (+hash) / openssl", "v2 seal model (+hash)", "v2 open model (+hash)")
-    ratio_rows("v1 flower / openssl", "v1 seal_arrays", "v1 open_arrays")
-    print(f"{'v2 / v1 flower (speed-up)':34s} seal {med('v1 seal_arrays') / med('v2 seal'):6.2f}"
-          f"  open {med('v1 open_arrays') / med('v2 open'):6.2f}")
-    print(f"{'v2 / v1 library (speed-up)':34s} seal {med('v1 encode+seal') / med('v2 seal'):6.2f}"
-          f"  open {med('v1 open_sealed+decode') / med('v2 open'):6.2f}")
-    v1r, v2r = med(f"v1 model to {args.sites} sites"), med(f"v2 model to {args.sites} sites")
-    print(f"{'model to ' + str(args.sites) + ' sites':34s} v1 {v1r:.3f} s, v2 {v2r:.3f} s: "
-          f"{v1r / v2r:.1f}x less coordinator time per round")
+    def ratios(label: str, seal: str, open_: str) -> None:
+        cells = []
+        for which in (1, 0):  # CPU, wall
+            ref = med(base, which)
+            cells.append(f"{ref / med(seal, which):5.2f} {ref / med(open_, which):5.2f} "
+                         f"{2 * ref / (med(seal, which) + med(open_, which)):5.2f}")
+        print(f"{label:34s} {cells[0]:>17s}   {cells[1]:>17s}")
+
+    print("\nthroughput / openssl (medians)    CPU: seal  open  both   wall: seal  open  both"
+          "\n(both = 2 x size / (seal + open time); wall against openssl speed -elapsed)")
+    ratios("v2 update", "v2 seal update", "v2 open update")
+    ratios("v2 update, 1 thread", "v2 seal update, 1 thread", "v2 open update, 1 thread")
+    ratios("v2 model (+ SHA-256)", "v2 seal model (+ SHA-256)", "v2 open model (+ SHA-256)")
+    ratios("v1 flower", "v1 flower.seal_arrays", "v1 flower.open_arrays")
+    ratios("v1 library", "v1 encode_arrays + seal", "v1 open_sealed + decode_arrays")
+    print("\nspeed-up of v2 (median time of v1 / v2)   CPU: seal  open     wall: seal  open")
+    for label, v1s, v1o in (("against v1 flower", "v1 flower.seal_arrays",
+                             "v1 flower.open_arrays"),
+                            ("against v1 library", "v1 encode_arrays + seal",
+                             "v1 open_sealed + decode_arrays")):
+        cells = [f"{med(v1s, w) / med('v2 seal update', w):6.2f} "
+                 f"{med(v1o, w) / med('v2 open update', w):6.2f}" for w in (1, 0)]
+        print(f"{label:42s} {cells[0]:>13s}   {cells[1]:>13s}")
+    v1r, v2r = f"v1 model to {args.sites} sites", f"v2 model to {args.sites} sites"
+    print(f"one model to {args.sites} sites: v2 takes {med(v1r, 1) / med(v2r, 1):.1f}x less "
+          f"CPU and {med(v1r, 0) / med(v2r, 0):.1f}x less wall time than v1 per round")
+    print(f"warm-up pass (a fresh process's first calls, not in the figures above), GB/s "
+          f"wall/CPU: v2 seal {cold[0]}, open {cold[1]}; v1 flower seal {cold[2]}, "
+          f"open {cold[3]}")
     return 0
 
 

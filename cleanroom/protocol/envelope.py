@@ -322,6 +322,12 @@ def envelope_ciphertext_id(sealed_payload: Sealed,
     return stream.tag_chain(*stream.split(sealed_payload, max_payload)).hex()
 
 
+def envelope_plaintext_size(sealed_payload: Sealed,
+                            max_payload: int = stream.MAX_PAYLOAD) -> int:
+    """Bytes an ``out`` buffer needs to open this envelope (metadata, padding, payload)."""
+    return stream.split(sealed_payload, max_payload)[0].plaintext_len
+
+
 def _unwrap(header: stream.StreamHeader, chunks: list[memoryview], wrapped_key: bytes,
             recipient: KeyPair, context: EnvelopeContext,
             expected_signer: ed25519.Ed25519PublicKey | None,
@@ -364,11 +370,11 @@ def _unwrap(header: stream.StreamHeader, chunks: list[memoryview], wrapped_key: 
 
 def _open(sealed_payload: Sealed, wrapped_key: bytes, recipient: KeyPair,
           context: EnvelopeContext, expected_signer: ed25519.Ed25519PublicKey | None,
-          max_payload: int, workers: int,
+          max_payload: int, workers: int, out: np.ndarray | None,
           ) -> tuple[np.ndarray, stream.StreamHeader, dict[str, Any], str]:
     header, chunks = stream.split(sealed_payload, max_payload)
     keys, chain = _unwrap(header, chunks, wrapped_key, recipient, context, expected_signer)
-    plain = stream.decrypt(chunks, header, keys, header.digest(), workers=workers)
+    plain = stream.decrypt(chunks, header, keys, header.digest(), workers=workers, out=out)
     if not stream.padding_is_zero(plain, header):
         raise EnvelopeError("envelope padding is not zero")
     metadata = _parse_metadata(plain[:header.meta_len].tobytes())
@@ -379,14 +385,18 @@ def open_envelope(sealed_payload: Sealed, wrapped_key: bytes, recipient: KeyPair
                   context: EnvelopeContext, *,
                   expected_signer: ed25519.Ed25519PublicKey | None = None,
                   max_payload: int = stream.MAX_PAYLOAD,
-                  workers: int = stream.DEFAULT_WORKERS) -> OpenedEnvelope:
+                  workers: int = stream.DEFAULT_WORKERS,
+                  out: np.ndarray | None = None) -> OpenedEnvelope:
     """Unwrap, check the signature (when ``expected_signer`` is given: required), decrypt.
 
     EnvelopeError for a wrong key or context, a wrap for another payload, a missing or foreign
     signature, any tampered, reordered, dropped or added chunk, or a length beyond the limits.
+    ``out`` (e.g. ``stream.aligned_empty(n)``, reused round after round to skip the page
+    faults of a fresh buffer) receives the plaintext; the result views it, so the next open
+    into the same ``out`` overwrites it. Size it with :func:`envelope_plaintext_size`.
     """
     plain, header, metadata, chain = _open(sealed_payload, wrapped_key, recipient, context,
-                                           expected_signer, max_payload, workers)
+                                           expected_signer, max_payload, workers, out)
     start = header.meta_len + header.pad_len
     return OpenedEnvelope(memoryview(plain)[start:], metadata, chain,
                           signer_public_bytes(expected_signer) if expected_signer else None)
@@ -430,12 +440,13 @@ def open_arrays_envelope(sealed_payload: Sealed, wrapped_key: bytes, recipient: 
                          context: EnvelopeContext, *,
                          expected_signer: ed25519.Ed25519PublicKey | None = None,
                          max_payload: int = stream.MAX_PAYLOAD,
-                         workers: int = stream.DEFAULT_WORKERS) -> OpenedArrays:
+                         workers: int = stream.DEFAULT_WORKERS,
+                         out: np.ndarray | None = None) -> OpenedArrays:
     """Open, then decode the arrays without copying. For model and evaluate contexts the
     decrypted model must hash to ``context.model_digest`` (ProtocolError otherwise)."""
     opened = open_envelope(sealed_payload, wrapped_key, recipient, context,
                            expected_signer=expected_signer, max_payload=max_payload,
-                           workers=workers)
+                           workers=workers, out=out)
     digest = None
     if context.direction in MODEL_DIRECTIONS:
         digest = opened.digest()

@@ -322,13 +322,26 @@ def check_commitment(keys: StreamKeys, header: StreamHeader) -> None:
         raise EnvelopeError("content key does not match the payload's key commitment")
 
 
+def output_buffer(out: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """``out[:nbytes]`` if the caller gave a buffer (reused across rounds: no page faults),
+    else a new aligned one."""
+    if out is None:
+        return aligned_empty(nbytes)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 1
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise EnvelopeError("out must be a writable, contiguous 1-D uint8 numpy array")
+    if out.nbytes < nbytes:
+        raise EnvelopeError(f"out holds {out.nbytes} bytes, this envelope needs {nbytes}")
+    return out[:nbytes]
+
+
 def decrypt(chunks: Sequence[memoryview], header: StreamHeader, keys: StreamKeys, aad: bytes,
-            *, workers: int = DEFAULT_WORKERS) -> np.ndarray:
-    """Decrypt every chunk (views from :func:`split`) straight into one new aligned buffer,
-    the plaintext stream; no other full-size buffer."""
+            *, workers: int = DEFAULT_WORKERS, out: np.ndarray | None = None) -> np.ndarray:
+    """Decrypt every chunk (views from :func:`split`) straight into one aligned buffer (new,
+    or the start of ``out``): the plaintext stream; no other full-size buffer."""
     if len(chunks) != header.chunks:
         raise EnvelopeError(f"{len(chunks)} chunks, the header makes {header.chunks}")
-    out = aligned_empty(header.plaintext_len)
+    out = output_buffer(out, header.plaintext_len)
     view = memoryview(out)
     n = header.chunks
     failed: list[int] = []

@@ -29,6 +29,7 @@ from cleanroom.protocol.envelope import (
     KeyPair,
     Recipient,
     envelope_ciphertext_id,
+    envelope_plaintext_size,
     load_signer_public_key,
     open_arrays_envelope,
     open_envelope,
@@ -152,6 +153,35 @@ def test_arrays_roundtrip_views_one_aligned_writable_buffer(coordinator, site_ke
     w, b = opened.arrays["w"], opened.arrays["b"]
     assert b.ctypes.data == w.ctypes.data + w.nbytes  # both view one buffer: no copies
     assert opened.digest is None  # updates are not the context's model: nothing to check
+
+
+def test_open_into_a_reused_buffer(coordinator, site_key):
+    first = seal_arrays_envelope(MODEL, [Recipient(coordinator.public_bytes, ctx())],
+                                 signer=site_key, metadata={"n": 1})
+    other = OrderedDict((k, v + 1) for k, v in MODEL.items())
+    second = seal_arrays_envelope(other, [Recipient(coordinator.public_bytes, ctx())],
+                                  signer=site_key)
+    need = envelope_plaintext_size(first.parts)
+    assert need == first.header.plaintext_len
+    out = stream.aligned_empty(need + 100)
+    opened = open_arrays_envelope(first.parts, first.wrapped_keys[0], coordinator, ctx(),
+                                  expected_signer=site_key.public_key(), out=out)
+    assert np.array_equal(opened.arrays["w"], MODEL["w"])
+    assert np.shares_memory(opened.arrays["w"], out)
+    again = open_arrays_envelope(second.parts, second.wrapped_keys[0], coordinator, ctx(),
+                                 expected_signer=site_key.public_key(), out=out)
+    assert np.array_equal(again.arrays["w"], other["w"])
+    assert np.array_equal(opened.arrays["w"], other["w"])  # documented: out is overwritten
+    for bad in (stream.aligned_empty(need - 1), np.zeros(need, np.float32),
+                np.zeros((need, 1), np.uint8), np.zeros(2 * need, np.uint8)[::2],
+                bytearray(need)):
+        with pytest.raises(EnvelopeError, match="out "):
+            open_arrays_envelope(first.parts, first.wrapped_keys[0], coordinator, ctx(),
+                                 out=bad)  # type: ignore[arg-type]
+    readonly = np.zeros(need, np.uint8)
+    readonly.flags.writeable = False
+    with pytest.raises(EnvelopeError, match="writable"):
+        open_envelope(first.parts, first.wrapped_keys[0], coordinator, ctx(), out=readonly)
 
 
 def test_one_model_ciphertext_many_sites(coordinator):

@@ -134,7 +134,7 @@ def ciphertext_digest(ciphertext: bytes) -> str:
 # * the payload (arrays, bytes) plus a small authenticated metadata object (JSON) is encrypted
 #   ONCE under a fresh content key with the chunked AEAD of ``cleanroom.protocol.stream``;
 # * the content key is HPKE-wrapped (same suite as v1, base mode) to each recipient with
-#   ``info = context.info_v2()``: the per-site context binding of v1, unchanged in substance;
+#   ``info = context.info(INFO_TAG_V2)``: the per-site context binding of v1 under a v2 tag;
 # * a sender that holds an Ed25519 signing key (a site: its per-round key, bound into its
 #   attestation report_data) signs, per recipient, ``SIGNATURE_TAG || info || tag chain``; the
 #   signature travels inside the wrapped key, and a recipient that expects a signer refuses an
@@ -271,16 +271,6 @@ def _check_depth(value: object) -> None:
             todo.extend((child, depth + 1) for child in item)
 
 
-def _as_bytes_view(buf: Buffer) -> memoryview:
-    try:
-        view = memoryview(buf)  # type: ignore[arg-type]
-    except TypeError:
-        raise EnvelopeError(f"expected a bytes-like object, not {type(buf).__name__}") from None
-    if not view.c_contiguous:
-        raise EnvelopeError("expected a contiguous buffer")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
 def _seal_parts(parts: Sequence[memoryview], recipients: Sequence[Recipient], *,
                 metadata: Mapping[str, Any] | None, signer: ed25519.Ed25519PrivateKey | None,
                 chunk_log2: int, align_offset: int, workers: int) -> SealedEnvelope:
@@ -311,7 +301,7 @@ def seal_envelope(payload: Buffer, recipients: Sequence[Recipient], *,
                   workers: int = stream.DEFAULT_WORKERS) -> SealedEnvelope:
     """Encrypt ``payload`` and ``metadata`` once; wrap the content key to every recipient,
     bound to its context; with ``signer``, sign each wrap for its recipient's context."""
-    return _seal_parts([_as_bytes_view(payload)], recipients, metadata=metadata,
+    return _seal_parts([stream.as_view(payload, "payload")], recipients, metadata=metadata,
                        signer=signer, chunk_log2=chunk_log2, align_offset=0, workers=workers)
 
 

@@ -145,7 +145,8 @@ Sealed = bytes | bytearray | memoryview | np.ndarray
 SealedParts = Sealed | Sequence[Sealed]
 
 
-def _view(buf: object, what: str) -> memoryview:
+def as_view(buf: object, what: str) -> memoryview:
+    """A flat unsigned-byte view of any contiguous buffer; EnvelopeError otherwise."""
     try:
         view = memoryview(buf)  # type: ignore[arg-type]
     except TypeError:
@@ -163,7 +164,7 @@ def split(sealed: SealedParts, max_payload: int = MAX_PAYLOAD,
     if isinstance(sealed, list | tuple):
         if not sealed:
             raise EnvelopeError("sealed payload has no parts")
-        head = _view(sealed[0], "sealed payload header")
+        head = as_view(sealed[0], "sealed payload header")
         header = parse_header(head, max_payload)
         if head.nbytes != HEADER_SIZE or len(sealed) != 1 + header.chunks:
             raise EnvelopeError(f"sealed payload has {len(sealed)} parts and a "
@@ -172,13 +173,13 @@ def split(sealed: SealedParts, max_payload: int = MAX_PAYLOAD,
                                 "(truncated or extended)")
         views = []
         for index, part in enumerate(sealed[1:]):
-            view = _view(part, "sealed payload chunk")
+            view = as_view(part, "sealed payload chunk")
             if view.nbytes != header.chunk_len(index) + TAG_SIZE:
                 raise EnvelopeError(f"chunk {index} is {view.nbytes} bytes, the header makes "
                                     f"{header.chunk_len(index) + TAG_SIZE}")
             views.append(view)
         return header, views
-    whole = _view(sealed, "sealed payload")
+    whole = as_view(sealed, "sealed payload")
     header = parse_header(whole, max_payload)
     if whole.nbytes != header.sealed_len:
         raise EnvelopeError(f"sealed payload is {whole.nbytes} bytes, its header makes "

@@ -524,6 +524,8 @@ def test_seal_limits(coordinator):
         seal_envelope(b"x", [Recipient(b"short", ctx())])
     with pytest.raises(EnvelopeError, match="chunk size"):
         seal_envelope(b"x", r, chunk_log2=30)
+    with pytest.raises(EnvelopeError, match="bytes-like"):
+        seal_envelope("text", r)  # type: ignore[arg-type]
 
 
 def test_metadata_parser_refuses_hostile_json():

@@ -27,7 +27,7 @@ import math
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -59,19 +59,18 @@ def _raw_view(arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncodedArrays:
     """The canonical encoding of a set of arrays, as parts that view the arrays' memory.
 
     ``header`` is ``MAGIC || length || JSON``; ``buffers`` hold each array's raw bytes in
-    order. The arrays must not be modified while this object is in use: the views (and the
-    cached digest) would no longer agree.
+    order (each view keeps its array alive). The arrays must not be modified while this object
+    is in use: the views (and the cached digest) would no longer agree.
     """
 
     header: bytes
     buffers: tuple[memoryview, ...]
     names: tuple[str, ...]
-    _arrays: tuple[np.ndarray, ...] = field(repr=False, default=())  # keeps the views' owners
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +109,6 @@ def encode_arrays_view(arrays: Mapping[str, np.ndarray]) -> EncodedArrays:
         raise ProtocolError(f"{len(arrays)} arrays exceed the limit of {MAX_ARRAYS}")
     header: list[dict[str, Any]] = []
     buffers: list[memoryview] = []
-    owners: list[np.ndarray] = []
     for name, value in arrays.items():
         if not isinstance(name, str):
             raise ProtocolError(f"array name {name!r} is not a string")
@@ -122,12 +120,11 @@ def encode_arrays_view(arrays: Mapping[str, np.ndarray]) -> EncodedArrays:
         header.append({"name": name, "dtype": dtype, "shape": list(a.shape),
                        "nbytes": raw.nbytes})
         buffers.append(raw)
-        owners.append(a)
     head = _canonical_json(header)
     if len(head) > MAX_HEADER:
         raise ProtocolError(f"array header of {len(head)} bytes exceeds {MAX_HEADER}")
     return EncodedArrays(MAGIC + struct.pack("<I", len(head)) + head, tuple(buffers),
-                         tuple(arrays.keys()), tuple(owners))
+                         tuple(arrays.keys()))
 
 
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -65,6 +65,15 @@ def test_view_encoding_does_not_copy_contiguous_arrays():
     assert np.shares_memory(np.asarray(enc.buffers[0]), big)
 
 
+def test_view_encoding_keeps_its_arrays_alive():
+    import gc
+
+    enc = encode_arrays_view({"w": np.arange(50_000, dtype=np.float64)})  # no other reference
+    gc.collect()
+    np.zeros(50_000)  # reuse freed memory, if any had been freed
+    assert enc.to_bytes() == encode_arrays({"w": np.arange(50_000, dtype=np.float64)})
+
+
 def test_non_contiguous_and_big_endian_arrays_encode_canonically():
     base = np.arange(24, dtype=np.float64).reshape(4, 6)
     strided = base[:, ::2]

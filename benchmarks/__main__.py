@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import sys
 
-TIMING = ("attestation", "rounds", "accuracy", "deployment", "secagg")
+TIMING = ("attestation", "rounds", "accuracy", "deployment", "secagg", "crypto")
 ON_DEMAND = ("fuzz",)
 
 

@@ -151,6 +151,7 @@ class Admission:
     task_digest: str | None = None  # the task the evidence binds
     dataset_digest: str | None = None  # the site's registered dataset it binds
     dataset_rows: int = 0
+    update_signer: bytes | None = None  # the Ed25519 key that must sign its update
 
     def summary(self) -> dict[str, object]:
         """Audit/report view: digests and reasons, never evidence bytes or keys."""
@@ -240,8 +241,10 @@ class AttestationGate:
                                       node_id)
         if problem is not None:
             return quarantine(f"freshness: {problem}")
-        if response.site_public_key is None or not evidence:
-            return quarantine("protocol: no evidence or no site key in the reply")
+        if response.site_public_key is None or response.update_signer_key is None or \
+                not evidence:
+            return quarantine("protocol: no evidence, no site key or no update-signing key in "
+                              "the reply")
         task = challenge.plan.task
         if response.task_digest != task.digest:
             return quarantine(f"task: the site answers for task {str(response.task_digest)[:16]}"
@@ -260,7 +263,8 @@ class AttestationGate:
                           if challenge.ledger_anchor else "",
                           task_digest=task.digest,
                           dataset_digest=response.dataset_digest or "",
-                          dataset_rows=response.dataset_rows)
+                          dataset_rows=response.dataset_rows,
+                          update_signer=response.update_signer_key)
         policy = self.policy.model_copy(update={"report_data": binding.report_data(),
                                                 "measurements": self.expected_measurements(
                                                     task.digest)})
@@ -284,7 +288,8 @@ class AttestationGate:
                          evidence_sha256=evidence_sha, nonce_sha256=nonce_sha,
                          verify_seconds=elapsed, task_digest=task.digest,
                          dataset_digest=response.dataset_digest,
-                         dataset_rows=response.dataset_rows)
+                         dataset_rows=response.dataset_rows,
+                         update_signer=response.update_signer_key)
 
     def expected_measurements(self, task_digest: str) -> list[bytes]:
         """The MEASUREMENTs a site running ``task_digest`` may show: the policy's, or for a

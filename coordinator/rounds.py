@@ -35,6 +35,7 @@ from cleanroom.coordinator.gate import Admission, AttestationGate, refused
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.coordinator.validation import validate_update
 from cleanroom.errors import CleanroomError
+from cleanroom.protocol.arrays import EncodedArrays
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.payload import Sealed, open_metrics, open_update, seal_model
 from cleanroom.protocol.reports import EvaluateReport, TrainReport
@@ -62,6 +63,7 @@ class Session:
     site: str
     public_key: bytes
     dataset_rows: int = 0  # the training rows its evidence bound
+    update_signer: bytes | None = None  # the Ed25519 key its evidence bound
 
 
 class CoordinatorRound:
@@ -158,7 +160,7 @@ class CoordinatorRound:
         if admission.admitted:
             assert admission.site_public_key is not None
             self._sessions[node_id] = Session(node_id, label, admission.site_public_key,
-                                              admission.dataset_rows)
+                                              admission.dataset_rows, admission.update_signer)
         else:
             log.warning("round %d: %s quarantined: %s", self.round, label, admission.reason)
         return admission
@@ -189,22 +191,26 @@ class CoordinatorRound:
         log.error("round %d: %s", self.round, reason)
 
     # ------------------------------------------------------------------ model out
-    def seal(self, node_id: int, arrays: Mapping[str, np.ndarray], *, direction: str,
-             model_digest: str) -> Sealed | None:
-        """``arrays`` sealed to ``node_id``'s attested key, or None for a node this round did
-        not admit (the caller must drop that message: never send a model unattested)."""
+    def seal(self, node_ids: list[int], model: Mapping[str, np.ndarray] | EncodedArrays, *,
+             direction: str, model_digest: str) -> dict[int, Sealed]:
+        """``model`` encrypted once for the admitted nodes among ``node_ids``, each with its
+        own wrapped key and context (run, round, site, digest). A node this round did not
+        admit gets nothing (the caller drops its message: never send a model unattested)."""
         self._expect(Phase.TRAINING, Phase.EVALUATING)
-        session = self._sessions.get(node_id)
-        if session is None:
+        admitted = [n for n in node_ids if n in self._sessions]
+        for node_id in set(node_ids) - set(admitted):
             log.error("round %d: a model for unattested node %d was dropped", self.round,
                       node_id)
-            return None
-        context = EnvelopeContext(direction, self.run_id, self.round,  # type: ignore[arg-type]
-                                  session.site, model_digest)
-        sealed = seal_model(arrays, session.public_key, context)
-        self.record.bytes_sent += len(sealed.ciphertext)
-        if direction == "model":
-            self.record.sites[session.site].model_ciphertext_sha256 = sealed.sha256
+        recipients = [(self._sessions[n].public_key,
+                       EnvelopeContext(direction, self.run_id, self.round,  # type: ignore[arg-type]
+                                       self._sessions[n].site, model_digest))
+                      for n in admitted]
+        sealed = dict(zip(admitted, seal_model(model, recipients), strict=True))
+        for node_id, item in sealed.items():
+            self.record.bytes_sent += item.nbytes
+            if direction == "model":
+                site = self._sessions[node_id].site
+                self.record.sites[site].model_ciphertext_sha256 = item.sha256
         return sealed
 
     # ------------------------------------------------------------------ updates in
@@ -220,9 +226,9 @@ class CoordinatorRound:
         context = EnvelopeContext("update", self.run_id, self.round, session.site,
                                   self.model_digest)
         try:
-            update, report = open_update(sealed, self.keys, context)
+            update, report = open_update(sealed, self.keys, context, session.update_signer)
             entry.update_ciphertext_sha256 = sealed.sha256
-            self.record.bytes_received += len(sealed.ciphertext)
+            self.record.bytes_received += sealed.nbytes
             self._check_report(report, session)
             entry.update_norm = validate_update(update, reference,
                                                 max_norm=self._bound(report, reference))
@@ -285,12 +291,12 @@ class CoordinatorRound:
         context = EnvelopeContext("metrics", self.run_id, self.round, session.site,
                                   model_digest)
         try:
-            report = open_metrics(sealed, self.keys, context)
+            report = open_metrics(sealed, self.keys, context, session.update_signer)
         except CleanroomError as exc:
             log.warning("round %d: %s: evaluation report refused: %s", self.round,
                         session.site, exc)
             return None
-        self.record.bytes_received += len(sealed.ciphertext)
+        self.record.bytes_received += sealed.nbytes
         self.record.sites[session.site].evaluation = report
         return report
 

@@ -55,6 +55,7 @@ from cleanroom.protocol.flower import (
     read_envelope,
     read_reply,
 )
+from cleanroom.protocol.payload import encode_model
 from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -167,27 +168,32 @@ class ConfidentialStrategy(Strategy):
         return round_.end_attestation()
 
     def _seal(self, round_: CoordinatorRound, messages: Iterable[Message], direction: str,
-              arrays: OrderedDict[str, np.ndarray], digest: str,
+              model: Any, digest: str,
               look_ahead: CoordinatorRound | None = None) -> list[Message]:
-        sealed_messages = []
+        """The model encrypted once for every addressed, admitted node; each message keeps
+        the strategy's config records and gets the shared ciphertext and its own key."""
+        messages = list(messages)
+        sealed = round_.seal([m.metadata.dst_node_id for m in messages], model,
+                             direction=direction, model_digest=digest)
+        out = []
         for msg in messages:
             node_id = msg.metadata.dst_node_id
-            sealed = round_.seal(node_id, arrays, direction=direction, model_digest=digest)
-            if sealed is None:
+            if node_id not in sealed:
                 continue
             challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
-            msg.content = instruction_content(sealed, msg.content, challenge)
+            msg.content = instruction_content(sealed[node_id], msg.content, challenge)
             if challenge is not None:
                 round_.record.bytes_sent += len(challenge.model_dump_json())
-            sealed_messages.append(msg)
-        return sealed_messages
+            out.append(msg)
+        return out
 
     # ------------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays_to_numpy(arrays)
         self.model_after_round = self._global  # replaced by the aggregate, if any
-        digest = arrays_digest(self._global)
+        encoded = encode_model(self._global)  # encoded and hashed once for the round
+        digest = encoded.digest
         run_id = self.protocol_run_id or str(grid.run.run_id)
         if self.on_start is not None and not self.records:
             self.on_start(run_id)
@@ -205,7 +211,7 @@ class ConfidentialStrategy(Strategy):
             return []
         inner_msgs = self.inner.configure_train(server_round, arrays, config,
                                                 AttestedGrid(grid, attested))
-        return self._seal(round_, inner_msgs, "model", self._global, digest)
+        return self._seal(round_, inner_msgs, "model", encoded, digest)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -259,8 +265,8 @@ class ConfidentialStrategy(Strategy):
             return []
         inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
                                                    AttestedGrid(grid, round_.admitted))
-        model = arrays_to_numpy(arrays)
-        self._eval_digest = arrays_digest(model)
+        model = encode_model(arrays_to_numpy(arrays))
+        self._eval_digest = model.digest
         if self.piggyback and server_round < self.plan.rounds:
             self._next = round_.look_ahead(self._eval_digest)
         return self._seal(round_, inner_msgs, "evaluate", model, self._eval_digest, self._next)

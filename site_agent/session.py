@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cleanroom.errors import ProtocolError, SiteRefusal
-from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.binding import Binding
-from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair, signer_public_bytes
 from cleanroom.protocol.payload import Sealed, open_model, seal_metrics, seal_update
 from cleanroom.protocol.reports import EvaluateReport, PrivacySpend, TrainReport
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal, TrainPlan
@@ -68,6 +68,15 @@ class Answer:
     evidence: bytes = b""
     endorsement: bytes = b""
     session: SessionBlob | None = None
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One round's secrets, unsealed for the message at hand."""
+
+    keys: KeyPair
+    signer: ed25519.Ed25519PrivateKey
+    challenge: AttestChallenge
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,8 @@ class SiteProtocol:
                                     code=refusal.code, detail=refusal.detail)
             return Answer(AttestResponse.model_validate(
                 {**base, "refusal": Refusal(code=refusal.code, detail=refusal.detail)}))
-        keys = KeyPair.generate()
+        keys = KeyPair.generate()  # the round's HPKE key: the model is sealed to it
+        signer = ed25519.Ed25519PrivateKey.generate()  # signs this round's update and reports
         ledger_records, ledger_head = runtime.ledger.state()
         anchor = challenge.ledger_anchor
         anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
@@ -129,9 +139,11 @@ class SiteProtocol:
                           ledger_records=ledger_records, ledger_head=ledger_head,
                           ledger_anchor_head=anchor_head or "" if anchor else "",
                           task_digest=task.digest, dataset_digest=settings.dataset_digest,
-                          dataset_rows=settings.dataset_rows)
+                          dataset_rows=settings.dataset_rows,
+                          update_signer=signer_public_bytes(signer))
         evidence = runtime.provider.for_task(task.digest).evidence(binding.report_data())
         secrets = {"private_key": keys.private_bytes().hex(),
+                   "signing_key": signer.private_bytes_raw().hex(),
                    "challenge": challenge.model_dump_json()}
         blob = SessionBlob(challenge.run_id, challenge.round, seal_blob(
             runtime.session_key(), json.dumps(secrets).encode(),
@@ -140,6 +152,7 @@ class SiteProtocol:
             {**base, "site_public_key": keys.public_bytes.hex(),
              "ledger_records": ledger_records, "ledger_head": ledger_head,
              "ledger_anchor_head": anchor_head, "task_digest": task.digest,
+             "update_signer_key": signer_public_bytes(signer).hex(),
              "dataset_digest": settings.dataset_digest or None,
              "dataset_rows": settings.dataset_rows})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
@@ -155,18 +168,21 @@ class SiteProtocol:
     def _label(self, run_id: str) -> bytes:
         return f"session/{self.runtime.site}/{run_id}".encode()
 
-    def _session(self, blob: SessionBlob | None) -> tuple[KeyPair, AttestChallenge]:
+    def _session(self, blob: SessionBlob | None) -> _Round:
         if blob is None:
             raise ProtocolError("no attested session for this round: the site must attest "
                                 "before it receives a model")
         raw = unseal_blob(self.runtime.session_key(), blob.sealed, self._label(blob.run_id))
         secrets = json.loads(raw)
-        return (KeyPair.from_private_bytes(bytes.fromhex(secrets["private_key"])),
-                AttestChallenge.model_validate_json(secrets["challenge"]))
+        return _Round(KeyPair.from_private_bytes(bytes.fromhex(secrets["private_key"])),
+                      ed25519.Ed25519PrivateKey.from_private_bytes(
+                          bytes.fromhex(secrets["signing_key"])),
+                      AttestChallenge.model_validate_json(secrets["challenge"]))
 
     def _open(self, blob: SessionBlob | None, sealed: Sealed, direction: str,
-              ) -> tuple[KeyPair, AttestChallenge, OrderedDict[str, np.ndarray]]:
-        keys, challenge = self._session(blob)
+              ) -> tuple[_Round, OrderedDict[str, np.ndarray]]:
+        session = self._session(blob)
+        keys, challenge = session.keys, session.challenge
         header = sealed.header
         if (header.run_id, header.round) != (challenge.run_id, challenge.round):
             raise ProtocolError(f"{direction} for run {header.run_id} round {header.round} but "
@@ -175,19 +191,21 @@ class SiteProtocol:
         digest = challenge.model_digest if direction == "model" else header.model_digest
         context = EnvelopeContext(direction, challenge.run_id, challenge.round,  # type: ignore[arg-type]
                                   self.runtime.site, digest)
-        arrays = open_model(sealed, keys, context)
-        if arrays_digest(arrays) != digest:
-            raise ProtocolError(f"decrypted {direction} differs from the model digest "
+        try:
+            arrays = open_model(sealed, keys, context)  # checks the model digest
+        except ProtocolError as exc:
+            raise ProtocolError(f"the {direction} received is not the model "
                                 + ("bound in this round's attestation" if direction == "model"
-                                   else "of its header"))
-        return keys, challenge, arrays
+                                   else "its header names") + f": {exc}") from None
+        return session, arrays
 
     # ------------------------------------------------------------------ train
     def train(self, blob: SessionBlob | None, sealed: Sealed,
               strategy_config: Mapping[str, Any]) -> Sealed:
         """Train on the sealed global model; returns the sealed update and report."""
         runtime = self.runtime
-        _, challenge, arrays = self._open(blob, sealed, "model")
+        session, arrays = self._open(blob, sealed, "model")
+        challenge = session.challenge
         settings = decide_settings(runtime, challenge, self.memo)
         plan = challenge.plan
         if settings.noise_multiplier is not None:
@@ -221,13 +239,15 @@ class SiteProtocol:
                                 epsilon_run=privacy.epsilon_run if privacy else None)
         return seal_update(outcome.parameters, report, challenge.coordinator_public_key,
                            EnvelopeContext("update", challenge.run_id, challenge.round,
-                                           runtime.site, challenge.model_digest))
+                                           runtime.site, challenge.model_digest),
+                           session.signer)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, blob: SessionBlob | None, sealed: Sealed,
                  next_challenge: AttestChallenge | None) -> tuple[Sealed, Answer | None]:
         """Evaluate the sealed model; answer the piggybacked next-round challenge, if any."""
-        _, challenge, arrays = self._open(blob, sealed, "evaluate")
+        session, arrays = self._open(blob, sealed, "evaluate")
+        challenge = session.challenge
         digest = sealed.header.model_digest
         if next_challenge is not None and (next_challenge.run_id, next_challenge.round,
                                            next_challenge.model_digest) != (
@@ -237,6 +257,7 @@ class SiteProtocol:
         report = self.trainer.evaluate(self.runtime, challenge.plan, arrays)
         sealed_report = seal_metrics(report, challenge.coordinator_public_key,
                                      EnvelopeContext("metrics", challenge.run_id,
-                                                     challenge.round, self.runtime.site, digest))
+                                                     challenge.round, self.runtime.site, digest),
+                                     session.signer)
         answer = self.answer(next_challenge) if next_challenge is not None else None
         return sealed_report, answer

@@ -1,7 +1,8 @@
 """The report_data binding: what a site's evidence must commit to, computed by both sides.
 
 ``report_data = SHA-512(tag || run || round || site || nonce || site key || model digest ||
-node key || ledger state || ledger head at the anchor || task digest || dataset digest and rows)``
+node key || ledger state || ledger head at the anchor || task digest || dataset digest and rows ||
+update-signing key)``
 with every field length-prefixed, so no two different tuples hash the same input.
 The coordinator recomputes it from *its own* challenge and compares it to the hardware
 report_data (constant time); a stale nonce, a replayed report, another site's key or another
@@ -42,6 +43,7 @@ class Binding:
     task_digest: str = ""  # the task the site will run (hex), "" if none
     dataset_digest: str = ""  # the registered dataset it serves the task from (hex), "" if none
     dataset_rows: int = 0  # that dataset's training rows
+    update_signer: bytes = b""  # raw Ed25519 key that signs the site's update and reports
 
     def report_data(self) -> bytes:
         if len(self.nonce) != NONCE_SIZE:
@@ -52,7 +54,8 @@ class Binding:
                      self.node_public_key,
                      struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head),
                      bytes.fromhex(self.ledger_anchor_head), bytes.fromhex(self.task_digest),
-                     bytes.fromhex(self.dataset_digest) + struct.pack("<Q", self.dataset_rows)):
+                     bytes.fromhex(self.dataset_digest) + struct.pack("<Q", self.dataset_rows),
+                     self.update_signer):
             h.update(_field(part))
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE

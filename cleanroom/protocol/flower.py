@@ -43,6 +43,8 @@ SERVER_ROUND = "server-round"  # the round number in a strategy's per-round Conf
 PROXIMAL_MU = "proximal-mu"  # FedProx's proximal term weight, in the same record
 TRAIN_LOSS = "train-loss"  # a plain reply's raw training loss (only ever without DP)
 DP_STEPS = "dp-steps"  # a plain reply's optimiser steps (the baseline's report)
+MAX_ENVELOPE_PARTS = 1 + 1024 + 1  # header, 1 GiB of 1 MiB chunks, the last partial one
+MAX_WRAPPED_KEY = 512
 MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 64 * 1024
 MAX_JSON = 256 * 1024
@@ -135,17 +137,22 @@ def read_attest(content: RecordDict) -> tuple[AttestResponse, bytes, bytes]:
 
 
 def envelope_record(sealed: Sealed) -> ConfigRecord:
+    """The sealed payload's parts travel as a list of bytes (no 100 MB join)."""
     return ConfigRecord({"header": sealed.header.model_dump_json(),
-                         "ciphertext": sealed.ciphertext})
+                         "parts": list(sealed.parts), "wrapped_key": sealed.wrapped_key})
 
 
 def read_envelope(content: RecordDict) -> Sealed:
     record = _config(content, ENVELOPE_RECORD)
-    ciphertext = record.get("ciphertext")
-    if not isinstance(ciphertext, bytes):
-        raise ProtocolError("envelope has no ciphertext")
+    parts, wrapped = record.get("parts"), record.get("wrapped_key")
+    if not isinstance(parts, list) or not parts or len(parts) > MAX_ENVELOPE_PARTS or \
+            not all(isinstance(p, bytes) for p in parts):
+        raise ProtocolError(f"envelope parts must be a list of 1..{MAX_ENVELOPE_PARTS} byte "
+                            "strings")
+    if not isinstance(wrapped, bytes) or len(wrapped) > MAX_WRAPPED_KEY:
+        raise ProtocolError("envelope has no wrapped key, or one too large")
     header = _parse(EnvelopeHeader, record.get("header"), "envelope header")
-    return Sealed(header, ciphertext)  # type: ignore[arg-type]
+    return Sealed(header, tuple(parts), wrapped)  # type: ignore[arg-type]
 
 
 def instruction_content(sealed: Sealed, strategy_content: RecordDict,

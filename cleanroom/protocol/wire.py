@@ -120,6 +120,9 @@ class AttestResponse(_Wire):
         "never held that many records)")
     task_digest: HexDigest | None = Field(  # type: ignore[valid-type]
         None, description="the task the site will run (must be the plan's; bound)")
+    update_signer_key: Hex32 | None = Field(  # type: ignore[valid-type]
+        None, description="the site's per-round Ed25519 key that signs its update and "
+        "reports (bound)")
     dataset_digest: HexDigest | None = Field(  # type: ignore[valid-type]
         None, description="SHA-256 of the registered dataset the site serves the task from")
     dataset_rows: int = Field(0, ge=0, le=10**9, description="its training rows (bound: the "
@@ -127,9 +130,11 @@ class AttestResponse(_Wire):
 
 
 class EnvelopeHeader(_Wire):
-    """Describes a ciphertext (model to a site, update back); the bytes travel beside it."""
+    """Describes a ciphertext (model to a site, update back); the bytes travel beside it.
+    ``ciphertext_sha256``: envelope v2's ciphertext id (SHA-256 over its header digest and
+    chunk tags)."""
 
-    protocol: Literal[1] = PROTOCOL_VERSION
+    protocol: Literal[2] = 2
     direction: Literal["model", "update", "evaluate", "metrics"]
     run_id: str
     round: int

@@ -9,13 +9,14 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cleanroom.coordinator.rounds import CoordinatorRound, Phase, RoundStateError
 from cleanroom.errors import ProtocolError
 from cleanroom.models import build_model, get_parameters
 from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
-from cleanroom.protocol.payload import seal_model, seal_update
+from cleanroom.protocol.payload import seal_update
 from cleanroom.protocol.reports import TrainReport
 from cleanroom.site_agent.session import SiteProtocol
 from cleanroom.site_agent.trainers import TaskTrainer
@@ -58,8 +59,8 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
 
     updates = {}
     for node_id, runtime in two_sites.items():
-        sealed = round_.seal(node_id, model, direction="model", model_digest=round_.model_digest)
-        assert sealed is not None
+        sealed = round_.seal([node_id], model, direction="model",
+                             model_digest=round_.model_digest)[node_id]
         assert record.sites[runtime.site].model_ciphertext_sha256 == sealed.sha256
         reply = SiteProtocol(runtime, TaskTrainer()).train(blobs[node_id], sealed, {})
         opened = round_.open_update(node_id, reply, model)
@@ -75,8 +76,8 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
     round_.end_training(arrays_digest(update))
     ahead = round_.look_ahead(arrays_digest(update))
     for node_id, runtime in two_sites.items():
-        sealed = round_.seal(node_id, update, direction="evaluate",
-                             model_digest=arrays_digest(update))
+        sealed = round_.seal([node_id], update, direction="evaluate",
+                             model_digest=arrays_digest(update))[node_id]
         metrics, answer = SiteProtocol(runtime, TaskTrainer()).evaluate(
             blobs[node_id], sealed, ahead.challenge(node_id))
         assert round_.open_metrics(node_id, metrics, arrays_digest(update)) is not None
@@ -91,7 +92,7 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
 def test_steps_out_of_order_are_refused(tmp_path, sim_root, model):
     round_ = new_round(tmp_path, sim_root, model, {1: "alpha"})
     with pytest.raises(RoundStateError):
-        round_.seal(1, model, direction="model", model_digest=round_.model_digest)
+        round_.seal([1], model, direction="model", model_digest=round_.model_digest)
     round_.end_attestation()
     with pytest.raises(RoundStateError):
         round_.challenge(1)
@@ -106,8 +107,7 @@ def test_silent_and_unattested_nodes_get_nothing(tmp_path, sim_root, model):
     round_.challenge(1)
     assert round_.end_attestation() == []
     assert round_.record.quarantined == {"alpha": "no attestation reply before the timeout"}
-    assert round_.seal(1, model, direction="model", model_digest=round_.model_digest) is None
-    assert round_.seal(7, model, direction="model", model_digest=round_.model_digest) is None
+    assert round_.seal([1, 7], model, direction="model", model_digest=round_.model_digest) == {}
 
 
 def test_a_node_answering_as_another_site_is_filed_under_its_own_name(
@@ -185,24 +185,41 @@ def _report(**kw) -> TrainReport:
 def test_an_update_sealed_to_another_key_is_rejected(tmp_path, sim_root_dir, sim_root, model):
     round_, _, _ = _admitted_round(tmp_path, sim_root_dir, sim_root, model)
     context = EnvelopeContext("update", "run-1", 1, "alpha", round_.model_digest)
-    forged = seal_update(model, _report(), KeyPair.generate().public_bytes, context)
+    forged = seal_update(model, _report(), KeyPair.generate().public_bytes, context,
+                         ed25519.Ed25519PrivateKey.generate())
     assert round_.open_update(1, forged, model) is None
     entry = round_.record.sites["alpha"]
     assert not entry.admitted and entry.reason.startswith("update rejected: cannot open update")
     assert round_.admitted == []
 
 
+def test_a_relays_update_sealed_to_the_public_round_key_is_refused(
+        tmp_path, sim_root_dir, sim_root, model):
+    """The coordinator's round key is public (it is in the challenge): anyone can seal an
+    update to it. Only the key the site's evidence bound may sign one."""
+    round_, _, _ = _admitted_round(tmp_path, sim_root_dir, sim_root, model)
+    context = EnvelopeContext("update", "run-1", 1, "alpha", round_.model_digest)
+    relay = seal_update(model, _report(), round_.keys.public_bytes, context,
+                        ed25519.Ed25519PrivateKey.generate())
+    assert round_.open_update(1, relay, model) is None
+    assert "signature" in round_.record.sites["alpha"].reason
+
+
 @pytest.mark.parametrize("case,expect", [
-    ("norm", "update norm"), ("steps", "reports 2 steps"), ("no-privacy", "no privacy spend"),
+    ("norm", "update norm"), ("rows", "attested dataset holds 200 training rows"),
+    ("steps", "reports 2 steps"), ("no-privacy", "no privacy spend"),
     ("shape", "shape"), ("context", "envelope is for update/run-1/round 2")])
 def test_bad_updates_are_rejected_with_the_reason(tmp_path, sim_root_dir, sim_root, model, case,
                                                   expect):
-    round_, _, _ = _admitted_round(tmp_path, sim_root_dir, sim_root, model)
+    round_, alpha, blob = _admitted_round(tmp_path, sim_root_dir, sim_root, model)
+    signer = SiteProtocol(alpha, TaskTrainer())._session(blob).signer  # the attested key
     update, report, rnd = OrderedDict(model), _report(), 1
     if case == "norm":
         update = OrderedDict((k, v + 100.0) for k, v in model.items())
     elif case == "steps":
         report = _report(steps=2)
+    elif case == "rows":
+        report = _report(num_examples=10**9)  # would dominate a weighted average
     elif case == "shape":
         update = OrderedDict((k, np.zeros((2, 2), np.float32)) for k in model)
     elif case == "context":
@@ -214,7 +231,7 @@ def test_bad_updates_are_rejected_with_the_reason(tmp_path, sim_root_dir, sim_ro
             noise_multiplier=1.0, sample_rate=1.0, steps=1, epsilon_round=0.1,
             epsilon_run=0.1, epsilon_lifetime=0.1, delta=1e-5, ledger_records=2)})
     context = EnvelopeContext("update", "run-1", rnd, "alpha", round_.model_digest)
-    sealed = seal_update(update, report, round_.keys.public_bytes, context)
+    sealed = seal_update(update, report, round_.keys.public_bytes, context, signer)
     assert round_.open_update(1, sealed, model) is None
     assert expect in round_.record.sites["alpha"].reason
 
@@ -224,8 +241,15 @@ def test_the_site_refuses_a_model_other_than_the_one_its_evidence_bound(
     round_, alpha, blob = _admitted_round(tmp_path, sim_root_dir, sim_root, model)
     other = OrderedDict((k, v + 1.0) for k, v in model.items())
     context = EnvelopeContext("model", "run-1", 1, "alpha", round_.model_digest)
-    swapped = seal_model(other, round_._sessions[1].public_key, context)
-    with pytest.raises(ProtocolError, match="differs from the model digest bound"):
+    # a coordinator cannot use seal_model for this (it checks the digest): seal raw bytes
+    from cleanroom.protocol.arrays import encode_arrays
+    from cleanroom.protocol.envelope import Recipient, seal_envelope
+    from cleanroom.protocol.payload import Sealed, _header
+
+    raw = seal_envelope(encode_arrays(other), [Recipient(round_._sessions[1].public_key,
+                                                         context)])
+    swapped = Sealed(_header(context, raw), raw.parts, raw.wrapped_keys[0])
+    with pytest.raises(ProtocolError, match="is not the model bound in this round's attest"):
         SiteProtocol(alpha, TaskTrainer()).train(blob, swapped, {})
     assert alpha.ledger.state()[0] == 0  # nothing charged
 

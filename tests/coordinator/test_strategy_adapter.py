@@ -28,8 +28,16 @@ def hostile(kind: str):
             reply.content["metrics"] = MetricRecord({"num-examples": 10**9})
         elif kind == "garbled":
             record = reply.content.config_records[ENVELOPE_RECORD]
+            parts = list(record["parts"])
+            parts[-1] = bytes(len(parts[-1]))  # the last chunk zeroed
             reply.content[ENVELOPE_RECORD] = ConfigRecord(
-                {"header": record["header"], "ciphertext": b"\x00" * 64})
+                {"header": record["header"], "parts": parts,
+                 "wrapped_key": record["wrapped_key"]})
+        elif kind == "overflow":  # a forged header whose array shape overflows
+            record = reply.content.config_records[ENVELOPE_RECORD]
+            reply.content[ENVELOPE_RECORD] = ConfigRecord(
+                {"header": record["header"], "parts": [b"\xff" * 88],
+                 "wrapped_key": record["wrapped_key"]})
         elif kind == "no-envelope":
             del reply.content[ENVELOPE_RECORD]
         elif kind == "raise":
@@ -40,7 +48,8 @@ def hostile(kind: str):
 
 @pytest.mark.parametrize("kind,reason", [
     ("extra-record", "unexpected record(s) ['metrics']"),
-    ("garbled", "ciphertext does not match its header digest"),
+    ("garbled", "update rejected"),
+    ("overflow", "update rejected"),
     ("no-envelope", "no cleanroom.envelope record"),
     ("raise", "site error: RuntimeError: the site's app crashed"),
 ])

@@ -51,7 +51,7 @@ def test_attest_then_train_through_the_mod(tmp_path, sim_root_dir, sim_root):
     assert SESSION_RECORD in ctx.state.config_records  # sealed: no key in clear
     assert runtime.session_key() not in bytes(ctx.state.config_records[SESSION_RECORD]["sealed"])
     round_.end_attestation()
-    sealed = round_.seal(1, model, direction="model", model_digest=round_.model_digest)
+    sealed = round_.seal([1], model, direction="model", model_digest=round_.model_digest)[1]
     train = Message(instruction_content(sealed, RecordDict()), 1, "train")
     out = mod(train, ctx, _never)
     assert set(out.content) == {ENVELOPE_RECORD}
@@ -70,7 +70,7 @@ def test_a_model_without_an_attested_session_is_refused(tmp_path, sim_root_dir, 
     from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
     from cleanroom.protocol.payload import seal_model
 
-    sealed = seal_model(model, KeyPair.generate().public_bytes,
-                        EnvelopeContext("model", "r", 1, "alpha", round_.model_digest))
+    context = EnvelopeContext("model", "r", 1, "alpha", round_.model_digest)
+    sealed = seal_model(model, [(KeyPair.generate().public_bytes, context)])[0]
     with pytest.raises(ProtocolError, match="no attested session"):
         mod(Message(instruction_content(sealed, RecordDict()), 1, "train"), ctx, _never)

@@ -27,8 +27,6 @@ from cleanroom.http import READ, WRITE, make_app, read_json, requires
 
 CONFIG_KEY = web.AppKey("config", CoordinatorConfig)
 CONTROL_KEY = web.AppKey("control", object)  # RunControl (submit/stop/list nodes)
-RUN_OPTIONS = {"rounds": int, "strategy": str, "dp": bool, "epsilon": float, "seed": int,
-               "local-steps": int, "lr": float, "sample-rate": float}
 
 
 def read_progress(run_dir: Path) -> list[dict[str, Any]]:
@@ -150,18 +148,16 @@ async def get_sites(request: web.Request) -> web.Response:
 
 @requires(WRITE)
 async def submit_run(request: web.Request) -> web.Response:
+    from pydantic import ValidationError
+
+    from cleanroom.config import format_validation_error
+    from cleanroom.coordinator.serverapp import RunOptions
+
     body = await read_json(request)
-    unknown = set(body) - set(RUN_OPTIONS)
-    if unknown:
-        raise CleanroomError(f"unknown run options {sorted(unknown)}; allowed: "
-                             f"{sorted(RUN_OPTIONS)}")
-    options = {}
-    for key, value in body.items():
-        kind = RUN_OPTIONS[key]
-        if (kind is bool and not isinstance(value, bool)) or (kind is not bool and (
-                isinstance(value, bool) or not isinstance(value, (kind, int)))):
-            raise CleanroomError(f"option {key} must be {kind.__name__}")
-        options[key] = kind(value)
+    try:  # strict: unknown keys, wrong types and out-of-range values are refused, named
+        options = RunOptions.model_validate(body).model_dump(exclude_defaults=True)
+    except ValidationError as exc:
+        raise CleanroomError(format_validation_error(exc, "run options")) from None
     control = request.app[CONTROL_KEY]
     run_id = await asyncio.to_thread(control.submit, options)  # type: ignore[attr-defined]
     return web.json_response({"run_id": run_id}, status=202)

@@ -16,8 +16,8 @@ from typing import Any
 
 from cleanroom.attestation.validate.policy import load_policy
 from cleanroom.coordinator.config import CoordinatorConfig, load_coordinator_config
-from cleanroom.coordinator.fab import write_fab
 from cleanroom.coordinator.flower_cli import FlowerCli
+from cleanroom.coordinator.serverapp import CONFIG_ENV
 from cleanroom.errors import ConfigError
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
@@ -57,17 +57,24 @@ class RunControl:
         self.cli = cli
         self.config_path = Path(config_path).resolve()
 
-    def fab_dir(self) -> Path:
-        t = self.config.training
-        return write_fab(self.config.state_dir / "fab", {
-            "coordinator-config": str(self.config_path), "rounds": t.rounds,
-            "strategy": t.strategy, "dp": t.dp, "epsilon": t.epsilon, "seed": 0,
-            "local-steps": t.local_steps, "lr": t.lr, "sample-rate": t.sample_rate,
-            "pause-after": 0, "resume-run": ""})
+    def app_dir(self) -> Path:
+        """The run's Flower App: the configured task's folder (a task is a Flower App)."""
+        from cleanroom.task import installed_folder, is_flower_app
+
+        spec = self.config.training.task
+        folder = Path(spec) if Path(spec).is_dir() else installed_folder(spec)
+        if not is_flower_app(folder):
+            raise ConfigError(f"task {spec} ({folder}) is not a Flower App: it needs a "
+                              "pyproject.toml with [tool.flwr.app] to run in a deployment")
+        return folder
 
     def submit(self, options: dict[str, Any]) -> int:
-        return self.cli.submit(self.fab_dir(), {"coordinator-config": str(self.config_path),
-                                                **options})
+        """Submit a run of the configured task with ``options`` (checked: RunOptions)."""
+        from cleanroom.coordinator.serverapp import OPTIONS_KEY, RunOptions
+
+        checked = RunOptions.model_validate(options)
+        return self.cli.submit(self.app_dir(), {OPTIONS_KEY: checked.model_dump_json(
+            exclude_defaults=True)})
 
     def stop(self, run_id: int) -> None:
         self.cli.stop(run_id)
@@ -94,10 +101,11 @@ def control_for(config_path: Path, env: dict[str, str] | None = None) -> RunCont
     return RunControl(config, cli, config_path)
 
 
-def start_superlink(config: CoordinatorConfig, sup: Supervisor) -> None:
+def start_superlink(config: CoordinatorConfig, config_path: Path, sup: Supervisor) -> None:
     link = config.superlink
     link.database.parent.mkdir(parents=True, exist_ok=True)
-    env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home-link")})
+    env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home-link"),
+                   CONFIG_ENV: str(config_path.resolve())})
     sup.start("superlink", [
         "flower-superlink", "--ssl-ca-certfile", str(link.ca_cert),
         "--ssl-certfile", str(link.cert), "--ssl-keyfile", str(link.key),
@@ -130,7 +138,7 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(config.state_dir / "logs")
     try:
-        start_superlink(config, sup)
+        start_superlink(config, config_path, sup)
         cli = FlowerCli(config.state_dir / "flwr-home-cli", config.superlink.address,
                         config.superlink.ca_cert, sup.env())
         nodes = register_sites(config, cli)

@@ -1,22 +1,28 @@
 """The coordinator's Flower ServerApp for deployments (runs under the SuperLink).
 
-It reads the coordinator configuration named in the run config, waits for the registered
-sites to come online, binds each node's authentication key into the attestation check, and
-runs the federation with :func:`cleanroom.coordinator.run.run_federation` (the same code path as the
-simulation). Outputs land in ``<state_dir>/runs/<run_id>/``; ``progress.jsonl`` gets one line
-per round for ``cleanroom run`` and the coordinator API.
+It reads the coordinator configuration the daemon names in its environment
+(:data:`CONFIG_ENV`, set for the SuperLink's process tree; never something a run submitter
+chooses), the run's options from the run config (``options``: JSON, strictly typed:
+:class:`RunOptions`), waits for the registered sites to come online, maps each node to its
+site by the public key the operator registered (never by a name a node claims), binds each
+node's key into the attestation check, and runs the federation with
+:func:`cleanroom.coordinator.run.run_federation` (the same code path as the simulation).
+Outputs land in ``<state_dir>/runs/<run_id>/``; ``progress.jsonl`` gets one line per round for
+``cleanroom run`` and the coordinator API.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cleanroom.coordinator.fastgrid import FastPollGrid
 from cleanroom.errors import ConfigError
@@ -24,19 +30,68 @@ from cleanroom.errors import ConfigError
 log = logging.getLogger(__name__)
 app = ServerApp()
 
-OVERRIDES = {  # run-config key -> TrainingSettings field
-    "rounds": "rounds", "strategy": "strategy", "dp": "dp", "epsilon": "epsilon",
-    "local-steps": "local_steps", "lr": "lr", "sample-rate": "sample_rate",
-}
+CONFIG_ENV = "CLEANROOM_COORDINATOR_CONFIG"
+OPTIONS_KEY = "options"
 
 
-def wait_for_sites(grid: Grid, expected: set[str], timeout: float) -> dict[int, Any]:
-    """Node id -> NodeInfo of the registered sites online, waiting up to ``timeout``."""
+class RunOptions(BaseModel):
+    """What a run may change of the coordinator's training settings (``cleanroom run``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    rounds: int | None = Field(None, ge=1, le=1000)
+    strategy: str | None = None
+    dp: bool | None = None
+    epsilon: float | None = Field(None, gt=0)
+    local_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    sample_rate: float | None = Field(None, gt=0, le=1)
+    seed: int = 0
+    pause_after: int = Field(0, ge=0)
+    resume_run: str = Field("", pattern=r"^[0-9]*$")
+
+    @classmethod
+    def from_run_config(cls, run_config: Any) -> RunOptions:
+        raw = run_config.get(OPTIONS_KEY, "{}") or "{}"
+        try:
+            return cls.model_validate_json(str(raw))
+        except ValidationError as exc:
+            from cleanroom.config import format_validation_error
+
+            raise ConfigError(format_validation_error(exc, "run options")) from None
+
+    def training_updates(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items()
+                if v is not None and k not in ("seed", "pause_after", "resume_run")}
+
+
+def coordinator_config_path(context: Context) -> Path:
+    """The coordinator configuration: the daemon's environment (its own SuperLink), else a
+    run config key (runs submitted to a SuperLink this daemon did not start)."""
+    path = os.environ.get(CONFIG_ENV) or str(context.run_config.get("coordinator-config", ""))
+    if not path:
+        raise ConfigError(f"no coordinator configuration: {CONFIG_ENV} is not set (start the "
+                          "SuperLink with 'cleanroom coordinator')")
+    return Path(path)
+
+
+def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> dict[int, Any]:
+    """Node id -> (NodeInfo, site) of the registered sites online, waiting up to ``timeout``.
+    ``expected``: each registered site's public key (DER SPKI) -> its name: a node is the
+    site whose key it authenticated with, whatever name it was registered or claims."""
+    from cleanroom.pki import spki_der
+
     deadline = time.monotonic() + timeout
     while True:
-        nodes = {n.node_id: n for n in grid.get_nodes() if n.name in expected}
-        online = {nid: n for nid, n in nodes.items() if n.status in ("online", "")}
-        if {n.name for n in online.values()} >= expected or time.monotonic() > deadline:
+        online: dict[int, Any] = {}
+        for node in grid.get_nodes():
+            try:
+                key = spki_der(bytes(node.public_key))
+            except ConfigError:
+                continue
+            if key in expected and node.status in ("online", ""):
+                online[node.node_id] = (node, expected[key])
+        if len(online) >= len(expected) or time.monotonic() > deadline:
             return online
         time.sleep(0.5)
 
@@ -47,20 +102,17 @@ def main(grid: Grid, context: Context) -> None:
     from cleanroom.coordinator.config import load_coordinator_config
     from cleanroom.coordinator.gate import SiteDirectory
     from cleanroom.coordinator.run import Resume, RunSpec, Stores, run_federation, start_rounds
-    from cleanroom.pki import spki_der
+    from cleanroom.pki import NodePublicKey, spki_der
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    path = str(context.run_config.get("coordinator-config", ""))
-    if not path:
-        raise ConfigError("run config 'coordinator-config' is not set")
-    config = load_coordinator_config(Path(path))
-    updates = {field: context.run_config[key] for key, field in OVERRIDES.items()
-               if key in context.run_config and context.run_config[key] != ""}
-    training = config.training.model_validate({**config.training.model_dump(), **updates})
-    seed = int(context.run_config.get("seed", 0))  # type: ignore[arg-type]
+    config = load_coordinator_config(coordinator_config_path(context))
+    options = RunOptions.from_run_config(context.run_config)
+    training = config.training.model_validate({**config.training.model_dump(),
+                                               **options.training_updates()})
+    seed = options.seed
     run_id = str(context.run_id)
     checkpoint, earlier = None, None
-    resume_run = str(context.run_config.get("resume-run", "") or "")
+    resume_run = options.resume_run
     if resume_run:  # continue an interrupted or paused run: its settings, its run id
         from cleanroom.coordinator.checkpoint import load_resumable
 
@@ -72,10 +124,10 @@ def main(grid: Grid, context: Context) -> None:
         if checkpoint.round >= training.rounds:
             raise ConfigError(f"run {resume_run} already completed its {training.rounds} "
                               "rounds")
-    pause_after = int(context.run_config.get("pause-after", 0) or 0)  # type: ignore[arg-type]
+    pause_after = options.pause_after
     out = config.runs_dir() / run_id
     out.mkdir(parents=True, exist_ok=True)
-    expected = {s.name for s in config.sites}
+    expected = {NodePublicKey.load(s.public_key).identity: s.name for s in config.sites}
     nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
     log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
     policy = load_policy(config.policy)
@@ -96,14 +148,14 @@ def main(grid: Grid, context: Context) -> None:
         stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
                       watermarks=config.state_dir / "ledger_watermarks.json",
                       checkpoints=out / "checkpoint"),
-        # node id -> the name and key the operator registered (never what a node claims)
+        # node id -> the site whose registered key it authenticated with (never a claim)
         directory=SiteDirectory(
-            names={nid: n.name for nid, n in nodes.items()},
-            keys={nid: spki_der(bytes(n.public_key)) for nid, n in nodes.items()}),
+            names={nid: name for nid, (_, name) in nodes.items()},
+            keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
         min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
         tdx_collateral=config.tdx_collateral,
         run_name=f"run-{run_id}-{training.strategy}", coordinator_id=config.name,
-        sites=sorted(expected), expected_nodes=max(1, len(nodes)),
+        sites=sorted(expected.values()), expected_nodes=max(1, len(nodes)),
         params={"seed": seed, "deployment": config.name},
         report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
                                  "deployment": config.name},

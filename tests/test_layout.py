@@ -32,6 +32,12 @@ EXCEPTIONS = {
     # reads the vendored files with the site's FLamby loader (never called in a deployment)
     ("models/heart_disease/task.py", "cleanroom.site_agent.data"),
     ("models/synthetic/task.py", "cleanroom.site_agent.data"),
+    # the built-in tasks are Flower Apps whose components are the coordinator's ServerApp and
+    # the site agent's ClientApp (each loaded only on its own side)
+    *((f"models/{task}/server_app.py", "cleanroom.coordinator")
+      for task in ("heart_disease", "synthetic")),
+    *((f"models/{task}/client_app.py", "cleanroom.site_agent")
+      for task in ("heart_disease", "synthetic")),
 }
 
 

@@ -43,15 +43,15 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in (("rounds", args.rounds), ("strategy", args.strategy),
                        ("epsilon", args.epsilon), ("seed", args.seed),
-                       ("local-steps", args.local_steps), ("lr", args.lr)):
+                       ("local_steps", args.local_steps), ("lr", args.lr)):
         if value is not None:
             options[key] = value
     if args.no_dp:
         options["dp"] = False
     if args.pause_after:
-        options["pause-after"] = args.pause_after
+        options["pause_after"] = args.pause_after
     if args.resume:
-        options["resume-run"] = str(args.resume)
+        options["resume_run"] = str(args.resume)
     return options
 
 

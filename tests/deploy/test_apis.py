@@ -80,7 +80,11 @@ async def test_coordinator_api_roles(aiohttp_client, fed):
     bad = await client.post("/runs", headers=operator, json={"rounds": "many"})
     assert bad.status == 400 and "rounds" in (await bad.json())["error"]
     bad = await client.post("/runs", headers=operator, json={"evil": 1})
-    assert bad.status == 400 and "unknown run options" in (await bad.json())["error"]
+    assert bad.status == 400 and "evil" in (await bad.json())["error"]
+    for wrong in ({"dp": "yes"}, {"rounds": 2.0}, {"epsilon": "1"}, {"rounds": 0},
+                  {"resume_run": "../x"}):
+        bad = await client.post("/runs", headers=operator, json=wrong)
+        assert bad.status == 400, wrong
     bad = await client.post("/runs", headers=operator, data="not json")
     assert bad.status == 400
     assert (await client.post("/runs/7/stop", headers=operator)).status == 200

@@ -528,12 +528,40 @@ _LOCK = threading.RLock()
 _LOADED: dict[str, Task] = {}
 
 
+def _task_module(snapshot: _Snapshot) -> str:
+    """Which module of the folder defines ``task``: ``[tool.cleanroom] task =
+    "pkg.task"`` in a Flower App's pyproject.toml, else ``task.py`` at the top, else the one
+    ``<package>/task.py`` (a Flower App's usual layout)."""
+    import tomllib
+
+    pyproject = snapshot.files.get("pyproject.toml")
+    if pyproject is not None:
+        try:
+            named = tomllib.loads(pyproject.decode()).get("tool", {}).get("cleanroom", {})
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise TaskError("task-invalid", f"{snapshot.folder}/pyproject.toml: {exc}") from None
+        module = named.get("task") if isinstance(named, dict) else None
+        if module is not None:
+            if not isinstance(module, str) or not all(p.isidentifier()
+                                                      for p in module.split(".")):
+                raise TaskError("task-invalid", "[tool.cleanroom] task must be a module path "
+                                f"like 'pkg.task', got {module!r:.80}")
+            return module
+    if TASK_FILE in snapshot.files:
+        return TASK_FILE.removesuffix(".py")
+    nested = sorted(rel for rel in snapshot.files
+                    if rel.endswith("/" + TASK_FILE) and rel.count("/") == 1)
+    if len(nested) == 1:
+        return nested[0].removesuffix(".py").replace("/", ".")
+    raise TaskError("task-not-found", f"{snapshot.folder} has no {TASK_FILE} (at the top or in "
+                    "its one package; or name it: [tool.cleanroom] task = 'pkg.task')")
+
+
 def _import_task(snapshot: _Snapshot) -> tuple[Task, str]:
     package = MODULE_PREFIX + snapshot.digest[:16]
     if package in _LOADED:
         return _LOADED[package], package
-    if TASK_FILE not in snapshot.files:
-        raise TaskError("task-not-found", f"{snapshot.folder} has no {TASK_FILE}")
+    task_module = _task_module(snapshot)
     finder = _SnapshotFinder(package, snapshot)
     sys.meta_path.insert(0, finder)
     shadowed: dict[str, types.ModuleType] = {}
@@ -549,7 +577,7 @@ def _import_task(snapshot: _Snapshot) -> tuple[Task, str]:
             sys.modules[package] = root
             root.__spec__.loader.exec_module(root)  # type: ignore[union-attr]
             finder.serve_siblings = True
-            module = importlib.import_module(f"{package}.task")
+            module = importlib.import_module(f"{package}.{task_module}")
         except TaskError:
             raise
         except Exception as exc:
@@ -587,6 +615,34 @@ def _root_spec(package: str, snapshot: _Snapshot) -> importlib.machinery.ModuleS
     spec.submodule_search_locations = [str(snapshot.folder)]
     spec.has_location = rel is not None
     return spec
+
+
+def is_task_folder(folder: Path) -> bool:
+    """A folder holding a task: ``task.py`` at the top, or a Flower App."""
+    folder = Path(folder)
+    return (folder / TASK_FILE).is_file() or is_flower_app(folder)
+
+
+def app_root(folder: Path, levels: int = 3) -> Path:
+    """The Flower App folder holding ``folder`` (the nearest parent with a pyproject.toml
+    declaring ``[tool.flwr.app]``, up to ``levels`` up), else ``folder`` itself: a task that
+    lives in an app's package is the app."""
+    folder = Path(folder).resolve()
+    for candidate in [folder, *folder.parents][:levels + 1]:
+        if is_flower_app(candidate):
+            return candidate
+    return folder
+
+
+def folder_of(task: Task) -> Path:
+    """The task folder of a Task object: the Flower App (or folder) of the module that defines
+    its model. TaskError if it cannot be told."""
+    module = sys.modules.get(getattr(task.model, "__module__", ""), None)
+    path = getattr(module, "__file__", None)
+    if not path:
+        raise TaskError("task-not-found", f"cannot tell which folder task {task.name} comes "
+                        "from: give its folder instead of the Task object")
+    return app_root(Path(path).parent)
 
 
 def installed_tasks() -> dict[str, str]:

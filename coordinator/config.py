@@ -5,12 +5,14 @@ Paths are resolved relative to the file. Unknown keys are refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from cleanroom.config import Section, load_model, paths
+from cleanroom.errors import ConfigError
 from cleanroom.protocol.wire import DpPlan, SiteName, TaskRef, TrainPlan
 
 if TYPE_CHECKING:
@@ -62,6 +64,25 @@ class TrainingSettings(Section):
                          task=task_ref(task),
                          max_update_norm=self.max_update_norm if self.max_update_norm is not None
                          or self.dp else NO_DP_UPDATE_NORM)
+
+
+FIELDS = (  # the settings a task's recommended plan may name
+    "strategy", "rounds", "local_steps", "sample_rate", "lr", "optimizer", "momentum",
+    "max_grad_norm", "max_update_norm", "strategy_options")
+
+
+def task_plan(plan: Mapping[str, Any], dp: bool) -> dict[str, Any]:
+    """A task's recommended coordinator settings for a DP (or non-DP) run, checked."""
+    values = {k: v for k, v in plan.items() if k not in ("dp", "no_dp")}
+    nested = plan.get("dp" if dp else "no_dp") or {}
+    if not isinstance(nested, Mapping):
+        raise ConfigError("the task's plan: 'dp' and 'no_dp' must be mappings")
+    values.update(nested)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"the task's plan names unknown settings {unknown}; known: "
+                          f"{', '.join(FIELDS)}")
+    return values
 
 
 def task_ref(task: LoadedTask) -> TaskRef:

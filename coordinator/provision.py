@@ -134,7 +134,7 @@ def _simulated_site(root: object, site_dir: Path, task: object, index: int, coun
 
 
 def provision(req: ProvisionRequest) -> Provisioned:
-    from cleanroom.site_agent.runtime import code_measurement
+    from cleanroom.attestation.measure import code_measurement
 
     _check_names(req.sites)
     unknown = set(req.site_keys) - set(req.sites)

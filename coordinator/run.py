@@ -141,7 +141,11 @@ class RunObserver:
 class FederatedRun:
     """A run's state between its steps: the gate, the strategies, the epsilon so far."""
 
-    def __init__(self, spec: RunSpec, observers: Sequence[RunObserver]) -> None:
+    def __init__(self, spec: RunSpec, observers: Sequence[RunObserver], *,
+                 wrapper: Any = None) -> None:
+        """``wrapper``: a ConfidentialStrategy built by the caller (the public API's
+        ``ConfidentialStrategy(FedAvg(), task=...)``) to run, with its own inner strategy;
+        else the inner strategy is built from ``spec.strategy``."""
         from cleanroom.coordinator.checkpoint import restore_strategy_state
         from cleanroom.coordinator.gate import AttestationGate, NonceStore
         from cleanroom.coordinator.strategies import build_strategy
@@ -163,8 +167,8 @@ class FederatedRun:
                                     directory=spec.directory,
                                     watermarks=LedgerWatermarks(spec.stores.watermarks),
                                     collateral=collateral)
-        self.inner = build_strategy(spec.strategy, min_nodes=spec.min_nodes,
-                                    **spec.strategy_options)
+        self.inner = wrapper.inner if wrapper is not None else build_strategy(
+            spec.strategy, min_nodes=spec.min_nodes, **spec.strategy_options)
         self.prior: list[dict[str, Any]] = []
         if spec.resume is not None:
             self.prior = list(spec.resume.checkpoint.meta.get("report_rounds", []))
@@ -178,15 +182,20 @@ class FederatedRun:
         self.audit_head = ""
         self.audit_entries = 0
         self.tracking_info: dict[str, str] = {"tracking_uri": "", "run_id": ""}
-        self.strategy: Any = self._wrap()
+        self.strategy: Any = self._wrap(wrapper)
 
-    def _wrap(self) -> Any:
+    def _wrap(self, wrapper: Any) -> Any:
         from cleanroom.coordinator.checkpoint import RoundOffset
         from cleanroom.coordinator.observed import ObservedStrategy
         from cleanroom.coordinator.strategy import ConfidentialStrategy
 
         spec = self.spec
-        if spec.confidential:
+        if wrapper is not None:
+            strategy: Any = wrapper.attach(
+                gate=self.gate, plan=spec.plan,
+                expected_nodes=spec.expected_nodes or len(spec.sites) or None,
+                on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id)
+        elif spec.confidential:
             strategy: Any = ConfidentialStrategy(
                 self.inner, gate=self.gate, plan=spec.plan,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,

@@ -14,10 +14,19 @@ changes nothing else:
 * ``configure_evaluate`` / ``aggregate_evaluate``: the same for evaluation, with next round's
   challenges riding on it; ``on_round`` receives each closed :class:`RoundRecord`.
 
-Example::
+Example (in a Flower App's ServerApp; see docs/public-api.md)::
 
-    strategy = ConfidentialStrategy(FedAdam(), gate=AttestationGate(policy), plan=plan)
-    strategy.start(grid, initial_arrays, num_rounds=5)
+    from cleanroom import ConfidentialStrategy
+    from my_app.task import task
+
+    strategy = ConfidentialStrategy(FedAvg(), task=task)
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=5)
+
+With only ``task``, :meth:`ConfidentialStrategy.start` builds everything around the run
+(policy, gate, plan, audit chain, MLflow, report): from the coordinator's configuration when
+the app runs on a ``cleanroom coordinator``'s SuperLink, else as a local simulation
+(:mod:`cleanroom.coordinator.standalone`). Internally the run machinery passes ``gate`` and
+``plan`` itself.
 """
 
 from __future__ import annotations
@@ -98,21 +107,33 @@ class AttestedGrid(DelegatingGrid):
 class ConfidentialStrategy(Strategy):
     """Wraps ``inner`` so that only attested sites train, on encrypted models and updates."""
 
-    def __init__(self, inner: Strategy, *, gate: AttestationGate, plan: TrainPlan,
+    def __init__(self, inner: Strategy, *, task: Any = None,
+                 gate: AttestationGate | None = None, plan: TrainPlan | None = None,
                  attest_timeout: float = 120.0, expected_nodes: int | None = None,
                  node_wait: float = 60.0, piggyback: bool = True,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_start: Callable[[str], None] | None = None,
                  run_id: str | None = None) -> None:
+        """``inner``: any ``flwr.serverapp.strategy`` strategy. ``task``: the task this run
+        trains (a :class:`cleanroom.task.Task` or a task folder); with it alone,
+        :meth:`start` builds the run around the rounds. ``gate`` and ``plan``: given
+        together by the run machinery (:mod:`cleanroom.coordinator.run`)."""
         if not isinstance(inner, Strategy):
-            raise ValueError("inner must be a flwr.serverapp.strategy.Strategy")
+            raise ValueError("inner must be a flwr.serverapp.strategy.Strategy (e.g. "
+                             "FedAvg()), got " + type(inner).__name__)
         if isinstance(inner, ConfidentialStrategy):
             raise ValueError("inner is already confidential")
         if attest_timeout <= 0:
             raise ValueError("attest_timeout must be > 0")
+        if (gate is None) != (plan is None):
+            raise ValueError("give gate and plan together, or neither (task=... alone)")
+        if gate is None and task is None:
+            raise ValueError("ConfidentialStrategy needs the task it trains: "
+                             "ConfidentialStrategy(FedAvg(), task=task)")
         self.inner = inner
-        self.gate = gate
-        self.plan = plan
+        self.task = task
+        self.gate = gate  # type: ignore[assignment]
+        self.plan = plan  # type: ignore[assignment]
         self.attest_timeout = attest_timeout
         self.on_round = on_round
         self.on_start = on_start
@@ -127,6 +148,33 @@ class ConfidentialStrategy(Strategy):
         self._next: CoordinatorRound | None = None
         self._global: OrderedDict[str, np.ndarray] | None = None
         self._eval_digest = ""
+
+    def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
+               on_round: Callable[[RoundRecord], None] | None,
+               on_start: Callable[[str], None] | None, run_id: str | None,
+               ) -> ConfidentialStrategy:
+        """Give a public-API strategy the run machinery's gate, plan and callbacks."""
+        self.gate, self.plan = gate, plan
+        self.expected_nodes = expected_nodes or self.min_sites
+        self.on_round, self.on_start, self.protocol_run_id = on_round, on_start, run_id
+        return self
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              ) -> Any:
+        """Flower's round loop, around the confidential rounds. A strategy made with
+        ``task=`` only builds its run first (policy, gate, plan, audit, MLflow, report)."""
+        if self.gate is None:
+            from cleanroom.coordinator.standalone import run_standalone
+
+            return run_standalone(self, grid, initial_arrays, num_rounds=num_rounds,
+                                  timeout=timeout, train_config=train_config,
+                                  evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
 
     # ------------------------------------------------------------------ attestation
     def _connected(self, grid: Grid) -> list[int]:

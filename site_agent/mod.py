@@ -1,10 +1,15 @@
 """The confidential client mod: the site's protocol (:mod:`cleanroom.site_agent.session`) as a
 Flower mod, so a ClientApp becomes attested, encrypted and privacy-accounted by adding it.
 
-Usage::
+Usage (in a Flower App's ClientApp; see docs/public-api.md)::
 
-    mod = ConfidentialMod(runtime_for)        # runtime_for(context) -> SiteRuntime
-    app = mod.install(ClientApp(mods=[mod]))  # registers the attestation query
+    from cleanroom import ConfidentialMod
+    from my_app.task import task
+
+    app = ClientApp(mods=[ConfidentialMod(task)])
+
+The site is the ``cleanroom site`` daemon the SuperNode belongs to, or a simulated site under
+Flower's simulation (:mod:`cleanroom.site_agent.appsites`).
 
 The mod answers ``query.cleanroom_attest``, and it answers train and evaluate messages itself
 with the site's trusted trainer (the app's own handlers never see the model: the site, not the
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -45,8 +51,23 @@ CACHE_RECORD = "cleanroom.cache"  # node context: MACed memo of costly answers
 class ConfidentialMod:
     """Flower client mod adding attestation, end-to-end encryption and DP accounting."""
 
-    def __init__(self, runtime_for: Callable[[Context], SiteRuntime],
-                 trainer: SiteTrainer | None = None) -> None:
+    def __init__(self, task: Any = None, trainer: SiteTrainer | None = None, *,
+                 runtime_for: Callable[[Context], SiteRuntime] | None = None) -> None:
+        """``task``: the app's :class:`cleanroom.task.Task` (or its folder). The site's
+        trusted trainer trains it by its approved digest; the app's own train/evaluate
+        handlers are never called with the model. (Internally: a ``runtime_for(context)``
+        callable in its place picks the site runtime.)"""
+        from cleanroom.task import Task
+
+        if runtime_for is None and callable(task) and not isinstance(task, Task):
+            runtime_for, task = task, None  # ConfidentialMod(runtime_for): the internal form
+        if runtime_for is None:
+            if task is None:
+                raise ValueError("ConfidentialMod needs the app's task: "
+                                 "ClientApp(mods=[ConfidentialMod(task)])")
+            from cleanroom.site_agent.appsites import AppSites
+
+            runtime_for = AppSites(task)
         if trainer is None:
             from cleanroom.site_agent.trainers import TaskTrainer
 
@@ -67,13 +88,15 @@ class ConfidentialMod:
         return call_next(msg, ctx)
 
     def install(self, app: ClientApp) -> ClientApp:
-        """Register the attestation query on ``app`` (the mod itself answers it)."""
+        """Register the attestation query (and train/evaluate handlers, if the app has none)
+        on ``app``: Flower routes a message to a mod only through a registered handler. The
+        mod answers them itself."""
 
-        @app.query(ATTEST_ACTION)
-        def _attest_query(msg: Message, ctx: Context) -> Message:
-            raise ProtocolError("attestation query reached the app: ConfidentialMod must be "
-                                "in ClientApp(mods=[...])")
-
+        registered = getattr(app, "_registered_funcs", {})
+        app.query(ATTEST_ACTION)(_unreachable)
+        for category in ("train", "evaluate"):
+            if f"{category}.default" not in registered:
+                getattr(app, category)()(_unreachable)
         return app
 
     def _protocol(self, ctx: Context) -> SiteProtocol:
@@ -124,3 +147,31 @@ class ConfidentialMod:
             self._keep(ctx, answer)
             attest = attest_record(answer.response, answer.evidence, answer.endorsement)
         return Message(reply_content(sealed, attest), reply_to=msg)
+
+
+def _unreachable(msg: Message, ctx: Context) -> Message:
+    raise ProtocolError("a message reached the app: ConfidentialMod must be in "
+                        "ClientApp(mods=[...])")
+
+
+class ConfidentialClientApp(ClientApp):
+    """A ClientApp made confidential in one call: ``app = ConfidentialClientApp(task)``
+    where a plain app has ``app = ClientApp()``.
+
+    Train and evaluate messages are answered by the site's trusted trainer (the task's model,
+    loss and metrics, the site's data and DP); handlers the app registers with
+    ``@app.train()`` / ``@app.evaluate()`` stay for a plain run of the same code but never
+    receive the confidential model. Other ``mods`` run inside the confidential one.
+    """
+
+    def __init__(self, task: Any, mods: list[Any] | None = None, **kwargs: Any) -> None:
+        self.confidential = ConfidentialMod(task)
+        super().__init__(mods=[self.confidential, *(mods or [])], **kwargs)
+        self.query(ATTEST_ACTION)(_unreachable)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        registered = self._registered_funcs  # Flower routes to mods via a registered handler
+        for category in ("train", "evaluate"):
+            if f"{category}.default" not in registered:
+                getattr(self, category)()(_unreachable)
+        return super().__call__(message, context)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cleanroom.attestation.simulated import load_simulated_root, measure_code
+from cleanroom.attestation.measure import code_measurement, site_code_roots  # noqa: F401
+from cleanroom.attestation.simulated import load_simulated_root
 from cleanroom.site_agent.activity import Activity
 from cleanroom.site_agent.approvals import Approvals
 from cleanroom.site_agent.config import SiteConfig
@@ -30,22 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.jsonl"
-
-
-def site_code_roots() -> list[Path]:
-    """Source folders of the code a site runs: what the simulated TEE measures."""
-    import cleanroom
-    import cleanroom.models
-    import cleanroom.site_agent
-
-    return [Path(m.__file__).resolve().parent
-            for m in (cleanroom, cleanroom.site_agent, cleanroom.models)]
-
-
-@lru_cache(maxsize=1)
-def code_measurement() -> bytes:
-    """The honest simulated launch digest of the installed site code."""
-    return measure_code(site_code_roots())
 
 
 def build_provider(config: SiteConfig) -> EnclaveProvider:
@@ -84,17 +69,17 @@ class SiteRuntime:
                              run_epsilon=p.max_epsilon_per_run)
 
     def _task_folders(self, name: str) -> list[Path]:
-        from cleanroom.task import TASK_FILE, installed_folder, installed_tasks
+        from cleanroom.task import installed_folder, installed_tasks, is_task_folder
 
         folders: list[Path] = []
         if name in installed_tasks():
             folders.append(installed_folder(name))
         for root in (*self.task_sources, *self.config.policy.task_dirs):
             root = Path(root)
-            if (root / TASK_FILE).is_file():
+            if is_task_folder(root):
                 folders.append(root)
             elif root.is_dir():
-                folders += [c for c in sorted(root.iterdir()) if (c / TASK_FILE).is_file()]
+                folders += [c for c in sorted(root.iterdir()) if is_task_folder(c)]
         return folders
 
     def task(self, ref: TaskRef) -> LoadedTask:

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
 EXCEPTIONS = {
     # provisioning writes both sides' files: each site's simulated chip and the measurement
     # of the site build that the coordinator's policy allows
-    ("coordinator/provision.py", "cleanroom.site_agent.runtime"),
+    ("coordinator/provision.py", "cleanroom.site_agent.runtime"),  # each simulated site's data
     ("coordinator/provision.py", "cleanroom.site_agent.enclave"),
     ("coordinator/provision.py", "cleanroom.site_agent.config"),
     # the built-in heart-disease task's simulate() is a simulated site's data source: it

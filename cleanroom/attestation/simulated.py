@@ -141,10 +141,15 @@ def _load_simulated_root(out_dir: Path, _stamp: int) -> SimulatedRoot:
 
 
 def ensure_simulated_root(out_dir: Path) -> SimulatedRoot:
+    """The simulated root in ``out_dir``, created on first use (under a file lock: several
+    processes of one simulation may ask at once)."""
+    from cleanroom.fsutil import exclusive_lock
+
     out_dir = Path(out_dir)
-    if (out_dir / ROOT_BUNDLE).exists() and (out_dir / ASK_KEY).exists():
-        return load_simulated_root(out_dir)
-    return create_simulated_root(out_dir)
+    with exclusive_lock(out_dir / ".create"):
+        if (out_dir / ROOT_BUNDLE).exists() and (out_dir / ASK_KEY).exists():
+            return load_simulated_root(out_dir)
+        return create_simulated_root(out_dir)
 
 
 # ----------------------------------------------------------------------------- chips

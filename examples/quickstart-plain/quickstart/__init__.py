@@ -1,0 +1,1 @@
+"""quickstart: a plain Flower App (MLP, FedAvg)."""

@@ -114,8 +114,8 @@ def _simulated_site(root: object, site_dir: Path, task: object, index: int, coun
     """A simulated site's chip (its VCEK issued by the simulated vendor) and its data: the
     task's simulated data registered in the site's sealed data room, as a hospital's IT team
     registers its export."""
+    from cleanroom.enclave import CHIP_VCEK, SimulatedProvider
     from cleanroom.site_agent.config import load_site_config
-    from cleanroom.site_agent.enclave import CHIP_VCEK, SimulatedProvider
     from cleanroom.site_agent.runtime import build_runtime
 
     chip_dir = site_dir / "state" / "enclave"

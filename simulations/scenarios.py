@@ -23,7 +23,7 @@ from typing import Any
 
 from cleanroom.attestation.abi import snp as abi
 from cleanroom.attestation.simulated import measure_code
-from cleanroom.site_agent.enclave import EnclaveProvider, Evidence
+from cleanroom.enclave import EnclaveProvider, Evidence
 
 SCENARIOS: dict[str, str] = {
     "honest": "all sites honest",
@@ -145,7 +145,7 @@ class SimulatedSites:
 
     def _build(self, index: int):  # -> SiteRuntime
         from cleanroom.attestation.simulated import load_simulated_root
-        from cleanroom.site_agent.enclave import SimulatedProvider
+        from cleanroom.enclave import SimulatedProvider
         from cleanroom.site_agent.runtime import build_runtime, code_measurement, site_code_roots
 
         config = self.configs[index]

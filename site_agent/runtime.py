@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 from cleanroom.attestation.measure import code_measurement, site_code_roots  # noqa: F401
 from cleanroom.attestation.simulated import load_simulated_root
+from cleanroom.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from cleanroom.site_agent.activity import Activity
 from cleanroom.site_agent.approvals import Approvals
 from cleanroom.site_agent.config import SiteConfig
-from cleanroom.site_agent.enclave import ConfigfsTsmProvider, EnclaveProvider, SimulatedProvider
 from cleanroom.site_agent.ledger import PrivacyLedger
 
 if TYPE_CHECKING:

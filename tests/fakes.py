@@ -10,6 +10,7 @@ from cleanroom.attestation.validate.policy import Policy
 from cleanroom.coordinator.config import TrainingSettings
 from cleanroom.coordinator.gate import AttestationGate, NonceStore, SiteDirectory
 from cleanroom.coordinator.watermarks import LedgerWatermarks
+from cleanroom.enclave import SimulatedProvider
 from cleanroom.protocol.wire import TrainPlan
 from cleanroom.site_agent.config import (
     ApprovedTask,
@@ -18,7 +19,6 @@ from cleanroom.site_agent.config import (
     SiteConfig,
     SitePolicyConfig,
 )
-from cleanroom.site_agent.enclave import SimulatedProvider
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime, code_measurement
 from cleanroom.task import load_task
 

@@ -26,7 +26,6 @@ EXCEPTIONS = {
     # provisioning writes both sides' files: each site's simulated chip and the measurement
     # of the site build that the coordinator's policy allows
     ("coordinator/provision.py", "cleanroom.site_agent.runtime"),  # each simulated site's data
-    ("coordinator/provision.py", "cleanroom.site_agent.enclave"),
     ("coordinator/provision.py", "cleanroom.site_agent.config"),
     # the built-in heart-disease task's simulate() is a simulated site's data source: it
     # reads the vendored files with the site's FLamby loader (never called in a deployment)

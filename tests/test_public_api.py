@@ -34,7 +34,7 @@ def test_constructors_say_what_is_missing():
 
     with pytest.raises(ValueError, match=r"task=task"):
         ConfidentialStrategy(FedAvg())
-    with pytest.raises(ValueError, match="flwr.serverapp.strategy.Strategy"):
+    with pytest.raises(ValueError, match=r"flwr\.serverapp\.strategy\.Strategy"):
         ConfidentialStrategy(object(), task="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ConfidentialMod needs the app's task"):
         ConfidentialMod()

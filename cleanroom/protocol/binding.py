@@ -60,3 +60,30 @@ class Binding:
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE
         return digest
+
+
+AGGREGATOR_TAG = b"cleanroom-fl/aggregator-binding/v1"
+
+
+@dataclass(frozen=True)
+class AggregatorBinding:
+    """What the aggregator's evidence binds for one site and round: the site's own fresh
+    nonce (its challenge to the aggregator), the round key the site will seal its update to,
+    and the model it is about to train. The site recomputes it and compares."""
+
+    run_id: str
+    round: int
+    site: str
+    site_nonce: bytes
+    aggregator_public_key: bytes
+    model_digest: str
+
+    def report_data(self) -> bytes:
+        if len(self.site_nonce) != NONCE_SIZE:
+            raise ValueError(f"site nonce must be {NONCE_SIZE} bytes")
+        h = hashlib.sha512(_field(AGGREGATOR_TAG))
+        for part in (self.run_id.encode(), struct.pack("<Q", self.round), self.site.encode(),
+                     self.site_nonce, self.aggregator_public_key,
+                     bytes.fromhex(self.model_digest)):
+            h.update(_field(part))
+        return h.digest()

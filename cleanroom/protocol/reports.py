@@ -62,6 +62,9 @@ class EvaluateReport(_Report):
     """Site -> coordinator after evaluating the global model on its test split."""
 
     num_examples: int = Field(ge=0, le=MAX_EXAMPLES)
+    share: bool = Field(True, description="the site's policy lets the coordinator operator "
+                        "see these metrics per site (else the aggregator releases only the "
+                        "client average)")
     metrics: dict[MetricName, float | None] = Field(
         default_factory=dict, max_length=MAX_METRICS,
         description="by name; None: undefined on this split (e.g. a C-index without a "

@@ -11,7 +11,7 @@ import pytest
 from cleanroom.attestation.evidence import Endorsements, verify_evidence
 from cleanroom.attestation.simulated import SimulatedChip
 from cleanroom.attestation.validate.policy import Policy
-from cleanroom.site_agent.enclave import (
+from cleanroom.enclave import (
     GUID_ARK,
     GUID_VCEK,
     ConfigfsTsmProvider,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.site_agent import sev_guest as sg
+from cleanroom import sev_guest as sg
+from cleanroom.enclave import ConfigfsTsmProvider, EnclaveError
 from cleanroom.site_agent.config import EnclaveConfig
-from cleanroom.site_agent.enclave import ConfigfsTsmProvider, EnclaveError
 
 KEY = bytes(range(1, 33))
 

@@ -1,4 +1,5 @@
-"""Enclave providers: where a site gets its TEE evidence and its sealing key.
+"""Enclave providers: where a site (or the coordinator's aggregator) gets its TEE evidence and
+its sealing key.
 
 * :class:`ConfigfsTsmProvider` - Linux configfs-tsm (``/sys/kernel/config/tsm/report``), the
   kernel interface that serves both SEV-SNP (provider ``sev_guest``) and TDX (``tdx_guest``)
@@ -38,7 +39,7 @@ from cleanroom.attestation.simulated import (
 )
 from cleanroom.errors import CleanroomError, ParseError
 from cleanroom.fsutil import write_private
-from cleanroom.site_agent.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
+from cleanroom.sev_guest import IoctlFn, SevGuestError, field_select, get_derived_key
 
 log = logging.getLogger(__name__)
 

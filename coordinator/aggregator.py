@@ -1,0 +1,336 @@
+"""The attested aggregator: the part of the coordinator that may see sites' updates.
+
+It runs in its own enclave (a separate process here, :mod:`cleanroom.coordinator.enclave`;
+a confidential VM in production) with its own measurement, which every site's policy pins.
+The operator's process never holds a round's private key: it relays ciphertexts and receives
+only what the aggregator releases.
+
+Per round (:class:`AggregatorCore`):
+
+1. :meth:`~AggregatorCore.begin_round`: a fresh X25519 round key, generated inside; the
+   global model (to validate updates against) and how to aggregate;
+2. :meth:`~AggregatorCore.attest`: evidence whose REPORT_DATA binds the site's own fresh
+   nonce, the run, the round, the site, the round key and the model digest
+   (:class:`cleanroom.protocol.binding.AggregatorBinding`): the site verifies it before it
+   releases an update sealed to that key;
+3. :meth:`~AggregatorCore.submit_update`: open (the site's attested signing key must have
+   signed it), check the report against the plan and the attested rows, bound the norm
+   (:mod:`cleanroom.coordinator.bounds`), then fold it into a running weighted sum
+   (``mean`` mode: O(model) memory whatever the number of sites) or keep it (``collect``
+   mode, for robust strategies that need every update: they run in here);
+4. :meth:`~AggregatorCore.aggregate`: the only thing released: the weighted mean (with central
+   DP: the unweighted mean of clipped deltas plus calibrated Gaussian noise, accounted here),
+   or the robust strategy's output;
+5. :meth:`~AggregatorCore.submit_metrics` / :meth:`~AggregatorCore.release_metrics`: a site's
+   evaluation leaves per site only when the site's report says its policy allows it;
+   otherwise only the client average is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from cleanroom.coordinator.bounds import update_bound
+from cleanroom.coordinator.validation import validate_update
+from cleanroom.errors import CleanroomError, UpdateRejected
+from cleanroom.protocol.binding import AggregatorBinding
+from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+from cleanroom.protocol.payload import Sealed, open_metrics, open_update
+from cleanroom.protocol.reports import EvaluateReport, TrainReport
+from cleanroom.protocol.wire import TrainPlan
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["mean", "collect"]
+
+
+class EvidenceSource(Protocol):
+    """The aggregator enclave's evidence provider (simulated or configfs-tsm)."""
+
+    name: str
+
+    def evidence(self, report_data: bytes) -> Any: ...
+
+
+@dataclass(frozen=True)
+class CentralDp:
+    """User-level DP added inside the aggregator: each site's delta clipped to ``clip``, the
+    unweighted mean of the clipped deltas plus N(0, (sigma * clip / n)^2)."""
+
+    noise_multiplier: float
+    clip: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError("central DP noise multiplier must be > 0")
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError("central DP clip must be > 0")
+        if not 0 < self.delta < 1:
+            raise ValueError("central DP delta must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SiteSlot:
+    """What the operator's side tells the aggregator about an admitted site."""
+
+    site: str
+    update_signer: bytes | None
+    dataset_rows: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The aggregator's decision about one update or report (digests and reasons only)."""
+
+    accepted: bool
+    reason: str = ""
+    norm: float | None = None
+    report: TrainReport | None = None
+    ciphertext_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What leaves the aggregator after a round's training."""
+
+    arrays: OrderedDict[str, np.ndarray] | None
+    total_examples: int
+    sites: tuple[str, ...]
+    central_epsilon: float | None = None  # cumulative, when central DP is on
+
+
+@dataclass(frozen=True)
+class ReleasedMetrics:
+    per_site: dict[str, EvaluateReport]  # only sites whose policy shares their metrics
+    mean: dict[str, float]  # the example-weighted client average over every site
+    num_examples: int
+    sites: tuple[str, ...]
+
+
+@dataclass
+class _RoundState:
+    run_id: str
+    round: int
+    keys: KeyPair
+    model: OrderedDict[str, np.ndarray]
+    model_digest: str
+    eval_digest: str = ""
+    mode: Mode = "mean"
+    slots: dict[str, SiteSlot] = field(default_factory=dict)
+    total: dict[str, np.ndarray] = field(default_factory=dict)
+    weight: int = 0
+    examples: int = 0
+    clipped: dict[str, np.ndarray] = field(default_factory=dict)
+    collected: list[tuple[str, OrderedDict[str, np.ndarray], TrainReport]] = field(
+        default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    metrics: dict[str, EvaluateReport] = field(default_factory=dict)
+
+
+class AggregatorCore:
+    """One run's aggregator (inside its enclave). Not thread-safe: one call at a time."""
+
+    def __init__(self, provider: EvidenceSource, plan: TrainPlan, *,
+                 central_dp: CentralDp | None = None, robust: Any = None) -> None:
+        """``robust``: a Flower strategy that needs every update (Krum, FedMedian...): it
+        aggregates in here and only its output leaves."""
+        self.provider = provider
+        self.plan = plan
+        self.central_dp = central_dp
+        self.robust = robust
+        self._round: _RoundState | None = None
+        self._central_steps = 0
+
+    # ------------------------------------------------------------------ keys and evidence
+    def begin_round(self, run_id: str, round: int, model: Mapping[str, np.ndarray],
+                    model_digest: str, slots: Mapping[str, SiteSlot] | None = None) -> bytes:
+        """Start a round: a fresh key (its private half never leaves), the global model;
+        returns the round's public key."""
+        self._round = _RoundState(run_id, round, KeyPair.generate(),
+                                  OrderedDict((k, np.asarray(v)) for k, v in model.items()),
+                                  model_digest, mode="collect" if self.robust else "mean",
+                                  slots=dict(slots or {}))
+        return self._round.keys.public_bytes
+
+    def _state(self) -> _RoundState:
+        if self._round is None:
+            raise CleanroomError("the aggregator has no round open")
+        return self._round
+
+    def admit(self, slot: SiteSlot) -> None:
+        """An admitted site: its attested update-signing key and rows."""
+        self._state().slots[slot.site] = slot
+
+    def attest(self, site: str, site_nonce: bytes) -> tuple[bytes, bytes]:
+        """Evidence for ``site`` binding its nonce to this round's key and model."""
+        state = self._state()
+        binding = AggregatorBinding(run_id=state.run_id, round=state.round, site=site,
+                                    site_nonce=site_nonce,
+                                    aggregator_public_key=state.keys.public_bytes,
+                                    model_digest=state.model_digest)
+        evidence = self.provider.evidence(binding.report_data())
+        return evidence.data, evidence.endorsement
+
+    # ------------------------------------------------------------------ updates
+    def submit_update(self, site: str, sealed: Sealed) -> Verdict:
+        """Open, check and fold one site's update; never raises for a bad update."""
+        state = self._state()
+        slot = state.slots.get(site)
+        if slot is None:
+            return Verdict(False, f"update rejected: {site} was not admitted this round")
+        if site in state.accepted:
+            return Verdict(False, f"update rejected: {site} already sent its update")
+        context = EnvelopeContext("update", state.run_id, state.round, site, state.model_digest)
+        try:
+            update, report = open_update(sealed, state.keys, context, slot.update_signer)
+            self._check_report(report, slot)
+            norm = validate_update(update, state.model, max_norm=self._bound(report, state))
+        except CleanroomError as exc:
+            return Verdict(False, f"update rejected: {exc}", ciphertext_sha256=sealed.sha256)
+        self._fold(state, site, update, report)
+        state.accepted.append(site)
+        return Verdict(True, "aggregated", norm, report, sealed.sha256)
+
+    def _check_report(self, report: TrainReport, slot: SiteSlot) -> None:
+        plan = self.plan
+        if report.num_examples != slot.dataset_rows:
+            raise UpdateRejected(f"the site reports {report.num_examples} examples, its "
+                                 f"attested dataset holds {slot.dataset_rows} training rows")
+        if report.steps != plan.local_steps:
+            raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
+                                 f"{plan.local_steps}")
+        if plan.dp.enabled and report.privacy is None:
+            raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
+
+    def _bound(self, report: TrainReport, state: _RoundState) -> float:
+        n_params = sum(int(v.size) for v in state.model.values())
+        sigma = report.privacy.noise_multiplier if report.privacy is not None else None
+        return update_bound(self.plan, noise_multiplier=sigma,
+                            n_examples=max(1, report.num_examples), n_params=n_params)
+
+    def _fold(self, state: _RoundState, site: str, update: Mapping[str, np.ndarray],
+              report: TrainReport) -> None:
+        state.examples += report.num_examples
+        if state.mode == "collect":
+            state.collected.append((site, OrderedDict((k, np.array(v)) for k, v in
+                                                      update.items()), report))
+            return
+        if self.central_dp is not None:  # clip the delta (user-level sensitivity)
+            deltas = {k: np.asarray(update[k], np.float64) - state.model[k] for k in state.model}
+            norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+            scale = min(1.0, self.central_dp.clip / norm) if norm > 0 else 1.0
+            for k, d in deltas.items():
+                acc = state.clipped.get(k)
+                state.clipped[k] = d * scale if acc is None else acc + d * scale
+            state.weight += 1
+            return
+        weight = report.num_examples
+        for name, value in update.items():
+            term = np.asarray(value, np.float64) * weight
+            acc = state.total.get(name)
+            if acc is None:
+                state.total[name] = term
+            else:
+                acc += term
+        state.weight += weight
+
+    def aggregate(self) -> Aggregate:
+        """Release the round's aggregate (None if no update was accepted)."""
+        state = self._state()
+        sites = tuple(state.accepted)
+        if not sites:
+            return Aggregate(None, 0, ())
+        if state.mode == "collect":
+            return self._robust(state)
+        if self.central_dp is not None:
+            return self._central(state)
+        arrays = OrderedDict((k, (state.total[k] / max(1, state.weight)).astype(
+            state.model[k].dtype)) for k in state.model)
+        return Aggregate(arrays, state.examples, sites)
+
+    def _central(self, state: _RoundState) -> Aggregate:
+        dp = self.central_dp
+        assert dp is not None
+        n = state.weight
+        rng = np.random.default_rng()  # OS entropy: the noise must be unpredictable
+        arrays = OrderedDict()
+        for k, base in state.model.items():
+            noise = rng.normal(0.0, dp.noise_multiplier * dp.clip, size=base.shape)
+            arrays[k] = (base + (state.clipped[k] + noise) / n).astype(base.dtype)
+        self._central_steps += 1
+        return Aggregate(arrays, state.examples, tuple(state.accepted),
+                         central_epsilon=self.central_epsilon())
+
+    def _robust(self, state: _RoundState) -> Aggregate:
+        """Run the robust strategy's aggregation on the plaintext updates, in here."""
+        from flwr.app import Message, RecordDict
+
+        from cleanroom.protocol.flower import plain_train_reply
+
+        replies = []
+        for node, (_site, update, report) in enumerate(state.collected):
+            reply = Message(RecordDict(), dst_node_id=node + 1, message_type="train")
+            reply.content = plain_train_reply(update, report)
+            replies.append(reply)
+        arrays, _ = self.robust.aggregate_train(state.round, replies)
+        from cleanroom.protocol.flower import arrays_to_numpy
+
+        out = None if arrays is None else OrderedDict(
+            (k, np.asarray(v).astype(state.model[k].dtype))
+            for k, v in arrays_to_numpy(arrays).items())
+        return Aggregate(out, state.examples, tuple(state.accepted))
+
+    def central_epsilon(self) -> float | None:
+        """User-level epsilon spent by the central noise so far (RDP, all sites each round)."""
+        if self.central_dp is None or self._central_steps == 0:
+            return None
+        from cleanroom.privacy import epsilon_spent
+
+        return epsilon_spent([(self.central_dp.noise_multiplier, 1.0, self._central_steps)],
+                             self.central_dp.delta)
+
+    # ------------------------------------------------------------------ evaluation
+    def begin_evaluation(self, eval_digest: str) -> None:
+        self._state().eval_digest = eval_digest
+
+    def submit_metrics(self, site: str, sealed: Sealed) -> Verdict:
+        state = self._state()
+        slot = state.slots.get(site)
+        if slot is None:
+            return Verdict(False, f"evaluation refused: {site} was not admitted this round")
+        context = EnvelopeContext("metrics", state.run_id, state.round, site, state.eval_digest)
+        try:
+            report = open_metrics(sealed, state.keys, context, slot.update_signer)
+        except CleanroomError as exc:
+            return Verdict(False, f"evaluation refused: {exc}")
+        state.metrics[site] = report
+        return Verdict(True, "evaluated")
+
+    def release_metrics(self) -> ReleasedMetrics:
+        """Per-site reports of the sites that share them; the weighted mean of all."""
+        state = self._state()
+        reports = state.metrics
+        total = sum(r.num_examples for r in reports.values())
+        names = sorted({k for r in reports.values() for k, v in r.metrics.items()
+                        if v is not None})
+        mean: dict[str, float] = {}
+        for name in names:
+            pairs = [(r.metrics[name], r.num_examples) for r in reports.values()
+                     if r.metrics.get(name) is not None]
+            weight = sum(w for _, w in pairs)
+            if weight:
+                mean[name] = float(sum(v * w for v, w in pairs) / weight)
+        return ReleasedMetrics({s: r for s, r in reports.items() if r.share},
+                               mean, total, tuple(sorted(reports)))
+
+    def end_round(self) -> None:
+        """Forget the round: its key, the model, the sums."""
+        self._round = None

@@ -26,3 +26,18 @@ def simulated_site_name(sites: tuple[str, ...], partition_id: int, partitions: i
     if len(sites) == partitions and 0 <= partition_id < partitions:
         return sites[partition_id]
     return f"site{partition_id:0{max(2, len(str(partitions - 1)))}d}"
+
+
+def aggregator_trust(home: Path) -> Path:
+    """The simulated sites' trust policy for the coordinator's aggregator enclave (the
+    honest aggregator code's measurement under the federation's simulated root), written on
+    first use by whichever side needs it first."""
+    from cleanroom.attestation.measure import aggregator_measurement, write_aggregator_trust
+    from cleanroom.attestation.simulated import ensure_simulated_root
+
+    root = ensure_simulated_root(home / "simulated-root")
+    path = home / "aggregator-trust.json"
+    if not path.exists():
+        write_aggregator_trust(path, simulated_root=root.bundle_path,
+                               measurements=[aggregator_measurement()])
+    return path

@@ -43,7 +43,7 @@ from cleanroom.errors import CleanroomError, UpdateRejected
 from cleanroom.protocol.binding import AggregatorBinding
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.payload import Sealed, open_metrics, open_update
-from cleanroom.protocol.reports import EvaluateReport, TrainReport
+from cleanroom.protocol.reports import EvaluateReport, TrainReport, metric_means
 from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,14 @@ class Aggregate:
     total_examples: int
     sites: tuple[str, ...]
     central_epsilon: float | None = None  # cumulative, when central DP is on
+    train_loss: float | None = None  # example-weighted mean of the reported losses (no DP)
 
 
 @dataclass(frozen=True)
 class ReleasedMetrics:
     per_site: dict[str, EvaluateReport]  # only sites whose policy shares their metrics
-    mean: dict[str, float]  # the example-weighted client average over every site
+    mean: dict[str, float]  # the client average over every site (each site counts once)
+    weighted: dict[str, float]  # the example-weighted average (what Flower's strategies give)
     num_examples: int
     sites: tuple[str, ...]
 
@@ -128,6 +130,8 @@ class _RoundState:
     total: dict[str, np.ndarray] = field(default_factory=dict)
     weight: int = 0
     examples: int = 0
+    loss_sum: float = 0.0
+    loss_weight: int = 0
     clipped: dict[str, np.ndarray] = field(default_factory=dict)
     collected: list[tuple[str, OrderedDict[str, np.ndarray], TrainReport]] = field(
         default_factory=list)
@@ -146,7 +150,7 @@ class AggregatorCore:
         self.plan = plan
         self.central_dp = central_dp
         self.robust = robust
-        self._round: _RoundState | None = None
+        self._rounds: dict[int, _RoundState] = {}  # at most two: one evaluating, one ahead
         self._central_steps = 0
 
     # ------------------------------------------------------------------ keys and evidence
@@ -154,24 +158,27 @@ class AggregatorCore:
                     model_digest: str, slots: Mapping[str, SiteSlot] | None = None) -> bytes:
         """Start a round: a fresh key (its private half never leaves), the global model;
         returns the round's public key."""
-        self._round = _RoundState(run_id, round, KeyPair.generate(),
-                                  OrderedDict((k, np.asarray(v)) for k, v in model.items()),
-                                  model_digest, mode="collect" if self.robust else "mean",
-                                  slots=dict(slots or {}))
-        return self._round.keys.public_bytes
+        if len(self._rounds) >= 2 and round not in self._rounds:
+            raise CleanroomError("the aggregator keeps at most two rounds open")
+        self._rounds[round] = _RoundState(
+            run_id, round, KeyPair.generate(),
+            OrderedDict((k, np.asarray(v)) for k, v in model.items()), model_digest,
+            mode="collect" if self.robust else "mean", slots=dict(slots or {}))
+        return self._rounds[round].keys.public_bytes
 
-    def _state(self) -> _RoundState:
-        if self._round is None:
-            raise CleanroomError("the aggregator has no round open")
-        return self._round
+    def _state(self, round: int) -> _RoundState:
+        state = self._rounds.get(round)
+        if state is None:
+            raise CleanroomError(f"the aggregator has no round {round} open")
+        return state
 
-    def admit(self, slot: SiteSlot) -> None:
+    def admit(self, round: int, slot: SiteSlot) -> None:
         """An admitted site: its attested update-signing key and rows."""
-        self._state().slots[slot.site] = slot
+        self._state(round).slots[slot.site] = slot
 
-    def attest(self, site: str, site_nonce: bytes) -> tuple[bytes, bytes]:
+    def attest(self, round: int, site: str, site_nonce: bytes) -> tuple[bytes, bytes]:
         """Evidence for ``site`` binding its nonce to this round's key and model."""
-        state = self._state()
+        state = self._state(round)
         binding = AggregatorBinding(run_id=state.run_id, round=state.round, site=site,
                                     site_nonce=site_nonce,
                                     aggregator_public_key=state.keys.public_bytes,
@@ -179,10 +186,15 @@ class AggregatorCore:
         evidence = self.provider.evidence(binding.report_data())
         return evidence.data, evidence.endorsement
 
+    def attest_sites(self, round: int, nonces: Mapping[str, bytes],
+                     ) -> dict[str, tuple[bytes, bytes]]:
+        """:meth:`attest` for many sites in one call (one pipe round trip)."""
+        return {site: self.attest(round, site, nonce) for site, nonce in nonces.items()}
+
     # ------------------------------------------------------------------ updates
-    def submit_update(self, site: str, sealed: Sealed) -> Verdict:
+    def submit_update(self, round: int, site: str, sealed: Sealed) -> Verdict:
         """Open, check and fold one site's update; never raises for a bad update."""
-        state = self._state()
+        state = self._state(round)
         slot = state.slots.get(site)
         if slot is None:
             return Verdict(False, f"update rejected: {site} was not admitted this round")
@@ -219,6 +231,9 @@ class AggregatorCore:
     def _fold(self, state: _RoundState, site: str, update: Mapping[str, np.ndarray],
               report: TrainReport) -> None:
         state.examples += report.num_examples
+        if report.train_loss is not None:
+            state.loss_sum += report.train_loss * report.num_examples
+            state.loss_weight += report.num_examples
         if state.mode == "collect":
             state.collected.append((site, OrderedDict((k, np.array(v)) for k, v in
                                                       update.items()), report))
@@ -242,9 +257,9 @@ class AggregatorCore:
                 acc += term
         state.weight += weight
 
-    def aggregate(self) -> Aggregate:
+    def aggregate(self, round: int) -> Aggregate:
         """Release the round's aggregate (None if no update was accepted)."""
-        state = self._state()
+        state = self._state(round)
         sites = tuple(state.accepted)
         if not sites:
             return Aggregate(None, 0, ())
@@ -254,7 +269,11 @@ class AggregatorCore:
             return self._central(state)
         arrays = OrderedDict((k, (state.total[k] / max(1, state.weight)).astype(
             state.model[k].dtype)) for k in state.model)
-        return Aggregate(arrays, state.examples, sites)
+        return Aggregate(arrays, state.examples, sites, train_loss=self._loss(state))
+
+    @staticmethod
+    def _loss(state: _RoundState) -> float | None:
+        return state.loss_sum / state.loss_weight if state.loss_weight else None
 
     def _central(self, state: _RoundState) -> Aggregate:
         dp = self.central_dp
@@ -267,26 +286,21 @@ class AggregatorCore:
             arrays[k] = (base + (state.clipped[k] + noise) / n).astype(base.dtype)
         self._central_steps += 1
         return Aggregate(arrays, state.examples, tuple(state.accepted),
-                         central_epsilon=self.central_epsilon())
+                         central_epsilon=self.central_epsilon(), train_loss=self._loss(state))
 
     def _robust(self, state: _RoundState) -> Aggregate:
         """Run the robust strategy's aggregation on the plaintext updates, in here."""
-        from flwr.app import Message, RecordDict
+        from cleanroom.protocol.flower import arrays_to_numpy, plain_train_reply, synthetic_reply
 
-        from cleanroom.protocol.flower import plain_train_reply
-
-        replies = []
-        for node, (_site, update, report) in enumerate(state.collected):
-            reply = Message(RecordDict(), dst_node_id=node + 1, message_type="train")
-            reply.content = plain_train_reply(update, report)
-            replies.append(reply)
+        replies = [synthetic_reply(plain_train_reply(update, report), "train", node + 1)
+                   for node, (_site, update, report) in enumerate(state.collected)]
         arrays, _ = self.robust.aggregate_train(state.round, replies)
-        from cleanroom.protocol.flower import arrays_to_numpy
 
         out = None if arrays is None else OrderedDict(
             (k, np.asarray(v).astype(state.model[k].dtype))
             for k, v in arrays_to_numpy(arrays).items())
-        return Aggregate(out, state.examples, tuple(state.accepted))
+        return Aggregate(out, state.examples, tuple(state.accepted),
+                         train_loss=self._loss(state))
 
     def central_epsilon(self) -> float | None:
         """User-level epsilon spent by the central noise so far (RDP, all sites each round)."""
@@ -298,11 +312,11 @@ class AggregatorCore:
                              self.central_dp.delta)
 
     # ------------------------------------------------------------------ evaluation
-    def begin_evaluation(self, eval_digest: str) -> None:
-        self._state().eval_digest = eval_digest
+    def begin_evaluation(self, round: int, eval_digest: str) -> None:
+        self._state(round).eval_digest = eval_digest
 
-    def submit_metrics(self, site: str, sealed: Sealed) -> Verdict:
-        state = self._state()
+    def submit_metrics(self, round: int, site: str, sealed: Sealed) -> Verdict:
+        state = self._state(round)
         slot = state.slots.get(site)
         if slot is None:
             return Verdict(False, f"evaluation refused: {site} was not admitted this round")
@@ -314,23 +328,20 @@ class AggregatorCore:
         state.metrics[site] = report
         return Verdict(True, "evaluated")
 
-    def release_metrics(self) -> ReleasedMetrics:
+    def release_metrics(self, round: int) -> ReleasedMetrics:
         """Per-site reports of the sites that share them; the weighted mean of all."""
-        state = self._state()
+        state = self._state(round)
         reports = state.metrics
         total = sum(r.num_examples for r in reports.values())
-        names = sorted({k for r in reports.values() for k, v in r.metrics.items()
-                        if v is not None})
-        mean: dict[str, float] = {}
-        for name in names:
-            pairs = [(r.metrics[name], r.num_examples) for r in reports.values()
-                     if r.metrics.get(name) is not None]
-            weight = sum(w for _, w in pairs)
-            if weight:
-                mean[name] = float(sum(v * w for v, w in pairs) / weight)
+        ordered = [reports[site] for site in sorted(reports)]  # sums independent of arrival
+        mean = metric_means(ordered, weighted=False)
+        weighted = metric_means(ordered, weighted=True)
         return ReleasedMetrics({s: r for s, r in reports.items() if r.share},
-                               mean, total, tuple(sorted(reports)))
+                               mean, weighted, total, tuple(sorted(reports)))
 
-    def end_round(self) -> None:
+    def end_round(self, round: int) -> None:
         """Forget the round: its key, the model, the sums."""
-        self._round = None
+        self._rounds.pop(round, None)
+
+    def public_key(self, round: int) -> bytes:
+        return self._state(round).keys.public_bytes

@@ -52,6 +52,15 @@ def build_model_card(report: dict[str, Any], *, plan: dict[str, Any], task: dict
           "accountant": "RDP (Opacus), every DP-SGD step counted by the site's own ledger",
           "max_grad_norm": dp_plan.get("max_grad_norm"),
           "sample_rate": plan.get("sample_rate"), "local_steps": plan.get("local_steps")}
+    aggregator = report.get("aggregator")
+    central = (aggregator or {}).get("central_dp")
+    if central is not None:
+        dp["central"] = {**central,
+                         "epsilon_spent": report.get("final", {}).get("central_epsilon")}
+    attestation["aggregator"] = None if aggregator is None else {
+        "measurement": aggregator.get("measurement"), "provider": aggregator.get("provider"),
+        "refusals": {f"round {r['round']}": r.get("site_refusals") for r in rounds
+                     if r.get("site_refusals")}}
     description = task.get("description") or f"task {task.get('name')}"
     return {
         "purpose": f"{description}. {NOT_A_DEVICE}",
@@ -101,11 +110,20 @@ def render_markdown(card: dict[str, Any]) -> str:
         for site, eps in sorted(dp["epsilon_spent"].items()):
             lines.append(f"| {site} | {'-' if eps is None else f'{eps:.4f}'} |")
     else:
-        lines.append("**DP was off for this run** (the plan that ran): no formal privacy "
-                     "guarantee for the updates.")
+        lines.append("**DP was off at the sites for this run** (the plan that ran): no "
+                     "example-level guarantee for the updates.")
+    central = dp.get("central")
+    if central is not None:
+        spent = central.get("epsilon_spent")
+        lines += ["", f"Central (user-level) DP inside the attested aggregator: each site's "
+                  f"update clipped to {central['clip']}, Gaussian noise multiplier "
+                  f"{central['noise_multiplier']:.4g} on the mean, delta {central['delta']}; "
+                  f"epsilon spent {'-' if spent is None else f'{spent:.4f}'} "
+                  f"({central['accountant']})."]
     lines += ["", "## Attestation",
               f"- allowed measurements: {', '.join(f'`{x[:16]}...`' for x in card['attestation']['measurements_allowed']) or 'none'}",  # noqa: E501
               f"- policy digest: `{card['attestation']['policy_digest']}`",
+              *_aggregator_lines(card["attestation"].get("aggregator")),
               "", "| round | attested | quarantined |", "|---|---|---|"]
     for r in card["attestation"]["rounds"]:
         q = "; ".join(f"{s}: {why}" for s, why in r["quarantined"].items()) or "-"
@@ -125,6 +143,19 @@ def render_markdown(card: dict[str, Any]) -> str:
               f"`{card['audit']['head']}`",
               f"- MLflow run: `{(card.get('mlflow') or {}).get('run_id')}`", ""]
     return "\n".join(lines)
+
+
+def _aggregator_lines(aggregator: dict[str, Any] | None) -> list[str]:
+    if aggregator is None:
+        return ["- aggregator: the coordinator's own process opened the updates (no attested "
+                "aggregator)"]
+    lines = [f"- aggregator: attested enclave ({aggregator.get('provider')}), measurement "
+             f"`{str(aggregator.get('measurement'))[:16]}...`, verified by every site before "
+             "it released an update"]
+    for when, refusals in (aggregator.get("refusals") or {}).items():
+        lines.append(f"- {when}: refused by " + "; ".join(f"{s} ({why})"
+                                                        for s, why in refusals.items()))
+    return lines
 
 
 def write_model_card(card: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

@@ -88,7 +88,8 @@ class AuditObserver(RunObserver):
             **common, "strategy": spec.strategy, "sites": spec.sites,
             "policy_name": spec.policy.name,
             "measurements": [m.hex() for m in spec.policy.measurements],
-            "plan": spec.plan.model_dump(mode="json")})
+            "plan": spec.plan.model_dump(mode="json"),
+            "aggregator": run.aggregator_summary()})
 
     def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
         self.audit.append("round-receipt", event.receipt)
@@ -143,7 +144,7 @@ class ReportObserver(RunObserver):
             privacy={"dp": plan.dp.enabled, "delta": plan.dp.delta,
                      "epsilon_target_per_run": plan.dp.epsilon if plan.dp.enabled else None},
             task=task_summary(spec.task), plan=plan.model_dump(mode="json"),
-            strategy=spec.strategy,
+            strategy=spec.strategy, aggregator=run.aggregator_summary(),
             seconds=round(time_since(run.started), 3), **spec.report_extra)
         result.report = report
         result.paths["report"] = write_report(report, out)

@@ -23,6 +23,7 @@ class SiteRound:
     reason: str
     nonce_sha256: str | None = None  # the challenge nonce this site's admission consumed
     model_ciphertext_sha256: str | None = None
+    aggregator_evidence_sha256: str | None = None  # the aggregator's evidence sent to it
     update_ciphertext_sha256: str | None = None
     update_norm: float | None = None
     train: TrainReport | None = None
@@ -49,6 +50,13 @@ class RoundRecord:
     verify_seconds: float = 0.0
     seconds: float = 0.0
     skipped: str | None = None
+    aggregator: dict[str, Any] | None = None  # the attested aggregator (its measurement)
+    aggregated: list[str] = field(default_factory=list)  # sites whose update entered it
+    site_refusals: dict[str, str] = field(default_factory=dict)  # site -> its typed refusal
+    evaluation_refusals: dict[str, str] = field(default_factory=dict)  # of its evaluation
+    central_epsilon: float | None = None  # the aggregator's central DP so far
+    metrics_mean: dict[str, float] | None = None  # released client averages (not per site)
+    metrics_sites: list[str] = field(default_factory=list)  # sites those averages cover
 
     @property
     def attested(self) -> list[str]:

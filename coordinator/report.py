@@ -34,11 +34,16 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
             epsilon_so_far[site] = s.epsilon_run
         else:
             epsilon_so_far.setdefault(site, None)
-    means = _means(metrics)
+    means = _means(metrics) if record.metrics_mean is None else dict(record.metrics_mean)
     return {
         "round": record.round,
         "attested": record.attested,
         "quarantined": record.quarantined,
+        "aggregated": list(record.aggregated),
+        "site_refusals": dict(sorted(record.site_refusals.items())),
+        "evaluation_refusals": dict(sorted(record.evaluation_refusals.items())),
+        "aggregator": record.aggregator,
+        "central_epsilon": record.central_epsilon,
         "metrics": metrics,
         "means": means,
         "accuracy_mean": means.get("accuracy"),
@@ -74,12 +79,15 @@ def build_report(records: list[RoundRecord], *, prior: list[dict[str, Any]] | No
     for entry in prior or []:
         epsilon.update(entry.get("epsilon", {}))
     rounds = [*(prior or []), *(round_entry(r, epsilon) for r in records)]
-    per_site = next((r["metrics"] for r in reversed(rounds) if r["metrics"]), {})
-    means = _means(per_site)
+    last = next((r for r in reversed(rounds) if r.get("means") or r["metrics"]), None)
+    per_site = last["metrics"] if last else {}
+    means = (last.get("means") or _means(per_site)) if last else {}
+    central = next((r["central_epsilon"] for r in reversed(rounds)
+                    if r.get("central_epsilon") is not None), None)
     report: dict[str, Any] = {
         "rounds": rounds,
         "final": {**means, "per_site": per_site, "accuracy_mean": means.get("accuracy"),
-                  "epsilon": dict(sorted(epsilon.items()))},
+                  "epsilon": dict(sorted(epsilon.items())), "central_epsilon": central},
     }
     report.update(extra)
     return report

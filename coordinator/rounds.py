@@ -17,6 +17,13 @@ messages; everything a round decides happens here, in this order:
 
 Keys live for one round. Every site entry is filed under the node's authenticated identity
 (:class:`~cleanroom.coordinator.gate.SiteDirectory`), never under the name a reply claims.
+
+With an attested aggregator (``aggregator=``, :mod:`cleanroom.coordinator.aggregator`), the
+round key is the aggregator's: this object never holds a private key. Admitted sites are
+announced to the aggregator, whose evidence for each site (binding the nonce the site sent
+with its attestation) rides on the site's instructions; updates and evaluation reports go
+to the aggregator unopened (:meth:`submit_update`, :meth:`submit_metrics`), and only what it
+releases comes back (:meth:`aggregate`, :meth:`release_metrics`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +46,8 @@ from cleanroom.errors import CleanroomError
 from cleanroom.protocol.arrays import EncodedArrays
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.payload import Sealed, open_metrics, open_update, seal_model
-from cleanroom.protocol.reports import EvaluateReport, TrainReport
-from cleanroom.protocol.wire import AttestChallenge, AttestResponse, TrainPlan
+from cleanroom.protocol.reports import EvaluateReport, TrainReport, metric_means
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal, TrainPlan
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +78,31 @@ class CoordinatorRound:
     """One round: its key, challenges, admissions, sealed payloads and record."""
 
     def __init__(self, *, gate: AttestationGate, plan: TrainPlan, run_id: str, round: int,
-                 model_digest: str, keys: KeyPair | None = None) -> None:
+                 model_digest: str, keys: KeyPair | None = None, aggregator: Any = None,
+                 model: Mapping[str, np.ndarray] | None = None) -> None:
+        """``aggregator``: the attested aggregator (an AggregatorHandle); then ``model`` is
+        the round's global model (it validates updates against it)."""
         self.gate = gate
         self.plan = plan
-        self.keys = keys or KeyPair.generate()
+        self.aggregator = aggregator
         self.record = RoundRecord(round=round, run_id=run_id, model_digest=model_digest)
+        if aggregator is not None:
+            if model is None:
+                raise ValueError("an aggregated round needs its global model")
+            self.keys: KeyPair | None = None
+            self.public_key: bytes = aggregator.begin_round(run_id, round, model, model_digest)
+            self.record.aggregator = {"measurement": _hex(aggregator.measurement)}
+        else:
+            self.keys = keys or KeyPair.generate()
+            self.public_key = self.keys.public_bytes
         self.phase = Phase.ATTESTING
         self._challenges: dict[int, AttestChallenge] = {}
         self._judged: set[int] = set()
         self._sessions: dict[int, Session] = {}
+        self._site_nonces: dict[int, bytes] = {}
+        self._aggregator_evidence: dict[int, tuple[bytes, bytes]] = {}
+        self._eval_digest = ""
+        self._reports: list[EvaluateReport] = []
 
     @property
     def round(self) -> int:
@@ -106,7 +130,7 @@ class CoordinatorRound:
             raise RoundStateError(f"node {node_id} was already judged for round {self.round}")
         challenge = self.gate.challenge(run_id=self.run_id, round=self.round, node_id=node_id,
                                         model_digest=self.model_digest,
-                                        coordinator_public_key=self.keys.public_bytes,
+                                        coordinator_public_key=self.public_key,
                                         plan=self.plan)
         self._challenges[node_id] = challenge
         return challenge
@@ -136,6 +160,8 @@ class CoordinatorRound:
         admission = self.gate.admit(node_id, challenge, response, evidence, endorsement)
         self.record.bytes_received += len(evidence) + len(endorsement)
         self.record.verify_seconds += admission.verify_seconds
+        if admission.admitted and response.aggregator_nonce is not None:
+            self._site_nonces[node_id] = response.aggregator_nonce
         return self._apply(admission)
 
     def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
@@ -161,6 +187,11 @@ class CoordinatorRound:
             assert admission.site_public_key is not None
             self._sessions[node_id] = Session(node_id, label, admission.site_public_key,
                                               admission.dataset_rows, admission.update_signer)
+            if self.aggregator is not None:
+                from cleanroom.coordinator.aggregator import SiteSlot
+
+                self.aggregator.admit(self.round, SiteSlot(label, admission.update_signer,
+                                                           admission.dataset_rows))
         else:
             log.warning("round %d: %s quarantined: %s", self.round, label, admission.reason)
         return admission
@@ -175,11 +206,38 @@ class CoordinatorRound:
                 self._apply(refused(node_id, timed_out))
         self.gate.end_phase()
         self.phase = Phase.TRAINING
+        self._attest_aggregator()
         return self.admitted
+
+    def _attest_aggregator(self) -> None:
+        """The aggregator's evidence for every admitted site that sent it a nonce (one call
+        for all); a site that sent none gets none (it decides whether that is enough)."""
+        if self.aggregator is None:
+            return
+        nonces = {self._sessions[n].site: nonce for n, nonce in self._site_nonces.items()
+                  if n in self._sessions}
+        if not nonces:
+            return
+        evidence = self.aggregator.attest_sites(self.round, nonces)
+        by_site = {s.site: n for n, s in self._sessions.items()}
+        for site, pair in evidence.items():
+            self._aggregator_evidence[by_site[site]] = pair
+            self.record.bytes_sent += len(pair[0]) + len(pair[1])
+            from cleanroom.attestation.registry import evidence_digest
+
+            self.record.sites[site].aggregator_evidence_sha256 = evidence_digest(pair[0])
+
+    def aggregator_evidence(self, node_id: int) -> tuple[bytes, bytes] | None:
+        """The aggregator's (evidence, endorsement) for ``node_id`` (None without one)."""
+        return self._aggregator_evidence.get(node_id)
 
     @property
     def admitted(self) -> list[int]:
         return sorted(self._sessions)
+
+    @property
+    def evaluating(self) -> bool:
+        return self.phase is Phase.EVALUATING
 
     def site(self, node_id: int) -> str | None:
         session = self._sessions.get(node_id)
@@ -225,6 +283,8 @@ class CoordinatorRound:
         entry = self.record.sites[session.site]
         context = EnvelopeContext("update", self.run_id, self.round, session.site,
                                   self.model_digest)
+        if self.keys is None:
+            raise RoundStateError("this round's updates go to the aggregator (submit_update)")
         try:
             update, report = open_update(sealed, self.keys, context, session.update_signer)
             entry.update_ciphertext_sha256 = sealed.sha256
@@ -236,6 +296,7 @@ class CoordinatorRound:
             self.reject(node_id, f"update rejected: {exc}")
             return None
         entry.train = report
+        self.record.aggregated.append(session.site)
         if report.privacy is not None:
             self.gate.ledger_grew(session.site, report.privacy.ledger_records)
         return update, report
@@ -260,6 +321,48 @@ class CoordinatorRound:
         return update_bound(self.plan, noise_multiplier=sigma,
                             n_examples=max(1, report.num_examples), n_params=n_params)
 
+    # ------------------------------------------------------------------ aggregator mode
+    def submit_update(self, node_id: int, sealed: Sealed) -> TrainReport | None:
+        """Hand ``node_id``'s sealed update to the aggregator (it opens, checks and folds it);
+        the site's report when accepted, None (site rejected) otherwise."""
+        self._expect(Phase.TRAINING)
+        session = self._sessions.get(node_id)
+        if session is None:
+            return None
+        entry = self.record.sites[session.site]
+        entry.update_ciphertext_sha256 = sealed.sha256
+        self.record.bytes_received += sealed.nbytes
+        verdict = self.aggregator.submit_update(self.round, session.site, sealed)
+        if not verdict.accepted:
+            self.reject(node_id, verdict.reason)
+            return None
+        entry.train, entry.update_norm = verdict.report, verdict.norm
+        self.record.aggregated.append(session.site)
+        if verdict.report.privacy is not None:
+            self.gate.ledger_grew(session.site, verdict.report.privacy.ledger_records)
+        return verdict.report
+
+    def aggregate(self) -> Any:
+        """What the aggregator releases for this round (an ``Aggregate``)."""
+        self._expect(Phase.TRAINING)
+        result = self.aggregator.aggregate(self.round)
+        if result.central_epsilon is not None:
+            self.record.central_epsilon = result.central_epsilon
+        return result
+
+    def refused(self, node_id: int, refusal: Refusal) -> None:
+        """An attested site refused to release its update (typed; e.g. the aggregator did not
+        attest): recorded under ``site_refusals``, the site takes no further part this
+        round. It stays attested: the refusal is the coordinator's problem, not the site's."""
+        session = self._sessions.pop(node_id, None)
+        if session is None:
+            return
+        reason = f"{refusal.code}: {refusal.detail}"
+        self.record.site_refusals[session.site] = reason
+        self.record.sites[session.site].reason = f"refused to release its update: {reason}"
+        log.warning("round %d: %s refused to release its update: %s", self.round,
+                    session.site, reason)
+
     def reject(self, node_id: int, reason: str) -> None:
         """Drop an admitted site for the rest of this round."""
         session = self._sessions.pop(node_id, None)
@@ -276,11 +379,42 @@ class CoordinatorRound:
         self.phase = Phase.EVALUATING
 
     # ------------------------------------------------------------------ evaluation
-    def look_ahead(self, model_digest: str) -> CoordinatorRound:
+    def look_ahead(self, model_digest: str,
+                   model: Mapping[str, np.ndarray] | None = None) -> CoordinatorRound:
         """The next round, to be challenged with this round's evaluation messages: the model
         being evaluated *is* the next round's global model, so the evidence can bind it."""
         return CoordinatorRound(gate=self.gate, plan=self.plan, run_id=self.run_id,
-                                round=self.round + 1, model_digest=model_digest)
+                                round=self.round + 1, model_digest=model_digest,
+                                aggregator=self.aggregator, model=model)
+
+    def submit_metrics(self, node_id: int, sealed: Sealed, model_digest: str) -> bool:
+        """Aggregator mode: hand ``node_id``'s sealed evaluation report to the aggregator."""
+        self._expect(Phase.EVALUATING)
+        session = self._sessions.get(node_id)
+        if session is None:
+            return False
+        if self.aggregator is None:
+            return self.open_metrics(node_id, sealed, model_digest) is not None
+        self.record.bytes_received += sealed.nbytes
+        if self._eval_digest != model_digest:
+            self.aggregator.begin_evaluation(self.round, model_digest)
+            self._eval_digest = model_digest
+        verdict = self.aggregator.submit_metrics(self.round, session.site, sealed)
+        if not verdict.accepted:
+            log.warning("round %d: %s: %s", self.round, session.site, verdict.reason)
+        return bool(verdict.accepted)
+
+    def release_metrics(self) -> Any:
+        """The aggregator's released metrics: per site for the sites that share them, the
+        example-weighted mean over all (a ``ReleasedMetrics``)."""
+        self._expect(Phase.EVALUATING)
+        released = self.aggregator.release_metrics(self.round)
+        for site, report in released.per_site.items():
+            if site in self.record.sites:
+                self.record.sites[site].evaluation = report
+        self.record.metrics_mean = dict(released.mean)
+        self.record.metrics_sites = list(released.sites)
+        return released
 
     def open_metrics(self, node_id: int, sealed: Sealed, model_digest: str,
                      ) -> EvaluateReport | None:
@@ -290,6 +424,8 @@ class CoordinatorRound:
             return None
         context = EnvelopeContext("metrics", self.run_id, self.round, session.site,
                                   model_digest)
+        if self.keys is None:
+            raise RoundStateError("this round's reports go to the aggregator (submit_metrics)")
         try:
             report = open_metrics(sealed, self.keys, context, session.update_signer)
         except CleanroomError as exc:
@@ -297,15 +433,29 @@ class CoordinatorRound:
                         session.site, exc)
             return None
         self.record.bytes_received += sealed.nbytes
-        self.record.sites[session.site].evaluation = report
+        if report.share:  # the operator holds the key, but honours the site's policy
+            self.record.sites[session.site].evaluation = report
+        self._reports.append(report)
         return report
 
     def close(self) -> RoundRecord:
         """The round's record; the key and sessions are forgotten."""
         if self.phase is Phase.CLOSED:
             raise RoundStateError(f"round {self.round} is already closed")
+        if self._reports and any(not r.share for r in self._reports):
+            self.record.metrics_mean = metric_means(self._reports, weighted=False)
         self.phase = Phase.CLOSED
         self._sessions.clear()
-        self.keys = None  # type: ignore[assignment]  # round keys live for one round
+        self.keys = None  # round keys live for one round
+        self.discard()
         self.record.seconds = time.time() - self.record.started_at
         return self.record
+
+    def discard(self) -> None:
+        """Tell the aggregator to forget this round (its key, the model, the sums)."""
+        if self.aggregator is not None:
+            self.aggregator.end_round(self.round)
+
+
+def _hex(value: bytes | None) -> str | None:
+    return value.hex() if value else None

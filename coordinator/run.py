@@ -84,6 +84,8 @@ class RunSpec:
     run_name: str = "cleanroom"
     resume: Resume | None = None
     tdx_collateral: Path | None = None  # Intel PCS collateral folder (TDX sites)
+    aggregator: Any = None  # AggregatorLaunch: updates go to an attested aggregator enclave
+    central_dp: Any = None  # CentralDp: noise added to the mean inside that enclave
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow parameters
     report_extra: dict[str, Any] = field(default_factory=dict)
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # to rebuild the run
@@ -182,7 +184,50 @@ class FederatedRun:
         self.audit_head = ""
         self.audit_entries = 0
         self.tracking_info: dict[str, str] = {"tracking_uri": "", "run_id": ""}
-        self.strategy: Any = self._wrap(wrapper)
+        self.aggregator: Any = self._launch_aggregator()
+        try:
+            self.strategy: Any = self._wrap(wrapper)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _launch_aggregator(self) -> Any:
+        """Start the attested aggregator's enclave (None: the operator's process opens
+        updates, as before)."""
+        spec = self.spec
+        if spec.aggregator is None or not spec.confidential:
+            if spec.central_dp is not None:
+                raise ConfigError("central DP is added inside the attested aggregator: it "
+                                  "needs one (drop --no-aggregator)")
+            return None
+        from cleanroom.coordinator.aggregator_enclave import AggregatorHandle
+        from cleanroom.coordinator.strategies import aggregates_by_sum
+
+        robust = None if aggregates_by_sum(self.inner) else self.inner
+        if robust is not None and spec.central_dp is not None:
+            raise ConfigError(f"central DP adds noise to the mean of the updates; strategy "
+                              f"{type(self.inner).__name__} does not aggregate by a mean")
+        return AggregatorHandle(spec.aggregator, spec.plan, central_dp=spec.central_dp,
+                                robust=robust)
+
+    def aggregator_summary(self) -> dict[str, Any] | None:
+        """What reports, receipts and the model card say about the aggregator (no keys)."""
+        if self.aggregator is None:
+            return None
+        launch, central = self.spec.aggregator, self.spec.central_dp
+        measurement = getattr(self.aggregator, "measurement", None)
+        return {"provider": launch.provider, "isolation": launch.isolation,
+                "measurement": measurement.hex() if measurement else None,
+                "aggregates_inside": self.aggregator.robust_inside,
+                "central_dp": None if central is None else {
+                    "noise_multiplier": central.noise_multiplier, "clip": central.clip,
+                    "delta": central.delta, "accountant": "RDP, user level: every site "
+                    "every round"}}
+
+    def shutdown(self) -> None:
+        """Stop the aggregator enclave (its round keys die with it)."""
+        if self.aggregator is not None:
+            self.aggregator.close()
 
     def _wrap(self, wrapper: Any) -> Any:
         from cleanroom.coordinator.checkpoint import RoundOffset
@@ -194,13 +239,14 @@ class FederatedRun:
             strategy: Any = wrapper.attach(
                 gate=self.gate, plan=spec.plan,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
-                on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id)
+                on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id,
+                aggregator=self.aggregator)
         elif spec.confidential:
             strategy: Any = ConfidentialStrategy(
                 self.inner, gate=self.gate, plan=spec.plan,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
                 on_round=self.round_closed, on_start=self.open,
-                run_id=spec.protocol_run_id)
+                run_id=spec.protocol_run_id, aggregator=self.aggregator)
         else:
             strategy = ObservedStrategy(self.inner, on_round=self.round_closed,
                                         node_sites=dict(spec.directory.names),
@@ -262,8 +308,10 @@ class FederatedRun:
         try:
             final = execute(self.strategy)
         except BaseException:
+            self.shutdown()
             self.fail()
             raise
+        self.shutdown()
         return self.close(final)
 
 

@@ -59,13 +59,15 @@ def simulation_spec(loaded: LoadedTask, inner: Any, num_rounds: int, run_id: str
     from cleanroom.attestation.measure import code_measurement
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
+    from cleanroom.coordinator.aggregator_enclave import AggregatorLaunch
     from cleanroom.coordinator.config import TrainingSettings
     from cleanroom.coordinator.gate import SiteDirectory
     from cleanroom.coordinator.run import RunSpec, Stores
-    from cleanroom.localsim import simulation_home
+    from cleanroom.localsim import aggregator_trust, simulation_home
 
     home = simulation_home(loaded.digest)
     root = ensure_simulated_root(home / "simulated-root")
+    aggregator_trust(home)  # what the simulated sites pin for the aggregator launched here
     policy = Policy(name="local-simulation", environment="simulation",
                     simulated_root=root.bundle_path, measurements=[code_measurement()],
                     tasks=[loaded.digest])
@@ -82,7 +84,10 @@ def simulation_spec(loaded: LoadedTask, inner: Any, num_rounds: int, run_id: str
                                  watermarks=home / "coordinator" / "ledger_watermarks.json",
                                  checkpoints=out / "checkpoint"),
                    directory=SiteDirectory(strict=False), coordinator_id="local-simulation",
-                   run_name=f"local-{loaded.name}-{run_id}")
+                   run_name=f"local-{loaded.name}-{run_id}",
+                   aggregator=AggregatorLaunch(provider="simulated",
+                                               state_dir=home / "coordinator" / "aggregator",
+                                               simulated_root=root.bundle_path.parent))
 
 
 def _task_plan(loaded: LoadedTask, dp: bool) -> dict[str, Any]:

@@ -37,3 +37,18 @@ def build_strategy(name: str, *, min_nodes: int = 2, **overrides: Any) -> fs.Str
         return ctor(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"strategy {name}: {exc}") from None
+
+
+# Strategies whose aggregation is a (weighted) mean of the updates, possibly followed by a
+# server-side step on that mean (momentum, adaptive optimisers): they can work from the sum
+# an attested aggregator (or secure aggregation) releases. Matched by the aggregate_train
+# method a strategy runs, so a subclass that only changes configuration still counts.
+SUM_BASED: tuple[type[fs.Strategy], ...] = (
+    fs.FedAvg, fs.FedProx, fs.FedAvgM, fs.FedAdam, fs.FedYogi, fs.FedAdagrad)
+
+
+def aggregates_by_sum(strategy: fs.Strategy) -> bool:
+    """Whether ``strategy`` aggregates by a (weighted) mean of the updates (else it needs
+    every single update: Krum, FedMedian, trimmed mean, Bulyan, QFedAvg, DP wrappers...)."""
+    method = type(strategy).aggregate_train
+    return any(method is cls.aggregate_train for cls in SUM_BASED)

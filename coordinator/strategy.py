@@ -14,6 +14,12 @@ changes nothing else:
 * ``configure_evaluate`` / ``aggregate_evaluate``: the same for evaluation, with next round's
   challenges riding on it; ``on_round`` receives each closed :class:`RoundRecord`.
 
+With an attested aggregator (``aggregator=``), this process never opens an update: replies go
+to the aggregator enclave, and the inner strategy receives what it releases: the mean of the
+accepted updates as one reply (strategies that aggregate by a weighted mean, plus any server
+step they apply on it: FedAvg, FedProx, FedAvgM, FedAdam...), or, for strategies that need
+every update (Krum, FedMedian...), the output of the same strategy run inside the enclave.
+
 Example (in a Flower App's ServerApp; see docs/public-api.md)::
 
     from cleanroom import ConfidentialStrategy
@@ -53,6 +59,7 @@ from cleanroom.protocol.flower import (
     ATTEST_MESSAGE_TYPE,
     ATTEST_RECORD,
     ENVELOPE_RECORD,
+    REFUSAL_RECORD,
     arrays_to_numpy,
     challenge_content,
     has_attest,
@@ -62,9 +69,12 @@ from cleanroom.protocol.flower import (
     plain_train_reply,
     read_attest,
     read_envelope,
+    read_refusal,
     read_reply,
+    synthetic_reply,
 )
 from cleanroom.protocol.payload import encode_model
+from cleanroom.protocol.reports import EvaluateReport, TrainReport
 from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -113,11 +123,12 @@ class ConfidentialStrategy(Strategy):
                  node_wait: float = 60.0, piggyback: bool = True,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_start: Callable[[str], None] | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, aggregator: Any = None) -> None:
         """``inner``: any ``flwr.serverapp.strategy`` strategy. ``task``: the task this run
         trains (a :class:`cleanroom.task.Task` or a task folder); with it alone,
         :meth:`start` builds the run around the rounds. ``gate`` and ``plan``: given
-        together by the run machinery (:mod:`cleanroom.coordinator.run`)."""
+        together by the run machinery (:mod:`cleanroom.coordinator.run`), and
+        ``aggregator``: the attested aggregator's handle (updates go there unopened)."""
         if not isinstance(inner, Strategy):
             raise ValueError("inner must be a flwr.serverapp.strategy.Strategy (e.g. "
                              "FedAvg()), got " + type(inner).__name__)
@@ -142,6 +153,7 @@ class ConfidentialStrategy(Strategy):
         self.node_wait = node_wait
         self.piggyback = piggyback
         self.protocol_run_id = run_id  # a resumed deployed run keeps its first run's id
+        self.aggregator = aggregator
         self.records: list[RoundRecord] = []
         self.model_after_round: OrderedDict[str, np.ndarray] | None = None
         self._round: CoordinatorRound | None = None
@@ -152,9 +164,9 @@ class ConfidentialStrategy(Strategy):
     def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
                on_round: Callable[[RoundRecord], None] | None,
                on_start: Callable[[str], None] | None, run_id: str | None,
-               ) -> ConfidentialStrategy:
+               aggregator: Any = None) -> ConfidentialStrategy:
         """Give a public-API strategy the run machinery's gate, plan and callbacks."""
-        self.gate, self.plan = gate, plan
+        self.gate, self.plan, self.aggregator = gate, plan, aggregator
         self.expected_nodes = expected_nodes or self.min_sites
         self.on_round, self.on_start, self.protocol_run_id = on_round, on_start, run_id
         return self
@@ -229,7 +241,8 @@ class ConfidentialStrategy(Strategy):
             if node_id not in sealed:
                 continue
             challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
-            msg.content = instruction_content(sealed[node_id], msg.content, challenge)
+            msg.content = instruction_content(sealed[node_id], msg.content, challenge,
+                                              round_.aggregator_evidence(node_id))
             if challenge is not None:
                 round_.record.bytes_sent += len(challenge.model_dump_json())
             out.append(msg)
@@ -249,8 +262,11 @@ class ConfidentialStrategy(Strategy):
         if ahead is not None and (ahead.round, ahead.model_digest) == (server_round, digest):
             round_ = ahead
         else:
+            if ahead is not None:
+                ahead.discard()
             round_ = CoordinatorRound(gate=self.gate, plan=self.plan, run_id=run_id,
-                                      round=server_round, model_digest=digest)
+                                      round=server_round, model_digest=digest,
+                                      aggregator=self.aggregator, model=self._global)
         self._round = round_
         attested = self._attest(round_, grid)
         if len(attested) < self.min_sites:
@@ -269,25 +285,21 @@ class ConfidentialStrategy(Strategy):
         plain: list[Message] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            if round_.site(node_id) is None:
-                continue  # not sent a model this round
-            if reply.has_error():
-                round_.reject(node_id, f"site error: {error_reason(reply)}")
+            sealed = self._train_reply(round_, reply)
+            if sealed is None:
                 continue
-            try:
-                read_reply(reply.content, allowed={ENVELOPE_RECORD})
-                sealed = read_envelope(reply.content)
-            except ProtocolError as exc:
-                round_.reject(node_id, f"update rejected: {exc}")
+            if round_.aggregator is not None:
+                round_.submit_update(node_id, sealed)  # opened only inside the enclave
                 continue
             opened = round_.open_update(node_id, sealed, self._global)
-            if opened is None:
-                continue
-            update, report = opened
-            reply.content = plain_train_reply(update, report)
-            plain.append(reply)
-        arrays, metrics = (self.inner.aggregate_train(server_round, plain) if plain
-                           else (None, None))
+            if opened is not None:
+                reply.content = plain_train_reply(*opened)
+                plain.append(reply)
+        if round_.aggregator is not None:
+            arrays, metrics = self._released(server_round, round_)
+        else:
+            arrays, metrics = (self.inner.aggregate_train(server_round, plain) if plain
+                               else (None, None))
         aggregate = None
         if arrays is not None:
             aggregate = self._keep_schema(arrays)
@@ -295,6 +307,48 @@ class ConfidentialStrategy(Strategy):
             arrays = numpy_to_arrays(aggregate)
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
+
+    def _train_reply(self, round_: CoordinatorRound, reply: Message) -> Any:
+        """The sealed update of one train reply, or None (the site is rejected or refused)."""
+        node_id = reply.metadata.src_node_id
+        if round_.site(node_id) is None:
+            return None  # not sent a model this round
+        if reply.has_error():
+            round_.reject(node_id, f"site error: {error_reason(reply)}")
+            return None
+        try:
+            refusal = read_refusal(reply.content)
+            if refusal is not None:
+                read_reply(reply.content, allowed={REFUSAL_RECORD})
+                round_.refused(node_id, refusal)
+                return None
+            read_reply(reply.content, allowed={ENVELOPE_RECORD})
+            return read_envelope(reply.content)
+        except ProtocolError as exc:
+            round_.reject(node_id, f"update rejected: {exc}")
+            return None
+
+    def _released(self, server_round: int, round_: CoordinatorRound,
+                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregator's release for the inner strategy: its robust output as is, or the
+        mean of the accepted updates as one reply the inner strategy aggregates (its server
+        step, e.g. FedAdam's, applies to it)."""
+        result = round_.aggregate()
+        if result.arrays is None:
+            return None, None
+        if self._inside:
+            return numpy_to_arrays(result.arrays), None
+        report = TrainReport(num_examples=max(1, result.total_examples),
+                             steps=self.plan.local_steps, train_loss=result.train_loss)
+        return self.inner.aggregate_train(
+            server_round, [synthetic_reply(plain_train_reply(result.arrays, report), "train")])
+
+    @property
+    def _inside(self) -> bool:
+        """The inner strategy aggregates inside the enclave (it needs every update)."""
+        from cleanroom.coordinator.strategies import aggregates_by_sum
+
+        return not aggregates_by_sum(self.inner)
 
     def _keep_schema(self, arrays: ArrayRecord) -> OrderedDict[str, np.ndarray]:
         """Keep the model's parameter dtypes: server optimisers (FedAdam...) compute in
@@ -313,10 +367,11 @@ class ConfidentialStrategy(Strategy):
             return []
         inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
                                                    AttestedGrid(grid, round_.admitted))
-        model = encode_model(arrays_to_numpy(arrays))
+        numpy = arrays_to_numpy(arrays)
+        model = encode_model(numpy)
         self._eval_digest = model.digest
         if self.piggyback and server_round < self.plan.rounds:
-            self._next = round_.look_ahead(self._eval_digest)
+            self._next = round_.look_ahead(self._eval_digest, numpy)
         return self._seal(round_, inner_msgs, "evaluate", model, self._eval_digest, self._next)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
@@ -330,27 +385,55 @@ class ConfidentialStrategy(Strategy):
                 self._judge_attestation(self._next, reply)
             if round_ is None or round_.site(node_id) is None:
                 continue
+            site = round_.site(node_id)
             if reply.has_error():
-                log.warning("round %d: evaluation error at %s: %s", server_round,
-                            round_.site(node_id), error_reason(reply))
+                log.warning("round %d: evaluation error at %s: %s", server_round, site,
+                            error_reason(reply))
                 continue
             try:
+                refusal = read_refusal(reply.content)
+                if refusal is not None:
+                    read_reply(reply.content, allowed={REFUSAL_RECORD, ATTEST_RECORD})
+                    log.warning("round %d: %s refused its evaluation: %s: %s", server_round,
+                                site, refusal.code, refusal.detail)
+                    round_.record.evaluation_refusals[str(site)] = \
+                        f"{refusal.code}: {refusal.detail}"
+                    continue
                 read_reply(reply.content, allowed={ENVELOPE_RECORD, ATTEST_RECORD})
-                report = round_.open_metrics(node_id, read_envelope(reply.content),
-                                             self._eval_digest)
+                sealed = read_envelope(reply.content)
             except ProtocolError as exc:
-                log.warning("round %d: %s: evaluation reply refused: %s", server_round,
-                            round_.site(node_id), exc)
+                log.warning("round %d: %s: evaluation reply refused: %s", server_round, site,
+                            exc)
                 continue
+            if round_.aggregator is not None:
+                round_.submit_metrics(node_id, sealed, self._eval_digest)
+                continue
+            report = round_.open_metrics(node_id, sealed, self._eval_digest)
             if report is not None:
                 reply.content = plain_evaluate_reply(report)
                 ok.append(reply)
-        result = self.inner.aggregate_evaluate(server_round, ok) if ok else None
+        result = self._evaluated(server_round, round_, ok)
         if round_ is not None:
             if self._next is not None:
                 self.gate.end_phase()  # the piggybacked admissions are durable now
             self._close(round_)
         return result
+
+    def _evaluated(self, server_round: int, round_: CoordinatorRound | None,
+                   ok: list[Message]) -> MetricRecord | None:
+        """The inner strategy's evaluation aggregate: from the plaintext replies, or from the
+        aggregator's release (one reply: the example-weighted means over all sites)."""
+        if round_ is None or round_.aggregator is None:
+            return self.inner.aggregate_evaluate(server_round, ok) if ok else None
+        if not round_.evaluating:
+            return None  # nothing was sent for evaluation (a skipped round)
+        released = round_.release_metrics()
+        if not released.sites:
+            return None
+        report = EvaluateReport(num_examples=max(1, released.num_examples),
+                                metrics=dict(released.weighted))
+        return self.inner.aggregate_evaluate(
+            server_round, [synthetic_reply(plain_evaluate_reply(report), "evaluate")])
 
     def _close(self, round_: CoordinatorRound) -> None:
         record = round_.close()
@@ -363,4 +446,5 @@ class ConfidentialStrategy(Strategy):
         log.info("ConfidentialStrategy: attested, HPKE-encrypted rounds around %s",
                  type(self.inner).__name__)
         self.inner.summary()
+
 

@@ -22,6 +22,14 @@ scenarios:
   forged-evidence    one site edits its signed report -> signature fails
   debug-enclave      one site's enclave has the debug policy bit -> refused
   over-budget        one site has a tiny privacy budget -> refuses, quarantined
+  unattested-coordinator
+                     the coordinator's aggregator runs modified code -> every site refuses
+                     to release its update (report.json rounds: site_refusals)
+
+trust both ways: every round each site sends its own nonce with its attestation and releases
+its update only to the coordinator's aggregator enclave whose evidence binds that nonce and
+the round key (report.json rounds: aggregated, site_refusals). --no-aggregator runs the
+earlier protocol (the coordinator's own process opens the updates).
 
 outputs (in --out): report.json, report.png, final_model.npz, mlflow.db (MLflow tracking),
 state/ (sealed site ledgers, simulated enclaves). Browse runs with:
@@ -32,6 +40,8 @@ examples:
   cleanroom simulate --scenario tampered-site --rounds 3
   cleanroom simulate --no-dp --strategy fedavg --out runs/nodp
   cleanroom simulate --epsilon 2 --seed 3 --tracking-uri http://mlflow.example:5000
+  cleanroom simulate --central-epsilon 4 --strategy fedavg
+  cleanroom simulate --scenario unattested-coordinator --rounds 2
 """
 
 
@@ -60,8 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
     p.add_argument("--scenario", default="honest",
                    choices=["honest", "tampered-site", "replayed-evidence", "forged-evidence",
-                            "debug-enclave", "over-budget"],
-                   help="honest (default) or one hostile site, see below")
+                            "debug-enclave", "over-budget", "unattested-coordinator"],
+                   help="honest (default), one hostile site or a hostile coordinator, see "
+                   "below")
     p.add_argument("--hostile-site", help="which site misbehaves (default: the last one, va)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="output folder (default runs/latest)")
@@ -69,6 +80,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per round")
     p.add_argument("--sample-rate", type=float, default=None, help="Poisson sampling rate")
     p.add_argument("--lr", type=float, default=None, help="local learning rate")
+    p.add_argument("--no-aggregator", action="store_true",
+                   help="no attested aggregator enclave: the coordinator's process opens "
+                   "every update (the protocol before mutual attestation)")
+    p.add_argument("--central-epsilon", type=float, default=None, metavar="EPS",
+                   help="add central (user-level) DP inside the aggregator: Gaussian noise on "
+                   "the mean of clipped updates, calibrated to EPS over the run")
+    p.add_argument("--central-clip", type=float, default=1.0, metavar="C",
+                   help="central DP: L2 clip of each site's update delta (default 1.0)")
     p.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
                    help="inprocess (fast, default) or ray (Flower's simulation runtime)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in --out)")
@@ -101,7 +120,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   scenario=args.scenario, hostile_site=args.hostile_site, out=args.out,
                   seed=args.seed, backend=args.backend, tracking=not args.no_tracking,
                   tracking_uri=args.tracking_uri, state_dir=args.state,
-                  site_budget=args.site_budget, progress=not args.no_progress)
+                  site_budget=args.site_budget, progress=not args.no_progress,
+                  aggregator=not args.no_aggregator, central_epsilon=args.central_epsilon,
+                  central_clip=args.central_clip)
     try:
         return SimulationConfig(**values)
     except ValidationError as exc:
@@ -134,6 +155,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                          "quarantined": len(entry["quarantined"])})
         for site, reason in entry["quarantined"].items():
             bar.write(f"round {entry['round']}: {site} quarantined: {reason}")
+        for site, reason in (entry.get("site_refusals") or {}).items():
+            bar.write(f"round {entry['round']}: {site} refused to release its update: "
+                      f"{reason}")
         bar.update(1)
 
     started = time.time()
@@ -166,6 +190,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if eps:
         print("epsilon spent: " + ", ".join(f"{s} {e:.3f}" for s, e in eps.items())
               + f" (delta {config.delta:g})")
+    if final.get("central_epsilon") is not None:
+        print(f"central epsilon (aggregator, user-level): {final['central_epsilon']:.3f}")
+    refusing = sorted({s for r in report["rounds"] for s in r.get("site_refusals") or {}})
+    if refusing:
+        print(f"sites that refused to release updates: {', '.join(refusing)} (see "
+              "report.json rounds[].site_refusals)")
+    elif config.confidential and config.aggregator:
+        print("aggregator: attested by every site before each update")
     print(f"report: {result.report_path}  plot: {result.plot_path}")
     if report["mlflow"]["run_id"]:
         print(f"mlflow: {report['mlflow']['tracking_uri']} run {report['mlflow']['run_id']}")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleanroom.coordinator.config import STRATEGY_OPTIONS, TrainingSettings
 from cleanroom.errors import CleanroomError, ConfigError
+from cleanroom.simulations.scenarios import COORDINATOR_SCENARIOS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ class SimulationConfig(BaseModel):
     state_dir: Path | None = None
     site_budget: float | None = Field(None, gt=0)
     confidential: bool = True
+    aggregator: bool = Field(True, description="updates go to an attested aggregator enclave "
+                             "(a separate process) that every site verifies first; False: "
+                             "the coordinator's own process opens them (the protocol before "
+                             "issue 13)")
+    aggregator_isolation: Literal["process", "inprocess"] = Field(
+        "process", description="the aggregator enclave's separation from the operator's "
+        "process in a simulation: its own process, or 'inprocess' (tests: no separation)")
+    central_epsilon: float | None = Field(None, gt=0, description="user-level DP added to the "
+                                          "mean inside the aggregator: the run's epsilon")
+    central_clip: float = Field(1.0, gt=0, description="central DP: each site's update delta "
+                                "clipped to this L2 norm")
     progress: bool = True
     workers: int = Field(1, ge=1, le=64, description="inprocess: sites served in parallel "
                          "(threads). 1 by default: CPython 3.11.7's compile() is not thread "
@@ -92,8 +104,10 @@ def site_names(config: SimulationConfig, task: Any) -> list[str]:
 
 
 def _site_configs(config: SimulationConfig, names: list[str], task: Any, state: Path,
-                  root_dir: Path, hostile: str | None) -> list[Any]:
+                  root_dir: Path, hostile: str | None,
+                  aggregator_policy: Path | None = None) -> list[Any]:
     from cleanroom.site_agent.config import (
+        AggregatorTrust,
         ApprovedTask,
         EnclaveConfig,
         PrivacyConfig,
@@ -112,14 +126,54 @@ def _site_configs(config: SimulationConfig, names: list[str], task: Any, state: 
         privacy = PrivacyConfig(delta=config.delta, lifetime_epsilon=lifetime,
                                 max_epsilon_per_run=config.epsilon, allow_no_dp=not config.dp)
         # the simulated hospitals reviewed and approved the consortium's task
+        # ... and share their own metrics with the researcher running the simulation
         policy = SitePolicyConfig(tasks=[ApprovedTask(digest=task.digest, name=task.name)],
-                                  task_dirs=[task.folder])
+                                  task_dirs=[task.folder], share_metrics=True)
+        trust = AggregatorTrust(required=aggregator_policy is not None,
+                                policy=aggregator_policy)
         configs.append(SiteConfig(site=name, state_dir=state / "sites" / name,
                                   enclave=EnclaveConfig(provider="simulated",
                                                         simulated_root=root_dir),
-                                  privacy=privacy, policy=policy,
+                                  privacy=privacy, policy=policy, aggregator=trust,
                                   seed=config.seed * 7919 + index))
     return configs
+
+
+def _aggregator(config: SimulationConfig, state: Path, root: Any) -> tuple[Any, Path | None]:
+    """The aggregator enclave's launch and the trust policy the sites pin for it (the honest
+    aggregator code's measurement). ``unattested-coordinator``: the coordinator launches
+    modified aggregator code, whose measurement no site pins."""
+    if not config.aggregator or not config.confidential:
+        if config.scenario in COORDINATOR_SCENARIOS:
+            raise ConfigError(f"scenario {config.scenario} needs the attested aggregator")
+        return None, None
+    from cleanroom.attestation.measure import aggregator_measurement, write_aggregator_trust
+    from cleanroom.coordinator.aggregator_enclave import AggregatorLaunch
+
+    measurement = None
+    if config.scenario == "unattested-coordinator":
+        from cleanroom.simulations.scenarios import tampered_aggregator_measurement
+
+        measurement = tampered_aggregator_measurement()
+    trust = write_aggregator_trust(state / "aggregator-trust.json",
+                             simulated_root=root.bundle_path,
+                             measurements=[aggregator_measurement()])
+    launch = AggregatorLaunch(provider="simulated", state_dir=state / "coordinator" /
+                              "aggregator-enclave", simulated_root=root.bundle_path.parent,
+                              measurement=measurement, isolation=config.aggregator_isolation)
+    return launch, trust
+
+
+def _central_dp(config: SimulationConfig) -> Any:
+    """Central DP inside the aggregator, calibrated to ``central_epsilon`` over the run's
+    rounds (every site each round: user-level, sampling rate 1)."""
+    if config.central_epsilon is None:
+        return None
+    from cleanroom.coordinator.aggregator import CentralDp
+    from cleanroom.privacy import calibrate_noise
+
+    sigma = calibrate_noise(config.central_epsilon, config.delta, 1.0, config.rounds)
+    return CentralDp(noise_multiplier=sigma, clip=config.central_clip, delta=config.delta)
 
 
 def load_simulation_task(spec: str) -> Any:
@@ -160,7 +214,7 @@ def run_simulation(config: SimulationConfig,
     task = load_simulation_task(config.task)
     names = site_names(config, task)
     hostile = None
-    if config.scenario != "honest":
+    if config.scenario not in COORDINATOR_SCENARIOS and config.scenario != "honest":
         hostile = config.hostile_site or names[-1]
         if hostile not in names:
             raise ConfigError(f"hostile site {hostile!r} is not one of {names}")
@@ -169,7 +223,8 @@ def run_simulation(config: SimulationConfig,
     state = Path(config.state_dir).resolve() if config.state_dir else out / "state"
     root_dir = state / "simulated-root"
     root = ensure_simulated_root(root_dir)
-    sites = SimulatedSites(_site_configs(config, names, task, state, root_dir, hostile),
+    launch, trust = _aggregator(config, state, root)
+    sites = SimulatedSites(_site_configs(config, names, task, state, root_dir, hostile, trust),
                            {hostile: Fault(config.scenario)} if hostile else {},
                            task_folder=task.folder)
     # A fresh run id per simulation (as Flower gives each run): the sites' ledgers key
@@ -202,6 +257,7 @@ def run_simulation(config: SimulationConfig,
         checkpoint_meta={"simulation_config": config.model_copy(update={
             "state_dir": state, "out": out}).model_dump(mode="json")},  # absolute paths
         resume=Resume(checkpoint, out / "audit.jsonl") if checkpoint is not None else None,
+        aggregator=launch, central_dp=_central_dp(config),
         params={"scenario": config.scenario, "hostile_site": hostile, "seed": config.seed,
                 "backend": config.backend, "code_measurement": code_measurement().hex()},
         report_extra={"config": config.model_dump(mode="json"),

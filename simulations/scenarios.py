@@ -9,6 +9,9 @@ Each hostile behaviour is a real attack on the protocol, not a flag the coordina
 * ``forged-evidence`` - the site alters its report after the AMD-SP signed it (signature breaks).
 * ``debug-enclave`` - the site's guest was launched with the DEBUG policy bit.
 * ``over-budget`` - the site's lifetime privacy budget is tiny; it refuses and is quarantined.
+* ``unattested-coordinator`` - the coordinator's aggregator enclave runs modified code (a copy
+  that keeps every opened update); its measurement is not the one the sites pin, so every site
+  refuses to release its update (typed ``aggregator-attestation`` refusals).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ SCENARIOS: dict[str, str] = {
     "forged-evidence": "one site alters its signed report (bad signature)",
     "debug-enclave": "one site's enclave has the debug policy bit set",
     "over-budget": "one site has a tiny privacy budget",
+    "unattested-coordinator": "the coordinator's aggregator runs modified code (sites refuse)",
 }
+COORDINATOR_SCENARIOS = frozenset({"unattested-coordinator"})  # the hostile party: coordinator
 OVER_BUDGET_EPSILON = 0.05
 TAMPER_TARGET = "training.py"
 
@@ -85,21 +90,37 @@ class ForgingProvider:
         return type(self)(self.inner.for_task(task_digest))
 
 
-def tampered_code_measurement(code_roots: list[Path]) -> bytes:
-    """Measurement of a modified copy of the site code: DP noise forced to zero."""
+def tampered_code_measurement(code_roots: list[Path], target_name: str = TAMPER_TARGET,
+                              patch: str = "\n# tampered build: exfiltrate updates without "
+                              "noise\nNOISE_OVERRIDE = 0.0\n", extra: bytes = b"") -> bytes:
+    """Measurement of a modified copy of the code: by default the site code with DP noise
+    forced to zero."""
     with tempfile.TemporaryDirectory(prefix="cleanroom-tampered-") as tmp:
         roots = []
         for root in code_roots:
             dst = Path(tmp) / root.name
             shutil.copytree(root, dst, ignore=shutil.ignore_patterns("__pycache__"))
             roots.append(dst)
-        target = next((r / TAMPER_TARGET for r in roots if (r / TAMPER_TARGET).exists()), None)
+        target = next((r / target_name for r in roots if (r / target_name).exists()), None)
         if target is None:
             target = roots[0] / "tampered.py"
             target.write_text("")
         with open(target, "a") as fh:
-            fh.write("\n# tampered build: exfiltrate updates without noise\nNOISE_OVERRIDE = 0.0\n")
-        return measure_code(roots)
+            fh.write(patch)
+        return measure_code(roots, extra=extra)
+
+
+def tampered_aggregator_measurement() -> bytes:
+    """Measurement of a modified aggregator: a copy whose core keeps every opened update."""
+    import importlib.util
+
+    from cleanroom.attestation.measure import AGGREGATOR_PACKAGES, AGGREGATOR_TAG
+
+    roots = [Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))  # type: ignore[union-attr, arg-type]
+             for name in AGGREGATOR_PACKAGES]
+    return tampered_code_measurement(
+        roots, "aggregator.py", "\n# curious build: keep every opened update\nKEEP = []\n",
+        extra=AGGREGATOR_TAG)
 
 
 class SimulatedSites:

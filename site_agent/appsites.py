@@ -69,8 +69,9 @@ class AppSites:
 
     def _simulated(self, ctx: Any) -> SiteRuntime:
         from cleanroom.attestation.simulated import ensure_simulated_root
-        from cleanroom.localsim import simulated_site_name, simulation_home
+        from cleanroom.localsim import aggregator_trust, simulated_site_name, simulation_home
         from cleanroom.site_agent.config import (
+            AggregatorTrust,
             ApprovedTask,
             EnclaveConfig,
             SiteConfig,
@@ -95,7 +96,8 @@ class AppSites:
             enclave=EnclaveConfig(provider="simulated", simulated_root=home / "simulated-root"),
             policy=SitePolicyConfig(tasks=[ApprovedTask(digest=loaded.digest,
                                                         name=loaded.name)],
-                                    task_dirs=[self.folder]),
+                                    task_dirs=[self.folder], share_metrics=True),
+            aggregator=AggregatorTrust(required=True, policy=aggregator_trust(home)),
             seed=pid)
         runtime = build_runtime(config)
         runtime.datasets.register_simulated(loaded.task, pid, count)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cleanroom.config import Section, load_model, paths
 from cleanroom.protocol.wire import HexDigest, SiteName
@@ -77,8 +77,34 @@ class SitePolicyConfig(Section):
                                   "installed tasks are found without it.")
     require_approval: bool = Field(False, description="Every run waits for 'cleanroom site "
                                    "approve RUN_ID --task DIGEST --epsilon E'.")
+    share_metrics: bool = Field(False, description="Let the coordinator's operator see this "
+                                "site's own evaluation metrics. If false they go only to an "
+                                "attested aggregator, which releases averages over the sites; "
+                                "an evaluation for a coordinator without one is refused.")
 
     _paths = paths("task_dirs")
+
+
+class AggregatorTrust(Section):
+    """The coordinator's aggregator enclave, as this site verifies it every round before it
+    releases an update (docs/architecture.md, trust both ways)."""
+
+    required: bool = Field(False, description="Release updates only to an aggregator whose "
+                           "evidence verifies against 'policy' (refusal "
+                           "'aggregator-unattested' otherwise).")
+    policy: Path | None = Field(None, description="Attestation policy file (TOML) for the "
+                                "aggregator's evidence: its allowed measurements, TCB floor, "
+                                "debug off; in a simulation the simulated root. Evidence from "
+                                "an aggregator is verified against it whenever it is set.")
+
+    _paths = paths("policy")
+
+    @model_validator(mode="after")
+    def _policy_when_required(self) -> AggregatorTrust:
+        if self.required and self.policy is None:
+            raise ValueError("aggregator.required needs aggregator.policy (the policy its "
+                             "evidence is verified against)")
+        return self
 
 
 class FlowerNodeSettings(Section):
@@ -113,6 +139,7 @@ class SiteConfig(Section):
     enclave: EnclaveConfig = EnclaveConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     policy: SitePolicyConfig = SitePolicyConfig()
+    aggregator: AggregatorTrust = AggregatorTrust()
     node_public_key: Path | None = Field(None, description="Flower node auth public key "
                                          "(PEM SPKI, deployment): bound into every "
                                          "attestation.")

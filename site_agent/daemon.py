@@ -53,6 +53,10 @@ def preflight(config: SiteConfig) -> SiteRuntime:
     require_free_ports(("127.0.0.1", flower.port, "SuperNode runtime API"),
                        (config.api.host, config.api.port, "site API"))
     runtime = build_runtime(config)
+    _ = runtime.aggregator_policy  # a broken aggregator policy stops the daemon, named
+    if not config.aggregator.required:
+        log.warning("site %s releases updates to a coordinator whose aggregator it has not "
+                    "attested (aggregator.required = false)", config.site)
     registered = runtime.datasets.datasets()  # the data room must open inside the enclave
     if not registered:
         log.warning("site %s has no registered dataset yet: it refuses every task until one "

@@ -26,18 +26,22 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from cleanroom.errors import ProtocolError
+from cleanroom.errors import ProtocolError, SiteRefusal
 from cleanroom.protocol.flower import (
     ATTEST_ACTION,
     ATTEST_MESSAGE_TYPE,
+    ATTEST_RECORD,
     attest_content,
     attest_record,
     has_challenge,
+    read_aggregator,
     read_challenge,
     read_envelope,
+    refusal_content,
     reply_content,
     strategy_config,
 )
+from cleanroom.protocol.wire import Refusal
 from cleanroom.site_agent.ledger import EpsilonMemo
 from cleanroom.site_agent.runtime import SiteRuntime
 from cleanroom.site_agent.session import Answer, SessionBlob, SiteProtocol, SiteTrainer
@@ -133,20 +137,31 @@ class ConfidentialMod:
                        reply_to=msg)
 
     def _train(self, msg: Message, ctx: Context) -> Message:
-        sealed = self._protocol(ctx).train(self._blob(ctx), read_envelope(msg.content),
-                                           dict(strategy_config(msg.content)))
+        try:
+            sealed = self._protocol(ctx).train(self._blob(ctx), read_envelope(msg.content),
+                                               dict(strategy_config(msg.content)),
+                                               read_aggregator(msg.content))
+        except SiteRefusal as refusal:  # typed: the coordinator records why, per site
+            return Message(refusal_content(Refusal(code=refusal.code, detail=refusal.detail)),
+                           reply_to=msg)
         return Message(reply_content(sealed), reply_to=msg)
 
     def _evaluate(self, msg: Message, ctx: Context) -> Message:
         next_challenge = read_challenge(msg.content) if has_challenge(msg.content) else None
-        sealed, answer = self._protocol(ctx).evaluate(self._blob(ctx),
+        result, answer = self._protocol(ctx).evaluate(self._blob(ctx),
                                                       read_envelope(msg.content),
-                                                      next_challenge)
+                                                      next_challenge,
+                                                      read_aggregator(msg.content))
         attest = None
         if answer is not None:
             self._keep(ctx, answer)
             attest = attest_record(answer.response, answer.evidence, answer.endorsement)
-        return Message(reply_content(sealed, attest), reply_to=msg)
+        if isinstance(result, Refusal):
+            content = refusal_content(result)
+            if attest is not None:
+                content[ATTEST_RECORD] = attest
+            return Message(content, reply_to=msg)
+        return Message(reply_content(result, attest), reply_to=msg)
 
 
 def _unreachable(msg: Message, ctx: Context) -> Message:

@@ -24,6 +24,7 @@ from cleanroom.site_agent.config import SiteConfig
 from cleanroom.site_agent.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
+    from cleanroom.attestation.validate.policy import Policy
     from cleanroom.protocol.wire import TaskRef
     from cleanroom.site_agent.datasets import DataRoom, TaskData
     from cleanroom.task import LoadedTask
@@ -132,6 +133,16 @@ class SiteRuntime:
     @cached_property
     def approvals(self) -> Approvals:
         return Approvals(self.config.state_dir, self.provider.sealing_key(b"approvals"))
+
+    @cached_property
+    def aggregator_policy(self) -> Policy | None:
+        """The policy the coordinator's aggregator evidence is verified against (or None)."""
+        path = self.config.aggregator.policy
+        if path is None:
+            return None
+        from cleanroom.attestation.validate.policy import load_policy
+
+        return load_policy(path)
 
     def session_key(self) -> bytes:
         return self.provider.sealing_key(b"session")

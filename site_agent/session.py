@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cleanroom.errors import ProtocolError, SiteRefusal
-from cleanroom.protocol.binding import Binding
+from cleanroom.protocol.binding import AggregatorBinding, Binding
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair, signer_public_bytes
 from cleanroom.protocol.payload import Sealed, open_model, seal_metrics, seal_update
 from cleanroom.protocol.reports import EvaluateReport, PrivacySpend, TrainReport
@@ -77,6 +78,7 @@ class _Round:
     keys: KeyPair
     signer: ed25519.Ed25519PrivateKey
     challenge: AttestChallenge
+    aggregator_nonce: bytes | None = None  # the site's challenge to the aggregator
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class SiteProtocol:
                 {**base, "refusal": Refusal(code=refusal.code, detail=refusal.detail)}))
         keys = KeyPair.generate()  # the round's HPKE key: the model is sealed to it
         signer = ed25519.Ed25519PrivateKey.generate()  # signs this round's update and reports
+        aggregator_nonce = os.urandom(32)  # the site's own challenge to the aggregator
         ledger_records, ledger_head = runtime.ledger.state()
         anchor = challenge.ledger_anchor
         anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
@@ -144,6 +147,7 @@ class SiteProtocol:
         evidence = runtime.provider.for_task(task.digest).evidence(binding.report_data())
         secrets = {"private_key": keys.private_bytes().hex(),
                    "signing_key": signer.private_bytes_raw().hex(),
+                   "aggregator_nonce": aggregator_nonce.hex(),
                    "challenge": challenge.model_dump_json()}
         blob = SessionBlob(challenge.run_id, challenge.round, seal_blob(
             runtime.session_key(), json.dumps(secrets).encode(),
@@ -154,7 +158,8 @@ class SiteProtocol:
              "ledger_anchor_head": anchor_head, "task_digest": task.digest,
              "update_signer_key": signer_public_bytes(signer).hex(),
              "dataset_digest": settings.dataset_digest or None,
-             "dataset_rows": settings.dataset_rows})
+             "dataset_rows": settings.dataset_rows,
+             "aggregator_nonce": aggregator_nonce.hex()})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
         runtime.activity.record("attested", challenge.run_id, challenge.round,
@@ -174,10 +179,50 @@ class SiteProtocol:
                                 "before it receives a model")
         raw = unseal_blob(self.runtime.session_key(), blob.sealed, self._label(blob.run_id))
         secrets = json.loads(raw)
+        nonce = secrets.get("aggregator_nonce")
         return _Round(KeyPair.from_private_bytes(bytes.fromhex(secrets["private_key"])),
                       ed25519.Ed25519PrivateKey.from_private_bytes(
                           bytes.fromhex(secrets["signing_key"])),
-                      AttestChallenge.model_validate_json(secrets["challenge"]))
+                      AttestChallenge.model_validate_json(secrets["challenge"]),
+                      bytes.fromhex(nonce) if nonce else None)
+
+    def _verify_aggregator(self, session: _Round, record: tuple[bytes, bytes] | None,
+                           what: str) -> bool:
+        """Whether the round key the site seals to belongs to an aggregator enclave this site
+        verified now (evidence binding its own nonce, the run, round, site, key and model,
+        checked against its aggregator policy); a typed refusal when it must but cannot."""
+        from cleanroom.attestation.evidence import verify_evidence
+        from cleanroom.attestation.registry import Endorsements
+
+        runtime, challenge = self.runtime, session.challenge
+        trust, policy = runtime.config.aggregator, runtime.aggregator_policy
+        if record is None or policy is None:
+            if trust.required:
+                raise SiteRefusal("aggregator-unattested", f"the coordinator sent no evidence "
+                                  f"of an aggregator enclave with this {what}; this site "
+                                  "releases its work only to an attested aggregator")
+            return False
+        if session.aggregator_nonce is None:
+            raise SiteRefusal("aggregator-attestation", "this round's session holds no nonce "
+                              "for the aggregator")
+        evidence, endorsement = record
+        binding = AggregatorBinding(run_id=challenge.run_id, round=challenge.round,
+                                    site=runtime.site, site_nonce=session.aggregator_nonce,
+                                    aggregator_public_key=challenge.coordinator_public_key,
+                                    model_digest=challenge.model_digest)
+        verdict = verify_evidence(
+            evidence, policy=policy.model_copy(update={"report_data": binding.report_data()}),
+            endorsements=Endorsements(key_certificate=endorsement or None))
+        if not verdict.accepted:
+            runtime.activity.record("refused", challenge.run_id, challenge.round,
+                                    code="aggregator-attestation", detail=verdict.summary)
+            raise SiteRefusal("aggregator-attestation", "the coordinator's aggregator evidence "
+                              f"does not verify: {verdict.summary}")
+        runtime.activity.record("aggregator-verified", challenge.run_id, challenge.round,
+                                evidence_sha256=verdict.evidence_sha256,
+                                measurement=verdict.claims.measurement.hex()
+                                if verdict.claims is not None else None)
+        return True
 
     def _open(self, blob: SessionBlob | None, sealed: Sealed, direction: str,
               ) -> tuple[_Round, OrderedDict[str, np.ndarray]]:
@@ -201,11 +246,15 @@ class SiteProtocol:
 
     # ------------------------------------------------------------------ train
     def train(self, blob: SessionBlob | None, sealed: Sealed,
-              strategy_config: Mapping[str, Any]) -> Sealed:
-        """Train on the sealed global model; returns the sealed update and report."""
+              strategy_config: Mapping[str, Any],
+              aggregator: tuple[bytes, bytes] | None = None) -> Sealed:
+        """Train on the sealed global model; returns the sealed update and report.
+        ``aggregator``: the coordinator's aggregator evidence; verified before any budget is
+        reserved (a :class:`SiteRefusal` when the site's trust settings are not met)."""
         runtime = self.runtime
         session, arrays = self._open(blob, sealed, "model")
         challenge = session.challenge
+        self._verify_aggregator(session, aggregator, "model")
         settings = decide_settings(runtime, challenge, self.memo)
         plan = challenge.plan
         if settings.noise_multiplier is not None:
@@ -244,8 +293,12 @@ class SiteProtocol:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, blob: SessionBlob | None, sealed: Sealed,
-                 next_challenge: AttestChallenge | None) -> tuple[Sealed, Answer | None]:
-        """Evaluate the sealed model; answer the piggybacked next-round challenge, if any."""
+                 next_challenge: AttestChallenge | None,
+                 aggregator: tuple[bytes, bytes] | None = None,
+                 ) -> tuple[Sealed | Refusal, Answer | None]:
+        """Evaluate the sealed model; answer the piggybacked next-round challenge, if any.
+        The site's own metrics go to an operator only if its policy shares them; else only to
+        an attested aggregator (a :class:`Refusal` in place of the report otherwise)."""
         session, arrays = self._open(blob, sealed, "evaluate")
         challenge = session.challenge
         digest = sealed.header.model_digest
@@ -254,7 +307,18 @@ class SiteProtocol:
                 challenge.run_id, challenge.round + 1, digest):
             raise ProtocolError("the piggybacked challenge is not for the next round of this "
                                 "run and the model being evaluated")
+        share = self.runtime.config.policy.share_metrics
+        try:
+            attested = self._verify_aggregator(session, aggregator, "evaluation")
+            if not share and not attested:
+                raise SiteRefusal("metrics-not-shared", "this site shares its own metrics "
+                                  "only with an attested aggregator (policy.share_metrics = "
+                                  "false)")
+        except SiteRefusal as refusal:
+            answer = self.answer(next_challenge) if next_challenge is not None else None
+            return Refusal(code=refusal.code, detail=refusal.detail), answer
         report = self.trainer.evaluate(self.runtime, challenge.plan, arrays)
+        report = report.model_copy(update={"share": share})
         sealed_report = seal_metrics(report, challenge.coordinator_public_key,
                                      EnvelopeContext("metrics", challenge.run_id,
                                                      challenge.round, self.runtime.site, digest),

@@ -39,7 +39,8 @@ def site(tmp: Path, root_dir: Path, root: Any, name: str = "alpha", index: int =
     """A simulated site that approved the synthetic task and registered its data, with its
     own chip and sealed state under ``tmp``."""
     state = tmp / "sites" / name
-    policy = config.pop("policy", SitePolicyConfig(tasks=[ApprovedTask(digest=TASK.digest)]))
+    policy = config.pop("policy", SitePolicyConfig(tasks=[ApprovedTask(digest=TASK.digest)],
+                                                   share_metrics=True))
     cfg = SiteConfig(site=name, state_dir=state,
                      enclave=EnclaveConfig(provider="simulated", simulated_root=root_dir),
                      privacy=config.pop("privacy", PrivacyConfig()), policy=policy, seed=index,

@@ -73,8 +73,9 @@ class CapturingInner:
 
 
 def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog):
-    """Every message is serialised to Flower's wire format; no float bytes of the global model
-    or of any update appear in them, nor in logs, the out folder or MLflow."""
+    """Without an attested aggregator (the coordinator's process opens updates): every
+    message is serialised to Flower's wire format; no float bytes of the global model or of
+    any update appear in them, nor in logs, the out folder or MLflow."""
     from cleanroom.coordinator import strategy as strategy_module
     from cleanroom.simulations import inprocess
 
@@ -114,7 +115,7 @@ def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(strategy_module.ConfidentialStrategy, "configure_train", cfg)
     monkeypatch.setattr(strategy_module.ConfidentialStrategy, "aggregate_train", agg)
     caplog.set_level(logging.DEBUG)
-    report = simulate(tmp_path, tracking=True)
+    report = simulate(tmp_path, tracking=True, aggregator=False)
 
     assert len(capture.plaintexts) >= 2 * (1 + 4), "global models and updates were captured"
     assert wire, "messages went through the wire tap"
@@ -137,6 +138,131 @@ def test_no_plaintext_model_or_update_on_the_wire(tmp_path, monkeypatch, caplog)
             for blob in updates:
                 assert blob not in data, f"update bytes found in {path}"
     assert report["mlflow"]["run_id"]
+
+
+def _site_updates(monkeypatch) -> list[bytes]:
+    """Every site's trained parameters, captured at the site (float bytes per tensor)."""
+    from cleanroom.site_agent import session
+
+    captured: list[bytes] = []
+    original = session.seal_update
+
+    def tapped(arrays, *args, **kwargs):
+        captured.extend(np.ascontiguousarray(v).tobytes() for v in arrays.values()
+                        if np.asarray(v).nbytes >= 16)
+        return original(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(session, "seal_update", tapped)
+    return captured
+
+
+@pytest.mark.parametrize("isolation", ["process", "inprocess"])
+def test_no_single_update_is_decryptable_outside_the_aggregator_enclave(tmp_path, monkeypatch,
+                                                                          caplog, isolation):
+    """The leak test, extended to the attested aggregator: the operator's process relays the
+    sites' sealed updates, but no key in its memory (nor the sites', which run in this
+    process here) opens any of them; their plaintext is on no wire message, in no log, in
+    no coordinator output; what the inner strategy sees is the aggregate only. Control: with
+    the aggregator inside the operator's process, the same scan finds the key that opens
+    them (the test can fail)."""
+    import gc
+
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from cleanroom.coordinator import rounds as rounds_module
+    from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+    from cleanroom.protocol.payload import open_update
+    from cleanroom.simulations import inprocess
+
+    wire: list[bytes] = []
+    original_init = inprocess.InProcessGrid.__init__
+
+    def tapped_init(self, *a, **kw):
+        original_init(self, *a, **kw)
+        self.tap = lambda direction, node, data: wire.append(data)
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "__init__", tapped_init)
+    keys: list[KeyPair] = []  # every key pair this process ever makes or restores...
+    for name in ("generate", "from_private_bytes"):
+        original = getattr(KeyPair, name).__func__
+
+        def recording(cls, *a, _original=original, **kw):
+            pair = _original(cls, *a, **kw)
+            keys.append(pair)
+            return pair
+
+        monkeypatch.setattr(KeyPair, name, classmethod(recording))
+    sealed_updates = []
+    original_submit = rounds_module.CoordinatorRound.submit_update
+    private_type = type(x25519.X25519PrivateKey.generate())  # the backend's concrete class
+
+    def submit(self, node_id, sealed):
+        sealed_updates.append(sealed)
+        if len(sealed_updates) % 4 == 1:  # ... and every X25519 key alive in it while the
+            for o in gc.get_objects():  # operator holds a round's first sealed update
+                if type(o) is private_type:
+                    keys.append(KeyPair(o))
+                elif type(o) is KeyPair:
+                    keys.append(o)
+        return original_submit(self, node_id, sealed)
+
+    monkeypatch.setattr(rounds_module.CoordinatorRound, "submit_update", submit)
+    updates = _site_updates(monkeypatch)
+    caplog.set_level(logging.DEBUG)
+    report = simulate(tmp_path, tracking=True, aggregator_isolation=isolation)
+
+    assert [len(r["aggregated"]) for r in report["rounds"]] == [4, 4]
+    assert len(sealed_updates) == 8 and updates
+    keys = list({k.public_bytes: k for k in keys}.values())
+    assert len(keys) >= 8, "the scan finds keys (the sites' own, at least)"
+    opened = 0
+    for sealed in sealed_updates:
+        h = sealed.header
+        context = EnvelopeContext("update", h.run_id, h.round, h.site, h.model_digest)
+        for key in keys:
+            try:
+                open_update(sealed, key, context, None)
+                opened += 1
+            except Exception:  # noqa: BLE001 - any failure: the key does not fit
+                continue
+    if isolation == "inprocess":  # the control: nothing separates the operator from the key
+        assert opened == len(sealed_updates)
+        return
+    assert opened == 0, "an update was decryptable in the operator's process"
+    logs = caplog.text.encode()
+    out_files = [p.read_bytes() for p in (tmp_path / "out").rglob("*")
+                 if p.is_file() and "sites" not in p.parts]
+    for blob in updates:
+        assert not any(blob in message for message in wire), "update plaintext on the wire"
+        assert blob not in logs and blob.hex().encode() not in logs
+        assert not any(blob in data for data in out_files), "update bytes in the outputs"
+
+
+def test_sites_refuse_an_unattested_aggregator_and_say_so(tmp_path):
+    """--scenario unattested-coordinator: the aggregator runs code no site pins; every site
+    refuses (typed) before it spends budget, the receipts record it, nothing is aggregated."""
+    report = simulate(tmp_path, scenario="unattested-coordinator")
+    for entry in report["rounds"]:
+        assert entry["aggregated"] == [] and entry["aggregate_digest"] is None
+        assert entry["quarantined"] == {}  # the sites attested fine: the coordinator did not
+        assert set(entry["site_refusals"]) == {"cleveland", "hungary", "switzerland", "va"}
+        for reason in entry["site_refusals"].values():
+            assert reason.startswith("aggregator-attestation: ") and "MEASUREMENT" in reason
+    assert all(e is None for e in report["final"]["epsilon"].values())  # no budget spent
+    lines = (tmp_path / "out" / "audit.jsonl").read_text().splitlines()
+    receipts = [e["body"] for e in map(json.loads, lines) if e["kind"] == "round-receipt"]
+    assert len(receipts) == 2
+    assert all(set(r["site_refusals"]) == {"cleveland", "hungary", "switzerland", "va"}
+               and r["aggregated"] == [] for r in receipts)
+
+
+def test_central_dp_is_accounted_and_reported(tmp_path):
+    report = simulate(tmp_path, central_epsilon=8.0, strategy="fedavg", dp=False)
+    central = [r["central_epsilon"] for r in report["rounds"]]
+    assert central[0] is not None and 0 < central[0] < central[1] <= 8.0 + 1e-6
+    assert report["final"]["central_epsilon"] == central[1]
+    card = (tmp_path / "out" / "model_card.md").read_text()
+    assert "central" in card.lower()
 
 
 def test_no_dataset_row_outside_the_site(tmp_path, caplog):

@@ -10,32 +10,47 @@ nothing. Layout of every message the protocol sends:
   ``ciphertext`` bytes) holding the sealed global model, plus the inner strategy's own
   ConfigRecord(s) (e.g. FedProx's ``proximal-mu``); no ArrayRecord at all. An evaluate
   instruction may also carry ``cleanroom.challenge`` (next round's challenge, answered in the
-  reply: one message round trip less per round).
-* train reply: exactly one record, ``cleanroom.envelope`` (the sealed update and its report).
-  Evaluate reply: ``cleanroom.envelope`` (the sealed evaluation report) and optionally
-  ``cleanroom.attest``. :func:`read_reply` refuses anything else: a reply that carries extra
-  records is a malformed reply of that one site, never a reason to stop the run.
+  reply: one message round trip less per round). With an attested aggregator, both carry
+  ``cleanroom.aggregator`` (its ``evidence`` and ``endorsement``, binding the site's own
+  nonce and the round key the site seals to).
+* train reply: exactly one record, ``cleanroom.envelope`` (the sealed update and its report),
+  or ``cleanroom.refusal`` (``refusal`` JSON: the site's typed refusal, e.g. an aggregator
+  that did not attest). Evaluate reply: ``cleanroom.envelope`` (the sealed evaluation report)
+  or ``cleanroom.refusal``, and optionally ``cleanroom.attest``. :func:`read_reply` refuses
+  anything else: a reply that carries extra records is a malformed reply of that one site,
+  never a reason to stop the run.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from pydantic import BaseModel, ValidationError
 
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.payload import Sealed
 from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
-from cleanroom.protocol.wire import AttestChallenge, AttestResponse, EnvelopeHeader
+from cleanroom.protocol.wire import AttestChallenge, AttestResponse, EnvelopeHeader, Refusal
 
 ATTEST_ACTION = "cleanroom_attest"
 ATTEST_MESSAGE_TYPE = f"query.{ATTEST_ACTION}"
 CHALLENGE_RECORD = "cleanroom.challenge"
 ATTEST_RECORD = "cleanroom.attest"
 ENVELOPE_RECORD = "cleanroom.envelope"
+AGGREGATOR_RECORD = "cleanroom.aggregator"
+REFUSAL_RECORD = "cleanroom.refusal"
 ARRAYS_RECORD = "arrays"  # the ArrayRecord key Flower's strategies use by default
 METRICS_RECORD = "metrics"
 # Flower's own keys the protocol reads or writes (its strategies' config and metric records)
@@ -48,6 +63,7 @@ MAX_WRAPPED_KEY = 512
 MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 64 * 1024
 MAX_JSON = 256 * 1024
+DEFAULT_TTL = 3600.0
 
 
 def _parse(model: type[BaseModel], text: object, what: str) -> BaseModel:
@@ -156,17 +172,49 @@ def read_envelope(content: RecordDict) -> Sealed:
 
 
 def instruction_content(sealed: Sealed, strategy_content: RecordDict,
-                        challenge: AttestChallenge | None = None) -> RecordDict:
+                        challenge: AttestChallenge | None = None,
+                        aggregator: tuple[bytes, bytes] | None = None) -> RecordDict:
     """A train/evaluate instruction: the sealed model replaces the strategy's ArrayRecord(s);
-    the strategy's ConfigRecords (its per-round config) travel as they are."""
+    the strategy's ConfigRecords (its per-round config) travel as they are. ``aggregator``:
+    the aggregator enclave's (evidence, endorsement) for this site."""
     out = RecordDict()
     for key, value in strategy_content.items():
-        if not isinstance(value, ArrayRecord):
+        if not isinstance(value, ArrayRecord) and not key.startswith("cleanroom."):
             out[key] = value
     out[ENVELOPE_RECORD] = envelope_record(sealed)
     if challenge is not None:
         out[CHALLENGE_RECORD] = challenge_record(challenge)
+    if aggregator is not None:
+        out[AGGREGATOR_RECORD] = ConfigRecord({"evidence": aggregator[0],
+                                               "endorsement": aggregator[1]})
     return out
+
+
+def read_aggregator(content: RecordDict) -> tuple[bytes, bytes] | None:
+    """The aggregator enclave's (evidence, endorsement) of an instruction; None if absent."""
+    record = content.config_records.get(AGGREGATOR_RECORD)
+    if record is None:
+        return None
+    evidence, endorsement = record.get("evidence", b""), record.get("endorsement", b"")
+    if not isinstance(evidence, bytes) or not isinstance(endorsement, bytes) or not evidence:
+        raise ProtocolError("the aggregator record needs evidence and endorsement bytes")
+    if len(evidence) > MAX_EVIDENCE or len(endorsement) > MAX_ENDORSEMENT:
+        raise ProtocolError(f"aggregator evidence ({len(evidence)} B) or endorsement "
+                            f"({len(endorsement)} B) exceeds the size limit")
+    return evidence, endorsement
+
+
+def refusal_content(refusal: Refusal) -> RecordDict:
+    """A site's typed refusal of a train or evaluate instruction."""
+    return RecordDict({REFUSAL_RECORD: ConfigRecord({"refusal": refusal.model_dump_json()})})
+
+
+def read_refusal(content: RecordDict) -> Refusal | None:
+    """The typed refusal a reply carries (None if it carries none)."""
+    record = content.config_records.get(REFUSAL_RECORD)
+    if record is None:
+        return None
+    return _parse(Refusal, record.get("refusal"), "refusal")  # type: ignore[return-value]
 
 
 def strategy_config(content: RecordDict) -> ConfigRecord:
@@ -209,6 +257,15 @@ def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
     """Defined metrics only (a MetricRecord holds numbers), with the count Flower weights by."""
     return MetricRecord({NUM_EXAMPLES: report.num_examples,  # type: ignore[arg-type]
                          **{k: v for k, v in report.metrics.items() if v is not None}})
+
+
+def synthetic_reply(content: RecordDict, message_type: str, src_node_id: int = 0) -> Message:
+    """A reply no node sent: what an aggregator releases, handed to a Flower strategy's
+    ``aggregate_*`` as if one node had answered (no run context needed)."""
+    metadata = Metadata(run_id=0, message_id="", src_node_id=src_node_id, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=time.time(),
+                        ttl=DEFAULT_TTL, message_type=message_type)
+    return Message(content=content, metadata=metadata)
 
 
 def plain_train_reply(arrays: OrderedDict[str, np.ndarray], report: TrainReport) -> RecordDict:

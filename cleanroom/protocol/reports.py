@@ -9,6 +9,7 @@ ignored), and the Flower adapter derives the inner strategy's ``MetricRecord`` f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -77,3 +78,18 @@ class EvaluateReport(_Report):
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"metric {name} is not finite")
         return metrics
+
+
+def metric_means(reports: Iterable[EvaluateReport], *, weighted: bool) -> dict[str, float]:
+    """Each metric averaged over the sites that defined it: the client average (every site
+    counts once, as reports show it) or, ``weighted``, by example count (as Flower's
+    strategies aggregate)."""
+    reports = list(reports)
+    out: dict[str, float] = {}
+    for name in sorted({k for r in reports for k, v in r.metrics.items() if v is not None}):
+        pairs = [(float(v), r.num_examples if weighted else 1) for r in reports
+                 if (v := r.metrics.get(name)) is not None]
+        weight = sum(w for _, w in pairs)
+        if weight:
+            out[name] = sum(v * w for v, w in pairs) / weight
+    return out

@@ -127,6 +127,9 @@ class AttestResponse(_Wire):
         None, description="SHA-256 of the registered dataset the site serves the task from")
     dataset_rows: int = Field(0, ge=0, le=10**9, description="its training rows (bound: the "
                               "update bound and the reported sample count use it)")
+    aggregator_nonce: Hex32 | None = Field(  # type: ignore[valid-type]
+        None, description="the site's own fresh challenge to the coordinator's aggregator "
+        "enclave: the aggregator's evidence must bind it before the site releases an update")
 
 
 class EnvelopeHeader(_Wire):

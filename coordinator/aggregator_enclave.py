@@ -1,0 +1,194 @@
+"""Where the aggregator runs: its own enclave, a separate process the operator's process only
+talks to through a pipe.
+
+:class:`AggregatorHandle` starts the aggregator (:class:`~cleanroom.coordinator.aggregator.
+AggregatorCore`) in a fresh interpreter (``python -m cleanroom.coordinator.aggregator_enclave``:
+nothing of the operator's memory is inherited)
+with its own evidence provider (the simulated TEE, whose chip the consortium's simulated root
+issued, or configfs-tsm in a confidential VM) and proxies every call. The round keys are
+generated in there and never cross the pipe; what comes back is public keys, evidence,
+verdicts (digests and reasons) and aggregates. ``isolation="inprocess"`` keeps the core in
+this process (unit tests only: then nothing separates the operator from the keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Literal
+
+from cleanroom.coordinator.aggregator import AggregatorCore, CentralDp
+from cleanroom.errors import CleanroomError
+from cleanroom.protocol.wire import TrainPlan
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 120.0
+CALL_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class AggregatorLaunch:
+    """How the aggregator's enclave starts."""
+
+    provider: Literal["simulated", "configfs-tsm"] = "simulated"
+    state_dir: Path | None = None  # simulated: the chip's sealed state (created on first use)
+    simulated_root: Path | None = None  # simulated: the consortium's simulated root
+    measurement: bytes | None = None  # simulated: launch digest (default: the honest code's)
+    debug: bool = False  # simulated: launch with the DEBUG policy bit (fault injection)
+    tsm_root: Path = Path("/sys/kernel/config/tsm/report")  # configfs-tsm
+    isolation: Literal["process", "inprocess"] = "process"
+
+
+def build_provider(launch: AggregatorLaunch) -> Any:
+    """The enclave's evidence provider (runs inside the enclave)."""
+    from cleanroom.enclave import ConfigfsTsmProvider, SimulatedProvider
+
+    if launch.provider == "configfs-tsm":
+        return ConfigfsTsmProvider(launch.tsm_root)
+    from cleanroom.attestation.measure import aggregator_measurement
+    from cleanroom.attestation.simulated import load_simulated_root
+
+    if launch.state_dir is None:
+        raise CleanroomError("a simulated aggregator enclave needs a state folder")
+    root = load_simulated_root(launch.simulated_root) if launch.simulated_root else None
+    return SimulatedProvider.launch(root, launch.state_dir,
+                                    launch.measurement or aggregator_measurement(),
+                                    debug=launch.debug)
+
+
+def _serve(conn: Any) -> None:
+    """The enclave process: build the core from the first message, answer calls until told
+    to stop."""
+    try:
+        launch, plan_json, central, robust = conn.recv()
+        core = AggregatorCore(build_provider(launch), TrainPlan.model_validate_json(plan_json),
+                              central_dp=central, robust=robust)
+        conn.send(("ok", getattr(core.provider, "measurement", None)))
+    except Exception as exc:  # noqa: BLE001 - reported to the operator, then the process ends
+        conn.send(("error", type(exc).__name__, str(exc)))
+        return
+    while True:
+        try:
+            name, args, kwargs = conn.recv()
+        except EOFError:
+            return
+        if name == "close":
+            conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", getattr(core, name)(*args, **kwargs)))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back typed as text
+            conn.send(("error", type(exc).__name__, str(exc)))
+
+
+class _Duplex:
+    """A pickling connection over the child's stdin/stdout pipes."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.reader = Connection(read_fd, writable=False)
+        self.writer = Connection(write_fd, readable=False)
+
+    def send(self, obj: Any) -> None:
+        self.writer.send(obj)
+
+    def recv(self) -> Any:
+        return self.reader.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return self.reader.poll(timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+
+def _child_main() -> None:
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the channel
+    _serve(_Duplex(read_fd, write_fd))
+
+
+class AggregatorHandle:
+    """The operator side's handle on the aggregator enclave (same calls as the core)."""
+
+    CALLS = frozenset({"begin_round", "admit", "attest", "attest_sites", "submit_update",
+                       "aggregate", "begin_evaluation", "submit_metrics", "release_metrics",
+                       "end_round", "public_key", "central_epsilon"})
+
+    def __init__(self, launch: AggregatorLaunch, plan: TrainPlan, *,
+                 central_dp: CentralDp | None = None, robust: Any = None) -> None:
+        self.launch = launch
+        self.robust_inside = robust is not None  # the strategy itself aggregates in there
+        self._lock = threading.Lock()
+        self._core: AggregatorCore | None = None
+        self._conn: Any = None
+        self._process: Any = None
+        if launch.isolation == "inprocess":
+            self._core = AggregatorCore(build_provider(launch), plan, central_dp=central_dp,
+                                        robust=robust)
+            self.measurement = getattr(self._core.provider, "measurement", None)
+            return
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "cleanroom.coordinator.aggregator_enclave"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._conn = _Duplex(os.dup(self._process.stdout.fileno()),
+                             os.dup(self._process.stdin.fileno()))
+        self._process.stdout.close()
+        self._process.stdin.close()
+        self._conn.send((launch, plan.model_dump_json(), central_dp, robust))
+        self.measurement = self._result(START_TIMEOUT, "start")
+
+    def _result(self, timeout: float, what: str) -> Any:
+        if not self._conn.poll(timeout):
+            self.close()
+            raise CleanroomError(f"the aggregator enclave did not answer {what} within "
+                                 f"{timeout:.0f}s")
+        reply = self._conn.recv()
+        if reply[0] == "error":
+            raise CleanroomError(f"aggregator enclave: {reply[1]}: {reply[2]}")
+        return reply[1]
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.CALLS:
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._core is not None:
+                return getattr(self._core, name)(*args, **kwargs)
+            with self._lock:
+                if self._conn is None:
+                    raise CleanroomError("the aggregator enclave is closed")
+                self._conn.send((name, args, kwargs))
+                return self._result(CALL_TIMEOUT, name)
+        return call
+
+    def close(self) -> None:
+        """Stop the enclave process (its keys die with it)."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(("close", (), {}))
+                    self._conn.poll(5)
+                except (OSError, EOFError, BrokenPipeError):
+                    pass
+                self._conn.close()
+                self._conn = None
+            if self._process is not None:
+                try:
+                    self._process.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(5)
+                self._process = None
+
+
+if __name__ == "__main__":
+    _child_main()

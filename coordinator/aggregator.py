@@ -76,6 +76,14 @@ class CentralDp:
         if not 0 < self.delta < 1:
             raise ValueError("central DP delta must be in (0, 1)")
 
+    @classmethod
+    def calibrated(cls, epsilon: float, delta: float, rounds: int, clip: float) -> CentralDp:
+        """The noise for (``epsilon``, ``delta``) user-level DP over ``rounds`` rounds in which
+        every site takes part (RDP, sampling rate 1)."""
+        from cleanroom.privacy import calibrate_noise
+
+        return cls(calibrate_noise(epsilon, delta, 1.0, rounds), clip, delta)
+
 
 @dataclass(frozen=True)
 class SiteSlot:

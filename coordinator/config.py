@@ -124,6 +124,39 @@ class RegisteredSite(Section):
     _paths = paths("public_key")
 
 
+class AggregatorSettings(Section):
+    """The attested aggregator enclave: the only place a site's update or own metrics are
+    opened (docs/architecture.md, trust both ways). Sites verify its evidence every round."""
+
+    provider: Literal["simulated", "configfs-tsm"] = Field(
+        "simulated", description="simulated (its chip provisioned by 'cleanroom provision') "
+        "or configfs-tsm (the aggregator's own confidential VM)")
+    state_dir: Path = Field(Path("state/aggregator-enclave"), description="simulated: the "
+                            "chip's key and VCEK")
+    tsm_root: Path = Field(Path("/sys/kernel/config/tsm/report"), description="configfs-tsm")
+    central_epsilon: float | None = Field(None, gt=0, description="user-level DP added to the "
+                                          "mean inside the aggregator (the run's epsilon)")
+    central_clip: float = Field(1.0, gt=0, description="central DP: L2 clip of each site's "
+                                "update delta")
+
+    _paths = paths("state_dir", "tsm_root")
+
+    def launch(self) -> Any:
+        """How the aggregator's enclave process starts (an AggregatorLaunch)."""
+        from cleanroom.coordinator.aggregator_enclave import AggregatorLaunch
+
+        return AggregatorLaunch(provider=self.provider, state_dir=self.state_dir,
+                                tsm_root=self.tsm_root)
+
+    def central_dp(self, *, rounds: int, delta: float) -> Any:
+        """The calibrated central DP (a CentralDp) or None."""
+        if self.central_epsilon is None:
+            return None
+        from cleanroom.coordinator.aggregator import CentralDp
+
+        return CentralDp.calibrated(self.central_epsilon, delta, rounds, self.central_clip)
+
+
 class CoordinatorConfig(Section):
     name: str = "cleanroom-consortium"
     state_dir: Path = Path("state")
@@ -139,6 +172,9 @@ class CoordinatorConfig(Section):
     tdx_collateral: Path | None = Field(None, description="Folder of Intel PCS collateral "
                                         "(TCB info, QE identity, CRLs) for TDX sites; loaded "
                                         "at start, reloaded when its files change.")
+    aggregator: AggregatorSettings | None = Field(
+        None, description="The attested aggregator enclave. Without it the coordinator's own "
+        "process opens every update (sites that require an attested aggregator refuse).")
 
     _paths = paths("state_dir", "audit_key", "policy", "tdx_collateral")
 

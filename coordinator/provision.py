@@ -63,6 +63,8 @@ class ProvisionRequest:
     extra_hosts: list[str] = field(default_factory=list)
     task: str = "heart-disease"  # an installed task's name or a task folder
     rounds: int = 5
+    aggregator: bool = True  # an attested aggregator enclave that every site verifies
+    aggregator_measurements: list[str] = field(default_factory=list)  # hex; real enclaves
 
 
 @dataclass
@@ -133,6 +135,31 @@ def _simulated_site(root: object, site_dir: Path, task: object, index: int, coun
         runtime.datasets.register_simulated(task.task, partition, partitions)  # type: ignore[attr-defined]
 
 
+def _aggregator(req: ProvisionRequest, out: Path, coord: Path, root: object) -> Path | None:
+    """The aggregator enclave's chip (simulated: its VCEK issued by the simulated vendor) and
+    the trust policy every site pins for it; None without an aggregator."""
+    from cleanroom.attestation.measure import aggregator_measurement, write_aggregator_trust
+
+    if not req.aggregator:
+        return None
+    if root is not None:
+        from cleanroom.enclave import CHIP_VCEK, SimulatedProvider
+
+        chip_dir = coord / "state" / "aggregator-enclave"
+        provider = SimulatedProvider.launch(root, chip_dir, bytes(48))  # type: ignore[arg-type]
+        (chip_dir / CHIP_VCEK).write_bytes(provider.chip.vcek_pem)
+        measurements = [aggregator_measurement()]
+    else:
+        if not req.aggregator_measurements:
+            raise ConfigError("a real-enclave federation needs --aggregator-measurement HEX "
+                              "(the launch measurement of the aggregator's image), or "
+                              "--no-aggregator")
+        measurements = [bytes.fromhex(m) for m in req.aggregator_measurements]
+    return write_aggregator_trust(
+        out / "aggregator-trust.json", measurements=measurements,
+        simulated_root=root.bundle_path if root is not None else None)  # type: ignore[attr-defined]
+
+
 def provision(req: ProvisionRequest) -> Provisioned:
     from cleanroom.attestation.measure import code_measurement
 
@@ -198,6 +225,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
     else:  # production: a TDX quote's TCB status and revocation need Intel's collateral
         policy_top["require_collateral"] = True
     (coord / "policy.toml").write_text(_toml({}, policy_top))
+    trust = _aggregator(req, out, coord, root)
 
     site_configs: dict[str, Path] = {}
     registered = []
@@ -219,13 +247,19 @@ def provision(req: ProvisionRequest) -> Provisioned:
         node_port, api_port = req.site_ports.get(
             name, (req.site_base_port + index, req.site_api_base_port + index))
         enclave: dict[str, object] = {"provider": req.enclave}
-        policy: dict[str, object] = {"require_approval": False}
+        # per-site metrics stay with the attested aggregator unless the hospital shares them
+        policy: dict[str, object] = {"require_approval": False, "share_metrics": trust is None}
         if not installed:
             policy["task_dirs"] = [str(task.folder)]
+        aggregator: dict[str, object] = {"required": False}
+        if trust is not None:
+            shutil.copyfile(trust, site_dir / "aggregator-trust.json")
+            aggregator = {"required": True, "policy": "aggregator-trust.json"}
         (site_dir / "site.toml").write_text(_toml({
             "enclave": enclave,
             "privacy": {"delta": 1e-5, "lifetime_epsilon": 10.0, "max_epsilon_per_run": 1.0},
             "policy": policy,
+            "aggregator": aggregator,
             "flower": {"superlink": f"{req.superlink_host}:{req.superlink_port}",
                        "root_certificates": "ca.pem", "auth_key": "node_auth.key",
                        "port": node_port},
@@ -243,6 +277,8 @@ def provision(req: ProvisionRequest) -> Provisioned:
         "api": {"host": "127.0.0.1", "port": req.api_port, "tokens": "api_tokens.json"},
         "training": {"task": task.name if installed else str(task.folder),
                      "rounds": req.rounds},
+        **({"aggregator": {"provider": req.enclave, "state_dir": "state/aggregator-enclave"}}
+           if trust is not None else {}),
     }, {"name": "cleanroom-consortium", "state_dir": "state",
         "audit_key": "audit_signing_key.pem", "policy": "policy.toml"},
         {"sites": registered}))

@@ -154,6 +154,9 @@ def main(grid: Grid, context: Context) -> None:
             keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
         min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
         tdx_collateral=config.tdx_collateral,
+        aggregator=config.aggregator.launch() if config.aggregator else None,
+        central_dp=config.aggregator.central_dp(rounds=plan.rounds, delta=plan.dp.delta)
+        if config.aggregator else None,
         run_name=f"run-{run_id}-{training.strategy}", coordinator_id=config.name,
         sites=sorted(expected.values()), expected_nodes=max(1, len(nodes)),
         params={"seed": seed, "deployment": config.name},

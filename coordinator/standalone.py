@@ -124,6 +124,7 @@ def deployed_spec(config_path: Path, loaded: LoadedTask, inner: Any, num_rounds:
             names={nid: name for nid, (_, name) in nodes.items()},
             keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
         tracking_uri=config.tracking_uri, tdx_collateral=config.tdx_collateral,
+        aggregator=config.aggregator.launch() if config.aggregator else None,
         run_name=f"run-{run_id}-{loaded.name}", coordinator_id=config.name,
         sites=sorted(expected.values()), expected_nodes=max(1, len(nodes)),
         params={"deployment": config.name}, report_extra={"deployment": config.name})

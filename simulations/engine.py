@@ -170,10 +170,9 @@ def _central_dp(config: SimulationConfig) -> Any:
     if config.central_epsilon is None:
         return None
     from cleanroom.coordinator.aggregator import CentralDp
-    from cleanroom.privacy import calibrate_noise
 
-    sigma = calibrate_noise(config.central_epsilon, config.delta, 1.0, config.rounds)
-    return CentralDp(noise_multiplier=sigma, clip=config.central_clip, delta=config.delta)
+    return CentralDp.calibrated(config.central_epsilon, config.delta, config.rounds,
+                                config.central_clip)
 
 
 def load_simulation_task(spec: str) -> Any:

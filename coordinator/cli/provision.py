@@ -13,7 +13,12 @@ examples:
   # a hospital made its own key with 'cleanroom site keygen' and sent node_auth.pub:
   cleanroom provision --out fed --sites cleveland,va --site-key va=received/va.pub
   # real SEV-SNP/TDX sites: approved image measurement(s), configfs-tsm provider
-  cleanroom provision --out fed --sites a,b --enclave configfs-tsm --measurement HEX
+  cleanroom provision --out fed --sites a,b --enclave configfs-tsm --measurement HEX \
+      --aggregator-measurement HEX
+
+The coordinator's aggregator enclave is attested by every site each round (sites get
+aggregator-trust.json and [aggregator] required = true); --no-aggregator provisions the
+earlier protocol (the coordinator's process opens updates; sites share their metrics).
 
 then: cleanroom coordinator --config fed/coordinator/coordinator.toml
       cleanroom site --config fed/sites/<name>/site.toml      (at each site)
@@ -35,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "configfs-tsm (real SEV-SNP/TDX guests)")
     p.add_argument("--measurement", action="append", default=[], metavar="HEX",
                    help="allowed launch measurement (repeatable; required for configfs-tsm)")
+    p.add_argument("--aggregator-measurement", action="append", default=[], metavar="HEX",
+                   help="launch measurement of the aggregator enclave's image (repeatable; "
+                   "required for configfs-tsm unless --no-aggregator)")
+    p.add_argument("--no-aggregator", action="store_true",
+                   help="no attested aggregator enclave (sites do not require one)")
     p.add_argument("--host", default="127.0.0.1", help="SuperLink address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9400, help="SuperLink port (default 9400)")
     p.add_argument("--api-port", type=int, default=9401, help="coordinator API port")
@@ -58,17 +68,21 @@ def cmd_provision(args: argparse.Namespace) -> int:
             raise ConfigError(f"--site-key {item!r}: expected NAME=PUBFILE")
         keys[name] = Path(path)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    for m in args.measurement:
-        try:
-            if len(bytes.fromhex(m)) != 48:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--measurement {m!r} is not 48 bytes of hex") from None
+    for flag, values in (("--measurement", args.measurement),
+                         ("--aggregator-measurement", args.aggregator_measurement)):
+        for m in values:
+            try:
+                if len(bytes.fromhex(m)) != 48:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{flag} {m!r} is not 48 bytes of hex") from None
     result = provision(ProvisionRequest(
         out=args.out, sites=sites, enclave=args.enclave, site_keys=keys,
         measurements=list(args.measurement), superlink_host=args.host,
         superlink_port=args.port, api_port=args.api_port, site_base_port=args.site_port,
-        site_api_base_port=args.site_api_port, task=args.task, rounds=args.rounds))
+        site_api_base_port=args.site_api_port, task=args.task, rounds=args.rounds,
+        aggregator=not args.no_aggregator,
+        aggregator_measurements=list(args.aggregator_measurement)))
     print(f"provisioned {len(sites)} site(s) in {result.out}")
     print(f"  coordinator: cleanroom coordinator --config {result.coordinator_config}")
     for name, path in result.site_configs.items():

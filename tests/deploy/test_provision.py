@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -80,7 +81,24 @@ def test_bad_site_public_key(tmp_path):
 
 def test_production_provisioning_with_measurement(tmp_path):
     provision(ProvisionRequest(out=tmp_path / "fed", sites=["a"], enclave="configfs-tsm",
-                               measurements=["ab" * 48]))
+                               measurements=["ab" * 48], aggregator_measurements=["cd" * 48]))
     policy = (tmp_path / "fed" / "coordinator" / "policy.toml").read_text()
     assert 'environment = "production"' in policy and "simulated_root" not in policy
     assert not (tmp_path / "fed" / "simulated-root").exists()
+
+
+
+    site = load_site_config(tmp_path / "fed" / "sites" / "a" / "site.toml")
+    assert site.aggregator.required and not site.policy.share_metrics
+    trust = json.loads(site.aggregator.policy.read_text())
+    assert trust["measurements"] == ["cd" * 48] and "simulated_root" not in trust
+
+
+def test_production_provisioning_needs_the_aggregator_measurement(tmp_path):
+    with pytest.raises(ConfigError, match="--aggregator-measurement"):
+        provision(ProvisionRequest(out=tmp_path / "fed", sites=["a"], enclave="configfs-tsm",
+                                   measurements=["ab" * 48]))
+    provision(ProvisionRequest(out=tmp_path / "fed2", sites=["a"], enclave="configfs-tsm",
+                               measurements=["ab" * 48], aggregator=False))
+    text = (tmp_path / "fed2" / "sites" / "a" / "site.toml").read_text()
+    assert "required = false" in text and "share_metrics = true" in text

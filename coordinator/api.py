@@ -55,7 +55,7 @@ def read_progress(run_dir: Path) -> list[dict[str, Any]]:
     return rounds
 
 
-def read_entries(run_dir: Path) -> list[dict[str, Any]]:
+def chain_entries(run_dir: Path) -> list[dict[str, Any]]:
     """The run's audit chain as parsed entries, each with its line hash (``hash``), up to the
     first line that is not one (a torn last line, garbage): what is shown, not a
     verification (``GET /runs/{id}/audit`` verifies). Cached until the file changes."""
@@ -107,7 +107,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
     report_path = run_dir / "report.json"
     rounds = read_progress(run_dir)
-    entries = read_entries(run_dir)
+    entries = chain_entries(run_dir)
     summary: dict[str, Any] = {"run_id": run_dir.name, "rounds_done": len(rounds),
                                "updated": run_dir.stat().st_mtime}
     report: dict[str, Any] | None = None
@@ -192,7 +192,7 @@ async def get_audit(request: web.Request) -> web.Response:
 @requires(READ)
 async def list_receipts(request: web.Request) -> web.Response:
     """The chain's entries in brief; each names the round and its verdicts."""
-    entries = await asyncio.to_thread(read_entries, _run_dir(request))
+    entries = await asyncio.to_thread(chain_entries, _run_dir(request))
     listed = []
     for entry in entries[-MAX_LISTED_ENTRIES:]:
         body = entry["body"]
@@ -207,7 +207,7 @@ async def list_receipts(request: web.Request) -> web.Response:
 async def get_receipt(request: web.Request) -> web.Response:
     """One entry of the chain as it was signed (with its signature and line hash)."""
     seq = request.match_info["seq"]
-    entries = await asyncio.to_thread(read_entries, _run_dir(request))
+    entries = await asyncio.to_thread(chain_entries, _run_dir(request))
     if not seq.isdigit() or len(seq) > 12 or int(seq) >= len(entries):
         raise web.HTTPNotFound(text=json.dumps({"error": f"no audit entry {seq[:20]}"}),
                                content_type="application/json")
@@ -222,7 +222,7 @@ def last_seen(runs_dir: Path) -> dict[str, dict[str, Any]]:
         return seen
     dirs = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for run_dir in dirs[-RECENT_RUNS:]:
-        for entry in read_entries(run_dir):
+        for entry in chain_entries(run_dir):
             body = entry["body"]
             if entry.get("kind") != "round-receipt" or not isinstance(body.get("sites"), dict):
                 continue

@@ -60,9 +60,10 @@ class Browser:
         self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
         args = [*FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
                 "--window-size=1280,900", "about:blank"]
-        # fds 3 and 4 of Chromium are the two pipes (a shell maps them: Python cannot)
+        # fds 3 and 4 of Chromium are the two pipes (bash maps them, Python's subprocess
+        # cannot; bash, not sh: dash takes single-digit descriptors only)
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', chromium,
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', chromium,
              *args], pass_fds=(to_chrome_r, from_chrome_w), stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         os.close(to_chrome_r)

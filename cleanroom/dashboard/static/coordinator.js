@@ -118,7 +118,8 @@
         : null);
     fill("run-summary", h("p", {}, `status ${detail.status}, ${detail.rounds_done} of `
       + `${detail.rounds_planned ?? "?"} rounds`, detail.task ? `, task ${detail.task}` : "",
-      detail.final_metric !== undefined ? `, final ${detail.metric} ${num(detail.final_metric)}` : ""));
+      detail.final_metric !== undefined ? `, ${detail.status === "completed" ? "final" : "latest"} `
+        + `${detail.metric} ${num(detail.final_metric)}` : ""));
     fill("run-charts", charts(detail));
     fill("quarantines", quarantineTable(detail));
     const head = summary ? summary.audit_head : null;

@@ -64,7 +64,10 @@
     const used = ledger.lifetime_epsilon ? ledger.spent_epsilon / ledger.lifetime_epsilon : 0;
     return h("dl", { class: "facts", id: "overview-facts" },
       h("dt", {}, "enclave"), h("dd", {}, status.provider),
-      h("dt", {}, "measurement"), h("dd", { class: "mono" }, status.measurement || "—"),
+      h("dt", {}, "launch measurement"), h("dd", { class: "mono" }, status.measurement || "—",
+        status.provider === "simulated" ? [h("br", {}), h("span", { class: "muted small" },
+          "of the site agent; a simulated enclave launched for a task folds in the task's "
+          + "digest (the measurement the coordinator sees)")] : null),
       h("dt", {}, "up for"), h("dd", {}, `${Math.round(status.uptime_seconds)} s`),
       h("dt", {}, "lifetime ε"), h("dd", { id: "budget" },
         h("progress", { max: 1, value: Math.min(1, used) }),

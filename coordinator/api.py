@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,18 @@ MAX_LISTED_ENTRIES = 5000  # /runs/{id}/receipts lists at most this many entries
 APPROVAL_REFUSALS = ("approval-required", "task-not-approved")
 ENTRY_CACHE_RUNS = 2 * RECENT_RUNS  # parsed audit chains kept in memory
 _ENTRY_CACHE: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+NODES_TTL = 10.0  # seconds a SuperLink node listing is reused
+
+
+@dataclass
+class NodeCache:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    at: float | None = None
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+NODES_KEY = web.AppKey("nodes", NodeCache)
 
 
 def read_progress(run_dir: Path) -> list[dict[str, Any]]:
@@ -240,16 +254,25 @@ def last_seen(runs_dir: Path) -> dict[str, dict[str, Any]]:
     return seen
 
 
+async def superlink_nodes(app: web.Application) -> tuple[list[dict[str, Any]], str | None]:
+    """The SuperLink's nodes (a ``flwr`` call, about a second of CPU), asked at most every
+    NODES_TTL seconds however many dashboards poll; (nodes, error)."""
+    cache = app[NODES_KEY]
+    async with cache.lock:
+        if cache.at is None or time.monotonic() - cache.at > NODES_TTL:
+            try:
+                cache.nodes = await asyncio.to_thread(app[CONTROL_KEY].list_nodes)  # type: ignore[attr-defined]
+                cache.error = None
+            except CleanroomError as exc:
+                cache.nodes, cache.error = [], str(exc)
+            cache.at = time.monotonic()
+        return cache.nodes, cache.error
+
+
 @requires(READ)
 async def get_sites(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
-    control = request.app[CONTROL_KEY]
-    try:
-        nodes = await asyncio.to_thread(control.list_nodes)  # type: ignore[attr-defined]
-    except CleanroomError as exc:
-        nodes, error = [], str(exc)
-    else:
-        error = None
+    nodes, error = await superlink_nodes(request.app)
     from cleanroom.coordinator.daemon import registered_nodes
 
     by_id = {str(n.get("node-id")): n for n in nodes}
@@ -321,6 +344,7 @@ def build_coordinator_api(config: CoordinatorConfig, control: object,
     app = make_app(tokens)
     app[CONFIG_KEY] = config
     app[CONTROL_KEY] = control
+    app[NODES_KEY] = NodeCache()
     app.router.add_get("/health", health)
     app.router.add_get("/runs", list_runs)
     app.router.add_post("/runs", submit_run)

@@ -5,8 +5,8 @@ one attested site: run 1 pauses after round 1 with Hungary quarantined ('approva
 its operator approves the run on the site dashboard (an auditor cannot), the run resumes and
 both sites are attested in round 2.
 
-Screenshots of each page land in the test's tmp folder (and in $CLEANROOM_SCREENSHOTS when
-set, e.g. docs/img to refresh the guides' pictures).
+Screenshots of each page land in the test's tmp folder as dashboard-*.png (and in
+$CLEANROOM_SCREENSHOTS when set: the guides show four of them from docs/img).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Federation:
         raise AssertionError(f"run {run_id} did not reach {statuses} in {RUN_TIMEOUT:.0f}s")
 
     def shot(self, page: Page, name: str) -> Path:
-        path = page.screenshot(self.shots / f"{name}.png")
+        path = page.screenshot(self.shots / f"dashboard-{name}.png")
         copy_to = os.environ.get("CLEANROOM_SCREENSHOTS")
         if copy_to:
             Path(copy_to).mkdir(parents=True, exist_ok=True)

@@ -309,3 +309,47 @@ async def test_ledger_and_activity(aiohttp_client, site):
     for bad in ("0", "501", "x", "-1", "1e3", ""):
         answer = await client.get(f"/activity?limit={bad}", headers=bearer(auditor))
         assert answer.status == 400, bad
+
+
+def test_site_token_command(fed, tmp_path, capsys):
+    from cleanroom.cli import main
+    from cleanroom.http import hash_token
+
+    config = fed / "sites" / "hungary" / "site.toml"
+    out = tmp_path / "auditor.token"
+    assert main(["site", "token", "--role", "auditor", "--out", str(out),
+                 "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    value = out.read_text().strip()
+    assert value not in printed and "restart" in printed  # the token goes to the file only
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert load_tokens(fed / "sites" / "hungary" / "api_tokens.json")[hash_token(value)] == \
+        "auditor"
+    assert main(["site", "token", "--role", "auditor", "--out", str(out),
+                 "--config", str(config)]) == 2  # never overwrites a token file
+    assert out.read_text().strip() == value
+    with pytest.raises(SystemExit):  # operator or auditor, nothing else
+        main(["site", "token", "--role", "root", "--out", str(tmp_path / "x"),
+              "--config", str(config)])
+    assert not (tmp_path / "x").exists()
+
+
+async def test_polling_dashboards_ask_the_superlink_rarely(aiohttp_client, fed, monkeypatch):
+    config = load_coordinator_config(fed / "coordinator" / "coordinator.toml")
+
+    class Counting(FakeControl):
+        calls = 0
+
+        def list_nodes(self):
+            Counting.calls += 1
+            return super().list_nodes()
+
+    client = await aiohttp_client(build_coordinator_api(config, Counting(),
+                                                        load_tokens(config.api.tokens)))
+    auditor = bearer(token(fed / "coordinator" / "auditor.token"))
+    for _ in range(5):
+        assert (await client.get("/sites", headers=auditor)).status == 200
+    assert Counting.calls == 1
+    monkeypatch.setattr("cleanroom.coordinator.api.NODES_TTL", 0.0)
+    assert (await client.get("/sites", headers=auditor)).status == 200
+    assert Counting.calls == 2

@@ -115,6 +115,18 @@ def _planned_rounds(report: dict[str, Any] | None, entries: list[dict[str, Any]]
     return int(rounds) if isinstance(rounds, int) else None
 
 
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """report.json, or None while it is missing, being written or not a report."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list) or \
+            not isinstance(report.get("final"), dict):
+        return None
+    return report
+
+
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Status, rounds done and planned, the task's primary metric and its final value."""
     from cleanroom.coordinator.report import primary_metric
@@ -124,12 +136,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     entries = chain_entries(run_dir)
     summary: dict[str, Any] = {"run_id": run_dir.name, "rounds_done": len(rounds),
                                "updated": run_dir.stat().st_mtime}
-    report: dict[str, Any] | None = None
+    report = _read_report(report_path)
     planned = _planned_rounds(None, entries)
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
+    if report is not None:
         metric = primary_metric(report)
-        done = report["rounds"][-1]["round"] if report["rounds"] else 0
+        done = report["rounds"][-1].get("round", 0) if report["rounds"] else 0
         planned = _planned_rounds(report, entries)
         summary.update(status="paused" if planned is not None and done < planned
                        else "completed",
@@ -175,10 +186,9 @@ async def list_runs(request: web.Request) -> web.Response:
 @requires(READ)
 async def get_run(request: web.Request) -> web.Response:
     run_dir = _run_dir(request)
-    report = run_dir / "report.json"
-    if report.exists():
-        return web.json_response({**run_summary(run_dir), "report": json.loads(
-            report.read_text())})
+    report = _read_report(run_dir / "report.json")
+    if report is not None:
+        return web.json_response({**run_summary(run_dir), "report": report})
     return web.json_response({**run_summary(run_dir), "rounds": read_progress(run_dir)})
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser.cdp import Browser, Page, find_chromium
+from tests.browser.cdp import Browser, Page
+from tests.browser.pages import post_from_page, row_text, sign_in, sign_out
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 RUN_TIMEOUT = 300.0
@@ -74,15 +75,6 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def chromium() -> str:
-    path = find_chromium()
-    if path is None:
-        pytest.skip("headless Chromium is not installed and cannot be installed here "
-                    "(needs root and apt-get: apt-get install chromium)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[Federation]:
     from cleanroom.http import add_token
     from cleanroom.process import Supervisor
@@ -114,46 +106,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Itera
     for log in [*plan.out.rglob("*.log"), *plan.out.rglob("*.jsonl")]:
         text = log.read_text(errors="replace")
         assert not any(s in text for s in secrets), f"a token is in {log}"
-
-
-@pytest.fixture(scope="module")
-def browser(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    base = tmp_path_factory.mktemp("chromium")
-    started = Browser(chromium, base / "profile", base / "chromium.log")
-    yield started
-    started.close()
-
-
-def sign_in(page: Page, url: str, token: str) -> None:
-    page.goto(url)
-    page.wait("!document.getElementById('login').hidden", 15, "the sign-in form")
-    page.type("#token", token)
-    page.click("#login-form button")
-    page.wait("document.body.classList.contains('signed-in')", 15, "signing in")
-    assert token not in page.eval("location.href")
-    assert token not in page.eval("document.documentElement.outerHTML")
-    assert page.eval("document.getElementById('token').value") == ""
-
-
-def sign_out(page: Page) -> None:
-    page.click("#sign-out")
-    page.wait("!document.getElementById('login').hidden", 10, "signing out")
-    assert page.eval("sessionStorage.length") == 0
-
-
-def post_from_page(page: Page, url: str, body: dict[str, Any], token: str | None = None) -> str:
-    """POST ``body`` with fetch() from the page: 'status N', or 'blocked: ...' when the
-    browser itself refused. Without ``token``, the page's own (from sessionStorage)."""
-    auth = json.dumps(f"Bearer {token}") if token else \
-        "'Bearer ' + sessionStorage.getItem('cleanroom.token')"
-    return str(page.eval(
-        f"fetch({json.dumps(url)}, {{method: 'POST', headers: {{'Authorization': {auth}, "
-        f"'Content-Type': 'application/json'}}, body: {json.dumps(json.dumps(body))}}})"
-        ".then(r => 'status ' + r.status, e => 'blocked: ' + e.message)"))
-
-
-def row_text(page: Page, table: str, key: str, value: str) -> str:
-    return page.text(f"#{table} tr[data-{key}='{value}']")
 
 
 def test_coordinator_dashboard_shows_the_quarantine(federation: Federation, browser: Browser):

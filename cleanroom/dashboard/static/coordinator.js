@@ -15,7 +15,7 @@
   function tcbText(tcb, status) {
     const parts = Object.entries(tcb || {}).map(([k, v]) => `${k} ${v}`);
     if (status) parts.push(`status ${status}`);
-    return parts.length ? parts.join(" · ") : "—";
+    return parts.length ? parts.map((part) => h("span", {}, part)) : "—";
   }
 
   function verdictOf(site) {

@@ -128,35 +128,33 @@ def _read_report(path: Path) -> dict[str, Any] | None:
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Status, rounds done and planned, the task's primary metric and its final value."""
+    """Status (the chain's signed ``run-end`` says completed, paused or failed; before it,
+    running or starting), rounds done and planned, the task's primary metric and its value."""
     from cleanroom.coordinator.report import primary_metric
 
-    report_path = run_dir / "report.json"
     rounds = read_progress(run_dir)
     entries = chain_entries(run_dir)
+    report = _read_report(run_dir / "report.json")
+    end = next((e["body"] for e in reversed(entries) if e.get("kind") == "run-end"), None)
     summary: dict[str, Any] = {"run_id": run_dir.name, "rounds_done": len(rounds),
-                               "updated": run_dir.stat().st_mtime}
-    report = _read_report(report_path)
-    planned = _planned_rounds(None, entries)
-    if report is not None:
-        metric = primary_metric(report)
-        done = report["rounds"][-1].get("round", 0) if report["rounds"] else 0
-        planned = _planned_rounds(report, entries)
-        summary.update(status="paused" if planned is not None and done < planned
-                       else "completed",
-                       accuracy_mean=report["final"].get("accuracy_mean"),
-                       audit_head=report.get("audit_head"), metric=metric,
-                       final_metric=report["final"].get(metric), rounds_done=done,
-                       protocol_run_id=report.get("run_id"),
-                       resumed_from_run=report.get("resumed_from_run"),
-                       task=(report.get("task") or {}).get("name"))
+                               "updated": run_dir.stat().st_mtime,
+                               "rounds_planned": _planned_rounds(report, entries),
+                               "protocol_run_id": _start_body(entries).get("run_id")}
+    if end is not None and end.get("status") in ("completed", "paused", "failed"):
+        summary["status"] = end["status"]
     else:
         summary["status"] = "running" if rounds else "starting"
-        if any(e.get("kind") == "run-end" and e["body"].get("status") == "failed"
-               for e in entries):
-            summary["status"] = "failed"
-        summary["protocol_run_id"] = _start_body(entries).get("run_id")
-    summary["rounds_planned"] = planned
+    if report is not None:
+        metric = primary_metric(report)
+        summary.update(accuracy_mean=report["final"].get("accuracy_mean"),
+                       audit_head=report.get("audit_head"), metric=metric,
+                       final_metric=report["final"].get(metric),
+                       rounds_done=report["rounds"][-1].get("round", 0) if report["rounds"]
+                       else 0, resumed_from_run=report.get("resumed_from_run"),
+                       task=(report.get("task") or {}).get("name"))
+        summary["protocol_run_id"] = report.get("run_id") or summary["protocol_run_id"]
+        if summary["status"] in ("running", "starting"):  # a report without its chain
+            summary["status"] = "completed"
     if rounds:
         summary["last_round"] = {k: rounds[-1].get(k) for k in ("round", "attested",
                                                                "quarantined", "accuracy_mean")}

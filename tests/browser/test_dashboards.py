@@ -201,6 +201,12 @@ def test_operator_approves_and_the_run_goes_on(federation: Federation, browser: 
     assert page.eval("document.querySelectorAll('#ledger-chart svg.chart rect.bar').length") == 1
     assert "left" in page.text("#budget-left")
     federation.shot(page, "site-ledger")
+    # the run is over: the operator withdraws the approval
+    page.click(f"#approval-table tr[data-run=\"{federation.run_id}\"] button.revoke")
+    page.wait(f"!document.querySelector('#approval-table tr[data-run=\"{federation.run_id}\"]')",
+              15, "the approval to go")
+    assert "revoked" in page.text("#approve-result")
+    assert federation.api(f"{url}approvals", federation.site_auditor)["approved_runs"] == []
     assert page.problems() == []
 
 

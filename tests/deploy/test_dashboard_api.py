@@ -271,13 +271,22 @@ async def test_receipts_and_sites(aiohttp_client, coordinator, fed):
     assert sites["hungary"]["awaiting_approval"] is None
     assert sites["hungary"]["last_receipt"]["round"] == 2
 
+    # the signed run-end says how the run ended
+    assert (await (await client.get("/runs/7", headers=auditor)).json())["status"] == "running"
+    AuditLog(run / "audit.jsonl", load_signing_key(config.audit_key)).append(
+        "run-end", {"status": "paused", "last_round": 2})
+    assert (await (await client.get("/runs/7", headers=auditor)).json())["status"] == "paused"
+    # a report being written (not JSON yet) does not break the listing
+    (run / "report.json").write_text('{"rounds": [')
+    assert (await client.get("/runs", headers=auditor)).status == 200
+
     # a torn or garbage tail is left out of the listing (the audit endpoint names it)
     with open(run / "audit.jsonl", "ab") as fh:
-        fh.write(b'{"seq": 3, "kind": "round-rec')
+        fh.write(b'{"seq": 4, "kind": "round-rec')
     listed = await (await client.get("/runs/7/receipts", headers=auditor)).json()
-    assert listed["entries"] == 3
+    assert listed["entries"] == 4
     audit = await (await client.get("/runs/7/audit", headers=auditor)).json()
-    assert audit["ok"] is False and audit["first_bad_entry"] == 3
+    assert audit["ok"] is False and audit["first_bad_entry"] == 4
 
 
 async def test_ledger_and_activity(aiohttp_client, site):

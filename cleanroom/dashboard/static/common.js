@@ -159,7 +159,7 @@ const CR = (() => {
     await tick();
     if (timer) clearInterval(timer);
     timer = setInterval(tick, REFRESH_MS);
-    if (first) window.addEventListener("hashchange", () => tick && tick());
+    if (first) window.addEventListener("hashchange", () => role && tick && tick());
   }
 
   // Wire the sign-in form and the sign-out button; call render(role) every few seconds.

@@ -165,7 +165,9 @@ class Admission:
         if self.verdict is not None and self.verdict.claims is not None:
             c = self.verdict.claims
             out.update(measurement=c.measurement.hex(), format=c.format, root=c.root,
-                       simulated=c.simulated, debug=c.debug)
+                       simulated=c.simulated, debug=c.debug, tcb=dict(c.tcb))
+            if c.tcb_status is not None:
+                out["tcb_status"] = c.tcb_status
         if self.verdict is not None:
             out["checks"] = [f"{'ok' if k.passed else 'FAIL'} {k.name}"
                              for k in self.verdict.checks]

@@ -52,6 +52,8 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
         "skipped": record.skipped,
         "sites": {site: {"admitted": s.admitted, "reason": s.reason,
                          "measurement": s.admission.get("measurement"),
+                         "tcb": s.admission.get("tcb"),
+                         "refusal": s.admission.get("refusal"),
                          "evidence_sha256": s.admission.get("evidence_sha256"),
                          "nonce_sha256": s.nonce_sha256,
                          "dataset_digest": s.admission.get("dataset_digest")}

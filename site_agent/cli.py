@@ -13,6 +13,8 @@ examples:
   cleanroom site approve 123 --task DIGEST --epsilon 1 --config site.toml
                                                     approve run 123 of that task, up to epsilon 1
   cleanroom site status --config site.toml          provider, measurement, budget, recent rounds
+  cleanroom site token --role auditor --out auditor.token --config site.toml
+                                                    a read-only token for the dashboard and API
   cleanroom site dataset add brca data.csv --split-column fold --config site.toml
   cleanroom site dataset list --config site.toml    registered datasets (never rows)
   cleanroom site dataset mark brca pid --identifying --config site.toml
@@ -47,6 +49,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s = ssub.add_parser("status", help="provider, measurement, budget left, recent rounds")
     s.add_argument("--config", type=Path, required=True)
     s.set_defaults(func=cmd_status)
+    t = ssub.add_parser("token", help="create an API and dashboard token (operator or auditor)",
+                        description="Create a token for the site's local API and dashboard: its "
+                        "SHA-256 goes into api.tokens, the token itself into --out (mode 0600), "
+                        "never to the screen. Auditors read only. The daemon reads its tokens "
+                        "when it starts: restart it to accept the new one.")
+    t.add_argument("--role", choices=["operator", "auditor"], required=True)
+    t.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="where to write the token (must not exist)")
+    t.add_argument("--config", type=Path, required=True)
+    t.set_defaults(func=cmd_token)
     _add_dataset_parser(ssub)
 
 
@@ -141,6 +153,24 @@ def cmd_approve(args: argparse.Namespace) -> int:
     runtime.approvals.approve(request, by="cli")
     print(f"run {args.run_id} approved at site {runtime.site}: task {args.task[:16]}..., "
           f"at most epsilon {args.epsilon:g}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from cleanroom.errors import ConfigError
+    from cleanroom.fsutil import write_private
+    from cleanroom.http import add_token
+    from cleanroom.site_agent.config import load_site_config
+
+    config = load_site_config(args.config)
+    if config.api.tokens is None:
+        raise ConfigError(f"{args.config}: [api] tokens is not set (the file of token hashes)")
+    if args.out.exists():
+        raise ConfigError(f"{args.out} exists; refusing to overwrite a token file")
+    token = add_token(config.api.tokens, args.role)
+    write_private(args.out, (token + "\n").encode())
+    print(f"{args.role} token for site {config.site} written to {args.out} (mode 0600); "
+          "restart the site daemon to accept it")
     return 0
 
 

@@ -35,6 +35,20 @@ examples:
 """
 
 
+INNER_BAR_SITES = 20  # from this many sites, a second bar shows progress within a round
+LIST_SITES = 12  # up to this many sites, the summary lists each one
+
+
+def _per_site(values: dict[str, float]) -> str:
+    """Each site's value, or (many sites) the range with the sites at its ends."""
+    if len(values) <= LIST_SITES:
+        return ", ".join(f"{s} {v:.3f}" for s, v in values.items())
+    low = min(values, key=values.__getitem__)
+    high = max(values, key=values.__getitem__)
+    return (f"{len(values)} sites: min {values[low]:.3f} at {low}, max {values[high]:.3f} at "
+            f"{high}; all of them in report.json")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from cleanroom.coordinator.strategies import STRATEGIES
 
@@ -71,6 +85,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--lr", type=float, default=None, help="local learning rate")
     p.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
                    help="inprocess (fast, default) or ray (Flower's simulation runtime)")
+    p.add_argument("--workers", type=int, default=None, help="inprocess: sites served in "
+                   "parallel by threads (default 8; training runs one site at a time)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for "
+                   "small models, else torch's own)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in --out)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--state", type=Path, help="keep site state (sealed ledgers) in this "
@@ -101,7 +119,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   scenario=args.scenario, hostile_site=args.hostile_site, out=args.out,
                   seed=args.seed, backend=args.backend, tracking=not args.no_tracking,
                   tracking_uri=args.tracking_uri, state_dir=args.state,
-                  site_budget=args.site_budget, progress=not args.no_progress)
+                  site_budget=args.site_budget, progress=not args.no_progress,
+                  workers=args.workers, threads=args.threads)
     try:
         return SimulationConfig(**values)
     except ValidationError as exc:
@@ -124,6 +143,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     bar = tqdm(total=config.rounds, initial=done, desc=f"{config.scenario} {config.strategy}",
                unit="round", disable=not config.progress, file=sys.stderr)
+    many = (config.sites or 0) >= INNER_BAR_SITES and config.backend == "inprocess"
+    inner = tqdm(total=0, desc="sites", unit="site", leave=False, position=1,
+                 disable=not (config.progress and many), file=sys.stderr)
+
+    def on_reply(reply: Any, count: int, total: int) -> None:
+        if count == 1:
+            phase = str(reply.metadata.message_type).split(".")[-1].removeprefix("cleanroom_")
+            inner.reset(total=total)
+            inner.set_description(f"round {bar.n + 1}: {phase}")
+        inner.update(1)
 
     def on_round(entry: dict[str, Any]) -> None:
         means = entry.get("means") or {}
@@ -138,8 +167,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     started = time.time()
     try:
-        result = run_simulation(config, on_round=on_round, checkpoint=checkpoint)
+        result = run_simulation(config, on_round=on_round, checkpoint=checkpoint,
+                                on_reply=on_reply if many else None)
     except (KeyboardInterrupt, Exception):
+        inner.close()
         bar.close()
         marker = Path(config.out) / "checkpoint" / "checkpoint.json"
         if config.backend == "inprocess" and marker.exists() and \
@@ -148,6 +179,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   f"simulate --resume {config.out}", file=sys.stderr)
         raise
     finally:
+        inner.close()
         bar.close()
     report = result.report
     if args.json:
@@ -159,13 +191,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{config.strategy}, DP {'on' if config.dp else 'off'}")
     for metric in report["task"]["metrics"]:
         if final.get(metric) is not None:
-            per_site = ", ".join(f"{s} {v[metric]:.3f}" for s, v in final["per_site"].items()
-                                 if v.get(metric) is not None)
-            print(f"final client-average {metric} {final[metric]:.3f} ({per_site})")
+            values = {s: v[metric] for s, v in final["per_site"].items()
+                      if v.get(metric) is not None}
+            print(f"final client-average {metric} {final[metric]:.3f} ({_per_site(values)})")
     eps = {s: e for s, e in final["epsilon"].items() if e is not None}
     if eps:
-        print("epsilon spent: " + ", ".join(f"{s} {e:.3f}" for s, e in eps.items())
-              + f" (delta {config.delta:g})")
+        print(f"epsilon spent: {_per_site(eps)} (delta {config.delta:g})")
     print(f"report: {result.report_path}  plot: {result.plot_path}")
     if report["mlflow"]["run_id"]:
         print(f"mlflow: {report['mlflow']['tracking_uri']} run {report['mlflow']['run_id']}")

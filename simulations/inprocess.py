@@ -4,6 +4,14 @@ Every message really crosses a "wire": it is serialised to Flower's protobuf byt
 back on the other side, exactly as the SuperLink would carry it, and each byte string can be
 handed to a tap (the confidentiality tests inspect them). Nodes keep their Flower ``Context``
 across messages like a SuperNode does. Used by the fast tests and by ``--backend inprocess``.
+
+With ``workers`` > 1 the nodes of a batch are served by a thread pool: one node never runs two
+messages at once (a lock per node), different nodes overlap their waits (fsync of the sealed
+ledger, file reads) and whatever releases the GIL (AES-GCM, hashing, torch kernels); the site's
+trainer serialises training itself (:mod:`cleanroom.site_agent.trainer`). Replies are handed
+to ``on_reply`` as they arrive (progress), and :meth:`InProcessGrid.stream` yields them one by
+one, holding at most ``workers`` replies that were not consumed yet (a streaming aggregator
+never needs every reply in memory at once).
 """
 
 from __future__ import annotations
@@ -13,8 +21,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -31,6 +39,7 @@ log = logging.getLogger(__name__)
 CLIENT_APP_EXCEPTION = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 WireTap = Callable[[str, int, bytes], None]  # (direction "down"/"up", node_id, bytes)
+ReplyHook = Callable[[Message, int, int], None]  # (reply, done, total), in the caller's thread
 
 
 @dataclass
@@ -45,7 +54,7 @@ class InProcessGrid(Grid):
     """Grid over in-process nodes; ``workers`` > 1 runs nodes concurrently (threads)."""
 
     def __init__(self, nodes: dict[int, Node], run_id: int = 1, *, workers: int = 1,
-                 tap: WireTap | None = None) -> None:
+                 tap: WireTap | None = None, on_reply: ReplyHook | None = None) -> None:
         self.nodes = nodes
         self._run = Run.create_empty(run_id)
         # Flower 1.41 stamps new instruction messages with the process's task identity; here
@@ -54,8 +63,12 @@ class InProcessGrid(Grid):
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
         self._replies: dict[str, Message] = {}
-        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cleanroom-node") \
+            if workers > 1 else None
         self.tap = tap
+        self.on_reply = on_reply
+        self._bytes_lock = threading.Lock()
         self.bytes_down = 0
         self.bytes_up = 0
 
@@ -85,10 +98,11 @@ class InProcessGrid(Grid):
 
     def _wire(self, direction: str, node_id: int, msg: Message) -> Message:
         data = message_to_proto(msg).SerializeToString()
-        if direction == "down":
-            self.bytes_down += len(data)
-        else:
-            self.bytes_up += len(data)
+        with self._bytes_lock:
+            if direction == "down":
+                self.bytes_down += len(data)
+            else:
+                self.bytes_up += len(data)
         if self.tap is not None:
             self.tap(direction, node_id, data)
         proto = ProtoMessage()
@@ -109,7 +123,7 @@ class InProcessGrid(Grid):
         reply.metadata.__dict__["_src_node_id"] = node.node_id
         return self._wire("up", node.node_id, reply)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+    def _stamp(self, messages: Iterable[Message]) -> list[Message]:
         batch = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self.nodes:
@@ -120,12 +134,49 @@ class InProcessGrid(Grid):
             md["_src_node_id"] = SUPERLINK_NODE_ID
             md["_created_at"] = time.time()
             batch.append(msg)
-        if self._pool is not None:
-            replies = list(self._pool.map(self._deliver, batch))
-        else:
-            replies = [self._deliver(m) for m in batch]
-        for msg, reply in zip(batch, replies, strict=True):
-            self._replies[msg.metadata.message_id] = reply
+        return batch
+
+    def stream(self, messages: Iterable[Message]) -> Iterator[Message]:
+        """Deliver ``messages`` and yield each reply as soon as it is in (in completion order
+        with workers, else in order). At most ``workers`` deliveries are in flight, so no
+        more than ``workers`` replies wait for the consumer."""
+        batch = self._stamp(messages)
+        total, done = len(batch), 0
+        if self._pool is None:
+            for msg in batch:
+                reply = self._deliver(msg)
+                done += 1
+                if self.on_reply is not None:
+                    self.on_reply(reply, done, total)
+                yield reply
+            return
+        queue = iter(batch)
+        running: set[Future[Message]] = set()
+        try:
+            while True:
+                while len(running) < self.workers:
+                    msg = next(queue, None)
+                    if msg is None:
+                        break
+                    running.add(self._pool.submit(self._deliver, msg))
+                if not running:
+                    return
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    reply = future.result()
+                    done += 1
+                    if self.on_reply is not None:
+                        self.on_reply(reply, done, total)
+                    yield reply
+        finally:
+            for future in running:  # a consumer that stopped early: finish what runs
+                future.cancel()
+            wait(running)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        batch = list(messages)
+        for reply in self.stream(batch):
+            self._replies[reply.metadata.reply_to_message_id] = reply
         return [m.metadata.message_id for m in batch]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

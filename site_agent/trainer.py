@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ FLOAT32_ULP = 4 * 1.2e-7  # a few float32 roundings of a parameter's value
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (what we construct)
 
 _NORMAL = torch._C._VariableFunctions.normal  # the C primitive, not the patchable torch.normal
+_TRAIN_LOCK = threading.Lock()
 
 # torch wraps an optimiser class's ``step`` (profiling hook) when its first instance is made:
 # make one of each now, so the functions captured below are the ones training will call.
@@ -493,7 +495,18 @@ def train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data
     the task and dataset digests. Deterministic given ``seed`` unless ``secure_noise``.
     Raises :class:`TaskError` (``task-model``, ``task-loss``, ``task-error``,
     ``task-tampered``, ``parameters-invalid``, ``task-data``) or ``ValueError`` for settings.
+
+    One call at a time per process (a lock): training seeds and restores torch's global RNG
+    for the task's own randomness, and the guard's checks of process-wide state (replaced
+    functions, global optimiser hooks) must not see another training's; threads serving other
+    sites meanwhile overlap everything else (I/O, fsync, encryption).
     """
+    with _TRAIN_LOCK:
+        return _train_task(loaded, global_params, data, settings, seed, secure_noise)
+
+
+def _train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data: TaskData,
+                settings: TrainSettings, seed: int, secure_noise: bool) -> TrainResult:
     task = loaded.task
     _check_data(loaded, data)
     if data.n_train < 1:

@@ -78,6 +78,9 @@ class SimulationConfig(BaseModel):
         default_factory=dict, description="overrides of the tuned STRATEGY_OPTIONS")
     resume: Path | None = Field(None, description="continue the run whose output folder this "
                                 "is, from its last round checkpoint (in-process backend)")
+    sites_process: bool = Field(False, description="inprocess: run every site in one "
+                                "separate process (messages one at a time), so that this "
+                                "process's memory is the coordinator's alone (benchmarks)")
 
 
 @dataclass
@@ -86,6 +89,8 @@ class SimulationResult:
     report_path: Path
     plot_path: Path | None
     seconds: float
+    sites_peak_rss: int | None = None
+    """With ``sites_process``: the sites' process's peak resident memory, bytes."""
 
 
 def site_names(config: SimulationConfig, task: Any) -> list[str]:
@@ -254,11 +259,12 @@ def _run_simulation(config: SimulationConfig, task: Any,
                       "scenario": {"name": config.scenario, "hostile_site": hostile,
                                    "description": SCENARIOS[config.scenario]}},
     )
+    held: dict[str, Any] = {}
     outcome = run_federation(spec, lambda strategy: _execute(config, spec, strategy, sites,
-                                                             run_id, on_reply),
+                                                             run_id, on_reply, held),
                              on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
-                            outcome.seconds)
+                            outcome.seconds, held.get("sites_peak_rss"))
 
 
 def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
@@ -285,8 +291,11 @@ def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
 
 
 def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
-             run_id: int, on_reply: Callable[[Any, int, int], None] | None = None) -> Any:
+             run_id: int, on_reply: Callable[[Any, int, int], None] | None = None,
+             held: dict[str, Any] | None = None) -> Any:
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
+    from functools import partial
+
     from cleanroom.coordinator.run import start_rounds
     from cleanroom.site_agent.app import make_client_app
 
@@ -295,12 +304,21 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
     if config.backend == "inprocess":
         from cleanroom.simulations.inprocess import InProcessGrid
 
-        app = make_client_app(sites, confidential=config.confidential, **plain)
-        grid = InProcessGrid.build(lambda _nid: app,
-                                   {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
-                                    for i in range(n)}, run_id=run_id,
-                                   workers=workers_of(config, n), on_reply=on_reply)
-        return start_rounds(strategy, grid, spec, seed=config.seed)
+        nodes = {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
+        factory = partial(make_client_app, sites, confidential=config.confidential, **plain)
+        if config.sites_process:
+            grid = InProcessGrid.in_subprocess(factory, nodes, run_id=run_id,
+                                               on_reply=on_reply)
+        else:
+            app = factory()
+            grid = InProcessGrid.build(lambda _nid: app, nodes, run_id=run_id,
+                                       workers=workers_of(config, n), on_reply=on_reply)
+        try:
+            return start_rounds(strategy, grid, spec, seed=config.seed)
+        finally:
+            grid.close()
+            if grid.host is not None and held is not None:
+                held["sites_peak_rss"] = grid.host.peak_rss_bytes
     return _execute_ray(config, spec, strategy, sites, plain)
 
 

@@ -50,12 +50,84 @@ class Node:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class SiteHost:
+    """Every node's ClientApp in ONE separate process (spawned): the nodes' memory is that
+    process's, apart from the coordinator's (``python -m benchmarks memory``). Requests travel
+    as the same protobuf bytes, one at a time. ``app_factory`` must be picklable (a
+    module-level function or a ``functools.partial`` of one) and return the ClientApp."""
+
+    def __init__(self, app_factory: Callable[[], ClientApp], node_configs: dict[int, dict],
+                 run_id: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_host_main, args=(child, app_factory,
+                                                          dict(node_configs), run_id),
+                                 name="cleanroom-sites", daemon=True)
+        self._proc.start()
+        child.close()
+        self._lock = threading.Lock()
+        self.peak_rss_bytes = 0
+
+    def call(self, node_id: int, data: bytes) -> bytes:
+        with self._lock:
+            self._conn.send_bytes(node_id.to_bytes(8, "big") + data)
+            return self._conn.recv_bytes()
+
+    def close(self) -> None:
+        """Stop the process; ``peak_rss_bytes`` is then its peak resident memory."""
+        with self._lock:
+            if self._proc.is_alive():
+                self._conn.send_bytes(b"")
+                self.peak_rss_bytes = int.from_bytes(self._conn.recv_bytes(), "big")
+                self._proc.join(timeout=60)
+            self._conn.close()
+
+
+def _host_main(conn: object, app_factory: Callable[[], ClientApp],
+               node_configs: dict[int, dict], run_id: int) -> None:
+    import resource
+
+    app = app_factory()
+    nodes = {nid: Node(nid, app, Context(run_id=run_id, node_id=nid, node_config=dict(cfg),
+                                         state=RecordDict(), run_config={}))
+             for nid, cfg in node_configs.items()}
+    while True:
+        request = conn.recv_bytes()  # type: ignore[attr-defined]
+        if not request:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            conn.send_bytes(peak.to_bytes(8, "big"))  # type: ignore[attr-defined]
+            return
+        node = nodes[int.from_bytes(request[:8], "big")]
+        proto = ProtoMessage()
+        proto.ParseFromString(request[8:])
+        reply = _run_app(node, message_from_proto(proto))
+        conn.send_bytes(message_to_proto(reply).SerializeToString())  # type: ignore[attr-defined]
+
+
+def _run_app(node: Node, received: Message) -> Message:
+    """The node's ClientApp on one message; an exception becomes an error reply (as in
+    Flower)."""
+    with node.lock:
+        try:
+            reply = node.app(received, node.context)
+        except Exception as exc:  # noqa: BLE001 - becomes an error reply, as in Flower
+            log.debug("ClientApp on node %d raised:\n%s", node.node_id, traceback.format_exc())
+            reply = Message(Error(code=CLIENT_APP_EXCEPTION,
+                                  reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
+    reply.metadata.__dict__["_src_node_id"] = node.node_id
+    return reply
+
+
 class InProcessGrid(Grid):
     """Grid over in-process nodes; ``workers`` > 1 runs nodes concurrently (threads)."""
 
     def __init__(self, nodes: dict[int, Node], run_id: int = 1, *, workers: int = 1,
-                 tap: WireTap | None = None, on_reply: ReplyHook | None = None) -> None:
+                 tap: WireTap | None = None, on_reply: ReplyHook | None = None,
+                 host: SiteHost | None = None) -> None:
         self.nodes = nodes
+        self.host = host
         self._run = Run.create_empty(run_id)
         # Flower 1.41 stamps new instruction messages with the process's task identity; here
         # the process plays the ServerApp (replies take their metadata from the instruction).
@@ -81,6 +153,18 @@ class InProcessGrid(Grid):
                  for nid, cfg in node_configs.items()}
         return cls(nodes, run_id, **kw)  # type: ignore[arg-type]
 
+    @classmethod
+    def in_subprocess(cls, app_factory: Callable[[], ClientApp], node_configs: dict[int, dict],
+                      run_id: int = 1, **kw: object) -> InProcessGrid:
+        """The nodes run in a separate process (:class:`SiteHost`), one message at a time."""
+        host = SiteHost(app_factory, node_configs, run_id)
+        nodes = {nid: Node(nid, None, Context(run_id=run_id, node_id=nid,  # type: ignore[arg-type]
+                                              node_config=dict(cfg), state=RecordDict(),
+                                              run_config={}))
+                 for nid, cfg in node_configs.items()}
+        kw.pop("workers", None)
+        return cls(nodes, run_id, host=host, **kw)  # type: ignore[arg-type]
+
     def set_run(self, run: Run) -> None:
         self._run = run
         TaskIdentity.run_id = run.run_id
@@ -98,6 +182,12 @@ class InProcessGrid(Grid):
 
     def _wire(self, direction: str, node_id: int, msg: Message) -> Message:
         data = message_to_proto(msg).SerializeToString()
+        self._count(direction, node_id, data)
+        proto = ProtoMessage()
+        proto.ParseFromString(data)
+        return message_from_proto(proto)
+
+    def _count(self, direction: str, node_id: int, data: bytes) -> None:
         with self._bytes_lock:
             if direction == "down":
                 self.bytes_down += len(data)
@@ -105,22 +195,19 @@ class InProcessGrid(Grid):
                 self.bytes_up += len(data)
         if self.tap is not None:
             self.tap(direction, node_id, data)
-        proto = ProtoMessage()
-        proto.ParseFromString(data)
-        return message_from_proto(proto)
 
     def _deliver(self, msg: Message) -> Message:
         node = self.nodes[msg.metadata.dst_node_id]
+        if self.host is not None:
+            data = message_to_proto(msg).SerializeToString()
+            self._count("down", node.node_id, data)
+            data = self.host.call(node.node_id, data)
+            self._count("up", node.node_id, data)
+            proto = ProtoMessage()
+            proto.ParseFromString(data)
+            return message_from_proto(proto)
         received = self._wire("down", node.node_id, msg)
-        with node.lock:
-            try:
-                reply = node.app(received, node.context)
-            except Exception as exc:  # noqa: BLE001 - becomes an error reply, as in Flower
-                log.debug("ClientApp on node %d raised:\n%s", node.node_id,
-                          traceback.format_exc())
-                reply = Message(Error(code=CLIENT_APP_EXCEPTION,
-                                      reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
-        reply.metadata.__dict__["_src_node_id"] = node.node_id
+        reply = _run_app(node, received)
         return self._wire("up", node.node_id, reply)
 
     def _stamp(self, messages: Iterable[Message]) -> list[Message]:
@@ -189,3 +276,5 @@ class InProcessGrid(Grid):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self.host is not None:
+            self.host.close()

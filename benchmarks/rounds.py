@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides "
                         "(default: the simulation's choice)")
     args = parser.parse_args(argv)
+    import logging
+
+    import flwr.common.logger  # noqa: F401  (configures its logger on import: import first)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the plain run logs every step
     if args.rounds < 2:
         parser.error("--rounds must be >= 2")
     cases = [CASES[c] for c in args.cases.split(",") if c]

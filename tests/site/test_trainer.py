@@ -120,9 +120,7 @@ def test_chunked_per_example_gradients_give_the_same_update(heart: LoadedTask,
 
 
 @pytest.mark.parametrize(("folder", "needle"), [
-    ("instance_add_noise", "noisy gradient differs"),
     ("write_param", "changed the model's parameters"),
-    ("swap_generator", "generator changed"),
 ])
 def test_hostile_task_code_is_refused_in_chunks(folder: str, needle: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

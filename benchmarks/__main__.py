@@ -1,6 +1,6 @@
 """``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
-NAME: attestation, rounds, accuracy, deployment, secagg, crypto, fuzz, or all.
+NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, crypto, fuzz, or all.
 ``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) runs only when named.
 """
 
@@ -10,7 +10,8 @@ import importlib
 import importlib.util
 import sys
 
-TIMING = ("attestation", "rounds", "accuracy", "deployment", "secagg", "crypto")
+TIMING = ("attestation", "rounds", "memory", "scale", "accuracy", "deployment", "secagg",
+          "crypto")
 ON_DEMAND = ("fuzz",)
 
 

@@ -45,6 +45,20 @@ examples:
 """
 
 
+INNER_BAR_SITES = 20  # from this many sites, a second bar shows progress within a round
+LIST_SITES = 12  # up to this many sites, the summary lists each one
+
+
+def _per_site(values: dict[str, float]) -> str:
+    """Each site's value, or (many sites) the range with the sites at its ends."""
+    if len(values) <= LIST_SITES:
+        return ", ".join(f"{s} {v:.3f}" for s, v in values.items())
+    low = min(values, key=values.__getitem__)
+    high = max(values, key=values.__getitem__)
+    return (f"{len(values)} sites: min {values[low]:.3f} at {low}, max {values[high]:.3f} at "
+            f"{high}; all of them in report.json")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from cleanroom.coordinator.strategies import STRATEGIES
 
@@ -90,6 +104,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="central DP: L2 clip of each site's update delta (default 1.0)")
     p.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
                    help="inprocess (fast, default) or ray (Flower's simulation runtime)")
+    p.add_argument("--workers", type=int, default=None, help="inprocess: sites served in "
+                   "parallel by threads (default 8; training runs one site at a time)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for "
+                   "small models, else torch's own)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in --out)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--state", type=Path, help="keep site state (sealed ledgers) in this "
@@ -122,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   tracking_uri=args.tracking_uri, state_dir=args.state,
                   site_budget=args.site_budget, progress=not args.no_progress,
                   aggregator=not args.no_aggregator, central_epsilon=args.central_epsilon,
-                  central_clip=args.central_clip)
+                  central_clip=args.central_clip, workers=args.workers, threads=args.threads)
     try:
         return SimulationConfig(**values)
     except ValidationError as exc:
@@ -145,6 +163,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     bar = tqdm(total=config.rounds, initial=done, desc=f"{config.scenario} {config.strategy}",
                unit="round", disable=not config.progress, file=sys.stderr)
+    many = (config.sites or 0) >= INNER_BAR_SITES and config.backend == "inprocess"
+    inner = tqdm(total=0, desc="sites", unit="site", leave=False, position=1,
+                 disable=not (config.progress and many), file=sys.stderr)
+
+    def on_reply(reply: Any, count: int, total: int) -> None:
+        if count == 1:
+            phase = str(reply.metadata.message_type).split(".")[-1].removeprefix("cleanroom_")
+            inner.reset(total=total)
+            inner.set_description(f"round {bar.n + 1}: {phase}")
+        inner.update(1)
 
     def on_round(entry: dict[str, Any]) -> None:
         means = entry.get("means") or {}
@@ -162,8 +190,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     started = time.time()
     try:
-        result = run_simulation(config, on_round=on_round, checkpoint=checkpoint)
+        result = run_simulation(config, on_round=on_round, checkpoint=checkpoint,
+                                on_reply=on_reply if many else None)
     except (KeyboardInterrupt, Exception):
+        inner.close()
         bar.close()
         marker = Path(config.out) / "checkpoint" / "checkpoint.json"
         if config.backend == "inprocess" and marker.exists() and \
@@ -172,6 +202,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   f"simulate --resume {config.out}", file=sys.stderr)
         raise
     finally:
+        inner.close()
         bar.close()
     report = result.report
     if args.json:
@@ -183,13 +214,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{config.strategy}, DP {'on' if config.dp else 'off'}")
     for metric in report["task"]["metrics"]:
         if final.get(metric) is not None:
-            per_site = ", ".join(f"{s} {v[metric]:.3f}" for s, v in final["per_site"].items()
-                                 if v.get(metric) is not None)
-            print(f"final client-average {metric} {final[metric]:.3f} ({per_site})")
+            values = {s: v[metric] for s, v in final["per_site"].items()
+                      if v.get(metric) is not None}
+            print(f"final client-average {metric} {final[metric]:.3f} ({_per_site(values)})")
     eps = {s: e for s, e in final["epsilon"].items() if e is not None}
     if eps:
-        print("epsilon spent: " + ", ".join(f"{s} {e:.3f}" for s, e in eps.items())
-              + f" (delta {config.delta:g})")
+        print(f"epsilon spent: {_per_site(eps)} (delta {config.delta:g})")
     if final.get("central_epsilon") is not None:
         print(f"central epsilon (aggregator, user-level): {final['central_epsilon']:.3f}")
     refusing = sorted({s for r in report["rounds"] for s in r.get("site_refusals") or {}})

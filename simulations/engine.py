@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 Backend = Literal["inprocess", "ray"]
 _T = TrainingSettings()  # the tuned defaults (docs/dp-tuning.md), shared with deployments
 NODE_ID_BASE = 1000  # in-process node ids: NODE_ID_BASE + partition id
+SMALL_MODEL = 100_000  # parameters: below this the simulation trains with one torch thread
+DEFAULT_WORKERS = 8  # threads serving in-process sites (confidential runs)
 
 
 class SimulationConfig(BaseModel):
@@ -72,14 +74,25 @@ class SimulationConfig(BaseModel):
     central_clip: float = Field(1.0, gt=0, description="central DP: each site's update delta "
                                 "clipped to this L2 norm")
     progress: bool = True
-    workers: int = Field(1, ge=1, le=64, description="inprocess: sites served in parallel "
-                         "(threads). 1 by default: CPython 3.11.7's compile() is not thread "
-                         "safe (numpy headers parsed in Flower's Array.numpy() raise "
-                         "'AST constructor recursion depth mismatch' under threads)")
+    workers: int | None = Field(None, ge=1, le=64, description="inprocess: sites served in "
+                                "parallel (threads; training itself runs one site at a time). "
+                                "Default: 8 for confidential runs, 1 for the plaintext "
+                                "baseline: CPython 3.11.7's compile() is not thread safe "
+                                "(numpy headers parsed in Flower's Array.numpy(), which only "
+                                "the plaintext path calls, raise 'AST constructor recursion "
+                                "depth mismatch' under threads)")
+    threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads "
+                                "while the simulation runs. Default: 1 for models under "
+                                f"{SMALL_MODEL:,} parameters (thread hand-offs cost more than "
+                                "the tiny kernels, and on a loaded machine OpenMP's waits "
+                                "turn microseconds into milliseconds), else torch's own")
     strategy_options: dict[str, float] = Field(
         default_factory=dict, description="overrides of the tuned STRATEGY_OPTIONS")
     resume: Path | None = Field(None, description="continue the run whose output folder this "
                                 "is, from its last round checkpoint (in-process backend)")
+    sites_process: bool = Field(False, description="inprocess: run every site in one "
+                                "separate process (messages one at a time), so that this "
+                                "process's memory is the coordinator's alone (benchmarks)")
 
 
 @dataclass
@@ -88,6 +101,8 @@ class SimulationResult:
     report_path: Path
     plot_path: Path | None
     seconds: float
+    sites_peak_rss: int | None = None
+    """With ``sites_process``: the sites' process's peak resident memory, bytes."""
 
 
 def site_names(config: SimulationConfig, task: Any) -> list[str]:
@@ -189,11 +204,50 @@ def load_simulation_task(spec: str) -> Any:
     return loaded
 
 
+def workers_of(config: SimulationConfig, sites: int) -> int:
+    """Threads serving in-process sites: the configured number, else 8 (confidential) or 1
+    (plaintext baseline), never more than the sites."""
+    if config.workers is not None:
+        return min(config.workers, max(1, sites))
+    return min(DEFAULT_WORKERS, sites) if config.confidential else 1
+
+
+def torch_threads(config: SimulationConfig, task: Any) -> int | None:
+    """The torch intra-op threads of a run (None: leave torch's setting)."""
+    if config.threads is not None:
+        return config.threads
+    from cleanroom.task import build_task_model
+
+    params = sum(p.numel() for p in build_task_model(task.task).parameters())
+    return 1 if params < SMALL_MODEL else None
+
+
 def run_simulation(config: SimulationConfig,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                   checkpoint: Any = None) -> SimulationResult:
+                   checkpoint: Any = None,
+                   on_reply: Callable[[Any, int, int], None] | None = None) -> SimulationResult:
     """Run one simulated federated training and write its report; returns the result.
-    ``checkpoint``: what :func:`resumed_config` returned for a resume (else it is loaded)."""
+    ``checkpoint``: what :func:`resumed_config` returned for a resume (else it is loaded).
+    ``on_reply(reply, done, total)``: each site's reply as it arrives (in-process backend;
+    progress within a round)."""
+    import torch
+
+    if config.resume is not None and checkpoint is None:
+        config, checkpoint = resumed_config(config)
+    task = load_simulation_task(config.task)
+    threads = torch_threads(config, task)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_simulation(config, task, on_round, checkpoint, on_reply)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_simulation(config: SimulationConfig, task: Any,
+                    on_round: Callable[[dict[str, Any]], None] | None, checkpoint: Any,
+                    on_reply: Callable[[Any, int, int], None] | None) -> SimulationResult:
     from cleanroom.attestation.simulated import ensure_simulated_root
     from cleanroom.attestation.validate.policy import Policy
     from cleanroom.coordinator.gate import SiteDirectory
@@ -201,8 +255,6 @@ def run_simulation(config: SimulationConfig,
     from cleanroom.simulations.scenarios import SCENARIOS, Fault, SimulatedSites
     from cleanroom.site_agent.runtime import code_measurement
 
-    if config.resume is not None and checkpoint is None:
-        config, checkpoint = resumed_config(config)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         import flwr.common.logger  # noqa: F401  (configures its logger on import: import first)
 
@@ -210,7 +262,6 @@ def run_simulation(config: SimulationConfig,
     if config.scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {config.scenario!r}; choose one of "
                           f"{', '.join(SCENARIOS)}")
-    task = load_simulation_task(config.task)
     names = site_names(config, task)
     hostile = None
     if config.scenario not in COORDINATOR_SCENARIOS and config.scenario != "honest":
@@ -263,10 +314,12 @@ def run_simulation(config: SimulationConfig,
                       "scenario": {"name": config.scenario, "hostile_site": hostile,
                                    "description": SCENARIOS[config.scenario]}},
     )
+    held: dict[str, Any] = {}
     outcome = run_federation(spec, lambda strategy: _execute(config, spec, strategy, sites,
-                                                             run_id), on_round=on_round)
+                                                             run_id, on_reply, held),
+                             on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
-                            outcome.seconds)
+                            outcome.seconds, held.get("sites_peak_rss"))
 
 
 def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
@@ -293,8 +346,11 @@ def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:
 
 
 def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
-             run_id: int) -> Any:
+             run_id: int, on_reply: Callable[[Any, int, int], None] | None = None,
+             held: dict[str, Any] | None = None) -> Any:
     """Run the strategy on the chosen backend; returns the final global ArrayRecord."""
+    from functools import partial
+
     from cleanroom.coordinator.run import start_rounds
     from cleanroom.site_agent.app import make_client_app
 
@@ -303,12 +359,21 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
     if config.backend == "inprocess":
         from cleanroom.simulations.inprocess import InProcessGrid
 
-        app = make_client_app(sites, confidential=config.confidential, **plain)
-        grid = InProcessGrid.build(lambda _nid: app,
-                                   {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n}
-                                    for i in range(n)}, run_id=run_id,
-                                   workers=config.workers)
-        return start_rounds(strategy, grid, spec, seed=config.seed)
+        nodes = {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
+        factory = partial(make_client_app, sites, confidential=config.confidential, **plain)
+        if config.sites_process:
+            grid = InProcessGrid.in_subprocess(factory, nodes, run_id=run_id,
+                                               on_reply=on_reply)
+        else:
+            app = factory()
+            grid = InProcessGrid.build(lambda _nid: app, nodes, run_id=run_id,
+                                       workers=workers_of(config, n), on_reply=on_reply)
+        try:
+            return start_rounds(strategy, grid, spec, seed=config.seed)
+        finally:
+            grid.close()
+            if grid.host is not None and held is not None:
+                held["sites_peak_rss"] = grid.host.peak_rss_bytes
     return _execute_ray(config, spec, strategy, sites, plain)
 
 

@@ -20,13 +20,18 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cleanroom.attestation.abi import snp as abi
 from cleanroom.attestation.simulated import measure_code
 from cleanroom.enclave import EnclaveProvider, Evidence
+from cleanroom.site_agent.runtime import SiteRuntime
+
+if TYPE_CHECKING:
+    from cleanroom.protocol.wire import TaskRef
+    from cleanroom.task import LoadedTask
 
 SCENARIOS: dict[str, str] = {
     "honest": "all sites honest",
@@ -123,12 +128,27 @@ def tampered_aggregator_measurement() -> bytes:
         extra=AGGREGATOR_TAG)
 
 
+@dataclass
+class SimulatedRuntime(SiteRuntime):
+    """A simulated site's runtime. The simulated sites of one process share the tasks they
+    loaded, by digest (``shared_tasks``): each would load the same folder and find the same
+    digest, so one load (digest over the folder's bytes, import, architecture digest) serves
+    them all. A digest not in it is looked up as a deployed site would."""
+
+    shared_tasks: dict[str, LoadedTask] = field(default_factory=dict, repr=False)
+
+    def task(self, ref: TaskRef) -> LoadedTask:
+        loaded = self.shared_tasks.get(ref.digest)
+        return loaded if loaded is not None else super().task(ref)
+
+
 class SimulatedSites:
     """Maps a Flower node (its ``partition-id``) to that site's runtime, per process.
 
     Picklable (only configurations travel to simulation workers); each worker process builds
     the runtimes it needs once: providers load the site's persistent simulated chip from its
-    state folder, hostile sites get their faulty provider.
+    state folder, hostile sites get their faulty provider. The task folder is loaded once per
+    process and digest (:class:`SimulatedRuntime`).
     """
 
     def __init__(self, configs: list, faults: dict[str, Fault], *,
@@ -137,6 +157,7 @@ class SimulatedSites:
         self.faults = dict(faults)
         self.task_folder = task_folder
         self._cache: dict[int, object] = {}
+        self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
@@ -147,7 +168,19 @@ class SimulatedSites:
         self.faults = state["faults"]  # type: ignore[assignment]
         self.task_folder = state.get("task_folder")  # type: ignore[assignment]
         self._cache = {}
+        self._tasks = {}
         self._lock = threading.Lock()
+
+    def _task(self, folder: Path, digest: str) -> LoadedTask:
+        """The task in ``folder``, loaded once per process (refused unless its digest is
+        ``digest``, before anything of it is imported)."""
+        from cleanroom.task import load_task
+
+        loaded = self._tasks.get(digest)
+        if loaded is None:
+            loaded = load_task(folder, expect_digest=digest)
+            self._tasks[digest] = loaded
+        return loaded
 
     def site_index(self, ctx: object) -> int:
         node_config = ctx.node_config  # type: ignore[attr-defined]
@@ -167,7 +200,7 @@ class SimulatedSites:
     def _build(self, index: int):  # -> SiteRuntime
         from cleanroom.attestation.simulated import load_simulated_root
         from cleanroom.enclave import SimulatedProvider
-        from cleanroom.site_agent.runtime import build_runtime, code_measurement, site_code_roots
+        from cleanroom.site_agent.runtime import code_measurement, site_code_roots
 
         config = self.configs[index]
         fault = self.faults.get(config.site)
@@ -184,18 +217,17 @@ class SimulatedSites:
             provider = ReplayingProvider(provider)
         elif kind == "forged-evidence":
             provider = ForgingProvider(provider)
-        runtime = build_runtime(config, provider)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        runtime = SimulatedRuntime(config=config, provider=provider, shared_tasks=self._tasks)
         self._register_data(runtime, index)
         return runtime
 
     def _register_data(self, runtime: Any, index: int) -> None:
         """The simulated hospital's data: the task's simulate() for this site, registered in
         its data room as its IT team would register a real export."""
-        from cleanroom.task import load_task
-
         policy = runtime.config.policy
         if not policy.tasks:
             return
         folder = self.task_folder or policy.task_dirs[0]
-        loaded = load_task(folder, expect_digest=policy.tasks[0].digest)
+        loaded = self._task(folder, policy.tasks[0].digest)
         runtime.datasets.register_simulated(loaded.task, index, len(self.configs))

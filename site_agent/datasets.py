@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cleanroom.errors import DatasetError, TaskError
-from cleanroom.fsutil import atomic_write
 from cleanroom.task import NAME_PATTERN, Field, Task
 
 if TYPE_CHECKING:
@@ -390,13 +389,31 @@ class DataRoom:
         self.state_dir = Path(state_dir)
         self.journal: SealedJournal = SealedJournal(self.state_dir / DATASETS_FILE, key,
                                                     label="datasets")
+        self._state: dict[str, DatasetRecord] = {}
+        self._parsed = 0
+        self._last: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- state
 
     def datasets(self) -> dict[str, DatasetRecord]:
-        """Every registered dataset by name (operator marks applied)."""
-        out: dict[str, DatasetRecord] = {}
-        for rec in self.journal.records():
+        """Every registered dataset by name (operator marks applied).
+
+        Parsed incrementally: only records appended since the last call (by this or another
+        process) are decoded; a journal that shrank or was replaced is read again."""
+        with self.journal.locked():
+            records = self.journal.records()
+            if self._parsed and (len(records) < self._parsed
+                                 or records[self._parsed - 1] != self._last):
+                self._state, self._parsed = {}, 0
+            self._state = self._apply(dict(self._state), records[self._parsed:])
+            self._parsed = len(records)
+            self._last = records[-1] if records else None
+            return dict(self._state)
+
+    @staticmethod
+    def _apply(out: dict[str, DatasetRecord],
+               records: list[dict[str, Any]]) -> dict[str, DatasetRecord]:
+        for rec in records:
             kind = rec.get("kind")
             if kind == "register":
                 record = DatasetRecord.from_json(rec["dataset"])
@@ -423,12 +440,13 @@ class DataRoom:
 
     def add(self, name: str, file: Path, *, test_file: Path | None = None,
             split_column: str | None = None, replace_existing: bool = False,
-            by: str = "operator") -> DatasetRecord:
+            by: str = "operator", durable: bool = True) -> DatasetRecord:
         """Register ``file`` (and ``test_file``, or rows split by ``split_column``) as ``name``.
 
         Stores paths, SHA-256s, row counts, the schema and the scan's flags; refuses a bad
         name, an unreadable or malformed file, a test file whose columns differ, a bad split
-        column, and an existing name unless ``replace_existing``."""
+        column, and an existing name unless ``replace_existing``. ``durable=False`` (simulated
+        sites only, whose data is registered again at every start) skips the fsync."""
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise DatasetError("dataset-invalid", f"dataset name must match "
                                f"{NAME_PATTERN.pattern}, got {name!r:.80}")
@@ -441,7 +459,7 @@ class DataRoom:
             record = self._describe(name, Path(file), test_file and Path(test_file),
                                     split_column, by)
             self.journal.append({"kind": "register", "dataset": record.to_json(),
-                                 "at": record.registered_at})
+                                 "at": record.registered_at}, durable=durable)
         log.info("dataset %s registered: %d train / %d test rows, %d columns, %d identifying, "
                  "digest %s", name, record.train_rows, record.test_rows, len(record.columns),
                  len(record.identifying), record.digest[:16])
@@ -572,7 +590,12 @@ class DataRoom:
 
         The frames are written as CSV inside the state folder (``datasets/<name>/``, mode 0600)
         and registered like an operator's files. Idempotent: the same frames again reuse the
-        registration; different frames replace it."""
+        registration; different frames replace it.
+
+        Nothing of it is fsync'd (a simulated site's data is a cache of ``task.simulate``):
+        after a crash, the next start writes the same bytes again (a torn or lost file differs
+        from them, so it is rewritten, and serving it before would have been refused:
+        ``dataset-changed``) and re-registers them if the registration was lost."""
         import pandas as pd
 
         if task.simulate is None:
@@ -596,7 +619,7 @@ class DataRoom:
             path = folder / f"{role}.csv"
             raw = frame.to_csv(index=False).encode("utf-8")
             if not (path.exists() and path.read_bytes() == raw):
-                atomic_write(path, raw, mode=0o600)
+                _replace_file(path, raw)
             paths.append(path)
         with self.journal.locked():
             existing = self.datasets().get(name)
@@ -605,4 +628,18 @@ class DataRoom:
                     [f.path for f in existing.files] == [str(p.resolve()) for p in paths]:
                 return existing
             return self.add(name, paths[0], test_file=paths[1], replace_existing=True,
-                            by="simulation")
+                            by="simulation", durable=False)
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write-to-temp (mode 0600) and rename, without fsync: the file is old or new to every
+    reader, but a power cut may lose it (for files the site can regenerate)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

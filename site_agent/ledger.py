@@ -228,23 +228,34 @@ class PrivacyLedger:
                 f"per-run budget {self.run_epsilon:g}")
         return p
 
-    def _append(self, charge: Charge, *, durable: bool) -> None:
+    def _append(self, charge: Charge, *, head: bool) -> None:
         self.journal.append({
             "kind": "charge", "run_id": charge.run_id, "round": charge.round,
             "noise_multiplier": charge.noise_multiplier, "sample_rate": charge.sample_rate,
             "steps": charge.steps, "status": charge.status, "delta": self.delta,
             "epsilon_after": charge.epsilon_after, "recorded_at": charge.recorded_at,
-        }, durable=durable)
+        }, durable=True, head=head)
 
     def reserve(self, run_id: str, round: int, noise_multiplier: float, sample_rate: float,
                 steps: int) -> Projection:
         """Check both budgets, then record the planned charge, atomically with respect to every
         other writer, and fsync'd: the next attestation reports the ledger's size, which must
-        never shrink afterwards (the coordinator would take it for a rollback)."""
+        never shrink afterwards (the coordinator would take it for a rollback).
+
+        The journal's head record is advanced by the :meth:`commit` that follows, not here
+        (one head rewrite per round instead of two: 4 fsyncs per round instead of 6). Crash
+        safety is unchanged: the reservation's line is fsync'd before this returns, so no crash
+        loses it, and an open after a crash between the two advances the head record to it.
+        What the deferral gives up, until the commit, is the journal's own detection of a host
+        that deletes this last line on purpose; such a host gains nothing: the update of the
+        round is released only after the commit (whose head record names the reservation
+        too), so no noisy answer was released against the deleted reservation, and a host
+        that can delete lines can as easily put back an older head record (a whole-state
+        rollback, which the coordinator's ledger watermarks catch)."""
         with self.journal.locked():  # check-then-append, never interleaved with a writer
             p = self.check(run_id, round, noise_multiplier, sample_rate, steps)
             self._append(Charge(run_id, round, noise_multiplier, sample_rate, steps,
-                                "reserved", p.epsilon_run, time.time()), durable=True)
+                                "reserved", p.epsilon_run, time.time()), head=False)
         return p
 
     def commit(self, run_id: str, round: int, steps_taken: int) -> Projection:
@@ -265,5 +276,5 @@ class PrivacyLedger:
         p = self.project(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
                          steps_taken)
         self._append(Charge(run_id, round, reserved.noise_multiplier, reserved.sample_rate,
-                            steps_taken, "committed", p.epsilon_run, time.time()), durable=True)
+                            steps_taken, "committed", p.epsilon_run, time.time()), head=True)
         return p

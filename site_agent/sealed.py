@@ -9,7 +9,11 @@ Two shapes:
   Each durable append is written and fsync'd, then the journal's sealed *head record*
   (``<journal>.head``: record count and head hash) is replaced atomically. On open, a journal
   holding fewer complete records than its head record names lost a record that was
-  acknowledged: that is a rollback, refused, never a torn write. Only a partial last line
+  acknowledged: that is a rollback, refused, never a torn write. An append may leave the head
+  record behind (``head=False``: the line is fsync'd, the head record catches up at the next
+  append that advances it, or at the next open); the privacy ledger does so for a
+  reservation, whose commit follows within the round (see :mod:`.ledger`), which saves two of
+  the three fsyncs of every other append. Only a partial last line
   beyond the head record's count (a crash in the middle of an append) is recovered, and the
   recovery is itself appended as a record (``kind: recovered-torn-write``). Restoring *both*
   files from an old copy is a whole-state rollback, which the coordinator's ledger watermarks
@@ -245,16 +249,26 @@ class SealedJournal:
         with self.locked():
             return self._heads[records] if 0 <= records < len(self._heads) else None
 
-    def append(self, record: dict[str, Any], *, durable: bool | None = None) -> None:
+    def append(self, record: dict[str, Any], *, durable: bool | None = None,
+               head: bool = True) -> None:
         """Seal and append ``record``. With ``durable`` (default: the journal's setting) it
-        returns only after the bytes and the journal's head record are on disk; without, they
-        are visible to every other process at once but may be lost in a power cut (and the
-        head record is not advanced, so such a loss is never taken for a rollback)."""
+        returns only after the bytes and (with ``head``, the default) the journal's head
+        record are on disk; without, they are visible to every other process at once but may
+        be lost in a power cut (and the head record is not advanced, so such a loss is never
+        taken for a rollback).
+
+        ``head=False`` with ``durable``: the record is on disk when this returns (a crash
+        cannot lose it), but the head record still names the records before it until the next
+        append with ``head`` (or the next open) advances it; until then, removing the record
+        together with everything after it is not detected by this journal itself (removing a
+        record the head record names still is). Use it for a record that is followed within
+        the same operation by one that advances the head."""
         durable = self.durable if durable is None else durable
         with self.locked():
-            self._append_locked(record, durable=durable)
+            self._append_locked(record, durable=durable, head=head)
 
-    def _append_locked(self, record: dict[str, Any], *, durable: bool) -> None:
+    def _append_locked(self, record: dict[str, Any], *, durable: bool,
+                       head: bool = True) -> None:
         seq, prev = len(self._records), self._heads[-1]
         nonce = secrets.token_bytes(NONCE_SIZE)
         plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
@@ -277,6 +291,6 @@ class SealedJournal:
             fsync_dir(self.path.parent)
         self._records.append(record)
         self._heads.append(hashlib.sha256(line).hexdigest())
-        if durable:
+        if durable and head:
             self._write_head()
         self._size = self._identity()

@@ -13,7 +13,10 @@ Under DP the trainer does not trust task code to keep examples apart:
   ``grad`` of the task's loss on ONE example at a time (model and loss see a batch of one), so
   neither the model's forward nor the loss can couple examples (the structural property
   DP-SGD's per-example clipping needs); Opacus's :class:`DPOptimizer` then clips, adds noise
-  and scales, exactly as with a :class:`GradSampleModule`;
+  and scales, exactly as with a :class:`GradSampleModule`. A batch is processed in chunks of
+  at most :data:`PER_EXAMPLE_BYTES` of per-example gradients (Opacus accumulates the clipped
+  sum across chunks, as with its ``BatchMemoryManager``), so memory does not grow with
+  batch size x model size;
 * before training, the loss is checked on a probe batch of the site's rows: it must return
   per-example values of shape ``(n,)`` and be DECOMPOSABLE (each example's loss computed alone,
   and with one other example dropped, equals its value in the batch). A loss coupling the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,6 +66,10 @@ __all__ = ["PROBE_ROWS", "TaskData", "TrainResult", "TrainSettings", "check_loss
 
 PROBE_ROWS = 32
 """Rows of the site's training split the loss is probed on (fewer if the split is smaller)."""
+PER_EXAMPLE_BYTES = 64 * 2**20
+"""Per-example gradients held at once under DP (a batch is processed in chunks of rows)."""
+CHECK_ELEMENTS = 1 << 20
+"""Parameter elements the float64 update re-computation handles at once."""
 PROBE_RTOL, PROBE_ATOL = 1e-5, 1e-6
 CHECK_RTOL = 1e-4
 FLOAT32_ULP = 4 * 1.2e-7  # a few float32 roundings of a parameter's value
@@ -69,6 +77,7 @@ FLOAT32_ULP = 4 * 1.2e-7  # a few float32 roundings of a parameter's value
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (what we construct)
 
 _NORMAL = torch._C._VariableFunctions.normal  # the C primitive, not the patchable torch.normal
+_TRAIN_LOCK = threading.Lock()
 
 # torch wraps an optimiser class's ``step`` (profiling hook) when its first instance is made:
 # make one of each now, so the functions captured below are the ones training will call.
@@ -183,6 +192,8 @@ def check_loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
             raise TaskError("task-loss", f"task {task.name}: loss values must be finite floats")
         if not decomposable or n < 2:
             return
+        if _decomposable_batched(task, out, yp, full):
+            return
         for i in range(n):
             alone = task.loss(out[i:i + 1], yp[i:i + 1])
             if not isinstance(alone, torch.Tensor) or not _close(alone.reshape(-1), full[i:i + 1]):
@@ -200,6 +211,32 @@ def check_loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                                 f"dropping example {i} changes the other examples' losses "
                                 "(refused under DP)")
             keep[i] = True
+
+
+def _decomposable_batched(task: Task, out: torch.Tensor, y: torch.Tensor,
+                          full: torch.Tensor) -> bool:
+    """The decomposability probe in two vmapped calls of the loss (every example alone; every
+    example's batch with one other example dropped); False if they disagree or the loss
+    cannot be vmapped, and the caller then probes one call at a time (which names the
+    example). Under DP the loss is vmapped for training anyway."""
+    from torch.func import vmap
+
+    n = int(out.shape[0])
+    others = torch.tensor([[j for j in range(n) if j != i] for i in range(n)])
+    try:
+        alone = vmap(lambda o, t: task.loss(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+        rest = vmap(task.loss)(out[others], y[others])
+    except Exception:  # noqa: BLE001 - any failure: the one-by-one probe decides
+        return False
+    return (isinstance(alone, torch.Tensor) and isinstance(rest, torch.Tensor)
+            and _close(alone.reshape(-1), full) and _close(rest, full[others]))
+
+
+def chunk_rows(params: list[nn.Parameter] | list[torch.Tensor]) -> int:
+    """Rows per chunk of per-example gradients (at least one): :data:`PER_EXAMPLE_BYTES` over
+    one example's gradient size."""
+    per_row = sum(p.numel() * p.element_size() for p in params)
+    return max(1, PER_EXAMPLE_BYTES // max(1, per_row))
 
 
 @dataclass
@@ -228,8 +265,12 @@ class _Guard:
                              torch_optimizer._global_optimizer_post_hooks)
         self.global_hook_keys = tuple(set(h) for h in self.global_hooks)
         self.sgd_buf: list[torch.Tensor | None] = [None] * len(params)
-        self.adam_m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        self.adam_v = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        adam = settings.optimizer == "adam"
+        self.adam_m = [torch.zeros_like(p, dtype=torch.float64) if adam else None
+                       for p in params]
+        self.adam_v = [torch.zeros_like(p, dtype=torch.float64) if adam else None
+                       for p in params]
+        self.clipped: list[torch.Tensor | None] = [None] * len(params)
 
     def refuse(self, detail: str) -> TaskError:
         for hooks, keep in zip(self.global_hooks, self.global_hook_keys, strict=True):
@@ -287,26 +328,39 @@ class _Guard:
         if bad:
             raise self.refuse(f"the DP optimiser's {', '.join(bad)} changed")
 
-    def check_noisy_grad(self, per_example: list[torch.Tensor],
-                         gen_state: torch.Tensor) -> None:
+    def accumulate(self, per_example: list[torch.Tensor]) -> None:
+        """Add one chunk's clipped per-example gradients to the site's own clipped sum (the
+        recomputation :meth:`check_noisy_grad` compares Opacus's result with)."""
+        assert self.dp is not None
+        n = int(per_example[0].shape[0]) if per_example else 0
+        if not n:
+            return
+        norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in per_example],
+                            dim=1).norm(2, dim=1)
+        factor = (self.dp.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for i, g in enumerate(per_example):
+            summed = torch.einsum("i,i...", factor, g)
+            self.clipped[i] = summed if self.clipped[i] is None else \
+                self.clipped[i].add_(summed)  # type: ignore[union-attr]
+
+    def check_noisy_grad(self, gen_state: torch.Tensor) -> None:
         """p.grad after Opacus's pre_step == (sum of clipped per-example grads + noise) / (q n),
-        recomputed here with the noise regenerated from the generator's saved state."""
+        recomputed here (the clipped sum from :meth:`accumulate`) with the noise regenerated
+        from the generator's saved state."""
         assert self.dp is not None
         s = self.dp
-        n = int(per_example[0].shape[0]) if per_example else 0
-        if n:
-            norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1) for g in per_example],
-                                dim=1).norm(2, dim=1)
-            factor = (s.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         replay = torch.Generator()
         replay.set_state(gen_state)
         std = s.noise_multiplier * s.max_grad_norm
-        for p, g in zip(self.params, per_example, strict=True):
-            summed = (g * factor.view(-1, *([1] * (g.dim() - 1)))).sum(0) if n else \
-                torch.zeros_like(p)
+        for i, p in enumerate(self.params):
+            summed = self.clipped[i]
+            self.clipped[i] = None
+            if summed is None:
+                summed = torch.zeros_like(p)
             noise = _NORMAL(0.0, std, p.shape, generator=replay) if std > 0 else \
                 torch.zeros_like(p)
-            expected = (summed + noise) / s.expected_batch
+            expected = summed.add_(noise).div_(s.expected_batch)
+            del noise
             if p.grad is None or not _within(p.grad, expected):
                 raise self.refuse("the noisy gradient differs from the site's recomputation "
                                   "(noise or clipping was altered)")
@@ -318,26 +372,41 @@ class _Guard:
         self.steps += 1
         st = self.settings
         for i, (p, p0, g) in enumerate(zip(self.params, before, grads, strict=True)):
-            g64 = g.to(torch.float64)
-            if st.optimizer == "sgd":
-                if st.momentum:
-                    buf = self.sgd_buf[i]
-                    buf = g64.clone() if buf is None else buf * st.momentum + g64
-                    self.sgd_buf[i] = buf
-                    g64 = buf
-                delta = -st.lr * g64
-            else:
+            if st.optimizer == "sgd" and st.momentum:
+                g64 = g.to(torch.float64)
+                buf = self.sgd_buf[i]
+                self.sgd_buf[i] = g64 if buf is None else buf.mul_(st.momentum).add_(g64)
+            if st.optimizer == "adam":
+                g64 = g.to(torch.float64)
                 b1, b2 = ADAM_BETAS
-                self.adam_m[i] = self.adam_m[i] * b1 + (1 - b1) * g64
-                self.adam_v[i] = self.adam_v[i] * b2 + (1 - b2) * g64 * g64
-                c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
-                delta = -st.lr / c1 * self.adam_m[i] / ((self.adam_v[i] / c2).sqrt() + ADAM_EPS)
-            actual = p.detach().to(torch.float64) - p0.to(torch.float64)
-            tol = CHECK_RTOL * (delta.abs() + st.lr * 1e-3) + 1e-7 + \
-                FLOAT32_ULP * p0.to(torch.float64).abs()
-            if not bool(((actual - delta).abs() <= tol).all()):
-                raise self.refuse("the optimiser's update differs from the site's "
-                                  "recomputation (the update was altered)")
+                self.adam_m[i].mul_(b1).add_(g64, alpha=1 - b1)  # type: ignore[union-attr]
+                self.adam_v[i].mul_(b2).addcmul_(g64, g64, value=1 - b2)  # type: ignore[union-attr]
+            # element slices: the float64 temporaries stay small at any model size
+            flat = (p.detach().reshape(-1), p0.reshape(-1), g.reshape(-1))
+            for lo in range(0, flat[0].numel(), CHECK_ELEMENTS):
+                part = slice(lo, lo + CHECK_ELEMENTS)
+                if not self._update_ok(i, *(t[part] for t in flat), part):
+                    raise self.refuse("the optimiser's update differs from the site's "
+                                      "recomputation (the update was altered)")
+
+    def _update_ok(self, i: int, p: torch.Tensor, p0: torch.Tensor, g: torch.Tensor,
+                   part: slice) -> bool:
+        """One slice of parameter ``i``: the step taken == the float64 recomputation."""
+        st = self.settings
+        if st.optimizer == "sgd":
+            buf = self.sgd_buf[i]
+            g64 = buf.reshape(-1)[part] if st.momentum and buf is not None else \
+                g.to(torch.float64)
+            delta = g64.mul(-st.lr)
+        else:
+            c1, c2 = 1 - ADAM_BETAS[0] ** self.steps, 1 - ADAM_BETAS[1] ** self.steps
+            m = self.adam_m[i].reshape(-1)[part]  # type: ignore[union-attr]
+            v = self.adam_v[i].reshape(-1)[part]  # type: ignore[union-attr]
+            delta = -st.lr / c1 * m / ((v / c2).sqrt() + ADAM_EPS)
+        p0_64 = p0.to(torch.float64)
+        actual = p.to(torch.float64) - p0_64
+        tol = CHECK_RTOL * (delta.abs() + st.lr * 1e-3) + 1e-7 + FLOAT32_ULP * p0_64.abs()
+        return bool(((actual - delta).abs() <= tol).all())
 
 
 def _same(a: object, b: object) -> bool:
@@ -385,6 +454,36 @@ def _per_example_grads(task: Task, model: nn.Module, xb: torch.Tensor, yb: torch
     return [grads[names[id(p)]] for p in params], losses
 
 
+def _dp_grads(task: Task, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+              params: list[nn.Parameter], dp_opt: DPOptimizer, guard: _Guard,
+              before: list[torch.Tensor], chunk: int) -> torch.Tensor:
+    """One DP step's per-example gradients, ``chunk`` rows at a time: every chunk but the
+    last is clipped and summed by Opacus here (and by the guard, independently), the last is
+    left in ``grad_sample`` for ``pre_step``. Returns the per-example losses."""
+    b = int(xb.shape[0])
+    if not b:
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        guard.check_setup()
+        return torch.zeros(0)
+    losses = []
+    for lo in range(0, b, chunk):
+        grads, chunk_losses = _per_example_grads(task, model, xb[lo:lo + chunk],
+                                                 yb[lo:lo + chunk], params)
+        losses.append(chunk_losses.detach())
+        guard.unchanged(before, "the model or loss")
+        guard.check_setup()
+        guard.accumulate(grads)
+        for p, g in zip(params, grads, strict=True):
+            p.grad_sample = g.detach()
+        del grads
+        if lo + chunk < b:
+            dp_opt.clip_and_accumulate()
+            for p in params:
+                p.grad_sample = None
+    return torch.cat(losses)
+
+
 def train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data: TaskData,
                settings: TrainSettings, seed: int, *, secure_noise: bool = False) -> TrainResult:
     """Train ``loaded``'s model from ``global_params`` on ``data.train_*`` for one round.
@@ -396,7 +495,18 @@ def train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data
     the task and dataset digests. Deterministic given ``seed`` unless ``secure_noise``.
     Raises :class:`TaskError` (``task-model``, ``task-loss``, ``task-error``,
     ``task-tampered``, ``parameters-invalid``, ``task-data``) or ``ValueError`` for settings.
+
+    One call at a time per process (a lock): training seeds and restores torch's global RNG
+    for the task's own randomness, and the guard's checks of process-wide state (replaced
+    functions, global optimiser hooks) must not see another training's; threads serving other
+    sites meanwhile overlap everything else (I/O, fsync, encryption).
     """
+    with _TRAIN_LOCK:
+        return _train_task(loaded, global_params, data, settings, seed, secure_noise)
+
+
+def _train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data: TaskData,
+                settings: TrainSettings, seed: int, secure_noise: bool) -> TrainResult:
     task = loaded.task
     _check_data(loaded, data)
     if data.n_train < 1:
@@ -431,6 +541,7 @@ def train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data
                              loss_reduction="mean", generator=generator)
     # The guard records the site's settings before any task code runs again.
     guard = _Guard(task, model, base_opt, dp_opt, dp_state, settings, params)
+    chunk = chunk_rows(params)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng_seed)  # dropout and other randomness of the task's model
         model.train()
@@ -449,19 +560,11 @@ def train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], data
             (dp_opt or base_opt).zero_grad(set_to_none=True)
             before = guard.state()
             if dp_opt is not None:
-                if b:
-                    grads, losses = _per_example_grads(task, model, xb, yb, params)
-                else:
-                    grads = [torch.zeros((0, *p.shape), dtype=p.dtype) for p in params]
-                    losses = torch.zeros(0)
-                guard.unchanged(before, "the model or loss")
-                guard.check_setup()
-                for p, g in zip(params, grads, strict=True):
-                    p.grad_sample = g.detach()
+                losses = _dp_grads(task, model, xb, yb, params, dp_opt, guard, before, chunk)
                 gen_state = dp_state.generator.get_state()  # type: ignore[union-attr]
-                if not dp_opt.pre_step():
+                if not dp_opt.pre_step():  # clips and adds the last chunk, noise, scale
                     raise RuntimeError("Opacus skipped a step")
-                guard.check_noisy_grad(grads, gen_state)
+                guard.check_noisy_grad(gen_state)
             else:
                 if b:
                     out = _task_call(task, "model forward", lambda xb=xb: model(xb))

@@ -202,6 +202,14 @@ def train_local(model_name: str, global_params: Mapping[str, np.ndarray], data: 
         steps += 1
 
     new_params = get_parameters(model)
+    if net is not model:
+        # Opacus's hooks tie the model, its parameters and per-sample gradients into reference
+        # cycles that live until the next GC pass (~0.8-1 GB per call at 10M parameters):
+        # remove them now, so reference counting frees everything on return.
+        net._close()  # type: ignore[operator]
+        for p in params:
+            p.grad = None
+            p.summed_grad = None  # type: ignore[attr-defined]
     bad = [k for k, v in new_params.items() if not np.isfinite(v).all()]
     if bad:
         raise ValueError(f"training diverged: parameter {bad[0]!r} is not finite (lower lr)")

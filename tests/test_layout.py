@@ -31,12 +31,14 @@ EXCEPTIONS = {
     # reads the vendored files with the site's FLamby loader (never called in a deployment)
     ("models/heart_disease/task.py", "cleanroom.site_agent.data"),
     ("models/synthetic/task.py", "cleanroom.site_agent.data"),
+    ("models/synthetic_1m/task.py", "cleanroom.site_agent.data"),
+    ("models/synthetic_10m/task.py", "cleanroom.site_agent.data"),
     # the built-in tasks are Flower Apps whose components are the coordinator's ServerApp and
     # the site agent's ClientApp (each loaded only on its own side)
     *((f"models/{task}/server_app.py", "cleanroom.coordinator")
-      for task in ("heart_disease", "synthetic")),
+      for task in ("heart_disease", "synthetic", "synthetic_1m", "synthetic_10m")),
     *((f"models/{task}/client_app.py", "cleanroom.site_agent")
-      for task in ("heart_disease", "synthetic")),
+      for task in ("heart_disease", "synthetic", "synthetic_1m", "synthetic_10m")),
 }
 
 

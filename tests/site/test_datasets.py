@@ -285,6 +285,30 @@ def test_simulated_registration_writes_inside_the_state_folder(room: DataRoom,
     assert len(room.journal.records()) == n_records
 
 
+def test_another_writer_is_seen_and_a_torn_simulated_file_rewritten(room: DataRoom,
+                                                                     tmp_path: Path) -> None:
+    """The registry is parsed incrementally, yet sees what another process appended; a
+    simulated file lost or torn in a crash (it is not fsync'd) is written again at the next
+    start, and serving the torn one before that is refused."""
+    from cleanroom.task import load_task
+
+    heart = load_task("heart-disease")
+    record = room.register_simulated(heart.task, 1, 4)
+    assert room.get("heart-disease") == record
+    other = DataRoom(tmp_path / "state", KEY)  # another process's view of the same room
+    column = record.columns[0].name
+    other.mark("heart-disease", column, identifying=True, by="dpo")
+    assert room.get("heart-disease").column(column).identifying  # type: ignore[union-attr]
+    other.mark("heart-disease", column, identifying=False, by="dpo")
+    assert not room.get("heart-disease").column(column).identifying  # type: ignore[union-attr]
+    path = Path(record.files[0].path)
+    path.write_bytes(path.read_bytes()[:-40])  # torn by a crash
+    with pytest.raises(DatasetError, match="changed since it was registered"):
+        room.serve(heart.task)
+    again = DataRoom(tmp_path / "state", KEY).register_simulated(heart.task, 1, 4)
+    assert again.digest == record.digest and Path(again.files[0].path).read_bytes()
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -133,6 +133,53 @@ def test_kill_during_writes_loses_nothing_reported(tmp_path):
             [c.history_entry() for c in charges], 1e-5))
 
 
+RESERVER = r"""
+import sys, time
+from cleanroom.site_agent.ledger import PrivacyLedger
+led = PrivacyLedger(sys.argv[1], b"L" * 32, delta=1e-5, lifetime_epsilon=1e9, run_epsilon=None)
+led.reserve("run", 1, 3.0, 1.0, 2)
+led.commit("run", 1, 2)
+led.reserve("run", 2, 3.0, 1.0, 2)
+print("reserved", flush=True)
+time.sleep(60)  # killed here: after the reservation, before its commit
+"""
+
+
+def test_kill_between_reservation_and_commit_keeps_the_reservation(tmp_path):
+    """The reservation's head record is deferred to its commit: a SIGKILL between the two
+    loses nothing (the reservation's line was fsync'd), the next open advances the head
+    record to it, and from then on removing it is a refused rollback."""
+    path = tmp_path / "ledger.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", RESERVER, str(path)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "reserved"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    led = ledger(path, lifetime_epsilon=1e9, run_epsilon=None)
+    assert [(c.round, c.status) for c in led.charges()] == [(1, "committed"), (2, "reserved")]
+    assert led.state()[0] == 3
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # the host drops the reservation afterwards
+    with pytest.raises(LedgerError, match="acknowledged records were removed"):
+        ledger(path)
+
+
+def test_a_commit_advances_the_head_record_over_its_reservation(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led = ledger(path)
+    led.reserve("run", 1, SIGMA, RATE, STEPS)
+    head = (tmp_path / "ledger.jsonl.head").read_bytes()
+    led.commit("run", 1, STEPS)
+    assert (tmp_path / "ledger.jsonl.head").read_bytes() != head
+    lines = path.read_bytes().splitlines(keepends=True)
+    for keep in (1, 0):  # dropping the commit, or the reservation and the commit
+        path.write_bytes(b"".join(lines[:keep]))
+        with pytest.raises(LedgerError, match=r"acknowledged records were removed|was removed"):
+            ledger(path)
+
+
 def _no_accountant(monkeypatch):
     import cleanroom.site_agent.ledger as ledger_module
     import cleanroom.site_agent.training as training

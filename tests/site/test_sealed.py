@@ -132,6 +132,20 @@ def test_a_crash_between_append_and_head_record_keeps_the_record(tmp_path):
     assert again.records() == [{"i": 0}, {"i": 1}] and not again.recovered_torn_line
 
 
+def test_an_append_without_head_is_durable_and_covered_by_the_next(tmp_path):
+    path = tmp_path / "j.jsonl"
+    j = SealedJournal(path, KEY, "test")
+    j.append({"i": 0})
+    head = (tmp_path / "j.jsonl.head").read_bytes()
+    j.append({"i": 1}, head=False)
+    assert (tmp_path / "j.jsonl.head").read_bytes() == head  # deferred
+    assert SealedJournal(path, KEY, "test").records() == [{"i": 0}, {"i": 1}]
+    j.append({"i": 2})  # advances the head record over both
+    path.write_bytes(b"".join(_lines(path)[:2]))
+    with pytest.raises(LedgerError, match="names 3: acknowledged records were removed"):
+        SealedJournal(path, KEY, "test")
+
+
 def test_two_writers_share_a_journal(tmp_path):
     a = SealedJournal(tmp_path / "j.jsonl", KEY, "test")
     b = SealedJournal(tmp_path / "j.jsonl", KEY, "test")

@@ -97,6 +97,45 @@ def test_train_task_gives_train_locals_parameters(heart: LoadedTask, cleveland: 
     assert new.max_grad_norm == (1.0 if settings.dp else None)
 
 
+@pytest.mark.parametrize("kw", [dict(sample_rate=1.0), dict(sample_rate=0.3),
+                                dict(optimizer="adam", lr=0.01, momentum=0.0)])
+def test_chunked_per_example_gradients_give_the_same_update(heart: LoadedTask,
+                                                             cleveland: TaskData,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             kw: dict[str, object]) -> None:
+    """A batch processed a few rows at a time (Opacus accumulating the clipped sum) trains
+    exactly like one processed whole: same noise, same clipping, same update."""
+    from cleanroom.site_agent import trainer
+
+    start = get_parameters(build_model("logreg", seed=0))
+    settings = _settings(local_steps=3, **kw)
+    whole = train_task(heart, start, cleveland, settings, seed=5)
+    row = sum(v.size for v in start.values()) * 4
+    monkeypatch.setattr(trainer, "PER_EXAMPLE_BYTES", 7 * row)  # chunks of 7 rows
+    assert trainer.chunk_rows([torch.from_numpy(v) for v in start.values()]) == 7
+    chunked = train_task(heart, start, cleveland, settings, seed=5)
+    for k in start:
+        np.testing.assert_allclose(chunked.parameters[k], whole.parameters[k], rtol=0,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize(("folder", "needle"), [
+    ("write_param", "changed the model's parameters"),
+])
+def test_hostile_task_code_is_refused_in_chunks(folder: str, needle: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cleanroom.site_agent import trainer
+
+    monkeypatch.setattr(trainer, "PER_EXAMPLE_BYTES", 1)  # one row per chunk
+    try:
+        loaded = load_task(HOSTILE / folder)
+        with pytest.raises(TaskError, match=needle) as info:
+            train_task(loaded, _start(loaded), _synthetic(), _settings(), seed=0)
+        assert info.value.code == "task-tampered"
+    finally:
+        torch.normal = torch._C._VariableFunctions.normal  # type: ignore[assignment]
+
+
 def test_evaluate_task_gives_todays_metrics(heart: LoadedTask, cleveland: TaskData) -> None:
     site = load_heart_disease_site("cleveland")
     params = train_task(heart, get_parameters(build_model("logreg", seed=0)), cleveland,

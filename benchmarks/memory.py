@@ -1,0 +1,124 @@
+"""Coordinator memory vs the sites': peak memory of a confidential simulation, apart.
+
+Each case runs ``cleanroom simulate`` (confidential, DP, FedAdam) in a fresh Python process
+with ``sites_process``: every site runs in ONE separate process (the same protobuf bytes
+cross a pipe), so the benchmark process holds the coordinator alone (strategy, gate, round
+state, envelopes, aggregation, audit, report) plus the transport. Reported per case:
+
+* model size (float32 parameters x 4 bytes);
+* coordinator peak RSS above its RSS just before the run (imports excluded), and that as a
+  multiple of the model size; the issue's goal after streaming aggregation is
+  <= 3 x model + 200 MB;
+* coordinator Python/numpy heap peak (``tracemalloc``: numpy buffers and bytes are traced,
+  torch's allocator is not, and the coordinator holds the model as numpy);
+* the sites' process peak RSS (all sites, imports included).
+
+Training is cheap on purpose (sampling rate 0.05: about 10 rows per site and step): the
+coordinator's memory does not depend on it. 100 sites x 10M parameters (~4 GB of updates per
+round, several copies today) runs only when named: ``--cases 100x10m``.
+
+Run: ``python -m benchmarks memory [--cases 20x1m,100x1m,20x10m] [--rounds 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = {"20x1m": ("synthetic-1m", 20), "100x1m": ("synthetic-1m", 100),
+         "20x10m": ("synthetic-10m", 20), "100x10m": ("synthetic-10m", 100)}
+DEFAULT_CASES = "20x1m,100x1m,20x10m"
+GOAL_FIXED = 200 * 2**20  # issue 14: coordinator peak <= 3 x model + 200 MB
+MB = 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(task: str, sites: int, rounds: int, out: Path) -> dict[str, Any]:
+    """One case, in this process (the benchmark starts a fresh one per case)."""
+    import tracemalloc
+
+    from cleanroom.simulations.defaults import training_defaults
+    from cleanroom.simulations.engine import (
+        SimulationConfig,
+        load_simulation_task,
+        run_simulation,
+    )
+    from cleanroom.task import build_task_model
+
+    loaded = load_simulation_task(task)
+    params = sum(p.numel() for p in build_task_model(loaded.task).parameters())
+    values: dict[str, Any] = dict(training_defaults(dp=True, plan=loaded.task.plan))
+    values.update(task=task, sites=sites, rounds=rounds, sample_rate=0.05, tracking=False,
+                  progress=False, out=out, sites_process=True)
+    config = SimulationConfig(**values)
+    baseline = _rss()
+    tracemalloc.start(1)
+    start = time.perf_counter()
+    result = run_simulation(config)
+    seconds = time.perf_counter() - start
+    heap_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    attested = [len(r["attested"]) for r in result.report["rounds"]]
+    return {"task": task, "sites": sites, "params": params, "model_bytes": params * 4,
+            "baseline": baseline, "peak": peak, "heap_peak": heap_peak,
+            "sites_peak": result.sites_peak_rss or 0, "seconds": seconds,
+            "attested": attested}
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    model = r["model_bytes"]
+    grown = r["peak"] - r["baseline"]
+    goal = 3 * model + GOAL_FIXED
+    return (f"| {name} | {model / MB:.0f} MB | {grown / MB:.0f} MB ({grown / model:.1f}x) | "
+            f"{r['heap_peak'] / MB:.0f} MB ({r['heap_peak'] / model:.1f}x) | "
+            f"{goal / MB:.0f} MB {'met' if grown <= goal else 'NOT met'} | "
+            f"{r['sites_peak'] / MB:.0f} MB | {r['seconds']:.0f} s |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--one", nargs=3, metavar=("TASK", "SITES", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        task, sites, out = args.one
+        print(json.dumps(one(task, int(sites), args.rounds, Path(out))))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    print(f"confidential simulation, {args.rounds} rounds, sites in a separate process; "
+          "coordinator = this process (its RSS before the run subtracted)")
+    print("| case | model | coordinator peak RSS growth | coordinator heap peak "
+          "(tracemalloc) | goal 3 x model + 200 MB | sites' process peak RSS | time |")
+    print("|---|---|---|---|---|---|---|")
+    for name in [c for c in args.cases.split(",") if c]:
+        task, sites = CASES[name]
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--rounds",
+                               str(args.rounds), "--one", task, str(sites),
+                               str(tmp / name)], capture_output=True, text=True, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            print(f"| {name} | failed ({proc.returncode}): {proc.stderr.strip()[-300:]} |")
+            continue
+        print(_row(name, json.loads(lines[-1])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -176,7 +176,7 @@ def test_provision_writes_production_policies_that_require_collateral(tmp_path: 
     from cleanroom.coordinator.provision import ProvisionRequest, provision
 
     provision(ProvisionRequest(out=tmp_path / "prod", sites=["a"], enclave="configfs-tsm",
-                               measurements=["ab" * 48]))
+                               measurements=["ab" * 48], aggregator_measurements=["cd" * 48]))
     prod = tmp_path / "prod" / "coordinator" / "policy.toml"
     assert tomllib.loads(prod.read_text())["require_collateral"] is True
     assert load_policy(prod).require_collateral  # strict loading accepts what provision writes

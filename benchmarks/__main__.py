@@ -1,6 +1,7 @@
 """``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
-NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, crypto, fuzz, or all.
+NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, trust, crypto, fuzz, or
+all.
 ``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) runs only when named.
 """
 
@@ -11,7 +12,7 @@ import importlib.util
 import sys
 
 TIMING = ("attestation", "rounds", "memory", "scale", "accuracy", "deployment", "secagg",
-          "crypto")
+          "trust", "crypto")
 ON_DEMAND = ("fuzz",)
 
 

@@ -15,7 +15,7 @@ Per round (:class:`AggregatorCore`):
    releases an update sealed to that key;
 3. :meth:`~AggregatorCore.submit_update`: open (the site's attested signing key must have
    signed it), check the report against the plan and the attested rows, bound the norm
-   (:mod:`cleanroom.coordinator.bounds`), then fold it into a running weighted sum
+   (:mod:`cleanroom.bounds`), then fold it into a running weighted sum
    (``mean`` mode: O(model) memory whatever the number of sites) or keep it (``collect``
    mode, for robust strategies that need every update: they run in here);
 4. :meth:`~AggregatorCore.aggregate`: the only thing released: the weighted mean (with central
@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from cleanroom.coordinator.bounds import update_bound
+from cleanroom.bounds import update_bound
 from cleanroom.coordinator.validation import validate_update
 from cleanroom.errors import CleanroomError, UpdateRejected
 from cleanroom.protocol.binding import AggregatorBinding
@@ -48,7 +48,7 @@ from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["mean", "collect"]
+Mode = Literal["mean", "collect", "secagg"]
 
 
 class EvidenceSource(Protocol):
@@ -114,6 +114,9 @@ class Aggregate:
     sites: tuple[str, ...]
     central_epsilon: float | None = None  # cumulative, when central DP is on
     train_loss: float | None = None  # example-weighted mean of the reported losses (no DP)
+    dropped: tuple[str, ...] = ()  # secure aggregation: sites whose input is not in the sum
+    failure: str | None = None  # why there is no aggregate (e.g. too few secagg survivors)
+    secagg: dict[str, Any] | None = None  # the round's secure-aggregation parameters
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,11 @@ class _RoundState:
         default_factory=list)
     accepted: list[str] = field(default_factory=list)
     metrics: dict[str, EvaluateReport] = field(default_factory=dict)
+    secagg: Any = None  # AggregatorSecAgg of the round
+    reports: dict[str, TrainReport] = field(default_factory=dict)
+    layout: Any = None  # how the flat secagg vector maps back to named arrays
+    clip: float = 0.0
+    failure: str | None = None
 
 
 class AggregatorCore:
@@ -160,6 +168,7 @@ class AggregatorCore:
         self.robust = robust
         self._rounds: dict[int, _RoundState] = {}  # at most two: one evaluating, one ahead
         self._central_steps = 0
+        self._sigma: float | None = None  # the plan's DP noise (secure aggregation's clip)
 
     # ------------------------------------------------------------------ keys and evidence
     def begin_round(self, run_id: str, round: int, model: Mapping[str, np.ndarray],
@@ -209,6 +218,8 @@ class AggregatorCore:
         if site in state.accepted:
             return Verdict(False, f"update rejected: {site} already sent its update")
         context = EnvelopeContext("update", state.run_id, state.round, site, state.model_digest)
+        if state.mode == "secagg":
+            return self._submit_masked(state, slot, sealed, context)
         try:
             update, report = open_update(sealed, state.keys, context, slot.update_signer)
             self._check_report(report, slot)
@@ -218,6 +229,157 @@ class AggregatorCore:
         self._fold(state, site, update, report)
         state.accepted.append(site)
         return Verdict(True, "aggregated", norm, report, sealed.sha256)
+
+    def _submit_masked(self, state: _RoundState, slot: SiteSlot, sealed: Sealed,
+                       context: EnvelopeContext) -> Verdict:
+        """Secure aggregation: open the envelope (the site's signature, its report), hand the
+        masked input to the protocol; the update itself stays masked."""
+        from cleanroom.protocol.payload import open_masked_update
+
+        try:
+            if state.failure is not None:
+                raise UpdateRejected(f"secure aggregation failed: {state.failure}")
+            masked, report = open_masked_update(sealed, state.keys, context, slot.update_signer)
+            self._check_report(report, slot)
+            if masked.site != slot.site:
+                raise UpdateRejected(f"the masked input names site {masked.site!r}")
+            state.secagg.receive_masked_input(masked)
+        except CleanroomError as exc:
+            return Verdict(False, f"update rejected: {exc}", ciphertext_sha256=sealed.sha256)
+        state.reports[slot.site] = report
+        state.accepted.append(slot.site)
+        return Verdict(True, "masked input received", None, report, sealed.sha256)
+
+    # ------------------------------------------------------------------ secure aggregation
+    def secagg_begin(self, round: int, roster: Mapping[str, tuple[bytes, bytes]]) -> bytes:
+        """Secure aggregation for the round's admitted sites (their attested channel and mask
+        keys): the parameters (coordinate clip from the plan's update bound, weights up to the
+        largest attested row count, or 1 under central DP) and the share-keys request every
+        site gets. The round then releases only the unmasked sum's mean."""
+        from cleanroom.protocol.secagg import AggregatorSecAgg, make_params
+        from cleanroom.protocol.secagg_wire import RosterEntry, encode
+
+        state = self._state(round)
+        if self.robust is not None:
+            raise CleanroomError("secure aggregation gives only the sum; the strategy needs "
+                                 "every update")
+        unknown = set(roster) - set(state.slots)
+        if unknown:
+            raise CleanroomError(f"secure-aggregation roster names unadmitted sites "
+                                 f"{sorted(unknown)[:5]}")
+        entries = [RosterEntry(site=s, channel_key=c, mask_key=m)
+                   for s, (c, m) in sorted(roster.items())]
+        n_params = sum(int(v.size) for v in state.model.values())
+        rows = [state.slots[s].dataset_rows for s in roster]
+        state.clip = self._secagg_clip(rows, n_params)
+        central = self.plan.central_clip is not None
+        params = make_params(state.run_id, round, n_sites=len(entries), vector_length=n_params,
+                             clip=state.clip, max_weight=1 if central else max(1, *rows))
+        state.secagg = AggregatorSecAgg(params, entries)
+        state.mode = "secagg"
+        return encode(state.secagg.share_keys_request())
+
+    def _secagg_clip(self, rows: list[int], n_params: int) -> float:
+        """A coordinate range no honest site's delta leaves: the central clip, else the
+        largest update bound of the roster (at the plan's own noise: a site with a smaller
+        budget adds more noise, then a coordinate may clip, which it logs)."""
+        plan = self.plan
+        if plan.central_clip is not None:
+            return plan.central_clip
+        if not plan.dp.enabled:
+            return plan.max_update_norm or 1.0
+        if self._sigma is None:
+            from cleanroom.privacy import calibrate_noise
+
+            self._sigma = calibrate_noise(plan.dp.epsilon, plan.dp.delta, plan.sample_rate,
+                                          plan.rounds * plan.local_steps)
+        return max(update_bound(plan, noise_multiplier=self._sigma, n_examples=max(1, n),
+                                n_params=n_params) for n in rows)
+
+    def secagg_receive(self, round: int, site: str, stage: str, message: bytes) -> Verdict:
+        """A site's share-keys, consistency or unmask reply (a bad one: the site drops)."""
+        from cleanroom.protocol import secagg_wire as wire
+
+        state = self._state(round)
+        kinds = {"share-keys": (wire.ShareKeysResponse, "receive_share_keys"),
+                 "consistency": (wire.ConsistencyResponse, "receive_consistency"),
+                 "unmask": (wire.UnmaskResponse, "receive_unmask")}
+        if state.secagg is None or stage not in kinds:
+            return Verdict(False, f"secure aggregation: no stage {stage!r} this round")
+        kind, method = kinds[stage]
+        try:
+            reply = wire.decode(kind, message)
+            if reply.site != site:
+                raise UpdateRejected(f"a {stage} reply for site {reply.site!r}")
+            getattr(state.secagg, method)(reply)
+        except CleanroomError as exc:
+            return Verdict(False, f"secure aggregation ({stage}): {exc}")
+        return Verdict(True, stage)
+
+    def secagg_requests(self, round: int, stage: str) -> dict[str, bytes]:
+        """Close the previous stage and ask the next of the sites still in: ``masked-input``,
+        ``consistency`` or ``unmask``. Too few sites left: no requests, and the round will
+        release no aggregate (its failure says why)."""
+        from cleanroom.errors import SecAggError
+        from cleanroom.protocol.secagg_wire import encode
+
+        state = self._state(round)
+        makers = {"masked-input": "masked_input_requests",
+                  "consistency": "consistency_requests", "unmask": "unmask_requests"}
+        if state.secagg is None or stage not in makers or state.failure is not None:
+            return {}
+        try:
+            requests = getattr(state.secagg, makers[stage])()
+        except SecAggError as exc:
+            state.failure = f"{type(exc).__name__}: {exc}"
+            log.error("round %d: secure aggregation failed at %s: %s", round, stage, exc)
+            return {}
+        return {site: encode(request) for site, request in requests.items()}
+
+    def _secagg_result(self, state: _RoundState) -> Aggregate:
+        """Unmask the sum; release model + mean delta (checked against the bound on the sum;
+        with central DP, noised here)."""
+        from cleanroom.errors import SecAggError
+        from cleanroom.protocol.secagg import flatten_arrays
+
+        info = {"threshold": state.secagg.params.threshold,
+                "neighbours": state.secagg.params.neighbours,
+                "clip": state.clip, "mod_bits": state.secagg.params.mod_bits}
+        if state.failure is not None:
+            return Aggregate(None, 0, (), failure=state.failure, secagg=info,
+                             dropped=tuple(state.secagg.topology.sites))
+        try:
+            result = state.secagg.result()
+        except SecAggError as exc:
+            state.failure = f"{type(exc).__name__}: {exc}"
+            return Aggregate(None, 0, (), failure=state.failure, secagg=info,
+                             dropped=tuple(state.secagg.topology.sites))
+        _, layout = flatten_arrays(state.model)
+        n = len(result.survivors)
+        if self.central_dp is not None:
+            rng = np.random.default_rng()  # OS entropy
+            noise = rng.normal(0.0, self.central_dp.noise_multiplier * self.central_dp.clip,
+                               size=result.weighted_sum.shape)
+            mean = (result.weighted_sum + noise) / max(1, n)
+            self._central_steps += 1
+        else:
+            mean = result.mean()
+        delta = layout.unflatten(mean)
+        arrays = OrderedDict((k, (base + delta[k]).astype(base.dtype))
+                             for k, base in state.model.items())
+        if self.central_dp is None:
+            try:  # the only check left on masked updates: on their mean
+                validate_update(arrays, state.model, max_norm=state.clip * (1 + 1e-6))
+            except CleanroomError as exc:
+                state.failure = f"the unmasked mean fails validation: {exc}"
+                return Aggregate(None, 0, (), failure=state.failure, secagg=info)
+        reports = [state.reports[s] for s in result.survivors if s in state.reports]
+        losses = [(r.train_loss, r.num_examples) for r in reports if r.train_loss is not None]
+        weight = sum(w for _, w in losses)
+        return Aggregate(arrays, sum(r.num_examples for r in reports), result.survivors,
+                         central_epsilon=self.central_epsilon(),
+                         train_loss=sum(v * w for v, w in losses) / weight if weight else None,
+                         dropped=result.dropped, secagg=info)
 
     def _check_report(self, report: TrainReport, slot: SiteSlot) -> None:
         plan = self.plan
@@ -268,6 +430,8 @@ class AggregatorCore:
     def aggregate(self, round: int) -> Aggregate:
         """Release the round's aggregate (None if no update was accepted)."""
         state = self._state(round)
+        if state.mode == "secagg":
+            return self._secagg_result(state)
         sites = tuple(state.accepted)
         if not sites:
             return Aggregate(None, 0, ())

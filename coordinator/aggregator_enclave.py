@@ -120,7 +120,8 @@ class AggregatorHandle:
 
     CALLS = frozenset({"begin_round", "admit", "attest", "attest_sites", "submit_update",
                        "aggregate", "begin_evaluation", "submit_metrics", "release_metrics",
-                       "end_round", "public_key", "central_epsilon"})
+                       "end_round", "public_key", "central_epsilon", "secagg_begin",
+                       "secagg_receive", "secagg_requests"})
 
     def __init__(self, launch: AggregatorLaunch, plan: TrainPlan, *,
                  central_dp: CentralDp | None = None, robust: Any = None) -> None:

@@ -50,13 +50,19 @@ class TrainingSettings(Section):
         default_factory=dict, description="Overrides of the strategy's own options; the "
         "tuned defaults in STRATEGY_OPTIONS apply otherwise.")
     min_sites: int = Field(2, ge=1, description="Fewest attested sites a round needs.")
+    secure_aggregation: bool = Field(False, description="Sites mask their updates (SecAgg "
+                                     "with dropouts): the aggregator learns only their sum. "
+                                     "Needs the attested aggregator and a strategy that "
+                                     "aggregates by a mean (FedAvg, FedProx, FedAdam...).")
 
     def strategy_kwargs(self) -> dict[str, float]:
         return {**STRATEGY_OPTIONS.get(self.strategy, {}), **self.strategy_options}
 
-    def plan(self, task: LoadedTask) -> TrainPlan:
-        """The plan of a run of ``task`` (loaded by the coordinator: the consortium's code)."""
+    def plan(self, task: LoadedTask, *, central_clip: float | None = None) -> TrainPlan:
+        """The plan of a run of ``task`` (loaded by the coordinator: the consortium's code);
+        ``central_clip`` when the aggregator adds central DP."""
         return TrainPlan(rounds=self.rounds, local_steps=self.local_steps,
+                         secure_aggregation=self.secure_aggregation, central_clip=central_clip,
                          sample_rate=self.sample_rate, lr=self.lr, optimizer=self.optimizer,
                          momentum=self.momentum,
                          dp=DpPlan(enabled=self.dp, epsilon=self.epsilon, delta=self.delta,

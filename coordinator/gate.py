@@ -152,6 +152,7 @@ class Admission:
     dataset_digest: str | None = None  # the site's registered dataset it binds
     dataset_rows: int = 0
     update_signer: bytes | None = None  # the Ed25519 key that must sign its update
+    secagg_keys: tuple[bytes, bytes] | None = None  # (channel, mask): secure aggregation
 
     def summary(self) -> dict[str, object]:
         """Audit/report view: digests and reasons, never evidence bytes or keys."""
@@ -251,6 +252,12 @@ class AttestationGate:
         if response.task_digest != task.digest:
             return quarantine(f"task: the site answers for task {str(response.task_digest)[:16]}"
                               f"..., the run's task is {task.name} ({task.digest[:16]}...)")
+        secagg = None
+        if challenge.plan.secure_aggregation:
+            if response.secagg_channel_key is None or response.secagg_mask_key is None:
+                return quarantine("protocol: the run uses secure aggregation but the reply "
+                                  "has no secure-aggregation keys")
+            secagg = (response.secagg_channel_key, response.secagg_mask_key)
         node_key = bytes.fromhex(response.node_public_key) if response.node_public_key else b""
         keys = self.directory.keys
         if keys is not None and keys.get(node_id, b"") != node_key:
@@ -266,7 +273,8 @@ class AttestationGate:
                           task_digest=task.digest,
                           dataset_digest=response.dataset_digest or "",
                           dataset_rows=response.dataset_rows,
-                          update_signer=response.update_signer_key)
+                          update_signer=response.update_signer_key,
+                          secagg_keys=_secagg_digest(secagg))
         policy = self.policy.model_copy(update={"report_data": binding.report_data(),
                                                 "measurements": self.expected_measurements(
                                                     task.digest)})
@@ -291,7 +299,7 @@ class AttestationGate:
                          verify_seconds=elapsed, task_digest=task.digest,
                          dataset_digest=response.dataset_digest,
                          dataset_rows=response.dataset_rows,
-                         update_signer=response.update_signer_key)
+                         update_signer=response.update_signer_key, secagg_keys=secagg)
 
     def expected_measurements(self, task_digest: str) -> list[bytes]:
         """The MEASUREMENTs a site running ``task_digest`` may show: the policy's, or for a
@@ -324,3 +332,12 @@ class AttestationGate:
         """Make this phase's nonces and ledger watermarks durable (before they take effect)."""
         self.nonces.flush()
         self.watermarks.flush()
+
+
+def _secagg_digest(keys: tuple[bytes, bytes] | None) -> bytes:
+    """What a site's evidence binds of its secure-aggregation keys (empty without)."""
+    if keys is None:
+        return b""
+    from cleanroom.protocol.secagg import SecAggAdvertisement
+
+    return SecAggAdvertisement(*keys).digest()

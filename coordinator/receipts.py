@@ -74,6 +74,7 @@ def round_receipt(record: RoundRecord, *, policy_digest: str) -> dict[str, Any]:
         "aggregator": record.aggregator,
         "aggregated": list(record.aggregated),
         "site_refusals": dict(sorted(record.site_refusals.items())),
+        "secure_aggregation": record.secure_aggregation,
         "central_epsilon": record.central_epsilon,
         "skipped": record.skipped,
         "sites": {name: _site_entry(s) for name, s in sorted(record.sites.items())},

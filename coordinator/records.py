@@ -57,6 +57,7 @@ class RoundRecord:
     central_epsilon: float | None = None  # the aggregator's central DP so far
     metrics_mean: dict[str, float] | None = None  # released client averages (not per site)
     metrics_sites: list[str] = field(default_factory=list)  # sites those averages cover
+    secure_aggregation: dict[str, Any] | None = None  # parameters, survivors, dropped sites
 
     @property
     def attested(self) -> list[str]:

@@ -43,6 +43,7 @@ def round_entry(record: RoundRecord, epsilon_so_far: dict[str, float | None]) ->
         "site_refusals": dict(sorted(record.site_refusals.items())),
         "evaluation_refusals": dict(sorted(record.evaluation_refusals.items())),
         "aggregator": record.aggregator,
+        "secure_aggregation": record.secure_aggregation,
         "central_epsilon": record.central_epsilon,
         "metrics": metrics,
         "means": means,

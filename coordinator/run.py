@@ -196,14 +196,21 @@ class FederatedRun:
         updates, as before)."""
         spec = self.spec
         if spec.aggregator is None or not spec.confidential:
-            if spec.central_dp is not None:
-                raise ConfigError("central DP is added inside the attested aggregator: it "
-                                  "needs one (drop --no-aggregator)")
+            for wanted, what in ((spec.central_dp is not None, "central DP is added"),
+                                 (spec.plan.secure_aggregation, "secure aggregation runs")):
+                if wanted:
+                    raise ConfigError(f"{what} inside the attested aggregator: it needs one "
+                                      "(drop --no-aggregator)")
             return None
         from cleanroom.coordinator.aggregator_enclave import AggregatorHandle
         from cleanroom.coordinator.strategies import aggregates_by_sum
 
         robust = None if aggregates_by_sum(self.inner) else self.inner
+        if robust is not None and spec.plan.secure_aggregation:
+            raise ConfigError(f"strategy {type(self.inner).__name__} needs every single "
+                              "update; secure aggregation releases only their sum: use a "
+                              "strategy that aggregates by a mean (fedavg, fedprox, fedavgm, "
+                              "fedadam, fedyogi, fedadagrad) or drop --secure-aggregation")
         if robust is not None and spec.central_dp is not None:
             raise ConfigError(f"central DP adds noise to the mean of the updates; strategy "
                               f"{type(self.inner).__name__} does not aggregate by a mean")

@@ -135,7 +135,9 @@ def main(grid: Grid, context: Context) -> None:
 
     task_spec = training.task
     task = load_task(Path(task_spec) if Path(task_spec).is_dir() else task_spec)
-    plan = training.plan(task)
+    central = config.aggregator.central_epsilon if config.aggregator else None
+    plan = training.plan(task, central_clip=config.aggregator.central_clip  # type: ignore[union-attr]
+                         if central else None)
     progress = out / "progress.jsonl"
 
     def on_round(entry: dict[str, Any]) -> None:

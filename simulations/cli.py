@@ -25,6 +25,10 @@ scenarios:
   unattested-coordinator
                      the coordinator's aggregator runs modified code -> every site refuses
                      to release its update (report.json rounds: site_refusals)
+  dropout-after-masking
+                     secure aggregation; one site goes offline after sharing its masks ->
+                     the round completes with the others (rounds: aggregated,
+                     secure_aggregation.dropped)
 
 trust both ways: every round each site sends its own nonce with its attestation and releases
 its update only to the coordinator's aggregator enclave whose evidence binds that nonce and
@@ -42,6 +46,8 @@ examples:
   cleanroom simulate --epsilon 2 --seed 3 --tracking-uri http://mlflow.example:5000
   cleanroom simulate --central-epsilon 4 --strategy fedavg
   cleanroom simulate --scenario unattested-coordinator --rounds 2
+  cleanroom simulate --secure-aggregation --strategy fedavg
+  cleanroom simulate --scenario dropout-after-masking
 """
 
 
@@ -84,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
     p.add_argument("--scenario", default="honest",
                    choices=["honest", "tampered-site", "replayed-evidence", "forged-evidence",
-                            "debug-enclave", "over-budget", "unattested-coordinator"],
+                            "debug-enclave", "over-budget", "unattested-coordinator",
+                            "dropout-after-masking"],
                    help="honest (default), one hostile site or a hostile coordinator, see "
                    "below")
     p.add_argument("--hostile-site", help="which site misbehaves (default: the last one, va)")
@@ -102,6 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "the mean of clipped updates, calibrated to EPS over the run")
     p.add_argument("--central-clip", type=float, default=1.0, metavar="C",
                    help="central DP: L2 clip of each site's update delta (default 1.0)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="sites mask their updates (SecAgg with dropouts): the aggregator "
+                   "learns only their sum; needs a strategy that aggregates by a mean")
     p.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
                    help="inprocess (fast, default) or ray (Flower's simulation runtime)")
     p.add_argument("--workers", type=int, default=None, help="inprocess: sites served in "
@@ -140,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                   tracking_uri=args.tracking_uri, state_dir=args.state,
                   site_budget=args.site_budget, progress=not args.no_progress,
                   aggregator=not args.no_aggregator, central_epsilon=args.central_epsilon,
-                  central_clip=args.central_clip, workers=args.workers, threads=args.threads)
+                  central_clip=args.central_clip, workers=args.workers, threads=args.threads,
+                  secure_aggregation=args.secure_aggregation)
     try:
         return SimulationConfig(**values)
     except ValidationError as exc:

@@ -66,6 +66,8 @@ class SimulationConfig(BaseModel):
                              "(a separate process) that every site verifies first; False: "
                              "the coordinator's own process opens them (the protocol before "
                              "issue 13)")
+    secure_aggregation: bool = Field(False, description="sites mask their updates (SecAgg "
+                                     "with dropouts): the aggregator learns only their sum")
     aggregator_isolation: Literal["process", "inprocess"] = Field(
         "process", description="the aggregator enclave's separation from the operator's "
         "process in a simulation: its own process, or 'inprocess' (tests: no separation)")
@@ -262,6 +264,8 @@ def _run_simulation(config: SimulationConfig, task: Any,
     if config.scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {config.scenario!r}; choose one of "
                           f"{', '.join(SCENARIOS)}")
+    if config.scenario == "dropout-after-masking" and not config.secure_aggregation:
+        config = config.model_copy(update={"secure_aggregation": True})  # what it is about
     names = site_names(config, task)
     hostile = None
     if config.scenario not in COORDINATOR_SCENARIOS and config.scenario != "honest":
@@ -286,7 +290,8 @@ def _run_simulation(config: SimulationConfig, task: Any,
     plan = TrainingSettings(**{name: getattr(config, name) for name in (
         "task", "strategy", "rounds", "local_steps", "sample_rate", "lr",
         "optimizer", "momentum", "max_grad_norm", "max_update_norm", "dp", "epsilon",
-        "delta")}).plan(task)
+        "delta", "secure_aggregation")}).plan(
+            task, central_clip=config.central_clip if config.central_epsilon else None)
     node_names = {NODE_ID_BASE + i: name for i, name in enumerate(names)}
     spec = RunSpec(
         label=str(run_id), out=out, policy=policy, plan=plan, task=task,
@@ -354,7 +359,13 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
     from cleanroom.coordinator.run import start_rounds
     from cleanroom.site_agent.app import make_client_app
 
-    plain = _plain_settings(config, spec.plan) if not config.confidential else {}
+    plain: dict[str, Any] = _plain_settings(config, spec.plan) if not config.confidential \
+        else {}
+    if config.scenario == "dropout-after-masking":
+        from cleanroom.simulations.scenarios import DropAfterMasking
+
+        hostile = next(i for i, c in enumerate(sites.configs) if c.site in sites.faults)
+        plain["outer_mods"] = [DropAfterMasking(hostile)]
     n = len(sites.configs)
     if config.backend == "inprocess":
         from cleanroom.simulations.inprocess import InProcessGrid

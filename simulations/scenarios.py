@@ -9,6 +9,9 @@ Each hostile behaviour is a real attack on the protocol, not a flag the coordina
 * ``forged-evidence`` - the site alters its report after the AMD-SP signed it (signature breaks).
 * ``debug-enclave`` - the site's guest was launched with the DEBUG policy bit.
 * ``over-budget`` - the site's lifetime privacy budget is tiny; it refuses and is quarantined.
+* ``dropout-after-masking`` - secure aggregation: the site shares its masks, then goes offline
+  before it sends its masked update; the others' sum is unmasked without it (its mask key is
+  rebuilt from their shares) and the round completes with them.
 * ``unattested-coordinator`` - the coordinator's aggregator enclave runs modified code (a copy
   that keeps every opened update); its measurement is not the one the sites pin, so every site
   refuses to release its update (typed ``aggregator-attestation`` refusals).
@@ -41,10 +44,26 @@ SCENARIOS: dict[str, str] = {
     "debug-enclave": "one site's enclave has the debug policy bit set",
     "over-budget": "one site has a tiny privacy budget",
     "unattested-coordinator": "the coordinator's aggregator runs modified code (sites refuse)",
+    "dropout-after-masking": "one site goes offline after sharing its masks (secure "
+                             "aggregation)",
 }
 COORDINATOR_SCENARIOS = frozenset({"unattested-coordinator"})  # the hostile party: coordinator
 OVER_BUDGET_EPSILON = 0.05
 TAMPER_TARGET = "training.py"
+
+
+class DropAfterMasking:
+    """A client mod: the site at ``partition`` answers attestation and share-keys, then drops
+    every train message (it went offline after its masks were shared)."""
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+
+    def __call__(self, msg: Any, ctx: Any, call_next: Any) -> Any:
+        if msg.metadata.message_type.split(".")[0] == "train" and \
+                int(ctx.node_config.get("partition-id", -1)) == self.partition:
+            raise ConnectionError("the site went offline after sharing its masks")
+        return call_next(msg, ctx)
 
 
 @dataclass(frozen=True)

@@ -26,19 +26,23 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from cleanroom.errors import ProtocolError, SiteRefusal
+from cleanroom.errors import ProtocolError, SecAggError, SiteRefusal
 from cleanroom.protocol.flower import (
     ATTEST_ACTION,
     ATTEST_MESSAGE_TYPE,
     ATTEST_RECORD,
+    SECAGG_ACTION,
+    SECAGG_MESSAGE_TYPE,
     attest_content,
     attest_record,
     has_challenge,
     read_aggregator,
     read_challenge,
     read_envelope,
+    read_secagg,
     refusal_content,
     reply_content,
+    secagg_content,
     strategy_config,
 )
 from cleanroom.protocol.wire import Refusal
@@ -84,6 +88,8 @@ class ConfidentialMod:
         mtype = msg.metadata.message_type
         if mtype == ATTEST_MESSAGE_TYPE:
             return self._attest(msg, ctx)
+        if mtype == SECAGG_MESSAGE_TYPE:
+            return self._secagg(msg, ctx)
         category = mtype.split(".")[0]
         if category == "train":
             return self._train(msg, ctx)
@@ -98,6 +104,7 @@ class ConfidentialMod:
 
         registered = getattr(app, "_registered_funcs", {})
         app.query(ATTEST_ACTION)(_unreachable)
+        app.query(SECAGG_ACTION)(_unreachable)
         for category in ("train", "evaluate"):
             if f"{category}.default" not in registered:
                 getattr(app, category)()(_unreachable)
@@ -112,9 +119,9 @@ class ConfidentialMod:
         return SiteProtocol(runtime, self.trainer, memo)
 
     @staticmethod
-    def _keep(ctx: Context, answer: Answer | None) -> None:
-        if answer is not None and answer.session is not None:
-            blob = answer.session
+    def _keep(ctx: Context, answer: Answer | SessionBlob | None) -> None:
+        blob = answer.session if isinstance(answer, Answer) else answer
+        if blob is not None:
             ctx.state[SESSION_RECORD] = ConfigRecord({"run_id": blob.run_id,
                                                       "round": blob.round,
                                                       "sealed": blob.sealed})
@@ -137,14 +144,28 @@ class ConfidentialMod:
                        reply_to=msg)
 
     def _train(self, msg: Message, ctx: Context) -> Message:
+        secagg = read_secagg(msg.content)
         try:
-            sealed = self._protocol(ctx).train(self._blob(ctx), read_envelope(msg.content),
-                                               dict(strategy_config(msg.content)),
-                                               read_aggregator(msg.content))
+            sealed, blob = self._protocol(ctx).train(
+                self._blob(ctx), read_envelope(msg.content), dict(strategy_config(msg.content)),
+                read_aggregator(msg.content), secagg[1] if secagg else None)
         except SiteRefusal as refusal:  # typed: the coordinator records why, per site
-            return Message(refusal_content(Refusal(code=refusal.code, detail=refusal.detail)),
-                           reply_to=msg)
+            return _refused(msg, refusal.code, refusal.detail)
+        except SecAggError as exc:
+            return _refused(msg, f"secagg-{exc.code}", str(exc))
+        self._keep(ctx, blob)
         return Message(reply_content(sealed), reply_to=msg)
+
+    def _secagg(self, msg: Message, ctx: Context) -> Message:
+        request = read_secagg(msg.content)
+        if request is None:
+            raise ProtocolError("a secure-aggregation query without its record")
+        try:
+            reply, blob = self._protocol(ctx).secagg_step(self._blob(ctx), *request)
+        except SecAggError as exc:  # the site's part in the round ends; typed, with a code
+            return _refused(msg, f"secagg-{exc.code}", str(exc))
+        self._keep(ctx, blob)
+        return Message(secagg_content(request[0], reply), reply_to=msg)
 
     def _evaluate(self, msg: Message, ctx: Context) -> Message:
         next_challenge = read_challenge(msg.content) if has_challenge(msg.content) else None
@@ -162,6 +183,10 @@ class ConfidentialMod:
                 content[ATTEST_RECORD] = attest
             return Message(content, reply_to=msg)
         return Message(reply_content(result, attest), reply_to=msg)
+
+
+def _refused(msg: Message, code: str, detail: str) -> Message:
+    return Message(refusal_content(Refusal(code=code[:64], detail=detail[:2000])), reply_to=msg)
 
 
 def _unreachable(msg: Message, ctx: Context) -> Message:
@@ -183,6 +208,7 @@ class ConfidentialClientApp(ClientApp):
         self.confidential = ConfidentialMod(task)
         super().__init__(mods=[self.confidential, *(mods or [])], **kwargs)
         self.query(ATTEST_ACTION)(_unreachable)
+        self.query(SECAGG_ACTION)(_unreachable)
 
     def __call__(self, message: Message, context: Context) -> Message:
         registered = self._registered_funcs  # Flower routes to mods via a registered handler

@@ -27,8 +27,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cleanroom.errors import ProtocolError, SiteRefusal
 from cleanroom.protocol.binding import AggregatorBinding, Binding
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair, signer_public_bytes
-from cleanroom.protocol.payload import Sealed, open_model, seal_metrics, seal_update
+from cleanroom.protocol.payload import (
+    Sealed,
+    open_model,
+    seal_masked_update,
+    seal_metrics,
+    seal_update,
+)
 from cleanroom.protocol.reports import EvaluateReport, PrivacySpend, TrainReport
+from cleanroom.protocol.secagg import SiteSecAgg
 from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal, TrainPlan
 from cleanroom.site_agent.ledger import EpsilonMemo
 from cleanroom.site_agent.runtime import SiteRuntime
@@ -79,6 +86,7 @@ class _Round:
     signer: ed25519.Ed25519PrivateKey
     challenge: AttestChallenge
     aggregator_nonce: bytes | None = None  # the site's challenge to the aggregator
+    secrets: dict[str, Any] | None = None  # as sealed (to re-seal an updated session)
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,9 @@ class SiteProtocol:
         keys = KeyPair.generate()  # the round's HPKE key: the model is sealed to it
         signer = ed25519.Ed25519PrivateKey.generate()  # signs this round's update and reports
         aggregator_nonce = os.urandom(32)  # the site's own challenge to the aggregator
+        secagg = SiteSecAgg(runtime.site, challenge.run_id, challenge.round) \
+            if challenge.plan.secure_aggregation else None
+        advert = secagg.advertisement if secagg is not None else None
         ledger_records, ledger_head = runtime.ledger.state()
         anchor = challenge.ledger_anchor
         anchor_head = runtime.ledger.head_at(anchor.records) if anchor else None
@@ -143,15 +154,16 @@ class SiteProtocol:
                           ledger_anchor_head=anchor_head or "" if anchor else "",
                           task_digest=task.digest, dataset_digest=settings.dataset_digest,
                           dataset_rows=settings.dataset_rows,
-                          update_signer=signer_public_bytes(signer))
+                          update_signer=signer_public_bytes(signer),
+                          secagg_keys=advert.digest() if advert is not None else b"")
         evidence = runtime.provider.for_task(task.digest).evidence(binding.report_data())
         secrets = {"private_key": keys.private_bytes().hex(),
                    "signing_key": signer.private_bytes_raw().hex(),
                    "aggregator_nonce": aggregator_nonce.hex(),
                    "challenge": challenge.model_dump_json()}
-        blob = SessionBlob(challenge.run_id, challenge.round, seal_blob(
-            runtime.session_key(), json.dumps(secrets).encode(),
-            self._label(challenge.run_id)))
+        if secagg is not None:
+            secrets["secagg"] = secagg.export_state().decode()
+        blob = self._seal_session(challenge.run_id, challenge.round, secrets)
         response = AttestResponse.model_validate(
             {**base, "site_public_key": keys.public_bytes.hex(),
              "ledger_records": ledger_records, "ledger_head": ledger_head,
@@ -159,7 +171,9 @@ class SiteProtocol:
              "update_signer_key": signer_public_bytes(signer).hex(),
              "dataset_digest": settings.dataset_digest or None,
              "dataset_rows": settings.dataset_rows,
-             "aggregator_nonce": aggregator_nonce.hex()})
+             "aggregator_nonce": aggregator_nonce.hex(),
+             "secagg_channel_key": advert.channel_key.hex() if advert else None,
+             "secagg_mask_key": advert.mask_key.hex() if advert else None})
         log.info("site %s attested run %s round %d (evidence sha256 prefix %s)", runtime.site,
                  challenge.run_id, challenge.round, _digest(evidence.data)[:16])
         runtime.activity.record("attested", challenge.run_id, challenge.round,
@@ -169,6 +183,11 @@ class SiteProtocol:
                                 dataset_digest=settings.dataset_digest,
                                 coordinator=challenge.coordinator_id)
         return Answer(response, evidence.data, evidence.endorsement, blob)
+
+    def _seal_session(self, run_id: str, round: int, secrets: dict[str, Any]) -> SessionBlob:
+        return SessionBlob(run_id, round, seal_blob(self.runtime.session_key(),
+                                                    json.dumps(secrets).encode(),
+                                                    self._label(run_id)))
 
     def _label(self, run_id: str) -> bytes:
         return f"session/{self.runtime.site}/{run_id}".encode()
@@ -184,7 +203,44 @@ class SiteProtocol:
                       ed25519.Ed25519PrivateKey.from_private_bytes(
                           bytes.fromhex(secrets["signing_key"])),
                       AttestChallenge.model_validate_json(secrets["challenge"]),
-                      bytes.fromhex(nonce) if nonce else None)
+                      bytes.fromhex(nonce) if nonce else None, secrets)
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg(self, session: _Round) -> SiteSecAgg:
+        state = (session.secrets or {}).get("secagg")
+        if state is None:
+            raise ProtocolError("this round's session has no secure aggregation (the plan "
+                                "the site attested for did not ask for it)")
+        return SiteSecAgg.restore(state.encode())
+
+    def _with_secagg(self, session: _Round, secagg: SiteSecAgg) -> SessionBlob:
+        """The session re-sealed with the secure-aggregation state after a step."""
+        challenge = session.challenge
+        secrets = {**(session.secrets or {}), "secagg": secagg.export_state().decode()}
+        return self._seal_session(challenge.run_id, challenge.round, secrets)
+
+    def secagg_step(self, blob: SessionBlob | None, stage: str, message: bytes,
+                    ) -> tuple[bytes, SessionBlob]:
+        """One secure-aggregation stage (share-keys, consistency, unmask) of this round:
+        the aggregator's request in, this site's reply out, the session re-sealed. A
+        :class:`SecAggError` (typed, with a code) ends the site's part in the round."""
+        from cleanroom.protocol import secagg_wire as wire
+
+        session = self._session(blob)
+        secagg = self._secagg(session)
+        kinds = {"share-keys": (wire.ShareKeysRequest, secagg.share_keys),
+                 "consistency": (wire.ConsistencyRequest, secagg.consistency),
+                 "unmask": (wire.UnmaskRequest, secagg.unmask)}
+        if stage not in kinds:
+            raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
+        kind, step = kinds[stage]
+        try:
+            reply = step(wire.decode(kind, message))  # type: ignore[operator]
+        finally:
+            blob = self._with_secagg(session, secagg)  # an aborted state stays aborted
+        challenge = session.challenge
+        self.runtime.activity.record("secagg", challenge.run_id, challenge.round, stage=stage)
+        return wire.encode(reply), blob
 
     def _verify_aggregator(self, session: _Round, record: tuple[bytes, bytes] | None,
                            what: str) -> bool:
@@ -247,14 +303,22 @@ class SiteProtocol:
     # ------------------------------------------------------------------ train
     def train(self, blob: SessionBlob | None, sealed: Sealed,
               strategy_config: Mapping[str, Any],
-              aggregator: tuple[bytes, bytes] | None = None) -> Sealed:
-        """Train on the sealed global model; returns the sealed update and report.
+              aggregator: tuple[bytes, bytes] | None = None,
+              secagg_request: bytes | None = None) -> tuple[Sealed, SessionBlob | None]:
+        """Train on the sealed global model; returns the sealed update and report (and,
+        under secure aggregation, the re-sealed session: the update leaves masked).
         ``aggregator``: the coordinator's aggregator evidence; verified before any budget is
         reserved (a :class:`SiteRefusal` when the site's trust settings are not met)."""
         runtime = self.runtime
         session, arrays = self._open(blob, sealed, "model")
         challenge = session.challenge
         self._verify_aggregator(session, aggregator, "model")
+        secagg = None
+        if challenge.plan.secure_aggregation:
+            if secagg_request is None:
+                raise ProtocolError("the plan uses secure aggregation but the instruction "
+                                    "carries no masked-input request")
+            secagg = self._secagg(session)
         settings = decide_settings(runtime, challenge, self.memo)
         plan = challenge.plan
         if settings.noise_multiplier is not None:
@@ -286,10 +350,43 @@ class SiteProtocol:
         runtime.activity.record("trained", challenge.run_id, challenge.round,
                                 steps=outcome.steps,
                                 epsilon_run=privacy.epsilon_run if privacy else None)
-        return seal_update(outcome.parameters, report, challenge.coordinator_public_key,
-                           EnvelopeContext("update", challenge.run_id, challenge.round,
-                                           runtime.site, challenge.model_digest),
-                           session.signer)
+        context = EnvelopeContext("update", challenge.run_id, challenge.round, runtime.site,
+                                  challenge.model_digest)
+        if secagg is None:
+            return seal_update(outcome.parameters, report, challenge.coordinator_public_key,
+                               context, session.signer), None
+        masked = self._mask(secagg, secagg_request, challenge.plan, arrays,  # type: ignore[arg-type]
+                            outcome.parameters, report)
+        return (seal_masked_update(masked, report, challenge.coordinator_public_key, context,
+                                   session.signer), self._with_secagg(session, secagg))
+
+    def _mask(self, secagg: SiteSecAgg, request: bytes, plan: TrainPlan,
+              model: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray],
+              report: TrainReport) -> Any:
+        """The masked input: this site's delta, checked against its own update bound here in
+        the attested site (the aggregator only ever sees the masked sum), clipped to the
+        central DP clip when there is one (then every site weighs 1)."""
+        from cleanroom.bounds import update_bound
+        from cleanroom.errors import UpdateRejected
+        from cleanroom.protocol import secagg_wire as wire
+        from cleanroom.protocol.secagg import flatten_arrays
+
+        if list(update) != list(model):
+            raise UpdateRejected("the trained parameters do not match the model's names")
+        delta, _ = flatten_arrays({k: np.asarray(update[k], np.float64) - model[k]
+                                   for k in model})
+        norm = float(np.linalg.norm(delta))
+        sigma = report.privacy.noise_multiplier if report.privacy is not None else None
+        bound = update_bound(plan, noise_multiplier=sigma, n_examples=max(1, report.num_examples),
+                             n_params=int(delta.size))
+        if not np.isfinite(norm) or norm > bound:
+            raise UpdateRejected(f"update norm {norm:.4g} exceeds this site's bound "
+                                 f"{bound:.4g}: withheld")
+        weight = report.num_examples
+        if plan.central_clip is not None:
+            delta = delta * min(1.0, plan.central_clip / norm) if norm > 0 else delta
+            weight = 1
+        return secagg.masked_input(wire.decode(wire.MaskedInputRequest, request), delta, weight)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, blob: SessionBlob | None, sealed: Sealed,

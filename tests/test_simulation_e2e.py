@@ -256,6 +256,21 @@ def test_sites_refuse_an_unattested_aggregator_and_say_so(tmp_path):
                and r["aggregated"] == [] for r in receipts)
 
 
+def test_dropout_after_masking_completes_with_the_other_three(tmp_path):
+    """--scenario dropout-after-masking: secure aggregation on; va shares its masks, then goes
+    offline; each round's sum is unmasked from the other three (va's mask key rebuilt from
+    their shares) and the model still trains."""
+    report = simulate(tmp_path, scenario="dropout-after-masking", hostile_site="va")
+    assert report["plan"]["secure_aggregation"] is True
+    for entry in report["rounds"]:
+        assert entry["aggregated"] == ["cleveland", "hungary", "switzerland"]
+        info = entry["secure_aggregation"]
+        assert info["sites"] == ["cleveland", "hungary", "switzerland", "va"]
+        assert info["not_in_sum"] == ["va"] and info["threshold"] == 3
+        assert entry["aggregate_digest"] is not None and "failure" not in info
+    assert report["final"]["accuracy"] is not None
+
+
 def test_central_dp_is_accounted_and_reported(tmp_path):
     report = simulate(tmp_path, central_epsilon=8.0, strategy="fedavg", dp=False)
     central = [r["central_epsilon"] for r in report["rounds"]]

@@ -44,6 +44,7 @@ class Binding:
     dataset_digest: str = ""  # the registered dataset it serves the task from (hex), "" if none
     dataset_rows: int = 0  # that dataset's training rows
     update_signer: bytes = b""  # raw Ed25519 key that signs the site's update and reports
+    secagg_keys: bytes = b""  # SecAggAdvertisement.digest() of its secure-aggregation keys
 
     def report_data(self) -> bytes:
         if len(self.nonce) != NONCE_SIZE:
@@ -55,7 +56,7 @@ class Binding:
                      struct.pack("<Q", self.ledger_records) + bytes.fromhex(self.ledger_head),
                      bytes.fromhex(self.ledger_anchor_head), bytes.fromhex(self.task_digest),
                      bytes.fromhex(self.dataset_digest) + struct.pack("<Q", self.dataset_rows),
-                     self.update_signer):
+                     self.update_signer, self.secagg_keys):
             h.update(_field(part))
         digest = h.digest()
         assert len(digest) == REPORT_DATA_SIZE

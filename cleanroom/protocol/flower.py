@@ -13,6 +13,10 @@ nothing. Layout of every message the protocol sends:
   reply: one message round trip less per round). With an attested aggregator, both carry
   ``cleanroom.aggregator`` (its ``evidence`` and ``endorsement``, binding the site's own
   nonce and the round key the site seals to).
+* secure aggregation (``query.cleanroom_secagg``, and a train instruction's masked-input
+  request): ConfigRecord ``cleanroom.secagg`` with ``stage`` and ``message`` (bytes: a
+  :mod:`cleanroom.protocol.secagg_wire` message); the reply carries the same record or
+  ``cleanroom.refusal``.
 * train reply: exactly one record, ``cleanroom.envelope`` (the sealed update and its report),
   or ``cleanroom.refusal`` (``refusal`` JSON: the site's typed refusal, e.g. an aggregator
   that did not attest). Evaluate reply: ``cleanroom.envelope`` (the sealed evaluation report)
@@ -46,6 +50,11 @@ from cleanroom.protocol.wire import AttestChallenge, AttestResponse, EnvelopeHea
 
 ATTEST_ACTION = "cleanroom_attest"
 ATTEST_MESSAGE_TYPE = f"query.{ATTEST_ACTION}"
+SECAGG_ACTION = "cleanroom_secagg"
+SECAGG_MESSAGE_TYPE = f"query.{SECAGG_ACTION}"
+SECAGG_RECORD = "cleanroom.secagg"
+SECAGG_STAGES = ("share-keys", "masked-input", "consistency", "unmask")
+MAX_SECAGG_MESSAGE = 64 * 1024 * 1024
 CHALLENGE_RECORD = "cleanroom.challenge"
 ATTEST_RECORD = "cleanroom.attest"
 ENVELOPE_RECORD = "cleanroom.envelope"
@@ -173,7 +182,8 @@ def read_envelope(content: RecordDict) -> Sealed:
 
 def instruction_content(sealed: Sealed, strategy_content: RecordDict,
                         challenge: AttestChallenge | None = None,
-                        aggregator: tuple[bytes, bytes] | None = None) -> RecordDict:
+                        aggregator: tuple[bytes, bytes] | None = None,
+                        secagg: bytes | None = None) -> RecordDict:
     """A train/evaluate instruction: the sealed model replaces the strategy's ArrayRecord(s);
     the strategy's ConfigRecords (its per-round config) travel as they are. ``aggregator``:
     the aggregator enclave's (evidence, endorsement) for this site."""
@@ -187,6 +197,8 @@ def instruction_content(sealed: Sealed, strategy_content: RecordDict,
     if aggregator is not None:
         out[AGGREGATOR_RECORD] = ConfigRecord({"evidence": aggregator[0],
                                                "endorsement": aggregator[1]})
+    if secagg is not None:
+        out[SECAGG_RECORD] = secagg_record("masked-input", secagg)
     return out
 
 
@@ -202,6 +214,29 @@ def read_aggregator(content: RecordDict) -> tuple[bytes, bytes] | None:
         raise ProtocolError(f"aggregator evidence ({len(evidence)} B) or endorsement "
                             f"({len(endorsement)} B) exceeds the size limit")
     return evidence, endorsement
+
+
+def secagg_record(stage: str, message: bytes) -> ConfigRecord:
+    return ConfigRecord({"stage": stage, "message": message})
+
+
+def secagg_content(stage: str, message: bytes) -> RecordDict:
+    return RecordDict({SECAGG_RECORD: secagg_record(stage, message)})
+
+
+def read_secagg(content: RecordDict) -> tuple[str, bytes] | None:
+    """The secure-aggregation (stage, message) a message carries; None if none."""
+    record = content.config_records.get(SECAGG_RECORD)
+    if record is None:
+        return None
+    stage, message = record.get("stage"), record.get("message")
+    if stage not in SECAGG_STAGES or not isinstance(message, bytes):
+        raise ProtocolError(f"secure-aggregation record needs a stage ({', '.join(SECAGG_STAGES)})"
+                            " and message bytes")
+    if len(message) > MAX_SECAGG_MESSAGE:
+        raise ProtocolError(f"secure-aggregation message of {len(message)} bytes exceeds "
+                            f"{MAX_SECAGG_MESSAGE}")
+    return stage, message  # type: ignore[return-value]
 
 
 def refusal_content(refusal: Refusal) -> RecordDict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -131,6 +132,39 @@ def open_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
                                   expected_signer=_signer(signer))
     report = _report(TrainReport, opened.metadata, "train report")
     return opened.arrays, report  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- masked update
+
+
+def seal_masked_update(masked: Any, report: TrainReport, recipient: bytes,
+                       context: EnvelopeContext, signer: ed25519.Ed25519PrivateKey) -> Sealed:
+    """Secure aggregation: the site's masked input (a ``MaskedInput``) and its report, sealed
+    and signed like an update (the mask hides the update; the envelope hides the report and
+    binds the masked vector to the site's attested signing key)."""
+    from cleanroom.protocol.secagg_wire import masked_input_parts
+
+    header, vector = masked_input_parts(masked)
+    sealed = seal_envelope(vector, [Recipient(recipient, context)],
+                           metadata={"report": report.model_dump(mode="json"),
+                                     "masked": header.decode()}, signer=signer)
+    return Sealed(_header(context, sealed), sealed.parts, sealed.wrapped_keys[0])
+
+
+def open_masked_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
+                       signer: bytes | None) -> tuple[Any, TrainReport]:
+    """The ``MaskedInput`` and the report (typed errors for anything malformed)."""
+    from cleanroom.protocol.secagg_wire import masked_input_from_parts
+
+    _check_header(sealed, context)
+    opened = open_envelope(sealed.parts, sealed.wrapped_key, recipient, context,
+                           expected_signer=_signer(signer))
+    meta = opened.metadata
+    if not isinstance(meta, dict) or not isinstance(meta.get("masked"), str):
+        raise ProtocolError("the masked update has no masked-input header")
+    report = _report(TrainReport, meta.get("report"), "train report")
+    masked = masked_input_from_parts(meta["masked"].encode(), bytes(opened.payload))
+    return masked, report  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- metrics

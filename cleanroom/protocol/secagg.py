@@ -26,6 +26,7 @@ docs/secure-aggregation.md for the threshold, what it tolerates, and the wiring.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections import Counter
@@ -364,6 +365,61 @@ class SiteSecAgg:
     def stage(self) -> str:
         """Next step: share-keys, masked-input, consistency, unmask; then done or aborted."""
         return self._stage
+
+    # --- between messages
+    def export_state(self) -> bytes:
+        """Everything this site holds for the round (its private keys and the shares it
+        holds included), to keep between messages. Secret: only ever store it sealed."""
+        def raw(key: x25519.X25519PrivateKey) -> str:
+            return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption()).hex()
+
+        topology = self._topology
+        state = {
+            "v": 1, "site": self.site, "run_id": self.run_id, "round": self.round,
+            "channel": raw(self._keys.channel), "mask": raw(self._keys.mask),
+            "policy": [self._policy.min_neighbours, self._policy.min_threshold],
+            "stage": self._stage,
+            "params": self._params.model_dump_json() if self._params is not None else None,
+            "roster": None if topology is None else [
+                [s, topology.keys[s].channel_key.hex(), topology.keys[s].mask_key.hex()]
+                for s in topology.sites],
+            "channel_secrets": {p: v.hex() for p, v in self._channel.items()},
+            "pair_keys": {p: v.hex() for p, v in self._pair_keys.items()},
+            "held": {o: [a.hex(), b.hex()] for o, (a, b) in self._held.items()},
+            "seed": self._seed.hex(), "mask_peers": sorted(self._mask_peers),
+            "survivors": sorted(self._survivors)}
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    @classmethod
+    def restore(cls, data: bytes) -> SiteSecAgg:
+        """The site's round state from :meth:`export_state` (data this site sealed itself)."""
+        try:
+            state = json.loads(data)
+            if state.get("v") != 1:
+                raise ValueError("unknown state version")
+            keys = SecAggKeys(
+                x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(state["channel"])),
+                x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask"])))
+            site = cls(state["site"], state["run_id"], int(state["round"]), keys=keys,
+                       policy=SitePolicy(*state["policy"]))
+            site._stage = state["stage"]
+            if state["params"] is not None:
+                site._params = SecAggParams.model_validate_json(state["params"])
+                roster = [RosterEntry(site=n, channel_key=bytes.fromhex(c),
+                                      mask_key=bytes.fromhex(m)) for n, c, m in state["roster"]]
+                site._topology = Topology.from_roster(site._params, roster)
+            site._channel = {p: bytes.fromhex(v) for p, v in state["channel_secrets"].items()}
+            site._pair_keys = {p: bytes.fromhex(v) for p, v in state["pair_keys"].items()}
+            site._held = {o: (bytes.fromhex(a), bytes.fromhex(b))
+                          for o, (a, b) in state["held"].items()}
+            site._seed = bytes.fromhex(state["seed"])
+            site._mask_peers = frozenset(state["mask_peers"])
+            site._survivors = frozenset(state["survivors"])
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise SecAggMessageError(f"secure-aggregation state does not restore: {exc}",
+                                     code="bad-state") from None
+        return site
 
     def _abort(self) -> None:
         self._stage = "aborted"

@@ -61,9 +61,16 @@ class TrainPlan(_Wire):
     momentum: float = Field(0.0, ge=0, lt=1)
     dp: DpPlan = DpPlan()
     task: TaskRef
+    secure_aggregation: bool = Field(False, description="sites mask their updates (SecAgg "
+                                     "with dropouts, docs/secure-aggregation.md): the "
+                                     "aggregator learns only their weighted sum")
+    central_clip: float | None = Field(None, gt=0, description="central DP inside the "
+                                       "aggregator: each site's update delta is clipped to "
+                                       "this L2 norm (by the site itself under secure "
+                                       "aggregation, where weights are then 1)")
     max_update_norm: float | None = Field(
         None, gt=0, description="L2 bound on (update - global model). Under DP the coordinator "
-        "derives each site's bound from this plan (cleanroom.coordinator.bounds); a value here "
+        "derives each site's bound from this plan (cleanroom.bounds); a value here "
         "can only tighten it. Without DP it is the bound.")
 
 
@@ -127,6 +134,11 @@ class AttestResponse(_Wire):
         None, description="SHA-256 of the registered dataset the site serves the task from")
     dataset_rows: int = Field(0, ge=0, le=10**9, description="its training rows (bound: the "
                               "update bound and the reported sample count use it)")
+    secagg_channel_key: Hex32 | None = Field(  # type: ignore[valid-type]
+        None, description="secure aggregation: the site's X25519 channel key this round "
+        "(bound, with the mask key, into report_data)")
+    secagg_mask_key: Hex32 | None = Field(  # type: ignore[valid-type]
+        None, description="secure aggregation: the site's X25519 mask key this round")
     aggregator_nonce: Hex32 | None = Field(  # type: ignore[valid-type]
         None, description="the site's own fresh challenge to the coordinator's aggregator "
         "enclave: the aggregator's evidence must bind it before the site releases an update")

@@ -85,7 +85,7 @@ def train(round_, runtime, node_id, blob, model, evidence="from-round"):
                          model_digest=round_.model_digest)[node_id]
     if evidence == "from-round":
         evidence = round_.aggregator_evidence(node_id)
-    return SiteProtocol(runtime, TaskTrainer()).train(blob, sealed, {}, evidence)
+    return SiteProtocol(runtime, TaskTrainer()).train(blob, sealed, {}, evidence)[0]
 
 
 # ----------------------------------------------------------------------------- whole round

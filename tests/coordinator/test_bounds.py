@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cleanroom.coordinator.bounds import batch_bound, dp_update_bound, update_bound
+from cleanroom.bounds import batch_bound, dp_update_bound, update_bound
 from tests import fakes
 
 

@@ -62,7 +62,7 @@ def test_a_whole_round_without_flower(tmp_path, sim_root, two_sites, model):
         sealed = round_.seal([node_id], model, direction="model",
                              model_digest=round_.model_digest)[node_id]
         assert record.sites[runtime.site].model_ciphertext_sha256 == sealed.sha256
-        reply = SiteProtocol(runtime, TaskTrainer()).train(blobs[node_id], sealed, {})
+        reply, _ = SiteProtocol(runtime, TaskTrainer()).train(blobs[node_id], sealed, {})
         opened = round_.open_update(node_id, reply, model)
         assert opened is not None
         updates[node_id] = opened

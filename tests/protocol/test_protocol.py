@@ -33,7 +33,9 @@ def test_binding_is_64_bytes_and_deterministic():
 @pytest.mark.parametrize("change", [
     {"run_id": "8"}, {"round": 4}, {"site": "hungary"}, {"nonce": b"\x03" * 32},
     {"site_public_key": b"\x04" * 32}, {"model_digest": "cd" * 32},
-    {"node_public_key": b"node-key"},
+    {"node_public_key": b"node-key"}, {"ledger_records": 5}, {"ledger_head": "ab" * 32},
+    {"task_digest": "ef" * 32}, {"dataset_digest": "01" * 32}, {"dataset_rows": 9},
+    {"update_signer": b"\x05" * 32}, {"secagg_keys": b"\x06" * 32},
 ])
 def test_every_bound_field_changes_report_data(change):
     assert binding(**change).report_data() != binding().report_data()

@@ -46,6 +46,7 @@ class RunOptions(BaseModel):
     local_steps: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     sample_rate: float | None = Field(None, gt=0, le=1)
+    secure_aggregation: bool | None = None
     seed: int = 0
     pause_after: int = Field(0, ge=0)
     resume_run: str = Field("", pattern=r"^[0-9]*$")

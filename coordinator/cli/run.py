@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--epsilon", type=float,
                    help="epsilon per site for the run (sites cap it with their own budget)")
     p.add_argument("--seed", type=int, help="initial model seed")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="sites mask their updates (SecAgg with dropouts; needs the "
+                   "coordinator's [aggregator] and a strategy that aggregates by a mean)")
     p.add_argument("--local-steps", type=int, help="DP-SGD steps per round")
     p.add_argument("--lr", type=float, help="local learning rate")
     p.add_argument("--out", type=Path, default=Path("runs/deployed"),
@@ -48,6 +51,8 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = value
     if args.no_dp:
         options["dp"] = False
+    if args.secure_aggregation:
+        options["secure_aggregation"] = True
     if args.pause_after:
         options["pause_after"] = args.pause_after
     if args.resume:

@@ -55,8 +55,9 @@ class ProvisionRequest:
     site_keys: dict[str, Path] = field(default_factory=dict)  # site -> public key it sent
     measurements: list[str] = field(default_factory=list)  # hex; production allow-list
     superlink_host: str = "127.0.0.1"
-    superlink_port: int = 9400
+    superlink_port: int = 9400  # public: the Fleet proxy
     api_port: int = 9401
+    control_port: int | None = None  # loopback SuperLink (Control API); default api_port + 1
     site_base_port: int = 9500
     site_api_base_port: int = 9600
     site_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # (node, API) ports
@@ -238,6 +239,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
 
     (coord / "coordinator.toml").write_text(_toml({
         "superlink": {"host": req.superlink_host, "port": req.superlink_port,
+                      "control_port": req.control_port or req.api_port + 1,
                       "ca_cert": "ca.pem", "cert": "superlink.pem", "key": "superlink.key",
                       "database": "state/superlink.db"},
         "api": {"host": "127.0.0.1", "port": req.api_port, "tokens": "api_tokens.json"},

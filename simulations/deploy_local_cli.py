@@ -51,13 +51,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         raise ConfigError("--sites must be between 1 and 64")
     names = list(HEART[:args.sites]) if args.sites <= len(HEART) else \
         [f"site{i:02d}" for i in range(args.sites)]
-    ports = [free_port() for _ in range(2 + 2 * args.sites)]
+    ports = [free_port() for _ in range(3 + 2 * args.sites)]
     out = args.out.resolve()
     started = time.time()
-    site_ports = {name: (ports[2 + 2 * i], ports[3 + 2 * i]) for i, name in enumerate(names)}
+    site_ports = {name: (ports[3 + 2 * i], ports[4 + 2 * i]) for i, name in enumerate(names)}
     prov = provision(ProvisionRequest(
         out=out, sites=names, task="heart-disease" if args.sites <= len(HEART) else
-        "synthetic", superlink_port=ports[0], api_port=ports[1], site_ports=site_ports,
+        "synthetic", superlink_port=ports[0], api_port=ports[1], control_port=ports[2],
+        site_ports=site_ports,
         rounds=args.rounds))
     sup = Supervisor(out / "logs")
     cli = [sys.executable, "-m", "cleanroom", "-v"]

@@ -1,20 +1,26 @@
 """``cleanroom site``: a hospital's site-agent daemon.
 
 Checks everything it can before starting (configuration, keys, certificates, data, enclave
-provider, ports), starts Flower's SuperNode with TLS and the site's auth key and our ClientApp
-(named by the node config), serves the local site API (loopback by default), and on SIGTERM
-stops the SuperNode and every process it started.
+provider, ports), starts Flower's SuperNode (TLS, the site's auth key, the site config named
+in its node config) with ``--isolation process --superexec-auth-secret-file``, and, as the only
+holder of that fresh per-start secret (mode 0600), the site's own executor
+(:mod:`cleanroom.site_agent.executor`): warm, and it runs a task only if the site approved its
+FAB's digest, checked before anything of it is installed or imported. Then it serves the local
+site API (loopback by default), and on SIGTERM stops every process it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cleanroom.errors import ConfigError
+from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
 from cleanroom.process import DaemonError, Supervisor, require_free_ports
@@ -22,6 +28,8 @@ from cleanroom.site_agent.config import SiteConfig, load_site_config
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
 log = logging.getLogger(__name__)
+
+SECRET_FILE = "superexec.secret"  # in the state folder, mode 0600, new at every start
 
 # Known SuperNode failures -> what the hospital's IT team should do.
 SUPERNODE_ERRORS = (
@@ -31,6 +39,8 @@ SUPERNODE_ERRORS = (
      "flower.root_certificates (wrong CA file, or not the consortium's SuperLink)"),
     ("Unable to parse the private key", "flower.auth_key is not an OpenSSH private key"),
     ("address already in use", "the SuperNode's local port is taken: change flower.port"),
+    ("SuperExec authentication failed", "the executor and the SuperNode disagree on the "
+     "SuperExec secret (restart the site daemon)"),
     ("Connection reset by peer", "the SuperLink refused the connection (plaintext client "
      "against a TLS port?)"),
 )
@@ -86,12 +96,19 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     sup = Supervisor(config.state_dir / "logs")
     try:
         env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
+        secret = config.state_dir / SECRET_FILE
+        write_private(secret, secrets.token_bytes(32))  # fresh per start
         sup.start("supernode", [
             "flower-supernode", "--superlink", flower.superlink,
             "--root-certificates", str(flower.root_certificates),
             "--auth-supernode-private-key", str(flower.auth_key),
             "--port", str(flower.port),
             "--node-config", f"site='{config.site}' site-config='{config_path}'",
+            "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+        ], env)
+        sup.start("executor", [
+            sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
+            "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
         ], env)
         time.sleep(1.0)
         _check(sup)

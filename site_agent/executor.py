@@ -94,11 +94,15 @@ def warm_up(settings: ExecutorSettings) -> Any:
 
 
 def _acquire_client(settings: ExecutorSettings) -> Any:
+    """Runtime API client signing AcquireTask with the SuperExec secret. Transport errors are
+    retried briefly; an HTTP error (401: wrong secret) is raised to the loop at once (Flower's
+    own retry policy would SIGINT this process on a 401)."""
+    import httpx
     from flwr.supercore.interceptors import (
         RuntimeVersionHttpInterceptor,
         SuperExecAuthHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry import RetryInvoker, constant
     from flwr.supercore.runtime import RuntimeHttpClient
 
     return RuntimeHttpClient.from_server_address(
@@ -107,7 +111,8 @@ def _acquire_client(settings: ExecutorSettings) -> Any:
                       SuperExecAuthHttpInterceptor(master_secret=settings.secret,
                                                    protected_methods=frozenset({
                                                        ACQUIRE_METHOD}))],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=RetryInvoker(lambda: constant(0.2), httpx.TransportError, max_tries=3,
+                                   max_time=2.0, jitter=None))
 
 
 def _task_client(address: str, token: str) -> Any:
@@ -241,8 +246,11 @@ class Executor:
             os._exit(code)
 
     def serve(self) -> None:
+        import httpx
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
+
+        from cleanroom.errors import ConfigError
 
         runtime = warm_up(self.settings)
         client = _acquire_client(self.settings)
@@ -255,17 +263,28 @@ class Executor:
             try:
                 res = client.AcquireTask(request)
                 failures = 0
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == 401:
+                    raise ConfigError("the SuperNode refused this executor: SuperExec "
+                                      "authentication failed (secret mismatch)") from None
+                failures += 1
+                self._complain(failures, exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - the SuperNode may not be up yet
                 failures += 1
-                if failures in (1, 20) or failures % 300 == 0:
-                    log.warning("AcquireTask failed (%d in a row): %s", failures, exc)
-                time.sleep(min(2.0, 0.2 * failures))
+                self._complain(failures, exc)
                 continue
             if res.HasField("task") and res.token:
                 self._fork(runtime, res.token, int(res.task.task_id))
                 continue  # look again at once: a run may have queued more
             time.sleep(self.settings.poll)
         client.close()
+
+    @staticmethod
+    def _complain(failures: int, exc: Exception) -> None:
+        if failures in (1, 20) or failures % 300 == 0:
+            log.warning("AcquireTask failed (%d in a row): %s", failures, exc)
+        time.sleep(min(2.0, 0.2 * failures))
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -301,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     executor = Executor(settings)
     signal.signal(signal.SIGTERM, executor.stop)
     signal.signal(signal.SIGINT, executor.stop)
-    executor.serve()
+    from cleanroom.errors import CleanroomError
+
+    try:
+        executor.serve()
+    except CleanroomError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 

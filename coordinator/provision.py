@@ -64,6 +64,7 @@ class ProvisionRequest:
     extra_hosts: list[str] = field(default_factory=list)
     task: str = "heart-disease"  # an installed task's name or a task folder
     rounds: int = 5
+    site_torch_threads: int = 0  # [executor] torch_threads of every site (0: torch default)
 
 
 @dataclass
@@ -230,6 +231,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
             "flower": {"superlink": f"{req.superlink_host}:{req.superlink_port}",
                        "root_certificates": "ca.pem", "auth_key": "node_auth.key",
                        "port": node_port},
+            "executor": {"torch_threads": req.site_torch_threads or None},
             "api": {"host": "127.0.0.1", "port": api_port, "tokens": "api_tokens.json"},
         }, {"site": name, "state_dir": "state", "node_public_key": "node_auth.spki.pem",
             "seed": index}, {"policy.tasks": [{"digest": task.digest, "name": task.name}]}))

@@ -59,7 +59,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         out=out, sites=names, task="heart-disease" if args.sites <= len(HEART) else
         "synthetic", superlink_port=ports[0], api_port=ports[1], control_port=ports[2],
         site_ports=site_ports,
-        rounds=args.rounds))
+        rounds=args.rounds, site_torch_threads=1))  # many sites share this machine
     sup = Supervisor(out / "logs")
     cli = [sys.executable, "-m", "cleanroom", "-v"]
     print(f"federation of {len(names)} site(s) provisioned in {out}", flush=True)

@@ -10,7 +10,7 @@ its loopback Runtime API. This module is that process, in place of ``flower-supe
    imports anything of a task's FAB and never runs a torch operation (it stays one thread, so
    ``fork()`` is safe).
 2. **One fresh child per task.** For each task it forks. The child pulls the task's inputs with
-   the task's own token (Flower's ``pull_task_input``: the FAB is bytes in memory),
+   the task's own token (:func:`pull_task_input`: the FAB is bytes in memory),
    and asks the gate (:func:`cleanroom.site_agent.task_gate.decide`) BEFORE anything of the FAB
    is unpacked, installed or imported:
 
@@ -27,9 +27,10 @@ its loopback Runtime API. This module is that process, in place of ``flower-supe
 3. **Never on a command line:** tokens travel only in memory (stock Flower puts them on argv).
 
 Flower specifics used (1.42, docs/notes/flower-deployment.md): ``RuntimeHttpClient``,
-``AcquireTask`` with ``SuperExecAuthHttpInterceptor``, and the module
-``flwr.supernode.runtime.run_clientapp`` (``pull_task_input``, ``push_message``,
-``push_task_output``, ``run_clientapp``, which looks ``pull_task_input`` up at call time).
+``AcquireTask`` with ``SuperExecAuthHttpInterceptor``, the Runtime API calls of Flower's own
+task-input pull, and the module ``flwr.supernode.runtime.run_clientapp`` (``push_message``,
+``push_task_output``, ``install_from_fab``, and ``run_clientapp``, which looks
+``pull_task_input`` up at call time: the child sets it to return what was already pulled).
 
 Run: ``python -m cleanroom.site_agent.executor --config site.toml --runtime-api-address
 127.0.0.1:PORT --secret-file S`` (the site daemon does).
@@ -55,7 +56,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.1  # between AcquireTask calls; a message waits at most this long for us
 PRELOAD = ("torch", "torch._dynamo", "opacus", "pandas", "flwr.supernode.runtime.run_clientapp",
            "flwr.cli.install", "flwr.clientapp.utils", "cleanroom.site_agent.clientapp",
            "cleanroom.site_agent.trainers", "cleanroom.site_agent.trainer",
@@ -71,25 +71,28 @@ class ExecutorSettings:
     config: Path  # site.toml
     runtime_api_address: str  # the SuperNode's Runtime API (loopback, plain HTTP)
     secret: bytes  # SuperExec secret shared with the SuperNode
-    poll: float = POLL_SECONDS
     preload: tuple[str, ...] = PRELOAD
 
 
 def warm_up(settings: ExecutorSettings) -> Any:
-    """Import the heavy modules and build the site runtime once; returns the runtime."""
+    """Import the heavy modules, build the site runtime and load the site policy's approved
+    tasks and their data once; returns the runtime."""
     started = time.perf_counter()
     for name in settings.preload:
         importlib.import_module(name)
+    from cleanroom.attestation.registry import formats
     from cleanroom.site_agent import clientapp
 
+    formats()  # the evidence formats (imported on first use otherwise)
     runtime = clientapp.SITES.runtime_for_path(str(settings.config))
     runtime.approvals  # noqa: B018 - open the sealed stores once (keys derived here)
     runtime.activity  # noqa: B018
+    loaded = runtime.preload([t.digest for t in runtime.config.policy.tasks])
     if threading.active_count() > 1:
         log.warning("the warm process runs %d threads: forking it is unsafe",
                     threading.active_count())
-    log.info("site %s: warm in %.2fs (%s)", runtime.site, time.perf_counter() - started,
-             ", ".join(settings.preload))
+    log.info("site %s: warm in %.2fs (%d approved task(s) loaded; %s)", runtime.site,
+             time.perf_counter() - started, len(loaded), ", ".join(settings.preload))
     return runtime
 
 
@@ -130,6 +133,43 @@ def _task_client(address: str, token: str) -> Any:
         retry_invoker=make_simple_http_retry_invoker())
 
 
+OBJECT_BACKOFF = 0.05  # s, first retry of a message object the SuperNode is still fetching
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """(message, context, run, FAB) of the task, as Flower's own ``pull_task_input`` pulls
+    them, but retrying a message object that is not there yet after 50 ms instead of 1 s:
+    the SuperNode offers the task before it has fetched the message's objects from the
+    SuperLink, and a warm executor asks within milliseconds."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context, run, fab = (context_from_proto(res.context), run_from_proto(res.run),
+                         fab_from_proto(res.fab))
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode offered a task without a message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=1.0)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's runner sets it
+    return message, context, run, fab
+
+
 def gate_view(runtime: Any) -> dict[str, Any]:
     """The site's decisions the gate needs, read fresh (an approval made a second ago
     counts): policy task digests, require_approval, run id -> approved task digest."""
@@ -149,9 +189,14 @@ def run_task(runtime: Any, settings: ExecutorSettings, token: str, task_id: int,
 
     from cleanroom.site_agent.task_gate import ERROR_CODE, RunClaim, decide
 
+    threads = runtime.config.executor.torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     address = settings.runtime_api_address
     client = _task_client(address, token)
-    message, context, run, fab = flower.pull_task_input(client)
+    message, context, run, fab = pull_task_input(client)
     pulled = time.perf_counter()
     claim = RunClaim(run_id=int(run.run_id), fab_id=str(run.fab_id),
                      fab_version=str(run.fab_version), fab_hash=str(fab.hash_str),
@@ -186,8 +231,18 @@ def run_task(runtime: Any, settings: ExecutorSettings, token: str, task_id: int,
         push(*args, **kwargs)
         marks["pushed"] = time.perf_counter()
 
+    install = flower.install_from_fab
+
+    def timed_install(*args: Any, **kwargs: Any) -> Any:
+        marks["install"] = time.perf_counter()
+        try:
+            return install(*args, **kwargs)
+        finally:
+            marks["installed"] = time.perf_counter()
+
     flower.pull_task_input = lambda _client: (message, context, run, fab)
     flower.push_message = timed_push
+    flower.install_from_fab = timed_install
     code = 0
     try:
         flower.run_clientapp(runtime_api_address=address, token=token, insecure=True,
@@ -197,6 +252,8 @@ def run_task(runtime: Any, settings: ExecutorSettings, token: str, task_id: int,
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    if "installed" in marks:
+        timing["install"] = round(marks["installed"] - marks["install"], 4)
     if "push" in marks:
         timing["app"] = round(marks["push"] - decided, 4)  # install + load + our handler
         timing["reply"] = round(marks["pushed"] - marks["push"], 4)
@@ -255,8 +312,9 @@ class Executor:
         runtime = warm_up(self.settings)
         client = _acquire_client(self.settings)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        poll = runtime.config.executor.poll_seconds
         log.info("site %s: taking tasks from %s every %.2fs", runtime.site,
-                 self.settings.runtime_api_address, self.settings.poll)
+                 self.settings.runtime_api_address, poll)
         failures = 0
         while not self.stopping:
             self._reap()
@@ -277,7 +335,7 @@ class Executor:
             if res.HasField("task") and res.token:
                 self._fork(runtime, res.token, int(res.task.task_id))
                 continue  # look again at once: a run may have queued more
-            time.sleep(self.settings.poll)
+            time.sleep(poll)
         client.close()
 
     @staticmethod
@@ -301,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the SuperNode's Runtime API (127.0.0.1:PORT)")
     parser.add_argument("--secret-file", type=Path, required=True,
                         help="the SuperExec secret the SuperNode was started with")
-    parser.add_argument("--poll", type=float, default=POLL_SECONDS,
-                        help=f"seconds between task polls (default {POLL_SECONDS})")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -313,10 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         parser.error("--runtime-api-address must be on loopback (the Runtime API is plain "
                      "HTTP)")
-    if not 0.01 <= args.poll <= 5:
-        parser.error("--poll must be between 0.01 and 5 seconds")
     settings = ExecutorSettings(args.config.resolve(), args.runtime_api_address,
-                                args.secret_file.read_bytes(), args.poll)
+                                args.secret_file.read_bytes())
     executor = Executor(settings)
     signal.signal(signal.SIGTERM, executor.stop)
     signal.signal(signal.SIGINT, executor.stop)

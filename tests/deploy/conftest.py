@@ -105,7 +105,8 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation
     link, api, control = free_port(), free_port(), free_port()
     site_ports = {name: (free_port(), free_port()) for name in SITES}
     provision(ProvisionRequest(out=out, sites=list(SITES), superlink_port=link, api_port=api,
-                               control_port=control, site_ports=site_ports))
+                               control_port=control, site_ports=site_ports,
+                               site_torch_threads=1))
     log_path = out / "coordinator.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*CLI, "coordinator", "--config",

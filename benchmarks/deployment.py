@@ -59,16 +59,19 @@ def _cleanroom(out: Path, sites: int, rounds: int) -> dict[str, Any]:
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     ends = [e["time"] for e in audit if e["kind"] == "round-receipt"]
     report = json.loads((out / "report.json").read_text())
-    shares = []
+    parts: dict[str, list[float]] = {"share": [], "gate": [], "install": [], "pull": [],
+                                     "reply": []}
     for log in out.glob("sites/*/state/logs/executor.log"):
         for line in log.read_text().splitlines():
             if " timing {" in line:
                 t = json.loads(line.split(" timing ", 1)[1])
                 if t.get("type") in ("train", "evaluate") and "app" in t:
-                    shares.append(t["gate"] + t["app"])
+                    parts["share"].append(t["gate"] + t["app"])
+                    for key in ("gate", "install", "pull", "reply"):
+                        parts[key].append(t.get(key, 0.0))
     return {"round_wall": [b - a for a, b in itertools.pairwise(ends)],
             "record_seconds": [r["seconds"] for r in report["rounds"][1:]],
-            "share": shares, "accuracy": report["final"].get("accuracy_mean")}
+            **parts, "accuracy": report["final"].get("accuracy_mean")}
 
 
 def _free_port() -> int:
@@ -197,7 +200,9 @@ def _plain(root: Path, sites: int, rounds: int, noise: float) -> dict[str, Any]:
 def _stats(values: list[float]) -> str:
     if not values:
         return f"{'-':>8s} {'-':>8s} {'-':>8s}"
-    return f"{min(values):8.2f} {statistics.median(values):8.2f} {max(values):8.2f}"
+    digits = 3 if max(values) < 1 else 2
+    return " ".join(f"{v:8.{digits}f}" for v in (min(values), statistics.median(values),
+                                                  max(values)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     clean, plain = per_repeat("cleanroom", "round_wall"), per_repeat("plain", "round_wall")
     ratios = [c / p for c, p in zip(clean, plain, strict=True)]
-    shares = [s for r in runs["cleanroom"] for s in r["share"]]
+    def messages(key: str) -> list[float]:
+        return [v for r in runs["cleanroom"] for v in r[key]]
+
     print(f"{args.sites} site(s), {args.rounds} rounds, DP-SGD eps={EPSILON}; median of rounds "
           f"2..{args.rounds} per repeat; {args.repeats} repeats, alternating; load "
           f"{os.getloadavg()[0]:.1f}")
@@ -243,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio cleanroom / plain Flower':46s} {_stats(ratios)}")
     print(f"{'cleanroom round record seconds (1.5 rounds)':46s} "
           f"{_stats(per_repeat('cleanroom', 'record_seconds'))}")
-    print(f"{'our share per message at a site, s':46s} {_stats(shares)}")
+    print(f"{'our share per message at a site, s':46s} {_stats(messages('share'))}")
+    print(f"{'  of which the gate (digest, approvals)':46s} {_stats(messages('gate'))}")
+    print(f"{'  of which installing the FAB':46s} {_stats(messages('install'))}")
+    print(f"{'Flower: pulling the task inputs, s':46s} {_stats(messages('pull'))}")
+    print(f"{'Flower: pushing the reply, s':46s} {_stats(messages('reply'))}")
     accuracy = [r["accuracy"] for k in runs for r in runs[k] if r["accuracy"] is not None]
     print(f"final client-average accuracy: cleanroom "
           f"{[round(r['accuracy'], 3) for r in runs['cleanroom']]}, plain "

@@ -81,14 +81,23 @@ class BodyTooLarge(Exception):
     """A request body went over the proxy's cap while it was streamed."""
 
 
-async def capped(stream: asyncio.StreamReader | object, limit: int) -> AsyncIterator[bytes]:
-    """Yield ``stream``'s chunks, raising :class:`BodyTooLarge` past ``limit`` bytes."""
-    seen = 0
-    async for chunk in stream.iter_any():  # type: ignore[attr-defined]
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge(f"request body over {limit} bytes")
-        yield chunk
+class CappedBody:
+    """A request body streamed on to the SuperLink, stopped past ``limit`` bytes
+    (``over`` tells afterwards: the HTTP client wraps the error it raises)."""
+
+    def __init__(self, stream: object, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.over = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.stream.iter_any():  # type: ignore[attr-defined]
+            seen += len(chunk)
+            if seen > self.limit:
+                self.over = True
+                raise BodyTooLarge(f"request body over {self.limit} bytes")
+            yield chunk
 
 
 def _forbidden(reason: str, status: int = 403) -> object:
@@ -130,14 +139,15 @@ def build_proxy(upstream: str, ca_cert: Path, *, max_body: int, timeout: float) 
                         request.remote, length, max_body)
             return _forbidden(f"request body over {max_body} bytes", 413)  # type: ignore[return-value]
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        body = capped(request.content, max_body) if request.body_exists else None
+        body = CappedBody(request.content, max_body) if request.body_exists else None
         started = time.perf_counter()
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(timeout):
                 async with app[session_key].request(
                         request.method, f"https://{upstream}{request.path}", headers=headers,
-                        data=body, allow_redirects=False,
+                        data=body.chunks() if body is not None else None,
+                        allow_redirects=False,
                         skip_auto_headers=("Accept-Encoding", "User-Agent",
                                            "Content-Type")) as upstream_response:
                     response = web.StreamResponse(status=upstream_response.status,
@@ -151,22 +161,23 @@ def build_proxy(upstream: str, ca_cert: Path, *, max_body: int, timeout: float) 
                     async for chunk in upstream_response.content.iter_any():
                         await response.write(chunk)
                     await response.write_eof()
-        except BodyTooLarge as exc:
-            log.warning("refused %s from %s: %s", request.path, request.remote, exc)
+        except (BodyTooLarge, aiohttp.ClientError) as exc:
+            if body is not None and body.over:
+                log.warning("refused %s from %s: body over %d bytes", request.path,
+                            request.remote, max_body)
+                if response is None:
+                    return _forbidden(f"request body over {max_body} bytes", 413)  # type: ignore[return-value]
+                raise
+            log.warning("upstream error on %s: %s", request.path, exc)
             if response is None:
-                return _forbidden(str(exc), 413)  # type: ignore[return-value]
+                return web.json_response({"error": "bad-gateway",
+                                          "reason": "the SuperLink did not answer"}, status=502)
             raise
         except TimeoutError:
             log.warning("%s from %s took over %.0fs", request.path, request.remote, timeout)
             if response is None:
                 return web.json_response({"error": "timeout", "reason": f"the request took "
                                           f"over {timeout:.0f}s"}, status=504)
-            raise
-        except aiohttp.ClientError as exc:
-            log.warning("upstream error on %s: %s", request.path, exc)
-            if response is None:
-                return web.json_response({"error": "bad-gateway",
-                                          "reason": "the SuperLink did not answer"}, status=502)
             raise
         log.debug("%s %s -> %d in %.1f ms", request.method, request.path, response.status,
                   (time.perf_counter() - started) * 1000)

@@ -85,31 +85,38 @@ def _check(sup: Supervisor) -> None:
         raise DaemonError(f"SuperNode stopped: {advice}" if advice else str(exc)) from None
 
 
+def start_node(config: SiteConfig, config_path: Path, sup: Supervisor) -> None:
+    """The SuperNode in process isolation, and the site's executor, the only holder of the
+    fresh SuperExec secret: nothing else on this machine can take a task from the SuperNode,
+    and no task runs without passing the site's gate."""
+    flower = config.flower
+    assert flower is not None
+    env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
+    secret = config.state_dir / SECRET_FILE
+    write_private(secret, secrets.token_bytes(32))  # fresh per start
+    sup.start("supernode", [
+        "flower-supernode", "--superlink", flower.superlink,
+        "--root-certificates", str(flower.root_certificates),
+        "--auth-supernode-private-key", str(flower.auth_key),
+        "--port", str(flower.port),
+        "--node-config", f"site='{config.site}' site-config='{config_path}'",
+        "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+    ], env)
+    sup.start("executor", [
+        sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
+        "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
+    ], env)
+
+
 def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     from cleanroom.site_agent.api import build_site_api
 
     config_path = Path(config_path).resolve()
     config = load_site_config(config_path)
     runtime = preflight(config)
-    flower = config.flower
-    assert flower is not None
     sup = Supervisor(config.state_dir / "logs")
     try:
-        env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
-        secret = config.state_dir / SECRET_FILE
-        write_private(secret, secrets.token_bytes(32))  # fresh per start
-        sup.start("supernode", [
-            "flower-supernode", "--superlink", flower.superlink,
-            "--root-certificates", str(flower.root_certificates),
-            "--auth-supernode-private-key", str(flower.auth_key),
-            "--port", str(flower.port),
-            "--node-config", f"site='{config.site}' site-config='{config_path}'",
-            "--isolation", "process", "--superexec-auth-secret-file", str(secret),
-        ], env)
-        sup.start("executor", [
-            sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
-            "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
-        ], env)
+        start_node(config, config_path, sup)
         time.sleep(1.0)
         _check(sup)
         tokens = load_tokens(config.api.tokens) if config.api.tokens else {}

@@ -4,6 +4,7 @@ site daemons on first use), shared by every e2e module of this package: starting
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cleanroom.process import Supervisor
 
 CLI = [sys.executable, "-m", "cleanroom"]
 SITES = ("cleveland", "hungary")
@@ -139,3 +142,36 @@ def sites(coordinator: Federation) -> Iterator[Federation]:
     finally:
         for proc, _, _ in procs:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def impostor_online(fed: Federation, tmp_path: Path, name: str = "cleveland") -> Iterator[
+        Supervisor]:
+    """FINDINGS Q4: someone with Control access registers a second key under a real site's
+    name and brings a SuperNode with it online through the public port."""
+    from cleanroom.coordinator.flower_cli import FlowerCli
+    from cleanroom.pki import generate_node_key
+    from cleanroom.process import FLOWER_ENV, free_port
+
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    generate_node_key(impostor)
+    sup = Supervisor(tmp_path / "impostor-logs")
+    cli = FlowerCli(tmp_path / "impostor-cli", f"127.0.0.1:{fed.control}", fed.ca,
+                    {**sup.env(), **FLOWER_ENV})
+    cli.register(impostor / "node_auth.pub", name, {})
+    try:
+        sup.start("impostor", [
+            "flower-supernode", "--superlink", f"127.0.0.1:{fed.link}",
+            "--root-certificates", str(fed.ca),
+            "--auth-supernode-private-key", str(impostor / "node_auth.key"),
+            "--port", str(free_port()), "--node-config", f"site='{name}'",
+        ], sup.env({"FLWR_HOME": str(tmp_path / "impostor-home")}))
+        deadline = time.monotonic() + 60
+        while "SuperNode ID" not in sup.log_tail("impostor", 200):
+            sup.check_alive()
+            assert time.monotonic() < deadline, sup.log_tail("impostor")
+            time.sleep(0.3)
+        yield sup
+    finally:
+        sup.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cleanroom.pki import generate_node_key, make_ca
-from tests.deploy.conftest import CLI, clone_site, flower_processes
+from tests.deploy.conftest import CLI, clone_site, flower_processes, impostor_online
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -77,7 +77,17 @@ def test_plaintext_connection_to_tls_port_refused(coordinator):
 
 def test_pause_and_resume_a_deployed_run(sites, tmp_path):
     """An operator pauses a 2-round run after round 1 and resumes it: the second part keeps the
-    run id the sites know (their ledgers go on charging the same run) and the global model."""
+    run id the sites know (their ledgers go on charging the same run) and the global model.
+
+    All along, a second key registered under the name 'cleveland' is online (node
+    impersonation, FINDINGS Q4): the coordinator maps nodes by registered key, so the impostor
+    is never asked anything and the real cleveland stays attested in every round."""
+    with impostor_online(sites, tmp_path) as impostor:
+        _pause_and_resume(sites, tmp_path)
+        assert "Receiving" not in impostor.log_tail("impostor", 400)  # never sent a message
+
+
+def _pause_and_resume(sites, tmp_path):
     config = str(sites.config)
     first = subprocess.run([*CLI, "run", "--config", config, "--rounds", "2",
                             "--pause-after", "1", "--out", str(tmp_path / "part1"),
@@ -88,6 +98,8 @@ def test_pause_and_resume_a_deployed_run(sites, tmp_path):
     paused_id = first.stdout.split("submitted run ")[1].split()[0]
     part1 = json.loads((tmp_path / "part1" / "report.json").read_text())
     assert [r["round"] for r in part1["rounds"]] == [1]
+    assert part1["rounds"][0]["attested"] == ["cleveland", "hungary"]
+    assert part1["rounds"][0]["quarantined"] == {}
 
     second = subprocess.run([*CLI, "run", "--config", config, "--resume", paused_id,
                              "--out", str(tmp_path / "part2"), "--no-progress",
@@ -98,6 +110,7 @@ def test_pause_and_resume_a_deployed_run(sites, tmp_path):
     assert [r["round"] for r in part2["rounds"]] == [1, 2]
     assert part2["run_id"] == part1["run_id"]  # the protocol run id the sites saw
     assert part2["rounds"][1]["attested"] == ["cleveland", "hungary"]
+    assert part2["rounds"][1]["quarantined"] == {}
     assert all(0.5 < e <= 1.0 + 1e-6 for e in part2["final"]["epsilon"].values())
     kinds = [json.loads(line)["kind"] for line in
              (tmp_path / "part2" / "audit.jsonl").read_text().splitlines()]

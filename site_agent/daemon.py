@@ -16,6 +16,7 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "superexec.secret"  # in the state folder, mode 0600, new at every start
+CONNECTED = "SuperNode ID"  # what Flower's SuperNode logs once the SuperLink accepted its key
+CONNECT_WAIT = 30.0  # s; past it the executor starts anyway (the SuperNode keeps retrying)
 
 # Known SuperNode failures -> what the hospital's IT team should do.
 SUPERNODE_ERRORS = (
@@ -85,10 +88,26 @@ def _check(sup: Supervisor) -> None:
         raise DaemonError(f"SuperNode stopped: {advice}" if advice else str(exc)) from None
 
 
-def start_node(config: SiteConfig, config_path: Path, sup: Supervisor) -> None:
+def wait_connected(sup: Supervisor, timeout: float = CONNECT_WAIT) -> bool:
+    """Wait until the SuperNode is connected; a SuperNode that stopped raises with advice."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check(sup)
+        if CONNECTED in sup.log_tail("supernode", 400):
+            return True
+        time.sleep(0.2)
+    log.warning("the SuperNode has not connected after %.0fs (SuperLink unreachable?); "
+                "starting the executor anyway", timeout)
+    return False
+
+
+def start_node(config: SiteConfig, config_path: Path, sup: Supervisor,
+               connected: Callable[[], object] = lambda: None) -> None:
     """The SuperNode in process isolation, and the site's executor, the only holder of the
     fresh SuperExec secret: nothing else on this machine can take a task from the SuperNode,
-    and no task runs without passing the site's gate."""
+    and no task runs without passing the site's gate. ``connected`` is called in between
+    (the daemon waits for the SuperNode to connect: a refused node key or certificate stops
+    it before the executor spends seconds loading torch)."""
     flower = config.flower
     assert flower is not None
     env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
@@ -102,6 +121,7 @@ def start_node(config: SiteConfig, config_path: Path, sup: Supervisor) -> None:
         "--node-config", f"site='{config.site}' site-config='{config_path}'",
         "--isolation", "process", "--superexec-auth-secret-file", str(secret),
     ], env)
+    connected()
     sup.start("executor", [
         sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
         "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
@@ -116,8 +136,8 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     runtime = preflight(config)
     sup = Supervisor(config.state_dir / "logs")
     try:
-        start_node(config, config_path, sup)
-        time.sleep(1.0)
+        start_node(config, config_path, sup, lambda: wait_connected(sup))
+        time.sleep(0.5)
         _check(sup)
         tokens = load_tokens(config.api.tokens) if config.api.tokens else {}
         app = build_site_api(runtime, tokens)

@@ -109,3 +109,27 @@ def test_supernode_runs_tasks_only_through_the_sites_executor(fed):
     assert flag(executor, "--config") == str(path)
     assert env["FLWR_HOME"] == str(config.state_dir / "flwr-home")
     assert "--token" not in " ".join(executor)  # tokens never on a command line
+
+
+def test_the_executor_starts_only_once_the_supernode_is_connected(monkeypatch):
+    from cleanroom.process import DaemonError
+    from cleanroom.site_agent import daemon as site_daemon
+
+    class Node(FakeSupervisor):
+        def __init__(self, log: str, dead: bool = False) -> None:
+            super().__init__()
+            self.log, self.dead = log, dead
+
+        def log_tail(self, name: str, lines: int = 30) -> str:
+            return self.log
+
+        def check_alive(self) -> None:
+            if self.dead:
+                raise DaemonError(f"supernode exited with status 1:\n{self.log}")
+
+    assert site_daemon.wait_connected(Node("INFO: SuperNode ID: 42"), timeout=2)  # type: ignore[arg-type]
+    refused = Node("Exit Code: 305 ... [code: 2004] Failed to activate SuperNode.", dead=True)
+    with pytest.raises(DaemonError, match="does not know this site's node key"):
+        site_daemon.wait_connected(refused, timeout=2)  # type: ignore[arg-type]
+    assert not site_daemon.wait_connected(Node("Connection attempt failed, retrying"),  # type: ignore[arg-type]
+                                          timeout=0.3)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cleanroom.config import Section, load_model, paths
 from cleanroom.errors import ConfigError
@@ -98,11 +98,27 @@ def task_ref(task: LoadedTask) -> TaskRef:
                    fields=tuple(f.name for f in task.task.fields))
 
 
+MIB = 1024 * 1024
+
+
 class SuperLinkSettings(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(9400, ge=1, le=65535)
+    """The SuperLink and its public face.
+
+    The SuperLink itself listens on loopback only (``control_port``: its Control API, used by
+    ``cleanroom run`` and the coordinator API, and its Runtime API). ``host:port`` is served
+    by the coordinator's Fleet proxy (:mod:`cleanroom.coordinator.proxy`): TLS with the same
+    certificate, only the Fleet calls a SuperNode makes are forwarded."""
+
+    host: str = Field("127.0.0.1", description="public address the Fleet proxy listens on")
+    port: int = Field(9400, ge=1, le=65535, description="public (Fleet-only) port")
+    control_port: int = Field(9402, ge=1, le=65535, description="loopback port of the "
+                              "SuperLink itself (Control and Runtime APIs); never exposed")
     advertised_address: str | None = Field(None, description="host:port sites connect to "
                                            "(default host:port)")
+    max_request_bytes: int = Field(512 * MIB, ge=1024, description="largest request body "
+                                   "the Fleet proxy forwards (a model update is one request)")
+    request_timeout: float = Field(300.0, gt=0, description="seconds one Fleet request may "
+                                   "take through the proxy, body included")
     ca_cert: Path
     cert: Path
     key: Path
@@ -113,6 +129,17 @@ class SuperLinkSettings(Section):
     @property
     def address(self) -> str:
         return self.advertised_address or f"{self.host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """Where ``flwr`` reaches the Control API: loopback, on the coordinator's host."""
+        return f"127.0.0.1:{self.control_port}"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> SuperLinkSettings:
+        if self.control_port == self.port:
+            raise ValueError(f"control_port must differ from the public port {self.port}")
+        return self
 
 
 class ApiSettings(Section):

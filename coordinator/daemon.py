@@ -1,9 +1,20 @@
 """``cleanroom coordinator``: the consortium's daemon.
 
-Starts Flower's SuperLink (TLS on, SuperNode authentication on, runtime dependency installation
-off, persistent state), registers the provisioned sites' node keys (only those may connect),
-and serves the coordinator API until SIGTERM/SIGINT; then stops everything it started,
-descendants included.
+Starts, as its own children (stopped together, descendants included, on SIGTERM/SIGINT):
+
+* Flower's SuperLink on **loopback only** (``superlink.control_port``): TLS, SuperNode
+  authentication, no runtime dependency installation, persistent state, and
+  ``--isolation process --superexec-auth-secret-file``: only a SuperExec holding the daemon's
+  fresh per-start secret (mode 0600) can take a ServerApp's task token;
+* that SuperExec (Flower's ``flower-superexec`` with the same secret; it starts the
+  ServerApp of each run, with the coordinator configuration in its environment);
+* the Fleet proxy (:mod:`cleanroom.coordinator.proxy`) on the public ``host:port``: only the
+  calls a SuperNode makes reach the SuperLink;
+
+then registers the provisioned sites' node keys (only those may connect; the ServerApp maps a
+node to its site by that key) and serves the coordinator API. Runs are submitted on the
+loopback Control port: ``cleanroom run`` on this host, or the API's ``POST /runs`` with an
+operator token.
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +32,7 @@ from cleanroom.coordinator.config import CoordinatorConfig, load_coordinator_con
 from cleanroom.coordinator.flower_cli import FlowerCli
 from cleanroom.coordinator.serverapp import CONFIG_ENV
 from cleanroom.errors import ConfigError
+from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
 
@@ -45,7 +59,12 @@ def preflight(config: CoordinatorConfig) -> None:
     elif policy.require_collateral and "tdx" in policy.formats:
         log.warning("the policy requires TDX collateral but tdx_collateral is not set: TDX "
                     "sites will be quarantined (set tdx_collateral in coordinator.toml)")
-    require_free_ports((config.superlink.host, config.superlink.port, "SuperLink"),
+    link = config.superlink
+    if len({link.port, link.control_port, config.api.port}) < 3:
+        raise ConfigError(f"superlink.port ({link.port}), superlink.control_port "
+                          f"({link.control_port}) and api.port ({config.api.port}) must differ")
+    require_free_ports((link.host, link.port, "SuperLink public (Fleet proxy)"),
+                       ("127.0.0.1", link.control_port, "SuperLink control"),
                        (config.api.host, config.api.port, "coordinator API"))
 
 
@@ -89,32 +108,62 @@ class RunControl:
             return False
 
     def health_url(self) -> str:
-        return f"https://{self.config.superlink.host}:{self.config.superlink.port}/health"
+        return f"https://{self.config.superlink.control_address}/health"
+
+
+def control_cli(config: CoordinatorConfig, env: dict[str, str]) -> FlowerCli:
+    """``flwr`` pointed at the SuperLink's loopback Control port (never the public one)."""
+    return FlowerCli(config.state_dir / "flwr-home-cli", config.superlink.control_address,
+                     config.superlink.ca_cert, env)
 
 
 def control_for(config_path: Path, env: dict[str, str] | None = None) -> RunControl:
-    """A RunControl for a running coordinator (used by ``cleanroom run``)."""
+    """A RunControl for a running coordinator (used by ``cleanroom run`` on its host)."""
     config = load_coordinator_config(config_path)
     sup = Supervisor(config.state_dir / "logs")
-    cli = FlowerCli(config.state_dir / "flwr-home-cli", config.superlink.address,
-                    config.superlink.ca_cert, env or sup.env())
-    return RunControl(config, cli, config_path)
+    return RunControl(config, control_cli(config, env or sup.env()), config_path)
+
+
+SECRET_FILE = "superexec.secret"
+SUPEREXEC_POLL = "0.2"  # s between the SuperExec's AcquireTask calls (Flower's default: 1.0)
+
+
+def new_superexec_secret(state_dir: Path) -> Path:
+    """A fresh SuperExec secret for this start (mode 0600; read by Flower as raw bytes)."""
+    path = state_dir / SECRET_FILE
+    write_private(path, secrets.token_bytes(32))
+    return path
 
 
 def start_superlink(config: CoordinatorConfig, config_path: Path, sup: Supervisor) -> None:
+    """SuperLink on loopback + our SuperExec (shared secret) + the public Fleet proxy."""
     link = config.superlink
     link.database.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_superexec_secret(config.state_dir)
     env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home-link"),
-                   CONFIG_ENV: str(config_path.resolve())})
+                   CONFIG_ENV: str(config_path.resolve()),
+                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL})
     sup.start("superlink", [
         "flower-superlink", "--ssl-ca-certfile", str(link.ca_cert),
         "--ssl-certfile", str(link.cert), "--ssl-keyfile", str(link.key),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--host", link.host, "--port", str(link.port), "--database", str(link.database),
+        "--host", "127.0.0.1", "--port", str(link.control_port),
+        "--database", str(link.database),
+        "--isolation", "process", "--superexec-auth-secret-file", str(secret),
     ], env)
-    url = f"https://{link.host}:{link.port}/health"
-    wait_for(lambda: https_health(url, link.ca_cert) == 200, 60, "the SuperLink to answer",
-             sup)
+    internal = f"https://{link.control_address}/health"
+    wait_for(lambda: https_health(internal, link.ca_cert) == 200, 60,
+             "the SuperLink to answer", sup)
+    sup.start("superexec", [
+        "flower-superexec", "--runtime-api-address", link.control_address,
+        "--root-certificates", str(link.ca_cert), "--superexec-auth-secret-file", str(secret),
+    ], env)
+    sup.start("fleet-proxy", [sys.executable, "-m", "cleanroom.coordinator.proxy",
+                              "--config", str(config_path.resolve())], env)
+    public = f"https://{'127.0.0.1' if link.host in ('0.0.0.0', '::') else link.host}:" \
+        f"{link.port}/health"
+    wait_for(lambda: https_health(public, link.ca_cert) == 200, 60,
+             "the Fleet proxy to answer", sup)
 
 
 def registered_nodes(config: CoordinatorConfig) -> dict[str, int]:
@@ -139,8 +188,7 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     sup = Supervisor(config.state_dir / "logs")
     try:
         start_superlink(config, config_path, sup)
-        cli = FlowerCli(config.state_dir / "flwr-home-cli", config.superlink.address,
-                        config.superlink.ca_cert, sup.env())
+        cli = control_cli(config, sup.env())
         nodes = register_sites(config, cli)
         log.info("SuperLink up on %s; registered %s", config.superlink.address, nodes)
         control = RunControl(config, cli, config_path)

@@ -55,8 +55,9 @@ class ProvisionRequest:
     site_keys: dict[str, Path] = field(default_factory=dict)  # site -> public key it sent
     measurements: list[str] = field(default_factory=list)  # hex; production allow-list
     superlink_host: str = "127.0.0.1"
-    superlink_port: int = 9400
+    superlink_port: int = 9400  # public: the Fleet proxy
     api_port: int = 9401
+    control_port: int | None = None  # loopback SuperLink (Control API); default api_port + 1
     site_base_port: int = 9500
     site_api_base_port: int = 9600
     site_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # (node, API) ports
@@ -65,6 +66,7 @@ class ProvisionRequest:
     rounds: int = 5
     aggregator: bool = True  # an attested aggregator enclave that every site verifies
     aggregator_measurements: list[str] = field(default_factory=list)  # hex; real enclaves
+    site_torch_threads: int = 0  # [executor] torch_threads of every site (0: torch default)
 
 
 @dataclass
@@ -263,6 +265,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
             "flower": {"superlink": f"{req.superlink_host}:{req.superlink_port}",
                        "root_certificates": "ca.pem", "auth_key": "node_auth.key",
                        "port": node_port},
+            "executor": {"torch_threads": req.site_torch_threads or None},
             "api": {"host": "127.0.0.1", "port": api_port, "tokens": "api_tokens.json"},
         }, {"site": name, "state_dir": "state", "node_public_key": "node_auth.spki.pem",
             "seed": index}, {"policy.tasks": [{"digest": task.digest, "name": task.name}]}))
@@ -272,6 +275,7 @@ def provision(req: ProvisionRequest) -> Provisioned:
 
     (coord / "coordinator.toml").write_text(_toml({
         "superlink": {"host": req.superlink_host, "port": req.superlink_port,
+                      "control_port": req.control_port or req.api_port + 1,
                       "ca_cert": "ca.pem", "cert": "superlink.pem", "key": "superlink.key",
                       "database": "state/superlink.db"},
         "api": {"host": "127.0.0.1", "port": req.api_port, "tokens": "api_tokens.json"},

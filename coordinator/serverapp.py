@@ -83,14 +83,22 @@ def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> di
     from cleanroom.pki import spki_der
 
     deadline = time.monotonic() + timeout
+    ignored: set[int] = set()
     while True:
         online: dict[int, Any] = {}
         for node in grid.get_nodes():
             try:
                 key = spki_der(bytes(node.public_key))
             except ConfigError:
+                key = b""
+            if key not in expected:
+                if node.node_id not in ignored:  # e.g. a second key registered as a site's name
+                    ignored.add(node.node_id)
+                    log.warning("node %d (registered as %r) does not hold any configured "
+                                "site's key: it takes no part in the run", node.node_id,
+                                str(getattr(node, "name", ""))[:64])
                 continue
-            if key in expected and node.status in ("online", ""):
+            if node.status in ("online", ""):
                 online[node.node_id] = (node, expected[key])
         if len(online) >= len(expected) or time.monotonic() > deadline:
             return online

@@ -65,6 +65,7 @@ class LocalPlan:
     names: tuple[str, ...]
     superlink_port: int
     api_port: int
+    control_port: int  # the SuperLink's own loopback port (Control API)
     site_ports: dict[str, tuple[int, int]]  # site -> (SuperNode port, site API port)
 
     @property
@@ -87,10 +88,11 @@ def plan_local(out: Path, sites: int | list[str]) -> LocalPlan:
             [f"site{i:02d}" for i in range(sites)]
     else:
         names = list(sites)
-    ports = [free_port() for _ in range(2 + 2 * len(names))]
+    ports = [free_port() for _ in range(3 + 2 * len(names))]
     return LocalPlan(out=Path(out).resolve(), names=tuple(names), superlink_port=ports[0],
-                     api_port=ports[1], site_ports={name: (ports[2 + 2 * i], ports[3 + 2 * i])
-                                                    for i, name in enumerate(names)})
+                     api_port=ports[1], control_port=ports[2],
+                     site_ports={name: (ports[3 + 2 * i], ports[4 + 2 * i])
+                                 for i, name in enumerate(names)})
 
 
 def provision_local(plan: LocalPlan, rounds: int) -> Provisioned:
@@ -99,7 +101,8 @@ def provision_local(plan: LocalPlan, rounds: int) -> Provisioned:
     task = "heart-disease" if all(n in HEART for n in plan.names) else "synthetic"
     return provision(ProvisionRequest(
         out=plan.out, sites=list(plan.names), task=task, superlink_port=plan.superlink_port,
-        api_port=plan.api_port, site_ports=plan.site_ports, rounds=rounds))
+        api_port=plan.api_port, control_port=plan.control_port, site_ports=plan.site_ports,
+        rounds=rounds, site_torch_threads=1))  # many sites share this machine
 
 
 def _http_ok(url: str) -> bool:

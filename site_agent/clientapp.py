@@ -1,5 +1,10 @@
-"""The site's Flower ClientApp for deployments (runs under the SuperNode, one process per
-message). The SuperNode's node config names the site configuration file (``site-config``)."""
+"""The site's Flower ClientApp for deployments. The SuperNode's node config names the site
+configuration file (``site-config``).
+
+It runs in a child the site's executor (:mod:`cleanroom.site_agent.executor`) forks per
+message from its warm process, after the task's FAB passed the site's gate; the warm process
+built the site runtime once (:data:`SITES`), so a message pays neither imports nor key
+derivation."""
 
 from __future__ import annotations
 
@@ -16,10 +21,7 @@ class DeployedSites:
     def __init__(self) -> None:
         self._cache: dict[str, Any] = {}
 
-    def __call__(self, ctx: Any) -> Any:
-        path = str(ctx.node_config.get("site-config", ""))
-        if not path:
-            raise ConfigError("SuperNode node config has no 'site-config' entry")
+    def runtime_for_path(self, path: str) -> Any:
         runtime = self._cache.get(path)
         if runtime is None:
             from cleanroom.site_agent.config import load_site_config
@@ -29,5 +31,12 @@ class DeployedSites:
             self._cache[path] = runtime
         return runtime
 
+    def __call__(self, ctx: Any) -> Any:
+        path = str(ctx.node_config.get("site-config", ""))
+        if not path:
+            raise ConfigError("SuperNode node config has no 'site-config' entry")
+        return self.runtime_for_path(path)
 
-app = make_client_app(DeployedSites())
+
+SITES = DeployedSites()
+app = make_client_app(SITES)

@@ -120,6 +120,17 @@ class FlowerNodeSettings(Section):
     _paths = paths("root_certificates", "auth_key")
 
 
+class ExecutorConfig(Section):
+    """How the site's executor runs tasks (deployments; docs/hospital-it-guide.md)."""
+
+    torch_threads: int = Field(0, ge=0, le=512, description="torch threads of a task (0: "
+                               "torch's default, one per core; 1 when several sites share "
+                               "a machine, as 'cleanroom deploy-local' does)")
+    poll_seconds: float = Field(0.1, ge=0.01, le=5.0, description="how often the executor "
+                                "asks the SuperNode for a task (a message waits at most this "
+                                "long for it)")
+
+
 class SiteApiSettings(Section):
     """The site daemon's local HTTP API."""
 
@@ -144,6 +155,7 @@ class SiteConfig(Section):
                                          "(PEM SPKI, deployment): bound into every "
                                          "attestation.")
     flower: FlowerNodeSettings | None = None
+    executor: ExecutorConfig = ExecutorConfig()
     api: SiteApiSettings = SiteApiSettings()
     seed: int = 0
     reproducible_noise: bool = Field(

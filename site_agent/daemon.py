@@ -1,20 +1,27 @@
 """``cleanroom site``: a hospital's site-agent daemon.
 
 Checks everything it can before starting (configuration, keys, certificates, data, enclave
-provider, ports), starts Flower's SuperNode with TLS and the site's auth key and our ClientApp
-(named by the node config), serves the local site API (loopback by default), and on SIGTERM
-stops the SuperNode and every process it started.
+provider, ports), starts Flower's SuperNode (TLS, the site's auth key, the site config named
+in its node config) with ``--isolation process --superexec-auth-secret-file``, and, as the only
+holder of that fresh per-start secret (mode 0600), the site's own executor
+(:mod:`cleanroom.site_agent.executor`): warm, and it runs a task only if the site approved its
+FAB's digest, checked before anything of it is installed or imported. Then it serves the local
+site API (loopback by default), and on SIGTERM stops every process it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cleanroom.errors import ConfigError
+from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
 from cleanroom.process import DaemonError, Supervisor, require_free_ports
@@ -22,6 +29,10 @@ from cleanroom.site_agent.config import SiteConfig, load_site_config
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
 log = logging.getLogger(__name__)
+
+SECRET_FILE = "superexec.secret"  # in the state folder, mode 0600, new at every start
+CONNECTED = "SuperNode ID"  # what Flower's SuperNode logs once the SuperLink accepted its key
+CONNECT_WAIT = 30.0  # s; past it the executor starts anyway (the SuperNode keeps retrying)
 
 # Known SuperNode failures -> what the hospital's IT team should do.
 SUPERNODE_ERRORS = (
@@ -31,6 +42,8 @@ SUPERNODE_ERRORS = (
      "flower.root_certificates (wrong CA file, or not the consortium's SuperLink)"),
     ("Unable to parse the private key", "flower.auth_key is not an OpenSSH private key"),
     ("address already in use", "the SuperNode's local port is taken: change flower.port"),
+    ("SuperExec authentication failed", "the executor and the SuperNode disagree on the "
+     "SuperExec secret (restart the site daemon)"),
     ("Connection reset by peer", "the SuperLink refused the connection (plaintext client "
      "against a TLS port?)"),
 )
@@ -79,25 +92,56 @@ def _check(sup: Supervisor) -> None:
         raise DaemonError(f"SuperNode stopped: {advice}" if advice else str(exc)) from None
 
 
+def wait_connected(sup: Supervisor, timeout: float = CONNECT_WAIT) -> bool:
+    """Wait until the SuperNode is connected; a SuperNode that stopped raises with advice."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check(sup)
+        if CONNECTED in sup.log_tail("supernode", 400):
+            return True
+        time.sleep(0.2)
+    log.warning("the SuperNode has not connected after %.0fs (SuperLink unreachable?); "
+                "starting the executor anyway", timeout)
+    return False
+
+
+def start_node(config: SiteConfig, config_path: Path, sup: Supervisor,
+               connected: Callable[[], object] = lambda: None) -> None:
+    """The SuperNode in process isolation, and the site's executor, the only holder of the
+    fresh SuperExec secret: nothing else on this machine can take a task from the SuperNode,
+    and no task runs without passing the site's gate. ``connected`` is called in between
+    (the daemon waits for the SuperNode to connect: a refused node key or certificate stops
+    it before the executor spends seconds loading torch)."""
+    flower = config.flower
+    assert flower is not None
+    env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
+    secret = config.state_dir / SECRET_FILE
+    write_private(secret, secrets.token_bytes(32))  # fresh per start
+    sup.start("supernode", [
+        "flower-supernode", "--superlink", flower.superlink,
+        "--root-certificates", str(flower.root_certificates),
+        "--auth-supernode-private-key", str(flower.auth_key),
+        "--port", str(flower.port),
+        "--node-config", f"site='{config.site}' site-config='{config_path}'",
+        "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+    ], env)
+    connected()
+    sup.start("executor", [
+        sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
+        "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
+    ], env)
+
+
 def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     from cleanroom.site_agent.api import build_site_api
 
     config_path = Path(config_path).resolve()
     config = load_site_config(config_path)
     runtime = preflight(config)
-    flower = config.flower
-    assert flower is not None
     sup = Supervisor(config.state_dir / "logs")
     try:
-        env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
-        sup.start("supernode", [
-            "flower-supernode", "--superlink", flower.superlink,
-            "--root-certificates", str(flower.root_certificates),
-            "--auth-supernode-private-key", str(flower.auth_key),
-            "--port", str(flower.port),
-            "--node-config", f"site='{config.site}' site-config='{config_path}'",
-        ], env)
-        time.sleep(1.0)
+        start_node(config, config_path, sup, lambda: wait_connected(sup))
+        time.sleep(0.5)
         _check(sup)
         tokens = load_tokens(config.api.tokens) if config.api.tokens else {}
         app = build_site_api(runtime, tokens)

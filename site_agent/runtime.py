@@ -69,12 +69,15 @@ class SiteRuntime:
                              delta=p.delta, lifetime_epsilon=p.lifetime_epsilon,
                              run_epsilon=p.max_epsilon_per_run)
 
-    def _task_folders(self, name: str) -> list[Path]:
+    def _task_folders(self, name: str | None) -> list[Path]:
+        """Folders that may hold task ``name`` (every known task folder for ``None``)."""
         from cleanroom.task import installed_folder, installed_tasks, is_task_folder
 
         folders: list[Path] = []
-        if name in installed_tasks():
-            folders.append(installed_folder(name))
+        installed = installed_tasks()
+        for task in ([name] if name is not None else sorted(installed)):
+            if task in installed:
+                folders.append(installed_folder(task))
         for root in (*self.task_sources, *self.config.policy.task_dirs):
             root = Path(root)
             if is_task_folder(root):
@@ -107,6 +110,35 @@ class SiteRuntime:
         raise SiteRefusal("task-not-found", f"site {self.site} holds no code of task "
                           f"{ref.name} with digest {ref.digest[:16]}... (installed tasks and "
                           "policy.task_dirs were searched)")
+
+    def preload(self, digests: list[str]) -> list[str]:
+        """Load the tasks with these digests (the site policy's approved tasks) and their
+        registered data once, so that every message finds them in memory (the warm executor
+        calls this before it forks per message). Only folders whose digest is one of
+        ``digests`` are imported. Returns the digests loaded."""
+        from cleanroom.errors import CleanroomError
+        from cleanroom.task import load_task, task_digest
+
+        wanted = set(digests) - set(self._tasks)
+        for folder in self._task_folders(None):
+            if not wanted:
+                break
+            try:
+                digest = task_digest(folder)
+                if digest not in wanted:
+                    continue
+                loaded = load_task(folder, expect_digest=digest)
+            except CleanroomError as exc:
+                log.warning("task folder %s not preloaded: %s", folder, exc)
+                continue
+            with self._lock:
+                self._tasks[digest] = loaded
+            wanted.discard(digest)
+            try:
+                self.task_data(loaded, loaded.task.dataset_name)
+            except CleanroomError as exc:  # not registered yet: served when a message asks
+                log.info("task %s: data not preloaded: %s", loaded.name, exc)
+        return [d for d in digests if d in self._tasks]
 
     def task_data(self, loaded: LoadedTask, dataset: str) -> TaskData:
         """The task's fields of registered ``dataset``, read once per registration."""

@@ -46,8 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-aggregator", action="store_true",
                    help="no attested aggregator enclave (sites do not require one)")
     p.add_argument("--host", default="127.0.0.1", help="SuperLink address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=9400, help="SuperLink port (default 9400)")
+    p.add_argument("--port", type=int, default=9400, help="public SuperLink port, Fleet only "
+                   "(default 9400)")
     p.add_argument("--api-port", type=int, default=9401, help="coordinator API port")
+    p.add_argument("--control-port", type=int, help="loopback port of the SuperLink itself "
+                   "(its Control API; default: the API port + 1)")
     p.add_argument("--site-port", type=int, default=9500, help="first SuperNode port")
     p.add_argument("--site-api-port", type=int, default=9600, help="first site API port")
     p.add_argument("--task", default="heart-disease", help="the federation's task: an "
@@ -79,7 +82,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
     result = provision(ProvisionRequest(
         out=args.out, sites=sites, enclave=args.enclave, site_keys=keys,
         measurements=list(args.measurement), superlink_host=args.host,
-        superlink_port=args.port, api_port=args.api_port, site_base_port=args.site_port,
+        superlink_port=args.port, api_port=args.api_port, control_port=args.control_port,
+        site_base_port=args.site_port,
         site_api_base_port=args.site_api_port, task=args.task, rounds=args.rounds,
         aggregator=not args.no_aggregator,
         aggregator_measurements=list(args.aggregator_measurement)))

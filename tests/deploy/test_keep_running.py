@@ -112,4 +112,5 @@ def test_dashboard_lines_name_files_not_tokens(tmp_path):
     assert lines[0] == (f"consortium dashboard  {plan.coordinator_url}  token: /f/op.token "
                         "(read-only: /f/au.token)")
     assert lines[1] == f"site a  dashboard  {plan.site_url('a')}  token: /f/a.token"
-    assert len({plan.api_port, *(p for pair in plan.site_ports.values() for p in pair)}) == 5
+    assert len({plan.api_port, plan.control_port,
+                *(p for pair in plan.site_ports.values() for p in pair)}) == 6

@@ -1,0 +1,135 @@
+"""What the daemons start, without starting it: the SuperLink only on loopback and in process
+isolation with a fresh secret its own SuperExec shares, the Fleet proxy on the public port;
+the SuperNode in process isolation with a secret only the site's executor holds; ``flwr``
+pointed at the loopback Control port. And the configuration keeps the two ports apart."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cleanroom.coordinator import daemon as coordinator_daemon
+from cleanroom.coordinator.config import load_coordinator_config
+from cleanroom.coordinator.provision import ProvisionRequest, provision
+from cleanroom.coordinator.serverapp import CONFIG_ENV
+from cleanroom.errors import ConfigError
+
+
+class FakeSupervisor:
+    def __init__(self) -> None:
+        self.started: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"BASE": "1", **(extra or {})}
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Any:
+        self.started[name] = (args, env or {})
+
+    def check_alive(self) -> None:
+        pass
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "fed"
+    provision(ProvisionRequest(out=out, sites=["cleveland", "hungary"], superlink_port=29700,
+                               api_port=29701, site_base_port=29710, site_api_base_port=29720))
+    return out
+
+
+def test_superlink_only_on_loopback_with_its_own_superexec(fed, monkeypatch):
+    config_path = fed / "coordinator" / "coordinator.toml"
+    config = load_coordinator_config(config_path)
+    assert config.superlink.control_port == 29702  # provision's default: API port + 1
+    monkeypatch.setattr(coordinator_daemon, "https_health", lambda *_a, **_k: 200)
+    sup = FakeSupervisor()
+    coordinator_daemon.start_superlink(config, config_path, sup)  # type: ignore[arg-type]
+    link, _ = sup.started["superlink"]
+    assert flag(link, "--host") == "127.0.0.1" and flag(link, "--port") == "29702"
+    assert flag(link, "--isolation") == "process"
+    assert "--enable-supernode-auth" in link
+    secret = Path(flag(link, "--superexec-auth-secret-file"))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
+    superexec, superexec_env = sup.started["superexec"]
+    assert superexec[0] == "flower-superexec"
+    assert flag(superexec, "--superexec-auth-secret-file") == str(secret)
+    assert flag(superexec, "--runtime-api-address") == "127.0.0.1:29702"
+    assert "--insecure" not in superexec  # TLS to the SuperLink, verified with the CA
+    assert superexec_env[CONFIG_ENV] == str(config_path.resolve())  # the ServerApp's config
+    proxy, _ = sup.started["fleet-proxy"]
+    assert proxy[1:3] == ["-m", "cleanroom.coordinator.proxy"]
+    # a restart gets a new secret
+    first = secret.read_bytes()
+    coordinator_daemon.start_superlink(config, config_path, FakeSupervisor())  # type: ignore[arg-type]
+    assert secret.read_bytes() != first
+
+
+def test_flwr_talks_to_the_loopback_control_port(fed):
+    control = coordinator_daemon.control_for(fed / "coordinator" / "coordinator.toml", env={})
+    text = (control.cli.home / "config.toml").read_text()
+    assert 'address = "127.0.0.1:29702"' in text and "29700" not in text
+
+
+def test_the_control_port_must_differ_from_the_public_and_api_ports(fed, tmp_path):
+    text = (fed / "coordinator" / "coordinator.toml").read_text()
+    same = fed / "coordinator" / "same.toml"
+    same.write_text(text.replace("control_port = 29702", "control_port = 29700"))
+    with pytest.raises(ConfigError, match="control_port must differ"):
+        load_coordinator_config(same)
+    clash = fed / "coordinator" / "clash.toml"
+    clash.write_text(text.replace("control_port = 29702", "control_port = 29701"))
+    with pytest.raises(ConfigError, match="must differ"):
+        coordinator_daemon.preflight(load_coordinator_config(clash))
+
+
+def test_supernode_runs_tasks_only_through_the_sites_executor(fed):
+    from cleanroom.site_agent import daemon as site_daemon
+    from cleanroom.site_agent.config import load_site_config
+
+    path = (fed / "sites" / "cleveland" / "site.toml").resolve()
+    config = load_site_config(path)
+    sup = FakeSupervisor()
+    site_daemon.start_node(config, path, sup)  # type: ignore[arg-type]
+    node, _ = sup.started["supernode"]
+    assert node[0] == "flower-supernode" and flag(node, "--isolation") == "process"
+    secret = Path(flag(node, "--superexec-auth-secret-file"))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
+    assert flag(node, "--node-config") == f"site='cleveland' site-config='{path}'"
+    executor, env = sup.started["executor"]
+    assert executor[1:3] == ["-m", "cleanroom.site_agent.executor"]
+    assert flag(executor, "--secret-file") == str(secret)
+    assert flag(executor, "--runtime-api-address") == f"127.0.0.1:{config.flower.port}"
+    assert flag(executor, "--config") == str(path)
+    assert env["FLWR_HOME"] == str(config.state_dir / "flwr-home")
+    assert "--token" not in " ".join(executor)  # tokens never on a command line
+
+
+def test_the_executor_starts_only_once_the_supernode_is_connected(monkeypatch):
+    from cleanroom.process import DaemonError
+    from cleanroom.site_agent import daemon as site_daemon
+
+    class Node(FakeSupervisor):
+        def __init__(self, log: str, dead: bool = False) -> None:
+            super().__init__()
+            self.log, self.dead = log, dead
+
+        def log_tail(self, name: str, lines: int = 30) -> str:
+            return self.log
+
+        def check_alive(self) -> None:
+            if self.dead:
+                raise DaemonError(f"supernode exited with status 1:\n{self.log}")
+
+    assert site_daemon.wait_connected(Node("INFO: SuperNode ID: 42"), timeout=2)  # type: ignore[arg-type]
+    refused = Node("Exit Code: 305 ... [code: 2004] Failed to activate SuperNode.", dead=True)
+    with pytest.raises(DaemonError, match="does not know this site's node key"):
+        site_daemon.wait_connected(refused, timeout=2)  # type: ignore[arg-type]
+    assert not site_daemon.wait_connected(Node("Connection attempt failed, retrying"),  # type: ignore[arg-type]
+                                          timeout=0.3)

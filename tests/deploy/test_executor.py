@@ -1,0 +1,187 @@
+"""The site's warm, gated executor in-process (no SuperNode): a refused task never reaches
+Flower's installer or loader and answers with a typed error the operator can read; an
+approved one runs Flower's own ClientApp runner with the inputs already pulled, in a folder
+of its own; the warm process loads what a message needs and starts no thread; and the Flower
+seams it relies on are still there."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime import run_clientapp as flower
+
+from cleanroom.coordinator.provision import ProvisionRequest, provision
+from cleanroom.site_agent import executor
+from cleanroom.site_agent.approvals import ApprovalRequest
+from cleanroom.site_agent.config import load_site_config
+from cleanroom.site_agent.runtime import build_runtime
+from cleanroom.task import build_fab, task_digest
+
+HEART = Path(__file__).resolve().parents[2] / "models" / "heart_disease"
+ROGUE = """
+[project]
+name = "rogue"
+version = "1.0.0"
+[tool.flwr.app]
+publisher = "mallory"
+[tool.flwr.app.components]
+serverapp = "server_app:app"
+clientapp = "client_app:app"
+"""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "fed"
+    provision(ProvisionRequest(out=out, sites=["cleveland"], site_torch_threads=1))
+    return out / "sites" / "cleveland" / "site.toml"
+
+
+@pytest.fixture(scope="module")
+def rogue_fab(tmp_path_factory) -> bytes:
+    folder = tmp_path_factory.mktemp("rogue")
+    (folder / "pyproject.toml").write_text(ROGUE)
+    (folder / "server_app.py").write_text("app = None\n")
+    (folder / "client_app.py").write_text("raise SystemExit('imported')\n")
+    return build_fab(folder)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.pushed: list[Message] = []
+        self.outputs: list[tuple[str, str]] = []
+
+
+@pytest.fixture()
+def task(monkeypatch, tmp_path):
+    """A fake task: what the SuperNode would hand over for ``fab``, Flower's push functions
+    recorded, its installer and runner armed to fail the test if reached."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 5)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 11)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    rec = Recorder()
+
+    def forbidden(*_: Any, **__: Any) -> None:
+        raise AssertionError("the FAB reached Flower's installer or runner")
+
+    monkeypatch.setattr(flower, "push_message", lambda _c, msg, _ctx: rec.pushed.append(msg))
+    monkeypatch.setattr(flower, "push_task_output",
+                        lambda _c, _ctx, status, details: rec.outputs.append((status, details)))
+    monkeypatch.setattr(flower, "install_from_fab", forbidden)
+    monkeypatch.setattr(flower, "run_clientapp", forbidden)
+    monkeypatch.setattr(flower, "pull_task_input", forbidden)
+
+    def make(fab: bytes, fab_id: str, version: str = "1.0.0") -> tuple[Recorder, Message]:
+        message = Message(RecordDict(), dst_node_id=5, message_type="train")
+        message.metadata.__dict__["_message_id"] = message.object_id
+        run = Run.create_empty(7)
+        run.fab_id, run.fab_version = fab_id, version
+        run.fab_hash = hashlib.sha256(fab).hexdigest()
+        inputs = (message, Context(run_id=7, node_id=5, node_config={}, state=RecordDict(),
+                                   run_config={}), run,
+                  Fab(hashlib.sha256(fab).hexdigest(), fab, {}))
+        monkeypatch.setattr(executor, "pull_task_input", lambda _client: inputs)
+        return rec, message
+
+    return make
+
+
+def settings(site: Path) -> executor.ExecutorSettings:
+    return executor.ExecutorSettings(site, "127.0.0.1:1", b"s" * 32)
+
+
+def test_an_unapproved_task_is_refused_before_flower_sees_its_fab(site, task, rogue_fab):
+    runtime = build_runtime(load_site_config(site))
+    rec, message = task(rogue_fab, "mallory/rogue")
+    assert executor.run_task(runtime, settings(site), "token", 11, 0.0) == 0
+    [reply] = rec.pushed
+    assert reply.has_error() and reply.error.code == 403
+    assert reply.error.reason.startswith("task-not-approved: task mallory/rogue 1.0.0")
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert rec.outputs and rec.outputs[0][1] == reply.error.reason
+    [event] = [e for e in runtime.activity.recent() if e["event"] == "task-refused"]
+    assert event["run_id"] == "7" and event["reason"] == reply.error.reason
+    assert event["fab_id"] == "mallory/rogue" and len(event["task_digest"]) == 64
+
+
+def test_an_approved_task_runs_flowers_runner_in_its_own_folder(site, task, monkeypatch):
+    runtime = build_runtime(load_site_config(site))
+    fab = build_fab(HEART)
+    rec, message = task(fab, "cleanroom/cleanroom-heart-disease")
+    seen: dict[str, Any] = {}
+
+    def runner(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        seen["inputs"] = flower.pull_task_input(None)
+        seen["home"] = Path(os.environ["FLWR_HOME"])
+        seen["home"].mkdir(parents=True)
+        (seen["home"] / "installed").write_text("x")
+        raise SystemExit(0)  # Flower's runner ends with sys.exit
+
+    monkeypatch.setattr(flower, "run_clientapp", runner)
+    assert executor.run_task(runtime, settings(site), "the-token", 12, 0.0) == 0
+    assert seen["token"] == "the-token" and seen["parent_pid"] == os.getppid()
+    assert seen["runtime_dependency_install"] is False
+    assert seen["inputs"][0] is message  # pulled once, handed over
+    assert seen["home"].name == "12" and seen["home"].parent.name == executor.TASK_HOMES
+    assert not seen["home"].exists()  # removed after the task
+    assert rec.pushed == []  # the reply is Flower's runner's to push
+
+
+def test_a_per_run_approval_made_after_start_counts(site, task, rogue_fab, monkeypatch):
+    runtime = build_runtime(load_site_config(site))
+    from cleanroom.task import fab_digest
+
+    runtime.approvals.approve(ApprovalRequest(run_id="7", task_digest=fab_digest(rogue_fab),
+                                              epsilon=0.5))
+    view = executor.gate_view(runtime)
+    assert view["approvals"]["7"] == fab_digest(rogue_fab)
+    task(rogue_fab, "mallory/rogue")
+    called = []
+    monkeypatch.setattr(flower, "run_clientapp", lambda **kw: called.append(kw))
+    executor.run_task(runtime, settings(site), "t", 13, 0.0)
+    assert called, "an approved run's task was refused"
+    runtime.approvals.revoke("7")
+
+
+def test_warm_up_loads_what_a_message_needs_and_starts_no_thread(site):
+    runtime = executor.warm_up(settings(site))
+    digest = task_digest(HEART)
+    assert digest in runtime._tasks  # the policy's approved task, loaded once
+    assert runtime._data  # with its registered data
+    assert threading.active_count() == 1
+    import sys
+
+    for name in executor.PRELOAD:
+        assert name in sys.modules
+
+
+def test_the_runtime_api_must_be_on_loopback(site, tmp_path):
+    secret = tmp_path / "s"
+    secret.write_bytes(b"x" * 32)
+    with pytest.raises(SystemExit):
+        executor.main(["--config", str(site), "--runtime-api-address", "10.0.0.5:9094",
+                       "--secret-file", str(secret)])
+
+
+def test_flower_seams_the_executor_relies_on():
+    """Flower 1.42's ClientApp runner looks these names up in its module at call time (the
+    executor hands over the inputs it pulled by replacing ``pull_task_input``)."""
+    source = inspect.getsource(flower.run_clientapp)
+    for call in ("pull_task_input(client)", "install_from_fab(fab.content",
+                 "push_message(client, reply_message, context)", "push_task_output("):
+        assert call in source, call
+    params = inspect.signature(flower.run_clientapp).parameters
+    assert {"runtime_api_address", "token", "insecure", "certificates", "parent_pid",
+            "runtime_dependency_install"} <= set(params)

@@ -63,6 +63,28 @@ def build_provider(launch: AggregatorLaunch) -> Any:
                                     debug=launch.debug)
 
 
+def _memory(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since start or the last reset) of this process,
+    bytes; 0 where /proc is missing. (``ru_maxrss`` would report the operator's process:
+    Linux keeps the parent's peak across fork and exec.)"""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def _serve(conn: Any) -> None:
     """The enclave process: build the core from the first message, answer calls until told
     to stop."""
@@ -71,6 +93,8 @@ def _serve(conn: Any) -> None:
         core = AggregatorCore(build_provider(launch), TrainPlan.model_validate_json(plan_json),
                               central_dp=central, robust=robust)
         conn.send(("ok", getattr(core.provider, "measurement", None)))
+        _reset_peak()
+        started_rss = _memory("VmRSS")
     except Exception as exc:  # noqa: BLE001 - reported to the operator, then the process ends
         conn.send(("error", type(exc).__name__, str(exc)))
         return
@@ -80,7 +104,7 @@ def _serve(conn: Any) -> None:
         except EOFError:
             return
         if name == "close":
-            conn.send(("ok", None))
+            conn.send(("ok", (started_rss, _memory("VmHWM"))))  # benchmarks; no secret in it
             return
         try:
             conn.send(("ok", getattr(core, name)(*args, **kwargs)))
@@ -127,6 +151,9 @@ class AggregatorHandle:
                  central_dp: CentralDp | None = None, robust: Any = None) -> None:
         self.launch = launch
         self.robust_inside = robust is not None  # the strategy itself aggregates in there
+        # The enclave process's resident memory once started and its peak (once closed).
+        self.start_rss_bytes: int | None = None
+        self.peak_rss_bytes: int | None = None
         self._lock = threading.Lock()
         self._core: AggregatorCore | None = None
         self._conn: Any = None
@@ -177,7 +204,10 @@ class AggregatorHandle:
             if self._conn is not None:
                 try:
                     self._conn.send(("close", (), {}))
-                    self._conn.poll(5)
+                    if self._conn.poll(5):
+                        reply = self._conn.recv()
+                        if reply[0] == "ok" and isinstance(reply[1], tuple):
+                            self.start_rss_bytes, self.peak_rss_bytes = reply[1]
                 except (OSError, EOFError, BrokenPipeError):
                     pass
                 self._conn.close()

@@ -50,6 +50,11 @@ class TrainingSettings(Section):
         default_factory=dict, description="Overrides of the strategy's own options; the "
         "tuned defaults in STRATEGY_OPTIONS apply otherwise.")
     min_sites: int = Field(2, ge=1, description="Fewest attested sites a round needs.")
+    reply_timeout: float = Field(600.0, gt=0, le=86400, description="Seconds the coordinator "
+                                 "waits for the sites' replies in each phase of a round "
+                                 "(attestation waits at most 120); a site that has not "
+                                 "answered by then is quarantined for that round with a "
+                                 "timeout reason and asked again the next round.")
     secure_aggregation: bool = Field(False, description="Sites mask their updates (SecAgg "
                                      "with dropouts): the aggregator learns only their sum. "
                                      "Needs the attested aggregator and a strategy that "

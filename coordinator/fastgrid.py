@@ -1,14 +1,17 @@
 """Grid wrappers: a delegating base, and one that polls for replies quickly.
 
-Flower 1.41's deployment Grid sleeps 3 s between pulls in ``send_and_receive``; with a few
-messages per round that dominates round time. This wrapper pushes, then pulls every
-``interval`` seconds until every reply is in or ``timeout`` passes.
+Flower's deployment Grid (1.41 and 1.42) sleeps 3 s between pulls in ``send_and_receive`` and
+returns the replies only when all are in; with a few messages per round that dominates round
+time, and the coordinator holds every site's reply at once. :class:`FastPollGrid` pushes every
+message at once, then hands out the replies as they are pulled (every ``interval`` seconds)
+until every reply is in or ``timeout`` passes: a strategy that folds each reply as it arrives
+(the attested aggregator does) holds one reply at a time, not one per site.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -50,19 +53,25 @@ class DelegatingGrid(Grid):
 
 
 class FastPollGrid(DelegatingGrid):
+    """Push at once, poll every ``interval`` seconds, yield each reply as it is pulled."""
+
     def __init__(self, grid: Grid, interval: float = 0.05) -> None:
         super().__init__(grid)
         self.interval = interval
 
     def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+                         timeout: float | None = None) -> Iterator[Message]:
+        # Pushed now (not when the replies are first asked for); the deadline counts from now.
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
+        return self._replies(pending, deadline)
+
+    def _replies(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
         while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
+            for reply in self.pull_messages(list(pending)):
+                answered = reply.metadata.reply_to_message_id
+                if answered in pending:  # one reply per message sent, never a stray one
+                    pending.discard(answered)
+                    yield reply
             if pending:
                 time.sleep(self.interval)
-        return replies

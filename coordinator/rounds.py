@@ -440,6 +440,15 @@ class CoordinatorRound:
         entry.reason = reason
         log.warning("round %d: %s: %s", self.round, session.site, reason)
 
+    def end_updates(self, timed_out: str = "no training reply before the timeout") -> None:
+        """Every admitted site that sent no update by now (it died, hung, lost its link) is
+        dropped for the rest of the round with ``timed_out``: quarantined in the record, as
+        an attestation timeout is."""
+        self._expect(Phase.TRAINING)
+        for node_id, session in list(self._sessions.items()):
+            if self.record.sites[session.site].update_ciphertext_sha256 is None:
+                self.reject(node_id, timed_out)
+
     def end_training(self, aggregate_digest: str | None) -> None:
         self._expect(Phase.TRAINING)
         self.record.aggregate_digest = aggregate_digest

@@ -75,6 +75,7 @@ class RunSpec:
     directory: SiteDirectory = field(default_factory=SiteDirectory)
     strategy_options: dict[str, float] = field(default_factory=dict)
     min_nodes: int = 2
+    attest_timeout: float = 120.0  # seconds to wait for attestation (and SecAgg) replies
     sites: list[str] = field(default_factory=list)
     expected_nodes: int | None = None  # nodes to wait for each round (default: len(sites))
     coordinator_id: str = ""
@@ -103,6 +104,7 @@ class RunOutcome:
     plot_path: Path
     audit_path: Path
     seconds: float
+    aggregator_rss: tuple[int, int] | None = None  # the aggregator enclave's (start, peak)
 
 
 @dataclass
@@ -248,9 +250,10 @@ class FederatedRun:
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
                 on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id,
                 aggregator=self.aggregator)
+            strategy.attest_timeout = min(strategy.attest_timeout, spec.attest_timeout)
         elif spec.confidential:
             strategy: Any = ConfidentialStrategy(
-                self.inner, gate=self.gate, plan=spec.plan,
+                self.inner, gate=self.gate, plan=spec.plan, attest_timeout=spec.attest_timeout,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
                 on_round=self.round_closed, on_start=self.open,
                 run_id=spec.protocol_run_id, aggregator=self.aggregator)
@@ -363,7 +366,14 @@ def run_federation(spec: RunSpec, execute: Execute,
     result = run.execute(execute)
     return RunOutcome(report=result.report, report_path=result.paths["report"],
                       plot_path=result.paths["plot"], audit_path=result.paths["audit"],
-                      seconds=time.time() - run.started)
+                      seconds=time.time() - run.started,
+                      aggregator_rss=_enclave_rss(run.aggregator))
+
+
+def _enclave_rss(aggregator: Any) -> tuple[int, int] | None:
+    start = getattr(aggregator, "start_rss_bytes", None)
+    peak = getattr(aggregator, "peak_rss_bytes", None)
+    return None if start is None or peak is None else (start, peak)
 
 
 def initial_model(spec: RunSpec, seed: int) -> OrderedDict[str, np.ndarray]:

@@ -164,6 +164,7 @@ def main(grid: Grid, context: Context) -> None:
             names={nid: name for nid, (_, name) in nodes.items()},
             keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
         min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
+        attest_timeout=min(120.0, training.reply_timeout),
         tdx_collateral=config.tdx_collateral,
         aggregator=config.aggregator.launch() if config.aggregator else None,
         central_dp=config.aggregator.central_dp(rounds=plan.rounds, delta=plan.dp.delta)
@@ -182,7 +183,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def execute(strategy: Any) -> Any:
         return start_rounds(strategy, _SitesOnly(grid, set(nodes)), spec, seed=seed,
-                            pause_after=pause_after, timeout=600)
+                            pause_after=pause_after, timeout=training.reply_timeout)
 
     run_federation(spec, execute, on_round=on_round)
 

@@ -304,6 +304,7 @@ class ConfidentialStrategy(Strategy):
             if opened is not None:
                 reply.content = plain_train_reply(*opened)
                 plain.append(reply)
+        round_.end_updates()
         if self.plan.secure_aggregation:
             self._unmask(round_)
         if round_.aggregator is not None:

@@ -105,6 +105,9 @@ class SimulationResult:
     seconds: float
     sites_peak_rss: int | None = None
     """With ``sites_process``: the sites' process's peak resident memory, bytes."""
+    aggregator_rss: tuple[int, int] | None = None
+    """The attested aggregator enclave process's resident memory once started, and its peak
+    (bytes)."""
 
 
 def site_names(config: SimulationConfig, task: Any) -> list[str]:
@@ -324,7 +327,8 @@ def _run_simulation(config: SimulationConfig, task: Any,
                                                              run_id, on_reply, held),
                              on_round=on_round)
     return SimulationResult(outcome.report, outcome.report_path, outcome.plot_path,
-                            outcome.seconds, held.get("sites_peak_rss"))
+                            outcome.seconds, held.get("sites_peak_rss"),
+                            outcome.aggregator_rss)
 
 
 def resumed_config(config: SimulationConfig) -> tuple[SimulationConfig, Any]:

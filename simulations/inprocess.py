@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -223,10 +224,12 @@ class InProcessGrid(Grid):
             batch.append(msg)
         return batch
 
-    def stream(self, messages: Iterable[Message]) -> Iterator[Message]:
+    def stream(self, messages: Iterable[Message], *,
+               ordered: bool = False) -> Iterator[Message]:
         """Deliver ``messages`` and yield each reply as soon as it is in (in completion order
-        with workers, else in order). At most ``workers`` deliveries are in flight, so no
-        more than ``workers`` replies wait for the consumer."""
+        with workers, else in order; ``ordered``: always in the order of ``messages``, a
+        reply waiting for the ones before it). At most ``workers`` deliveries are in flight,
+        so no more than ``workers`` replies wait for the consumer."""
         batch = self._stamp(messages)
         total, done = len(batch), 0
         if self._pool is None:
@@ -236,6 +239,9 @@ class InProcessGrid(Grid):
                 if self.on_reply is not None:
                     self.on_reply(reply, done, total)
                 yield reply
+            return
+        if ordered:
+            yield from self._ordered(batch)
             return
         queue = iter(batch)
         running: set[Future[Message]] = set()
@@ -260,6 +266,30 @@ class InProcessGrid(Grid):
                 future.cancel()
             wait(running)
 
+    def _ordered(self, batch: list[Message]) -> Iterator[Message]:
+        assert self._pool is not None
+        queue = iter(batch)
+        running: deque[Future[Message]] = deque()
+        total, done = len(batch), 0
+        try:
+            while True:
+                while len(running) < self.workers:
+                    msg = next(queue, None)
+                    if msg is None:
+                        break
+                    running.append(self._pool.submit(self._deliver, msg))
+                if not running:
+                    return
+                reply = running.popleft().result()
+                done += 1
+                if self.on_reply is not None:
+                    self.on_reply(reply, done, total)
+                yield reply
+        finally:
+            for future in running:
+                future.cancel()
+            wait(running)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         batch = list(messages)
         for reply in self.stream(batch):
@@ -271,9 +301,10 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """The replies as they come (:meth:`stream`): a strategy that folds each reply as it
-        arrives (the attested aggregator does) never holds them all at once."""
-        return self.stream(messages)
+        """The replies in the order of ``messages`` as they come (:meth:`stream`): a strategy
+        that folds each reply as it arrives (the attested aggregator does) holds at most
+        ``workers`` of them, and a run folds them in the same order every time."""
+        return self.stream(messages, ordered=True)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -8,8 +8,10 @@ imported. The answer depends on the FAB's bytes and the site's own decisions onl
 * the task digest is computed here from the FAB's bytes (:func:`cleanroom.task.fab_digest`,
   the digest sites approve, docs/tasks.md); what the SuperLink announces is only compared;
 * the task must be listed in the site's policy (``[[policy.tasks]]``, any run) or approved
-  for this run (``cleanroom site approve RUN --task DIGEST --epsilon E``); a site with
-  ``require_approval`` needs the per-run approval;
+  for this run (``cleanroom site approve RUN --task DIGEST --epsilon E``). A site with
+  ``require_approval`` lets a policy task's code load, and its runtime then refuses a run
+  without a per-run approval with its typed, signed ``approval-required`` refusal (what the
+  coordinator's receipts and dashboard show); a task in neither place never loads;
 * the FAB must be what Flower will install and load: its SHA-256 is the hash the SuperLink
   announced (Flower names the install folder after it) and its ``pyproject.toml`` names the
   app id and version the run names (Flower loads the app from the folder those name).
@@ -121,13 +123,15 @@ def decide(fab: bytes, claim: RunClaim, *, site: str, policy_tasks: Iterable[str
                                 f"run {run}")
     how = (f"approve it with 'cleanroom site approve {claim.run_id} --task {digest} "
            "--epsilon E'")
+    if digest in set(policy_tasks):
+        checked = (f"; run {claim.run_id} still needs this site's approval (the runtime "
+                   "refuses it with approval-required)" if require_approval else "")
+        return GateDecision(True, digest, f"task {digest[:16]}... listed in the site "
+                            f"policy{checked}", "policy")
     if require_approval:
         return _refuse(digest, f"run {claim.run_id} of task {claim.fab_id} (digest {digest}) "
                        f"is not approved at site {site}, which approves every run: {how}; "
                        "nothing of it was installed or imported")
-    if digest in set(policy_tasks):
-        return GateDecision(True, digest, f"task {digest[:16]}... listed in the site policy",
-                            "policy")
     return _refuse(digest, f"task {claim.fab_id} {claim.fab_version} (digest {digest}) is "
                    f"not approved at site {site}: {how}, or list it in [[policy.tasks]]; "
                    "nothing of it was installed or imported")

@@ -87,10 +87,15 @@ def test_an_approval_counts_only_for_its_run_and_its_digest(heart):
     assert not gate(heart, claim(heart, run_id=7), approvals={"7": "ab" * 32}).approved
 
 
-def test_require_approval_needs_the_per_run_approval_even_for_a_policy_task(heart):
+def test_require_approval_lets_a_policy_task_load_and_the_runtime_asks_for_the_run(heart):
+    """The gate keeps unapproved code out; the per-run approval of a policy task is the
+    runtime's (its typed approval-required refusal is what receipts and dashboards show)."""
     digest = task_digest(HEART)
-    refused = gate(heart, claim(heart), tasks=[digest], require_approval=True)
+    passed = gate(heart, claim(heart), tasks=[digest], require_approval=True)
+    assert passed.approved and "still needs this site's approval" in passed.reason
+    refused = gate(heart, claim(heart), require_approval=True)  # not in the policy
     assert not refused.approved and "approves every run" in refused.reason
+    assert refused.reason.startswith("task-not-approved:")
     assert gate(heart, claim(heart), tasks=[digest], require_approval=True,
                 approvals={"7": digest}).approved
 

@@ -261,3 +261,21 @@ def test_phases_advance(tmp_path, sim_root, model):
     assert round_.phase is Phase.TRAINING
     round_.end_training(None)
     assert round_.phase is Phase.EVALUATING
+
+
+def test_a_site_that_sends_no_update_is_quarantined_with_a_timeout(tmp_path, sim_root, two_sites,
+                                                                    model):
+    """A site that attested, got the model and then went silent (killed, hung, cut off) is
+    quarantined for the round with a timeout reason; the one that answered is aggregated."""
+    round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "beta"})
+    blobs = attest_all(round_, two_sites)
+    assert round_.end_attestation() == [1, 2]
+    sealed = round_.seal([1, 2], model, direction="model", model_digest=round_.model_digest)
+    reply, _ = SiteProtocol(two_sites[1], TaskTrainer()).train(blobs[1], sealed[1], {})
+    assert round_.open_update(1, reply, model) is not None  # beta never answers
+    round_.end_updates()
+    assert round_.admitted == [1]
+    assert round_.record.attested == ["alpha"]
+    assert round_.record.quarantined == {"beta": "no training reply before the timeout"}
+    round_.end_updates()  # idempotent: alpha's update is in
+    assert round_.admitted == [1]

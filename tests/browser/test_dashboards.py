@@ -221,6 +221,8 @@ def test_coordinator_dashboard_shows_both_attested(federation: Federation, brows
         assert "attested" in row and "quarantined" not in row, row
         assert "waiting for approval" not in row, row
     assert "completed" in row_text(page, "run-table", "run", federation.resumed_id)
+    page.wait("document.getElementById('audit-status').textContent.trim() !== ''", 20,
+              "the audit chain's verification")  # fetched after the runs
     assert "verified" in page.text("#audit-status")
     assert "matches" in page.text("#audit-status")
     assert "auditor" in page.text("#role")

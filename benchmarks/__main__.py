@@ -1,8 +1,9 @@
 """``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
-NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, trust, crypto, fuzz, or
-all.
-``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) runs only when named.
+NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, trust, crypto, fuzz,
+codeshape, or all.
+``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) and ``codeshape`` (function and
+class sizes, no timing) run only when named.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 TIMING = ("attestation", "rounds", "memory", "scale", "accuracy", "deployment", "secagg",
           "trust", "crypto")
-ON_DEMAND = ("fuzz",)
+ON_DEMAND = ("fuzz", "codeshape")
 
 
 def main() -> int:

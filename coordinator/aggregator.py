@@ -38,7 +38,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from cleanroom.bounds import update_bound
-from cleanroom.coordinator.validation import validate_update
+from cleanroom.coordinator.validation import (
+    check_train_report,
+    site_update_bound,
+    validate_update,
+)
 from cleanroom.errors import CleanroomError, UpdateRejected
 from cleanroom.protocol.binding import AggregatorBinding
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
@@ -222,8 +226,9 @@ class AggregatorCore:
             return self._submit_masked(state, slot, sealed, context)
         try:
             update, report = open_update(sealed, state.keys, context, slot.update_signer)
-            self._check_report(report, slot)
-            norm = validate_update(update, state.model, max_norm=self._bound(report, state))
+            check_train_report(report, self.plan, slot.dataset_rows)
+            bound = site_update_bound(self.plan, report, state.model)
+            norm = validate_update(update, state.model, max_norm=bound)
         except CleanroomError as exc:
             return Verdict(False, f"update rejected: {exc}", ciphertext_sha256=sealed.sha256)
         self._fold(state, site, update, report)
@@ -240,7 +245,7 @@ class AggregatorCore:
             if state.failure is not None:
                 raise UpdateRejected(f"secure aggregation failed: {state.failure}")
             masked, report = open_masked_update(sealed, state.keys, context, slot.update_signer)
-            self._check_report(report, slot)
+            check_train_report(report, self.plan, slot.dataset_rows)
             if masked.site != slot.site:
                 raise UpdateRejected(f"the masked input names site {masked.site!r}")
             state.secagg.receive_masked_input(masked)
@@ -381,22 +386,6 @@ class AggregatorCore:
                          train_loss=sum(v * w for v, w in losses) / weight if weight else None,
                          dropped=result.dropped, secagg=info)
 
-    def _check_report(self, report: TrainReport, slot: SiteSlot) -> None:
-        plan = self.plan
-        if report.num_examples != slot.dataset_rows:
-            raise UpdateRejected(f"the site reports {report.num_examples} examples, its "
-                                 f"attested dataset holds {slot.dataset_rows} training rows")
-        if report.steps != plan.local_steps:
-            raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
-                                 f"{plan.local_steps}")
-        if plan.dp.enabled and report.privacy is None:
-            raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
-
-    def _bound(self, report: TrainReport, state: _RoundState) -> float:
-        n_params = sum(int(v.size) for v in state.model.values())
-        sigma = report.privacy.noise_multiplier if report.privacy is not None else None
-        return update_bound(self.plan, noise_multiplier=sigma,
-                            n_examples=max(1, report.num_examples), n_params=n_params)
 
     def _fold(self, state: _RoundState, site: str, update: Mapping[str, np.ndarray],
               report: TrainReport) -> None:

@@ -38,10 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from cleanroom.bounds import update_bound
 from cleanroom.coordinator.gate import Admission, AttestationGate, refused
 from cleanroom.coordinator.records import RoundRecord, SiteRound
-from cleanroom.coordinator.validation import validate_update
+from cleanroom.coordinator.validation import (
+    check_train_report,
+    site_update_bound,
+    validate_update,
+)
 from cleanroom.errors import CleanroomError
 from cleanroom.protocol.arrays import EncodedArrays
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
@@ -293,9 +296,9 @@ class CoordinatorRound:
             update, report = open_update(sealed, self.keys, context, session.update_signer)
             entry.update_ciphertext_sha256 = sealed.sha256
             self.record.bytes_received += sealed.nbytes
-            self._check_report(report, session)
-            entry.update_norm = validate_update(update, reference,
-                                                max_norm=self._bound(report, reference))
+            check_train_report(report, self.plan, session.dataset_rows)
+            bound = site_update_bound(self.plan, report, reference)
+            entry.update_norm = validate_update(update, reference, max_norm=bound)
         except CleanroomError as exc:
             self.reject(node_id, f"update rejected: {exc}")
             return None
@@ -304,26 +307,6 @@ class CoordinatorRound:
         if report.privacy is not None:
             self.gate.ledger_grew(session.site, report.privacy.ledger_records)
         return update, report
-
-    def _check_report(self, report: TrainReport, session: Session) -> None:
-        from cleanroom.errors import UpdateRejected
-
-        plan = self.plan
-        if report.num_examples != session.dataset_rows:
-            raise UpdateRejected(f"the site reports {report.num_examples} examples, its "
-                                 f"attested dataset holds {session.dataset_rows} training rows")
-        if report.steps != plan.local_steps:
-            raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
-                                 f"{plan.local_steps}")
-        if plan.dp.enabled and report.privacy is None:
-            raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
-
-    def _bound(self, report: TrainReport, reference: Mapping[str, np.ndarray]) -> float:
-        """This site's update bound: derived from the plan and its row count under DP."""
-        n_params = sum(int(np.asarray(v).size) for v in reference.values())
-        sigma = report.privacy.noise_multiplier if report.privacy is not None else None
-        return update_bound(self.plan, noise_multiplier=sigma,
-                            n_examples=max(1, report.num_examples), n_params=n_params)
 
     # ------------------------------------------------------------------ secure aggregation
     def secagg_start(self) -> dict[int, bytes]:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from cleanroom.errors import UpdateRejected
+from cleanroom.protocol.reports import TrainReport
+from cleanroom.protocol.wire import TrainPlan
 
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
@@ -41,3 +43,28 @@ def validate_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np
     if norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} exceeds the bound {max_norm:g}")
     return norm
+
+
+def check_train_report(report: TrainReport, plan: TrainPlan, dataset_rows: int) -> None:
+    """A site's training report against its attested row count and the plan (both sides of
+    the update path: the aggregator enclave and the operator's own round)."""
+    if report.num_examples != dataset_rows:
+        raise UpdateRejected(f"the site reports {report.num_examples} examples, its "
+                             f"attested dataset holds {dataset_rows} training rows")
+    if report.steps != plan.local_steps:
+        raise UpdateRejected(f"the site reports {report.steps} steps, the plan asks for "
+                             f"{plan.local_steps}")
+    if plan.dp.enabled and report.privacy is None:
+        raise UpdateRejected("the plan trains with DP but the report has no privacy spend")
+
+
+def site_update_bound(plan: TrainPlan, report: TrainReport,
+                      model: Mapping[str, np.ndarray]) -> float:
+    """The L2 bound of one site's update: derived from the plan, its noise and its row count
+    under DP (docs/architecture.md, update bounds)."""
+    from cleanroom.bounds import update_bound
+
+    n_params = sum(int(np.asarray(v).size) for v in model.values())
+    sigma = report.privacy.noise_multiplier if report.privacy is not None else None
+    return update_bound(plan, noise_multiplier=sigma, n_examples=max(1, report.num_examples),
+                        n_params=n_params)

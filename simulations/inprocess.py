@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -240,22 +239,22 @@ class InProcessGrid(Grid):
                     self.on_reply(reply, done, total)
                 yield reply
             return
-        if ordered:
-            yield from self._ordered(batch)
-            return
         queue = iter(batch)
-        running: set[Future[Message]] = set()
+        running: list[Future[Message]] = []  # in the order of ``messages``
         try:
             while True:
-                while len(running) < self.workers:
-                    msg = next(queue, None)
-                    if msg is None:
-                        break
-                    running.add(self._pool.submit(self._deliver, msg))
+                while len(running) < self.workers and (msg := next(queue, None)) is not None:
+                    running.append(self._pool.submit(self._deliver, msg))
                 if not running:
                     return
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                if ordered:
+                    wait(running[:1])
+                    finished = running[:1]
+                else:
+                    ready, _ = wait(running, return_when=FIRST_COMPLETED)
+                    finished = [f for f in running if f in ready]
                 for future in finished:
+                    running.remove(future)
                     reply = future.result()
                     done += 1
                     if self.on_reply is not None:
@@ -263,30 +262,6 @@ class InProcessGrid(Grid):
                     yield reply
         finally:
             for future in running:  # a consumer that stopped early: finish what runs
-                future.cancel()
-            wait(running)
-
-    def _ordered(self, batch: list[Message]) -> Iterator[Message]:
-        assert self._pool is not None
-        queue = iter(batch)
-        running: deque[Future[Message]] = deque()
-        total, done = len(batch), 0
-        try:
-            while True:
-                while len(running) < self.workers:
-                    msg = next(queue, None)
-                    if msg is None:
-                        break
-                    running.append(self._pool.submit(self._deliver, msg))
-                if not running:
-                    return
-                reply = running.popleft().result()
-                done += 1
-                if self.on_reply is not None:
-                    self.on_reply(reply, done, total)
-                yield reply
-        finally:
-            for future in running:
                 future.cancel()
             wait(running)
 

@@ -40,9 +40,14 @@ class DaemonError(CleanroomError):
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """True if something already listens on (host, port) (checked by binding)."""
+    """True if something already listens on (host, port) (checked by binding).
+
+    Binds with ``SO_REUSEADDR`` as the servers we start do (gRPC, asyncio): connections of a
+    process that just died linger in TIME_WAIT on its port for a minute, and a daemon restarted
+    after a crash must not be refused for them; a live listener still refuses the bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

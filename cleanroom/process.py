@@ -128,6 +128,24 @@ class Supervisor:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
+    def log_size(self, name: str) -> int:
+        """Bytes in ``name``'s log so far (logs are appended across starts)."""
+        path = self.log_dir / f"{name}.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def log_since(self, name: str, offset: int) -> str:
+        """``name``'s log from byte ``offset`` (what this start of it wrote)."""
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+
+    def forget(self, name: str) -> None:
+        """Drop the exited child ``name`` (before starting it again)."""
+        self.children = [(n, p) for n, p in self.children if n != name or p.poll() is None]
+
     def check_alive(self) -> None:
         for name, proc in self.children:
             code = proc.poll()

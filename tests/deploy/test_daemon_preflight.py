@@ -53,9 +53,8 @@ def test_port_in_time_wait_is_free_for_a_restarted_daemon():
         accepted.close()  # the server side closes first: TIME_WAIT on the server's port
         client.close()
     assert not port_in_use("127.0.0.1", port)
-    with socket.socket() as probe:  # what the old check did: a plain bind is refused
-        with pytest.raises(OSError):
-            probe.bind(("127.0.0.1", port))
+    with socket.socket() as probe, pytest.raises(OSError):  # a plain bind (the old check)
+        probe.bind(("127.0.0.1", port))
 
 
 def test_malformed_config_names_the_field(fed, tmp_path):

@@ -275,7 +275,7 @@ def test_coordinator_killed_mid_run_resumes(faulty, tmp_path):
     """kill -9 of the coordinator's whole tree after round 1's receipt: restarted, the run
     resumes from its checkpoint with its run id; the audit chain verifies and no site is
     charged twice for a round (each site's epsilon in the report is its ledger's)."""
-    with submitted(faulty, tmp_path / "part1", "--rounds", "3") as run:
+    with submitted(faulty, tmp_path / "part1", "--rounds", "4") as run:
         run_id = run_id_of(run)
         wait_rounds(faulty, run_id, 1)
         killed = faulty.kill("coordinator")
@@ -288,8 +288,11 @@ def test_coordinator_killed_mid_run_resumes(faulty, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     report = json.loads((tmp_path / "part2" / "report.json").read_text())
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[0]["attested"] == list(SITES3)
+    # a SuperNode still in its reconnect back-off may miss the first resumed round (the
+    # restarted SuperLink's database still has it online): it is back by the last one
+    assert all(TIMEOUT_REASON.fullmatch(r) for e in rounds[1:] for r in e["quarantined"].values())
     assert rounds[-1]["attested"] == list(SITES3), rounds[-1]
     assert sorted(rounds[-1]["aggregated"]) == list(SITES3), rounds[-1]
     assert report["resumed_from_run"] == run_id
@@ -301,6 +304,9 @@ def test_coordinator_killed_mid_run_resumes(faulty, tmp_path):
     for site in SITES3:
         ledger = {r["run_id"]: r for r in faulty.ledger(site)["runs"]}[report["run_id"]]
         # a round lost in the crash is charged once (refused as round-replayed if released)
-        assert ledger["rounds"] == 3, (site, ledger)
+        assert ledger["rounds"] <= 4 and ledger["reserved"] == 0, (site, ledger)
+        trained = sum(site in r["aggregated"] or "round-replayed" in
+                      r["site_refusals"].get(site, "") for r in rounds)
+        assert ledger["committed"] == trained, (site, ledger, rounds)
         assert report["final"]["epsilon"][site] == pytest.approx(ledger["epsilon"], rel=1e-6)
         assert 0 < ledger["epsilon"] <= 1.0 + 1e-6

@@ -37,6 +37,10 @@ ONLINE_MARK = "supernode.online"  # in FLWR_HOME while the SuperNode is (or was 
 # Flower holds a node online until 2 x 30 s after its last heartbeat and refuses to activate
 # it again before: a site restarted after a crash (kill -9, power loss) retries that long.
 STILL_ONLINE_WAIT = 75.0
+# A fresh start whose activation is refused retries this long: the coordinator may still be
+# registering the provisioned node keys (both daemons started together); a key it never
+# registers is refused after it.
+UNREGISTERED_WAIT = 10.0
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 # Known SuperNode failures -> what the hospital's IT team should do.
@@ -141,7 +145,7 @@ def start_node(config: SiteConfig, config_path: Path, sup: Supervisor,
     ]
     mark = online_mark(config)
     crashed = mark.exists()
-    deadline = time.monotonic() + STILL_ONLINE_WAIT
+    deadline = time.monotonic() + (STILL_ONLINE_WAIT if crashed else UNREGISTERED_WAIT)
     while True:
         offset = sup.log_size("supernode")
         sup.start("supernode", args, env)
@@ -150,11 +154,15 @@ def start_node(config: SiteConfig, config_path: Path, sup: Supervisor,
             break
         except DaemonError:
             refused = ACTIVATION_REFUSED in sup.log_since("supernode", offset)
-            if not (crashed and refused and time.monotonic() < deadline):
+            if not (refused and time.monotonic() < deadline):
                 raise
-            log.warning("the SuperLink still holds this site's node online from a start that "
-                        "did not stop cleanly (crash?): retrying until it lets the node go "
-                        "(at most %.0f s)", STILL_ONLINE_WAIT)
+            if crashed:
+                log.warning("the SuperLink still holds this site's node online from a start "
+                            "that did not stop cleanly (crash?): retrying until it lets the "
+                            "node go (at most %.0f s)", STILL_ONLINE_WAIT)
+            else:
+                log.warning("the SuperLink refused this site's node key: retrying for %.0f s "
+                            "(the coordinator may still be registering it)", UNREGISTERED_WAIT)
             sup.forget("supernode")
             time.sleep(3.0)
     mark.parent.mkdir(parents=True, exist_ok=True)

@@ -176,8 +176,9 @@ def test_a_site_restarted_after_a_crash_waits_until_the_superlink_lets_its_node_
         fed, monkeypatch, crashed):
     """kill -9 leaves the node online at the SuperLink for up to a minute (no heartbeat yet
     missed) and Flower refuses to activate it again: after a crash (online mark left behind)
-    the daemon starts the SuperNode again until it is let in; after a clean stop (or a key
-    the coordinator never registered) the refusal stops the daemon at once, with advice."""
+    the daemon starts the SuperNode again until it is let in (75 s at most); a fresh start
+    retries for 10 s (the coordinator may still be registering the key), then a key it
+    never registered stops the daemon, with advice."""
     from cleanroom.process import DaemonError
     from cleanroom.site_agent import daemon as site_daemon
     from cleanroom.site_agent.config import load_site_config
@@ -196,11 +197,16 @@ def test_a_site_restarted_after_a_crash_waits_until_the_superlink_lets_its_node_
     def connected(offset: int) -> object:
         return site_daemon.wait_connected(sup, timeout=2, offset=offset)  # type: ignore[arg-type]
 
-    if crashed:
-        site_daemon.start_node(config, path, sup, connected)  # type: ignore[arg-type]
-        assert sup.starts == 3 and "executor" in sup.started
-        assert mark.exists()  # connected: a crash from now on is recognised
-    else:
+    # after a crash, or on a fresh start while the coordinator is still registering the key
+    site_daemon.start_node(config, path, sup, connected)  # type: ignore[arg-type]
+    assert sup.starts == 3 and "executor" in sup.started
+    assert mark.exists()  # connected: a crash from now on is recognised
+    if not crashed:  # a key the coordinator never registers: refused once the wait is over
+        mark.unlink()
+        monkeypatch.setattr(site_daemon, "UNREGISTERED_WAIT", 0.3)
+        never = Restarting(refusals=10**6)
         with pytest.raises(DaemonError, match="does not know this site's node key"):
-            site_daemon.start_node(config, path, sup, connected)  # type: ignore[arg-type]
-        assert sup.starts == 1 and "executor" not in sup.started
+            site_daemon.start_node(config, path, never,  # type: ignore[arg-type]
+                                   lambda offset: site_daemon.wait_connected(
+                                       never, timeout=2, offset=offset))  # type: ignore[arg-type]
+        assert "executor" not in never.started

@@ -40,9 +40,14 @@ class DaemonError(CleanroomError):
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """True if something already listens on (host, port) (checked by binding)."""
+    """True if something already listens on (host, port) (checked by binding).
+
+    Binds with ``SO_REUSEADDR`` as the servers we start do (gRPC, asyncio): connections of a
+    process that just died linger in TIME_WAIT on its port for a minute, and a daemon restarted
+    after a crash must not be refused for them; a live listener still refuses the bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -122,6 +127,24 @@ class Supervisor:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_size(self, name: str) -> int:
+        """Bytes in ``name``'s log so far (logs are appended across starts)."""
+        path = self.log_dir / f"{name}.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def log_since(self, name: str, offset: int) -> str:
+        """``name``'s log from byte ``offset`` (what this start of it wrote)."""
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+
+    def forget(self, name: str) -> None:
+        """Drop the exited child ``name`` (before starting it again)."""
+        self.children = [(n, p) for n, p in self.children if n != name or p.poll() is None]
 
     def check_alive(self) -> None:
         for name, proc in self.children:

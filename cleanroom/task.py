@@ -562,6 +562,7 @@ def _import_task(snapshot: _Snapshot) -> tuple[Task, str]:
     if package in _LOADED:
         return _LOADED[package], package
     task_module = _task_module(snapshot)
+    where = snapshot.folder / (task_module.replace(".", "/") + ".py")
     finder = _SnapshotFinder(package, snapshot)
     sys.meta_path.insert(0, finder)
     shadowed: dict[str, types.ModuleType] = {}
@@ -583,7 +584,7 @@ def _import_task(snapshot: _Snapshot) -> tuple[Task, str]:
         except Exception as exc:
             for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
                 del sys.modules[name]
-            raise TaskError("task-import", f"{snapshot.folder / TASK_FILE} failed to import: "
+            raise TaskError("task-import", f"{where} failed to import: "
                             f"{type(exc).__name__}: {exc}") from exc
     finally:
         finder.serve_siblings = False
@@ -598,10 +599,10 @@ def _import_task(snapshot: _Snapshot) -> tuple[Task, str]:
         sys.meta_path.append(_SnapshotFinder(package, snapshot))
     task = getattr(module, TASK_VARIABLE, None)
     if task is None:
-        raise TaskError("task-invalid", f"{snapshot.folder / TASK_FILE} defines no module-level "
+        raise TaskError("task-invalid", f"{where} defines no module-level "
                         f"'{TASK_VARIABLE} = Task(...)'")
     if not isinstance(task, Task):
-        raise TaskError("task-invalid", f"{snapshot.folder / TASK_FILE}: '{TASK_VARIABLE}' is a "
+        raise TaskError("task-invalid", f"{where}: '{TASK_VARIABLE}' is a "
                         f"{type(task).__name__}, expected cleanroom.task.Task")
     _LOADED[package] = task
     return task, package

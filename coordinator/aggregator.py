@@ -89,6 +89,8 @@ class CentralDp:
         return cls(calibrate_noise(epsilon, delta, 1.0, rounds), clip, delta)
 
 
+MIN_RELEASE = 2  # fewest accepted updates an aggregate is released from (measured code)
+
 @dataclass(frozen=True)
 class SiteSlot:
     """What the operator's side tells the aggregator about an admitted site."""
@@ -417,13 +419,17 @@ class AggregatorCore:
         state.weight += weight
 
     def aggregate(self, round: int) -> Aggregate:
-        """Release the round's aggregate (None if no update was accepted)."""
+        """Release the round's aggregate: None if fewer than :data:`MIN_RELEASE` updates were
+        accepted (one site's update alone never leaves the enclave: the operator's process
+        could otherwise get it by passing on that site's update only)."""
         state = self._state(round)
         if state.mode == "secagg":
             return self._secagg_result(state)
         sites = tuple(state.accepted)
-        if not sites:
-            return Aggregate(None, 0, ())
+        if len(sites) < MIN_RELEASE:
+            return Aggregate(None, 0, (), failure=(
+                f"{len(sites)} update(s) accepted; the aggregator releases an aggregate of "
+                f"at least {MIN_RELEASE}") if sites else None)
         if state.mode == "collect":
             return self._robust(state)
         if self.central_dp is not None:

@@ -23,7 +23,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+from cleanroom.coordinator import enclave_wire
 from cleanroom.coordinator.aggregator import AggregatorCore, CentralDp
+from cleanroom.coordinator.enclave_wire import EnclaveInputError
 from cleanroom.errors import CleanroomError
 from cleanroom.protocol.wire import TrainPlan
 
@@ -85,11 +87,41 @@ def _reset_peak() -> None:
         pass
 
 
+# What the enclave answers: the core's public calls (checked in here, not only by the handle).
+CALLS = frozenset({"begin_round", "admit", "attest", "attest_sites", "submit_update",
+                   "aggregate", "begin_evaluation", "submit_metrics", "release_metrics",
+                   "end_round", "public_key", "central_epsilon", "secagg_begin",
+                   "secagg_receive", "secagg_requests"})
+
+
+def _start_args(message: Any) -> tuple[AggregatorLaunch, str, CentralDp | None, Any]:
+    if not (isinstance(message, tuple) and len(message) == 4):
+        raise EnclaveInputError("the start message must be (launch, plan, central DP, robust)")
+    launch, plan_json, central, robust = message
+    if not isinstance(launch, AggregatorLaunch) or not isinstance(plan_json, str) \
+            or not isinstance(central, (CentralDp, type(None))):
+        raise EnclaveInputError("the start message's launch, plan or central DP is not one")
+    return launch, plan_json, central, robust
+
+
+def _call(message: Any) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """A call as the operator's process sent it: (name, args, kwargs), name allowed."""
+    if not (isinstance(message, tuple) and len(message) == 3):
+        raise EnclaveInputError("a call must be (name, args, kwargs)")
+    name, args, kwargs = message
+    if not isinstance(name, str) or not isinstance(args, tuple) \
+            or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise EnclaveInputError("a call must be (name, args, kwargs)")
+    if name != "close" and name not in CALLS:
+        raise EnclaveInputError(f"{name[:64]!r} is not a call of the aggregator enclave")
+    return name, args, kwargs
+
+
 def _serve(conn: Any) -> None:
     """The enclave process: build the core from the first message, answer calls until told
-    to stop."""
+    to stop. Everything read from the pipe is data only (:mod:`enclave_wire`)."""
     try:
-        launch, plan_json, central, robust = conn.recv()
+        launch, plan_json, central, robust = _start_args(conn.recv_call())
         core = AggregatorCore(build_provider(launch), TrainPlan.model_validate_json(plan_json),
                               central_dp=central, robust=robust)
         conn.send(("ok", getattr(core.provider, "measurement", None)))
@@ -100,20 +132,20 @@ def _serve(conn: Any) -> None:
         return
     while True:
         try:
-            name, args, kwargs = conn.recv()
-        except EOFError:
-            return
-        if name == "close":
-            conn.send(("ok", (started_rss, _memory("VmHWM"))))  # benchmarks; no secret in it
-            return
-        try:
+            name, args, kwargs = _call(conn.recv_call())
+            if name == "close":
+                conn.send(("ok", (started_rss, _memory("VmHWM"))))  # benchmarks; no secret
+                return
             conn.send(("ok", getattr(core, name)(*args, **kwargs)))
+        except (EOFError, OSError):
+            return
         except Exception as exc:  # noqa: BLE001 - every failure goes back typed as text
             conn.send(("error", type(exc).__name__, str(exc)))
 
 
 class _Duplex:
-    """A pickling connection over the child's stdin/stdout pipes."""
+    """A connection over the child's stdin/stdout pipes: calls go in as data-only pickles
+    (:func:`enclave_wire.dumps`, read by :meth:`recv_call`), answers come out pickled."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.reader = Connection(read_fd, writable=False)
@@ -122,8 +154,15 @@ class _Duplex:
     def send(self, obj: Any) -> None:
         self.writer.send(obj)
 
+    def send_call(self, obj: Any) -> None:
+        self.writer.send_bytes(enclave_wire.dumps(obj))
+
     def recv(self) -> Any:
         return self.reader.recv()
+
+    def recv_call(self) -> Any:
+        """The enclave side: one call, data only, our types rebuilt with validation."""
+        return enclave_wire.decode(enclave_wire.loads(self.reader.recv_bytes()))
 
     def poll(self, timeout: float) -> bool:
         return self.reader.poll(timeout)
@@ -142,10 +181,7 @@ def _child_main() -> None:
 class AggregatorHandle:
     """The operator side's handle on the aggregator enclave (same calls as the core)."""
 
-    CALLS = frozenset({"begin_round", "admit", "attest", "attest_sites", "submit_update",
-                       "aggregate", "begin_evaluation", "submit_metrics", "release_metrics",
-                       "end_round", "public_key", "central_epsilon", "secagg_begin",
-                       "secagg_receive", "secagg_requests"})
+    CALLS = CALLS
 
     def __init__(self, launch: AggregatorLaunch, plan: TrainPlan, *,
                  central_dp: CentralDp | None = None, robust: Any = None) -> None:
@@ -171,7 +207,7 @@ class AggregatorHandle:
                              os.dup(self._process.stdin.fileno()))
         self._process.stdout.close()
         self._process.stdin.close()
-        self._conn.send((launch, plan.model_dump_json(), central_dp, robust))
+        self._conn.send_call((launch, plan.model_dump_json(), central_dp, robust))
         self.measurement = self._result(START_TIMEOUT, "start")
 
     def _result(self, timeout: float, what: str) -> Any:
@@ -194,7 +230,7 @@ class AggregatorHandle:
             with self._lock:
                 if self._conn is None:
                     raise CleanroomError("the aggregator enclave is closed")
-                self._conn.send((name, args, kwargs))
+                self._conn.send_call((name, args, kwargs))
                 return self._result(CALL_TIMEOUT, name)
         return call
 
@@ -203,7 +239,7 @@ class AggregatorHandle:
         with self._lock:
             if self._conn is not None:
                 try:
-                    self._conn.send(("close", (), {}))
+                    self._conn.send_call(("close", (), {}))
                     if self._conn.poll(5):
                         reply = self._conn.recv()
                         if reply[0] == "ok" and isinstance(reply[1], tuple):
@@ -222,4 +258,8 @@ class AggregatorHandle:
 
 
 if __name__ == "__main__":
-    _child_main()
+    # Run the imported module's code, not this __main__ copy: the types the pipe rebuilds
+    # (AggregatorLaunch...) must be the package's own.
+    from cleanroom.coordinator.aggregator_enclave import _child_main as main
+
+    main()

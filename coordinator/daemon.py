@@ -92,7 +92,18 @@ class RunControl:
         from cleanroom.coordinator.serverapp import OPTIONS_KEY, RunOptions
 
         checked = RunOptions.model_validate(options)
-        return self.cli.submit(self.app_dir(), {OPTIONS_KEY: checked.model_dump_json(
+        app = self.app_dir()
+        if not app_takes_options(app):
+            given = sorted(checked.model_dump(exclude_defaults=True))
+            if given:
+                raise ConfigError(
+                    f"the task's Flower App ({app}) does not declare '{OPTIONS_KEY}' in "
+                    "[tool.flwr.app.config]: its own ServerApp decides rounds, strategy and "
+                    f"training, so {', '.join(given)} would have no effect; drop them, or "
+                    f"declare {OPTIONS_KEY} = \"{{}}\" there and read them in the ServerApp "
+                    "(docs/tasks.md, 'Deploying your own app')")
+            return self.cli.submit(app, {})
+        return self.cli.submit(app, {OPTIONS_KEY: checked.model_dump_json(
             exclude_defaults=True)})
 
     def stop(self, run_id: int) -> None:
@@ -109,6 +120,21 @@ class RunControl:
 
     def health_url(self) -> str:
         return f"https://{self.config.superlink.control_address}/health"
+
+
+def app_takes_options(app: Path) -> bool:
+    """Whether the Flower App in ``app`` declares the run-options key (Flower refuses a run
+    whose run config overrides a key the app does not declare)."""
+    import tomllib
+
+    from cleanroom.coordinator.serverapp import OPTIONS_KEY
+
+    try:
+        doc = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{app / 'pyproject.toml'}: {exc}") from None
+    config = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return isinstance(config, dict) and OPTIONS_KEY in config
 
 
 def control_cli(config: CoordinatorConfig, env: dict[str, str]) -> FlowerCli:

@@ -6,6 +6,11 @@ time, and the coordinator holds every site's reply at once. :class:`FastPollGrid
 message at once, then hands out the replies as they are pulled (every ``interval`` seconds)
 until every reply is in or ``timeout`` passes: a strategy that folds each reply as it arrives
 (the attested aggregator does) holds one reply at a time, not one per site.
+
+When a node cannot be reached (it missed its heartbeats: crashed, partitioned), the SuperLink
+answers for it with an error reply whose sender is the SuperLink itself
+(``SUPERLINK_NODE_ID``); :class:`FastPollGrid` hands it on as the unreachable node's reply, so
+the round records that site (not a ``node-1``) as quarantined.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 
@@ -62,16 +68,29 @@ class FastPollGrid(DelegatingGrid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterator[Message]:
         # Pushed now (not when the replies are first asked for); the deadline counts from now.
-        pending = set(self.push_messages(messages))
+        messages = list(messages)
+        ids = list(self.push_messages(messages))
+        sent_to = {mid: getattr(getattr(m, "metadata", None), "dst_node_id", None)
+                   for mid, m in zip(ids, messages, strict=False)}
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._replies(pending, deadline)
+        return self._replies(set(ids), deadline, sent_to)
 
-    def _replies(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
+    def _replies(self, pending: set[str], deadline: float | None,
+                 sent_to: dict[str, int | None]) -> Iterator[Message]:
         while pending and (deadline is None or time.monotonic() < deadline):
             for reply in self.pull_messages(list(pending)):
                 answered = reply.metadata.reply_to_message_id
                 if answered in pending:  # one reply per message sent, never a stray one
                     pending.discard(answered)
-                    yield reply
+                    yield _for_unreachable_node(reply, sent_to.get(answered))
             if pending:
                 time.sleep(self.interval)
+
+
+def _for_unreachable_node(reply: Message, node_id: int | None) -> Message:
+    """The SuperLink's own error reply for a node it could not reach, as that node's reply
+    (only an error, only from the SuperLink: a node's reply keeps its authenticated sender)."""
+    if (node_id is not None and reply.metadata.src_node_id == SUPERLINK_NODE_ID
+            and reply.has_error()):
+        reply.metadata.__dict__["_src_node_id"] = node_id  # Metadata has no setter for it
+    return reply

@@ -61,9 +61,14 @@ class FlowerCli:
         nodes.json, the SuperLink's database persists registrations) keeps its node id."""
         code, out = self._run("supernode", "register", str(public_key), CONNECTION,
                               "--name", name, "--format", "json")
-        if code == 0:
-            start = out.find("{")
-            return int(json.loads(out[start:])["node-id"])
+        start = out.find("{")
+        try:
+            doc = json.loads(out[start:]) if start >= 0 else {}
+        except ValueError:
+            doc = {}
+        if code == 0 and doc.get("success", True) and "node-id" in doc:
+            return int(doc["node-id"])
+        # flwr 1.42 exits 0 with {"success": false, ...} when the key is already registered
         if "already in use" in out and name in known:
             return known[name]
         raise DaemonError(f"cannot register site {name!r}: {out.strip()[-400:]}")

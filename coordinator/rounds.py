@@ -390,6 +390,10 @@ class CoordinatorRound:
         result = self.aggregator.aggregate(self.round)
         if result.central_epsilon is not None:
             self.record.central_epsilon = result.central_epsilon
+        if result.arrays is None and result.secagg is None:
+            self.record.aggregated = []  # nothing of theirs left the enclave
+            if result.failure:
+                log.warning("round %d: no aggregate: %s", self.round, result.failure)
         if result.secagg is not None:
             info = self.record.secure_aggregation or {}
             info.update(result.secagg, survivors=list(result.sites),

@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "each site's dashboard are printed with the files holding their tokens, until Ctrl-C "
         "or SIGTERM stops every process.")
     p.add_argument("--sites", type=int, default=2, help="number of sites (default 2)")
+    p.add_argument("--task", default=None, metavar="NAME|DIR",
+                   help="the task: an installed task's name or your task's Flower App folder "
+                   "(sites are site00, site01...; the task's 'simulate' hook gives each its "
+                   "data). Default: heart-disease on its hospitals (N <= 4), else synthetic")
     p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="folder for the federation (keys, configs, logs) and report.json")
@@ -95,10 +99,13 @@ def plan_local(out: Path, sites: int | list[str]) -> LocalPlan:
                                  for i, name in enumerate(names)})
 
 
-def provision_local(plan: LocalPlan, rounds: int) -> Provisioned:
+def provision_local(plan: LocalPlan, rounds: int, task: str | None = None) -> Provisioned:
+    """Provision ``plan``'s federation for ``task`` (an installed task's name or a task
+    folder; default heart-disease for its hospitals, else synthetic)."""
     from cleanroom.coordinator.provision import ProvisionRequest, provision
 
-    task = "heart-disease" if all(n in HEART for n in plan.names) else "synthetic"
+    if task is None:
+        task = "heart-disease" if all(n in HEART for n in plan.names) else "synthetic"
     return provision(ProvisionRequest(
         out=plan.out, sites=list(plan.names), task=task, superlink_port=plan.superlink_port,
         api_port=plan.api_port, control_port=plan.control_port, site_ports=plan.site_ports,
@@ -154,11 +161,27 @@ def hold(sup: Supervisor, stop: threading.Event, say: Callable[[str], None] = pr
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     from cleanroom.coordinator.cli.run import submit_and_follow
+    from cleanroom.coordinator.daemon import app_takes_options
+    from cleanroom.errors import ConfigError
     from cleanroom.process import Supervisor
+    from cleanroom.task import installed_folder, installed_tasks
 
-    plan = plan_local(args.out, args.sites)
+    sites: int | list[str] = args.sites
+    if args.task not in (None, "heart-disease"):
+        if not 1 <= args.sites <= 64:
+            raise ConfigError("--sites must be between 1 and 64")
+        sites = [f"site{i:02d}" for i in range(args.sites)]
+        folder = Path(args.task) if Path(args.task).is_dir() else (
+            installed_folder(args.task) if args.task in installed_tasks() else None)
+        if folder is None:
+            raise ConfigError(f"--task {args.task}: neither a task folder nor an installed "
+                              f"task ({', '.join(sorted(installed_tasks()))})")
+        takes_options = app_takes_options(folder)
+    else:
+        takes_options = True
+    plan = plan_local(args.out, sites)
     started = time.time()
-    prov = provision_local(plan, args.rounds)
+    prov = provision_local(plan, args.rounds, args.task)
     sup = Supervisor(plan.out / "logs")
     stop = threading.Event()
 
@@ -180,6 +203,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
             options["strategy"] = args.strategy
         if args.no_dp:
             options["dp"] = False
+        if not takes_options:  # a user's own Flower App: its ServerApp decides the run
+            print("the task's Flower App does not take run options: its own ServerApp "
+                  "decides rounds, strategy and DP (--rounds, --strategy, --no-dp unused)",
+                  flush=True)
+            options = {}
         code = submit_and_follow(prov.coordinator_config, options, plan.out, args.timeout,
                                  not args.no_progress)
         if args.keep_running:

@@ -29,6 +29,10 @@ _T = TrainingSettings()  # the tuned defaults (docs/dp-tuning.md), shared with d
 NODE_ID_BASE = 1000  # in-process node ids: NODE_ID_BASE + partition id
 SMALL_MODEL = 100_000  # parameters: below this the simulation trains with one torch thread
 DEFAULT_WORKERS = 8  # threads serving in-process sites (confidential runs)
+# Each site in flight holds ~30 copies of the model's size (the message's chunks, the opened
+# model, the site's module and its snapshots, the sealed update): the threads together get
+# about this much (100 sites x 1M parameters: 1.74 GB peak with 8 threads, 1.06 GB with 2).
+WORKERS_MEMORY = 256 * 2**20
 
 
 class SimulationConfig(BaseModel):
@@ -78,7 +82,8 @@ class SimulationConfig(BaseModel):
     progress: bool = True
     workers: int | None = Field(None, ge=1, le=64, description="inprocess: sites served in "
                                 "parallel (threads; training itself runs one site at a time). "
-                                "Default: 8 for confidential runs, 1 for the plaintext "
+                                "Default: 8 for confidential runs (fewer for large models: "
+                                "about 256 MB of sites in flight), 1 for the plaintext "
                                 "baseline: CPython 3.11.7's compile() is not thread safe "
                                 "(numpy headers parsed in Flower's Array.numpy(), which only "
                                 "the plaintext path calls, raise 'AST constructor recursion "
@@ -209,22 +214,30 @@ def load_simulation_task(spec: str) -> Any:
     return loaded
 
 
-def workers_of(config: SimulationConfig, sites: int) -> int:
-    """Threads serving in-process sites: the configured number, else 8 (confidential) or 1
-    (plaintext baseline), never more than the sites."""
+def workers_of(config: SimulationConfig, sites: int, params: int = 0) -> int:
+    """Threads serving in-process sites: the configured number, else 8 (confidential; fewer
+    when ``params`` is large: WORKERS_MEMORY) or 1 (plaintext baseline), never more than the
+    sites."""
     if config.workers is not None:
         return min(config.workers, max(1, sites))
-    return min(DEFAULT_WORKERS, sites) if config.confidential else 1
+    if not config.confidential:
+        return 1
+    by_memory = WORKERS_MEMORY // max(1, 30 * 4 * params)
+    return max(1, min(DEFAULT_WORKERS, by_memory, sites))
+
+
+def _params(task: Any) -> int:
+    """The number of parameters of a loaded task's model."""
+    from cleanroom.task import build_task_model
+
+    return sum(p.numel() for p in build_task_model(task.task).parameters())
 
 
 def torch_threads(config: SimulationConfig, task: Any) -> int | None:
     """The torch intra-op threads of a run (None: leave torch's setting)."""
     if config.threads is not None:
         return config.threads
-    from cleanroom.task import build_task_model
-
-    params = sum(p.numel() for p in build_task_model(task.task).parameters())
-    return 1 if params < SMALL_MODEL else None
+    return 1 if _params(task) < SMALL_MODEL else None
 
 
 def run_simulation(config: SimulationConfig,
@@ -382,7 +395,8 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
         else:
             app = factory()
             grid = InProcessGrid.build(lambda _nid: app, nodes, run_id=run_id,
-                                       workers=workers_of(config, n), on_reply=on_reply)
+                                       workers=workers_of(config, n, _params(spec.task)),
+                                       on_reply=on_reply)
         try:
             return start_rounds(strategy, grid, spec, seed=config.seed)
         finally:

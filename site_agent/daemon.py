@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 SECRET_FILE = "superexec.secret"  # in the state folder, mode 0600, new at every start
 CONNECTED = "SuperNode ID"  # what Flower's SuperNode logs once the SuperLink accepted its key
 CONNECT_WAIT = 30.0  # s; past it the executor starts anyway (the SuperNode keeps retrying)
+ONLINE_MARK = "supernode.online"  # in FLWR_HOME while the SuperNode is (or was last) connected
+# Flower holds a node online until 2 x 30 s after its last heartbeat and refuses to activate
+# it again before: a site restarted after a crash (kill -9, power loss) retries that long.
+STILL_ONLINE_WAIT = 75.0
+# A fresh start whose activation is refused retries this long: the coordinator may still be
+# registering the provisioned node keys (both daemons started together); a key it never
+# registers is refused after it.
+UNREGISTERED_WAIT = 10.0
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 # Known SuperNode failures -> what the hospital's IT team should do.
 SUPERNODE_ERRORS = (
@@ -92,12 +101,13 @@ def _check(sup: Supervisor) -> None:
         raise DaemonError(f"SuperNode stopped: {advice}" if advice else str(exc)) from None
 
 
-def wait_connected(sup: Supervisor, timeout: float = CONNECT_WAIT) -> bool:
-    """Wait until the SuperNode is connected; a SuperNode that stopped raises with advice."""
+def wait_connected(sup: Supervisor, timeout: float = CONNECT_WAIT, offset: int = 0) -> bool:
+    """Wait until the SuperNode is connected (its log from ``offset``: this start's);
+    a SuperNode that stopped raises with advice."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _check(sup)
-        if CONNECTED in sup.log_tail("supernode", 400):
+        if CONNECTED in sup.log_since("supernode", offset):
             return True
         time.sleep(0.2)
     log.warning("the SuperNode has not connected after %.0fs (SuperLink unreachable?); "
@@ -105,27 +115,58 @@ def wait_connected(sup: Supervisor, timeout: float = CONNECT_WAIT) -> bool:
     return False
 
 
+def online_mark(config: SiteConfig) -> Path:
+    return config.state_dir / "flwr-home" / ONLINE_MARK
+
+
 def start_node(config: SiteConfig, config_path: Path, sup: Supervisor,
-               connected: Callable[[], object] = lambda: None) -> None:
+               connected: Callable[[int], object] = lambda offset: None) -> None:
     """The SuperNode in process isolation, and the site's executor, the only holder of the
     fresh SuperExec secret: nothing else on this machine can take a task from the SuperNode,
-    and no task runs without passing the site's gate. ``connected`` is called in between
-    (the daemon waits for the SuperNode to connect: a refused node key or certificate stops
-    it before the executor spends seconds loading torch)."""
+    and no task runs without passing the site's gate. ``connected(log offset)`` is called in
+    between (the daemon waits for the SuperNode to connect: a refused node key or certificate
+    stops it before the executor spends seconds loading torch).
+
+    If the last start did not stop cleanly (the online mark is still there), the SuperLink
+    may still hold this node online and refuse to activate it: the SuperNode is started again
+    until it is let in, for at most :data:`STILL_ONLINE_WAIT` seconds."""
     flower = config.flower
     assert flower is not None
     env = sup.env({"FLWR_HOME": str(config.state_dir / "flwr-home")})
     secret = config.state_dir / SECRET_FILE
     write_private(secret, secrets.token_bytes(32))  # fresh per start
-    sup.start("supernode", [
+    args = [
         "flower-supernode", "--superlink", flower.superlink,
         "--root-certificates", str(flower.root_certificates),
         "--auth-supernode-private-key", str(flower.auth_key),
         "--port", str(flower.port),
         "--node-config", f"site='{config.site}' site-config='{config_path}'",
         "--isolation", "process", "--superexec-auth-secret-file", str(secret),
-    ], env)
-    connected()
+    ]
+    mark = online_mark(config)
+    crashed = mark.exists()
+    deadline = time.monotonic() + (STILL_ONLINE_WAIT if crashed else UNREGISTERED_WAIT)
+    while True:
+        offset = sup.log_size("supernode")
+        sup.start("supernode", args, env)
+        try:
+            connected(offset)
+            break
+        except DaemonError:
+            refused = ACTIVATION_REFUSED in sup.log_since("supernode", offset)
+            if not (refused and time.monotonic() < deadline):
+                raise
+            if crashed:
+                log.warning("the SuperLink still holds this site's node online from a start "
+                            "that did not stop cleanly (crash?): retrying until it lets the "
+                            "node go (at most %.0f s)", STILL_ONLINE_WAIT)
+            else:
+                log.warning("the SuperLink refused this site's node key: retrying for %.0f s "
+                            "(the coordinator may still be registering it)", UNREGISTERED_WAIT)
+            sup.forget("supernode")
+            time.sleep(3.0)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text("")
     sup.start("executor", [
         sys.executable, "-m", "cleanroom.site_agent.executor", "--config", str(config_path),
         "--runtime-api-address", f"127.0.0.1:{flower.port}", "--secret-file", str(secret),
@@ -140,7 +181,7 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     runtime = preflight(config)
     sup = Supervisor(config.state_dir / "logs")
     try:
-        start_node(config, config_path, sup, lambda: wait_connected(sup))
+        start_node(config, config_path, sup, lambda offset: wait_connected(sup, offset=offset))
         time.sleep(0.5)
         _check(sup)
         tokens = load_tokens(config.api.tokens) if config.api.tokens else {}
@@ -149,5 +190,6 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
             on_ready(config)
         asyncio.run(serve_until_signal(app, config.api.host, config.api.port, lambda: _check(sup)))
     finally:
-        sup.stop()
+        sup.stop()  # the SuperNode deactivates its node on SIGTERM: a clean stop
+        online_mark(config).unlink(missing_ok=True)
     return 0

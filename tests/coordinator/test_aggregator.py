@@ -326,12 +326,13 @@ def test_central_dp_adds_noise_and_accounts_for_it(tmp_path, sim_root_dir, model
     for rnd in (1, 2):
         core.begin_round("run-1", rnd, model, arrays_digest(model))
         big = OrderedDict((k, v + 0.05) for k, v in model.items())  # clipped to 0.1
-        signer = ed25519.Ed25519PrivateKey.generate()
-        core.admit(rnd, SiteSlot("alpha", signer.public_key().public_bytes_raw(), 100))
-        context = EnvelopeContext("update", "run-1", rnd, "alpha", arrays_digest(model))
-        report = TrainReport(num_examples=100, steps=core.plan.local_steps)
-        core.submit_update(rnd, "alpha", seal_update(big, report, core.public_key(rnd),
-                                                     context, signer))
+        for site in ("alpha", "beta"):
+            signer = ed25519.Ed25519PrivateKey.generate()
+            core.admit(rnd, SiteSlot(site, signer.public_key().public_bytes_raw(), 100))
+            context = EnvelopeContext("update", "run-1", rnd, site, arrays_digest(model))
+            report = TrainReport(num_examples=100, steps=core.plan.local_steps)
+            assert core.submit_update(rnd, site, seal_update(
+                big, report, core.public_key(rnd), context, signer)).accepted
         result = core.aggregate(rnd)
         delta = np.concatenate([(result.arrays[k] - model[k]).ravel() for k in model])
         assert not np.allclose(delta, 0.1 / np.sqrt(delta.size))  # noise, not just the clip
@@ -400,3 +401,22 @@ def test_the_enclave_process_answers_and_types_its_errors(tmp_path, sim_root_dir
         handle.close()
     with pytest.raises(CleanroomError, match="closed"):
         handle.public_key(1)
+
+
+def test_one_sites_update_alone_is_never_released(tmp_path, sim_root_dir, model):
+    """The operator's process passes on only alpha's update (beta's is withheld): the
+    aggregate would be alpha's update itself, so nothing is released."""
+    core = _core(tmp_path, sim_root_dir)
+    core.begin_round("run-1", 1, model, arrays_digest(model))
+    signers = {}
+    for site in ("alpha", "beta"):
+        signers[site] = ed25519.Ed25519PrivateKey.generate()
+        core.admit(1, SiteSlot(site, signers[site].public_key().public_bytes_raw(), 100))
+    context = EnvelopeContext("update", "run-1", 1, "alpha", arrays_digest(model))
+    report = TrainReport(num_examples=100, steps=core.plan.local_steps)
+    moved = OrderedDict((k, v + 0.01) for k, v in model.items())
+    assert core.submit_update(1, "alpha", seal_update(moved, report, core.public_key(1),
+                                                      context, signers["alpha"])).accepted
+    result = core.aggregate(1)
+    assert result.arrays is None and result.sites == ()
+    assert "at least 2" in (result.failure or "")

@@ -62,3 +62,32 @@ def test_deadline_counts_from_the_push() -> None:
     grid, inner = _grid([None] * 1000)
     replies = grid.send_and_receive(["a"], timeout=0.0)
     assert list(replies) == [] and inner.pulls == []
+
+
+def _reply(src: int, reply_to: str, error: bool) -> Any:
+    from flwr.app import Error, Message, Metadata, RecordDict
+
+    meta = Metadata(run_id=1, message_id=f"r-{reply_to}", src_node_id=src, dst_node_id=0,
+                    reply_to_message_id=reply_to, group_id="1", created_at=0.0, ttl=60.0,
+                    message_type="train")
+    return Message(Error(code=0, reason="Node Unavailable"), metadata=meta) if error else \
+        Message(RecordDict(), metadata=meta)
+
+
+def test_the_superlinks_error_reply_for_an_unreachable_node_is_that_nodes() -> None:
+    """A crashed or partitioned node: the SuperLink answers with an error from itself
+    (node 1); the round must see it as the unreachable site's reply, not as 'node-1'."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 22, 33)]
+
+    class Replies(FakeGrid):
+        def pull_messages(self, ids: Iterable[str]) -> list[Any]:
+            return [_reply(SUPERLINK_NODE_ID, "m0", error=True),  # node 11 unreachable
+                    _reply(SUPERLINK_NODE_ID, "m1", error=False),  # not an error: untouched
+                    _reply(33, "m2", error=True)]  # a node's own error keeps its sender
+
+    grid = FastPollGrid(Replies([]), interval=0.0)  # type: ignore[arg-type]
+    got = {r.metadata.reply_to_message_id: r.metadata.src_node_id
+           for r in grid.send_and_receive(sent, timeout=5)}
+    assert got == {"m0": 11, "m1": SUPERLINK_NODE_ID, "m2": 33}

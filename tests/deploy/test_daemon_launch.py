@@ -31,6 +31,15 @@ class FakeSupervisor:
     def check_alive(self) -> None:
         pass
 
+    def log_size(self, name: str) -> int:
+        return 0
+
+    def log_since(self, name: str, offset: int) -> str:
+        return ""
+
+    def forget(self, name: str) -> None:
+        pass
+
 
 def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
@@ -123,6 +132,9 @@ def test_the_executor_starts_only_once_the_supernode_is_connected(monkeypatch):
         def log_tail(self, name: str, lines: int = 30) -> str:
             return self.log
 
+        def log_since(self, name: str, offset: int) -> str:
+            return self.log
+
         def check_alive(self) -> None:
             if self.dead:
                 raise DaemonError(f"supernode exited with status 1:\n{self.log}")
@@ -133,3 +145,68 @@ def test_the_executor_starts_only_once_the_supernode_is_connected(monkeypatch):
         site_daemon.wait_connected(refused, timeout=2)  # type: ignore[arg-type]
     assert not site_daemon.wait_connected(Node("Connection attempt failed, retrying"),  # type: ignore[arg-type]
                                           timeout=0.3)
+
+
+class Restarting(FakeSupervisor):
+    """A SuperLink that refuses to activate the node ``refusals`` times (it still holds the
+    node online from a start that crashed), then lets it in."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals, self.starts = refusals, 0
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Any:
+        super().start(name, args, env)
+        self.starts += name == "supernode"
+
+    def log_since(self, name: str, offset: int) -> str:
+        if self.starts <= self.refusals:
+            return "Exit Code: 305 ... [code: 2004] Failed to activate SuperNode."
+        return "INFO: SuperNode ID: 42"
+
+    def check_alive(self) -> None:
+        from cleanroom.process import DaemonError
+
+        if self.starts <= self.refusals:
+            raise DaemonError("supernode exited with status 1:\n" + self.log_since("", 0))
+
+
+@pytest.mark.parametrize("crashed", [True, False])
+def test_a_site_restarted_after_a_crash_waits_until_the_superlink_lets_its_node_go(
+        fed, monkeypatch, crashed):
+    """kill -9 leaves the node online at the SuperLink for up to a minute (no heartbeat yet
+    missed) and Flower refuses to activate it again: after a crash (online mark left behind)
+    the daemon starts the SuperNode again until it is let in (75 s at most); a fresh start
+    retries for 10 s (the coordinator may still be registering the key), then a key it
+    never registered stops the daemon, with advice."""
+    from cleanroom.process import DaemonError
+    from cleanroom.site_agent import daemon as site_daemon
+    from cleanroom.site_agent.config import load_site_config
+
+    monkeypatch.setattr(site_daemon.time, "sleep", lambda _: None)
+    path = (fed / "sites" / "hungary" / "site.toml").resolve()
+    config = load_site_config(path)
+    mark = site_daemon.online_mark(config)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    if crashed:
+        mark.write_text("")
+    else:
+        mark.unlink(missing_ok=True)
+    sup = Restarting(refusals=2)
+
+    def connected(offset: int) -> object:
+        return site_daemon.wait_connected(sup, timeout=2, offset=offset)  # type: ignore[arg-type]
+
+    # after a crash, or on a fresh start while the coordinator is still registering the key
+    site_daemon.start_node(config, path, sup, connected)  # type: ignore[arg-type]
+    assert sup.starts == 3 and "executor" in sup.started
+    assert mark.exists()  # connected: a crash from now on is recognised
+    if not crashed:  # a key the coordinator never registers: refused once the wait is over
+        mark.unlink()
+        monkeypatch.setattr(site_daemon, "UNREGISTERED_WAIT", 0.3)
+        never = Restarting(refusals=10**6)
+        with pytest.raises(DaemonError, match="does not know this site's node key"):
+            site_daemon.start_node(config, path, never,  # type: ignore[arg-type]
+                                   lambda offset: site_daemon.wait_connected(
+                                       never, timeout=2, offset=offset))  # type: ignore[arg-type]
+        assert "executor" not in never.started

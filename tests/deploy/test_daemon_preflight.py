@@ -40,6 +40,23 @@ def test_port_already_in_use(fed):
                 fed / "coordinator" / "coordinator.toml"))
 
 
+def test_port_in_time_wait_is_free_for_a_restarted_daemon():
+    """A daemon killed with open connections leaves them in TIME_WAIT on its port: its
+    restart must not be refused as 'already in use' for a minute."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and asyncio do
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: TIME_WAIT on the server's port
+        client.close()
+    assert not port_in_use("127.0.0.1", port)
+    with socket.socket() as probe, pytest.raises(OSError):  # a plain bind (the old check)
+        probe.bind(("127.0.0.1", port))
+
+
 def test_malformed_config_names_the_field(fed, tmp_path):
     text = (fed / "sites" / "cleveland" / "site.toml").read_text()
     bad = fed / "sites" / "cleveland" / "bad.toml"

@@ -29,6 +29,8 @@ scenarios:
                      secure aggregation; one site goes offline after sharing its masks ->
                      the round completes with the others (rounds: aggregated,
                      secure_aggregation.dropped)
+  poisoned-update    one attested site sends its update scaled 100x -> quarantined every
+                     round, the reason names the norm and the bound; the others train on
 
 trust both ways: every round each site sends its own nonce with its attestation and releases
 its update only to the coordinator's aggregator enclave whose evidence binds that nonce and
@@ -91,7 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--scenario", default="honest",
                    choices=["honest", "tampered-site", "replayed-evidence", "forged-evidence",
                             "debug-enclave", "over-budget", "unattested-coordinator",
-                            "dropout-after-masking"],
+                            "dropout-after-masking", "poisoned-update"],
                    help="honest (default), one hostile site or a hostile coordinator, see "
                    "below")
     p.add_argument("--hostile-site", help="which site misbehaves (default: the last one, va)")

@@ -383,6 +383,11 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
 
         hostile = next(i for i, c in enumerate(sites.configs) if c.site in sites.faults)
         plain["outer_mods"] = [DropAfterMasking(hostile)]
+    elif config.scenario == "poisoned-update":
+        from cleanroom.simulations.scenarios import PoisoningTrainer
+        from cleanroom.site_agent.trainers import TaskTrainer
+
+        plain["trainer"] = PoisoningTrainer(TaskTrainer(), next(iter(sites.faults)))
     n = len(sites.configs)
     if config.backend == "inprocess":
         from cleanroom.simulations.inprocess import InProcessGrid

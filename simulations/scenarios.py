@@ -46,7 +46,10 @@ SCENARIOS: dict[str, str] = {
     "unattested-coordinator": "the coordinator's aggregator runs modified code (sites refuse)",
     "dropout-after-masking": "one site goes offline after sharing its masks (secure "
                              "aggregation)",
+    "poisoned-update": "one attested site sends its update scaled 100x (its trainer replaced "
+                       "by a test hook attestation cannot see); the update bound refuses it",
 }
+POISON_SCALE = 100.0
 COORDINATOR_SCENARIOS = frozenset({"unattested-coordinator"})  # the hostile party: coordinator
 OVER_BUDGET_EPSILON = 0.05
 TAMPER_TARGET = "training.py"
@@ -64,6 +67,33 @@ class DropAfterMasking:
                 int(ctx.node_config.get("partition-id", -1)) == self.partition:
             raise ConnectionError("the site went offline after sharing its masks")
         return call_next(msg, ctx)
+
+
+class PoisoningTrainer:
+    """The trainer of a site whose attested code was replaced by a test hook: ``site``'s
+    update is its honest delta scaled by ``scale`` (model poisoning by an attested site, what
+    the coordinator's update bound is for); every other site trains honestly."""
+
+    def __init__(self, inner: Any, site: str, scale: float = POISON_SCALE) -> None:
+        self.inner, self.site, self.scale = inner, site, scale
+
+    def train(self, runtime: Any, plan: Any, arrays: Any, settings: Any, seed: int,
+              strategy_config: Any) -> Any:
+        import dataclasses
+        from collections import OrderedDict
+
+        import numpy as np
+
+        outcome = self.inner.train(runtime, plan, arrays, settings, seed, strategy_config)
+        if runtime.site != self.site:
+            return outcome
+        poisoned = OrderedDict(
+            (k, (np.asarray(arrays[k]) + self.scale * (np.asarray(v) - np.asarray(arrays[k])))
+             .astype(np.asarray(v).dtype)) for k, v in outcome.parameters.items())
+        return dataclasses.replace(outcome, parameters=poisoned)
+
+    def evaluate(self, runtime: Any, plan: Any, arrays: Any) -> Any:
+        return self.inner.evaluate(runtime, plan, arrays)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from cleanroom.protocol.reports import NUM_EXAMPLES
 from cleanroom.protocol.wire import TrainPlan
 from cleanroom.site_agent.mod import ConfidentialMod
 from cleanroom.site_agent.runtime import SiteRuntime
+from cleanroom.site_agent.session import SiteTrainer
 from cleanroom.site_agent.settings import RoundSettings, round_seed
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,15 @@ log = logging.getLogger(__name__)
 def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidential: bool = True,
                     plain_plan: TrainPlan | None = None,
                     plain_settings: RoundSettings | None = None,
-                    outer_mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
+                    outer_mods: Sequence[Callable[..., Message]] = (),
+                    trainer: SiteTrainer | None = None) -> ClientApp:
     """The site ClientApp; ``confidential=False`` serves plaintext with ``plain_plan`` and
     ``plain_settings`` (the benchmarks' baseline only). ``outer_mods`` wrap everything,
-    the confidential mod included (they see only sealed messages)."""
+    the confidential mod included (they see only sealed messages). ``trainer``: the site's
+    trainer (default: the task trainer; the simulation's fault injection replaces it)."""
     from cleanroom.site_agent.trainers import TaskTrainer
 
-    trainer = TaskTrainer()
+    trainer = trainer if trainer is not None else TaskTrainer()
     mod = ConfidentialMod(runtime_for, trainer) if confidential else None
     app = ClientApp(mods=[*outer_mods, *([mod] if mod else [])])
 

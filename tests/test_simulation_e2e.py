@@ -28,6 +28,7 @@ def simulate(tmp_path: Path, **kw) -> dict:
     ("forged-evidence", "attestation: signature"),
     ("debug-enclave", "attestation: debug"),
     ("over-budget", "privacy budget"),
+    ("poisoned-update", "update rejected: update norm "),
 ])
 def test_hostile_site_quarantined_every_round(tmp_path, scenario, needle):
     report = simulate(tmp_path, scenario=scenario, hostile_site="hungary")

@@ -23,7 +23,8 @@ from cleanroom.simulations import deploy_local_cli as dl
 def fake_federation(monkeypatch, tmp_path):
     started: list = []
 
-    def provision_local(plan, rounds):
+    def provision_local(plan, rounds, task=None):
+        provisioned_calls.append((task, plan.names))
         tokens = {"coordinator-operator": plan.out / "coordinator" / "operator.token",
                   "coordinator-auditor": plan.out / "coordinator" / "auditor.token"}
         tokens.update({f"{n}-operator": plan.out / "sites" / n / "operator.token"
@@ -39,6 +40,9 @@ def fake_federation(monkeypatch, tmp_path):
     monkeypatch.setattr(dl, "provision_local", provision_local)
     monkeypatch.setattr(dl, "start_local", start_local)
     return started
+
+
+provisioned_calls: list = []  # (task, site names) of each provision_local call
 
 
 def sigterm_soon(delay: float = 0.3) -> None:
@@ -114,3 +118,24 @@ def test_dashboard_lines_name_files_not_tokens(tmp_path):
     assert lines[1] == f"site a  dashboard  {plan.site_url('a')}  token: /f/a.token"
     assert len({plan.api_port, plan.control_port,
                 *(p for pair in plan.site_ports.values() for p in pair)}) == 6
+
+
+def test_deploy_local_task_runs_a_users_app_on_site_names(fake_federation, monkeypatch,
+                                                         tmp_path, capsys):
+    """--task: sites site00..., a task folder whose app takes no run options gets none (its
+    ServerApp decides); an unknown task is one line."""
+    from pathlib import Path as _Path
+
+    runs = []
+    monkeypatch.setattr("cleanroom.coordinator.cli.run.submit_and_follow",
+                        lambda *args: runs.append(args) or 0)
+    app = str(_Path(__file__).resolve().parents[2] / "examples" / "quickstart-confidential")
+    provisioned_calls.clear()
+    assert main(["deploy-local", "--task", app, "--sites", "3", "--out",
+                 str(tmp_path / "fed"), "--no-progress"]) == 0
+    assert provisioned_calls == [(app, ("site00", "site01", "site02"))]
+    assert runs[0][1] == {}  # no options for an app that does not declare them
+    assert "does not take run options" in capsys.readouterr().out
+    assert main(["deploy-local", "--task", "no-such-task", "--out", str(tmp_path / "f2"),
+                 "--no-progress"]) == 2
+    assert "neither a task folder nor an installed task" in capsys.readouterr().err

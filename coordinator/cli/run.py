@@ -98,6 +98,11 @@ def submit_and_follow(config: Path, options: dict[str, Any], out: Path, timeout:
               f"'cleanroom run --config {config} --resume {run_id}'")
     else:
         print(f"run {run_id} completed: client-average accuracy {final['accuracy_mean']}")
+    empty = [r["round"] for r in result.report["rounds"] if not r.get("aggregated")]
+    if empty:
+        print(f"warning: {len(empty)} of {len(result.report['rounds'])} round(s) aggregated "
+              f"no update (rounds {', '.join(map(str, empty[:10]))}): the model did not move "
+              "in them; see each round's quarantined reasons in the report", file=sys.stderr)
     print(f"report: {out / 'report.json'}  audit: {out / 'audit.jsonl'}")
     return 0
 

@@ -69,3 +69,21 @@ def test_an_unreadable_pyproject_is_a_config_error(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.flwr\n")
     with pytest.raises(ConfigError, match=r"pyproject\.toml"):
         app_takes_options(tmp_path)
+
+
+def test_a_run_whose_rounds_aggregated_nothing_says_so(monkeypatch, tmp_path, capsys):
+    """'completed' alone would hide rounds in which the model did not move."""
+    from cleanroom.coordinator.cli import run as run_cli
+
+    control = SimpleNamespace(config=SimpleNamespace(training=SimpleNamespace(rounds=2)),
+                              submit=lambda options: 5)
+    report = {"final": {"accuracy_mean": None}, "config": {"rounds": 2},
+              "rounds": [{"round": 1, "aggregated": [], "quarantined": {}},
+                         {"round": 2, "aggregated": ["a", "b"], "quarantined": {}}]}
+    monkeypatch.setattr("cleanroom.coordinator.daemon.control_for", lambda config: control)
+    monkeypatch.setattr("cleanroom.coordinator.submit.follow", lambda *a, **k: SimpleNamespace(
+        status="finished:completed", report=report, details=""))
+    assert run_cli.submit_and_follow(tmp_path / "c.toml", {}, tmp_path, 10, False) == 0
+    captured = capsys.readouterr()
+    assert "completed" in captured.out
+    assert "1 of 2 round(s) aggregated no update (rounds 1)" in captured.err

@@ -271,10 +271,6 @@ def test_partitioned_site_times_out_and_rejoins(faulty, tmp_path):
     assert all(0 < e <= 1.0 + 1e-6 for e in report["final"]["epsilon"].values())
 
 
-@pytest.mark.xfail(strict=False, reason="known failure: after the coordinator's restart, sites "
-                   "that were killed or paused earlier in the module may miss every resumed "
-                   "round ('no attestation reply before the timeout'); passed alone once, "
-                   "failed in the whole module (issue 12 item 7, open)")
 def test_coordinator_killed_mid_run_resumes(faulty, tmp_path):
     """kill -9 of the coordinator's whole tree after round 1's receipt: restarted, the run
     resumes from its checkpoint with its run id; the audit chain verifies and no site is

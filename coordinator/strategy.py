@@ -155,6 +155,7 @@ class ConfidentialStrategy(Strategy):
         self.min_sites = required_nodes(inner)
         self.expected_nodes = expected_nodes or self.min_sites
         self.node_wait = node_wait
+        self._answered_once = False  # a run's first attestation waits up to node_wait
         self.piggyback = piggyback
         self.protocol_run_id = run_id  # a resumed deployed run keeps its first run's id
         self.aggregator = aggregator
@@ -189,6 +190,7 @@ class ConfidentialStrategy(Strategy):
             return run_standalone(self, grid, initial_arrays, num_rounds=num_rounds,
                                   timeout=timeout, train_config=train_config,
                                   evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+        self._answered_once = False
         return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
                              train_config=train_config, evaluate_config=evaluate_config,
                              evaluate_fn=evaluate_fn)
@@ -224,13 +226,19 @@ class ConfidentialStrategy(Strategy):
                 round_.record.bytes_sent += len(challenge.model_dump_json())
                 messages.append(Message(challenge_content(challenge), node_id,
                                         ATTEST_MESSAGE_TYPE, group_id=str(round_.round)))
+        # The first attestation of a run (fresh or resumed) waits up to node_wait: after a
+        # restart of the coordinator the SuperNodes are still reconnecting, and rounds that
+        # time out at once would each be lost (seen in the coordinator-kill drill).
+        timeout = self.attest_timeout if self._answered_once else \
+            max(self.attest_timeout, self.node_wait)
         start = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=self.attest_timeout)) \
-            if messages else []
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         round_.record.attestation_seconds = time.perf_counter() - start
         for reply in replies:
             self._judge_attestation(round_, reply)
-        return round_.end_attestation()
+        admitted = round_.end_attestation()
+        self._answered_once = self._answered_once or bool(admitted)
+        return admitted
 
     def _seal(self, round_: CoordinatorRound, messages: Iterable[Message], direction: str,
               model: Any, digest: str,

@@ -76,3 +76,31 @@ def test_one_bad_reply_rejects_one_site(tmp_path, sim_root_dir, sim_root, kind, 
         assert record.aggregate_digest is not None
         assert record.sites["alpha"].train.num_examples == 200  # from the sealed report
 
+
+
+def test_a_runs_first_attestation_waits_for_reconnecting_nodes(tmp_path, sim_root_dir,
+                                                               sim_root):
+    """After a coordinator restart the SuperNodes are still reconnecting: the first
+    attestation of a run waits up to node_wait, later ones (answers riding on the previous
+    round's evaluation, or fresh queries) the short attest_timeout."""
+    runtimes = {nid: fakes.site(tmp_path, sim_root_dir, sim_root, name, nid)
+                for nid, name in NAMES.items()}
+    grid = InProcessGrid.build(lambda _nid: make_client_app(lambda ctx: runtimes[ctx.node_id]),
+                               {nid: {} for nid in NAMES}, run_id=42)
+    timeouts: list = []
+    original = grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "query.cleanroom_attest":
+            timeouts.append(timeout)
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = recording  # type: ignore[method-assign]
+    strategy = ConfidentialStrategy(
+        FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
+        gate=fakes.gate(tmp_path, sim_root, NAMES), plan=fakes.plan(rounds=2),
+        expected_nodes=3, attest_timeout=12.0, node_wait=60.0, piggyback=False)
+    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(get_parameters(
+        build_model("logreg", seed=0))), num_rounds=2)
+    assert timeouts == [60.0, 12.0]

@@ -238,6 +238,7 @@ class LoadedTask:
     folder: Path
     architecture_digest: str
     module: str
+    n_params: int = 0  # parameters of the task's model (counted when it was built, at load)
 
     @property
     def n_features(self) -> int:
@@ -343,18 +344,25 @@ FAB_MANIFEST = ".info/CONTENT"
 MAX_FAB_BYTES = 64 * 1024 * 1024
 
 
-def is_flower_app(folder: Path) -> bool:
-    """Whether ``folder`` holds a Flower App (``pyproject.toml`` with ``[tool.flwr.app]``)."""
+def flower_app_table(folder: Path) -> dict[str, Any] | None:
+    """The ``[tool.flwr.app]`` table of ``folder``'s ``pyproject.toml``; None when there is no
+    such file or table, or the file does not parse."""
     import tomllib
 
     path = Path(folder) / "pyproject.toml"
     if not path.is_file():
-        return False
+        return None
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
-    return isinstance(doc.get("tool", {}).get("flwr", {}).get("app"), dict)
+        return None
+    table = doc.get("tool", {}).get("flwr", {}).get("app")
+    return table if isinstance(table, dict) else None
+
+
+def is_flower_app(folder: Path) -> bool:
+    """Whether ``folder`` holds a Flower App (``pyproject.toml`` with ``[tool.flwr.app]``)."""
+    return flower_app_table(folder) is not None
 
 
 def build_fab(folder: Path) -> bytes:
@@ -672,6 +680,18 @@ def installed_folder(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def task_folder(spec: str | Path) -> Path:
+    """The folder of task ``spec``: a :class:`~pathlib.Path`, or a string naming an existing
+    folder, is that folder; any other string an installed task's name (TaskError
+    ``task-unknown`` otherwise)."""
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec and Path(spec).is_dir()):
+        return Path(spec)
+    if isinstance(spec, str) and spec:
+        return installed_folder(spec)
+    raise TaskError("task-unknown", f"a task is a folder or an installed task name, got "
+                    f"{spec!r:.80}")
+
+
 def load_task(spec: str | Path, *, expect_digest: str | None = None) -> LoadedTask:
     """Load a task from a folder, or an installed task by name (e.g. ``heart-disease``).
 
@@ -686,13 +706,7 @@ def load_task(spec: str | Path, *, expect_digest: str | None = None) -> LoadedTa
     ``task-symlink`` and the other digest errors; with ``expect_digest``, ``task-not-approved``
     when the folder's digest differs, raised BEFORE anything of the folder is imported.
     """
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec and Path(spec).is_dir()):
-        folder = Path(spec)
-    elif isinstance(spec, str) and spec:
-        folder = installed_folder(spec)
-    else:
-        raise TaskError("task-unknown", f"a task is a folder or an installed task name, got "
-                        f"{spec!r:.80}")
+    folder = task_folder(spec)
     with _LOCK:
         snapshot = _snapshot(folder)
         if expect_digest is not None and snapshot.digest != expect_digest:
@@ -702,7 +716,8 @@ def load_task(spec: str | Path, *, expect_digest: str | None = None) -> LoadedTa
         task, module = _import_task(snapshot)
     model = build_task_model(task)
     return LoadedTask(task=task, digest=snapshot.digest, folder=snapshot.folder,
-                      architecture_digest=architecture_digest(model), module=module)
+                      architecture_digest=architecture_digest(model), module=module,
+                      n_params=sum(p.numel() for p in model.parameters()))
 
 
 def build_task_model(task: Task) -> torch.nn.Module:

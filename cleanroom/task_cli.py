@@ -36,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _folder(spec: str) -> Path:
-    from cleanroom.task import installed_folder
+    from cleanroom.task import task_folder
 
-    return Path(spec) if Path(spec).is_dir() else installed_folder(spec)
+    return task_folder(spec)
 
 
 def cmd_digest(args: argparse.Namespace) -> int:

@@ -78,10 +78,10 @@ class RunControl:
 
     def app_dir(self) -> Path:
         """The run's Flower App: the configured task's folder (a task is a Flower App)."""
-        from cleanroom.task import installed_folder, is_flower_app
+        from cleanroom.task import is_flower_app, task_folder
 
         spec = self.config.training.task
-        folder = Path(spec) if Path(spec).is_dir() else installed_folder(spec)
+        folder = task_folder(spec)
         if not is_flower_app(folder):
             raise ConfigError(f"task {spec} ({folder}) is not a Flower App: it needs a "
                               "pyproject.toml with [tool.flwr.app] to run in a deployment")
@@ -125,15 +125,14 @@ class RunControl:
 def app_takes_options(app: Path) -> bool:
     """Whether the Flower App in ``app`` declares the run-options key (Flower refuses a run
     whose run config overrides a key the app does not declare)."""
-    import tomllib
-
     from cleanroom.coordinator.serverapp import OPTIONS_KEY
+    from cleanroom.task import flower_app_table
 
-    try:
-        doc = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{app / 'pyproject.toml'}: {exc}") from None
-    config = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    table = flower_app_table(app)
+    if table is None:
+        raise ConfigError(f"{app / 'pyproject.toml'}: no readable [tool.flwr.app] table (not "
+                          "a Flower App)")
+    config = table.get("config", {})
     return isinstance(config, dict) and OPTIONS_KEY in config
 
 

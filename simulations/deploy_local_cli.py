@@ -164,19 +164,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from cleanroom.coordinator.daemon import app_takes_options
     from cleanroom.errors import ConfigError
     from cleanroom.process import Supervisor
-    from cleanroom.task import installed_folder, installed_tasks
+    from cleanroom.task import task_folder
 
     sites: int | list[str] = args.sites
     if args.task not in (None, "heart-disease"):
         if not 1 <= args.sites <= 64:
             raise ConfigError("--sites must be between 1 and 64")
         sites = [f"site{i:02d}" for i in range(args.sites)]
-        folder = Path(args.task) if Path(args.task).is_dir() else (
-            installed_folder(args.task) if args.task in installed_tasks() else None)
-        if folder is None:
-            raise ConfigError(f"--task {args.task}: neither a task folder nor an installed "
-                              f"task ({', '.join(sorted(installed_tasks()))})")
-        takes_options = app_takes_options(folder)
+        takes_options = app_takes_options(task_folder(args.task))
     else:
         takes_options = True
     plan = plan_local(args.out, sites)

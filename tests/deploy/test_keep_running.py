@@ -138,4 +138,4 @@ def test_deploy_local_task_runs_a_users_app_on_site_names(fake_federation, monke
     assert "does not take run options" in capsys.readouterr().out
     assert main(["deploy-local", "--task", "no-such-task", "--out", str(tmp_path / "f2"),
                  "--no-progress"]) == 2
-    assert "neither a task folder nor an installed task" in capsys.readouterr().err
+    assert "not a folder and not an installed task" in capsys.readouterr().err

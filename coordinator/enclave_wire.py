@@ -18,6 +18,7 @@ and is read with the standard unpickler by the operator's side.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import pickle
@@ -77,6 +78,7 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(encode(obj), protocol=5)
 
 
+@functools.cache
 def _types() -> dict[str, type]:
     """Our types that may cross, by name (imported here: both sides know them)."""
     from cleanroom.coordinator.aggregator import CentralDp, SiteSlot

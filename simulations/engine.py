@@ -226,18 +226,11 @@ def workers_of(config: SimulationConfig, sites: int, params: int = 0) -> int:
     return max(1, min(DEFAULT_WORKERS, by_memory, sites))
 
 
-def _params(task: Any) -> int:
-    """The number of parameters of a loaded task's model."""
-    from cleanroom.task import build_task_model
-
-    return sum(p.numel() for p in build_task_model(task.task).parameters())
-
-
 def torch_threads(config: SimulationConfig, task: Any) -> int | None:
     """The torch intra-op threads of a run (None: leave torch's setting)."""
     if config.threads is not None:
         return config.threads
-    return 1 if _params(task) < SMALL_MODEL else None
+    return 1 if task.n_params < SMALL_MODEL else None
 
 
 def run_simulation(config: SimulationConfig,
@@ -400,7 +393,7 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
         else:
             app = factory()
             grid = InProcessGrid.build(lambda _nid: app, nodes, run_id=run_id,
-                                       workers=workers_of(config, n, _params(spec.task)),
+                                       workers=workers_of(config, n, spec.task.n_params),
                                        on_reply=on_reply)
         try:
             return start_rounds(strategy, grid, spec, seed=config.seed)

@@ -249,7 +249,7 @@ class FederatedRun:
                 gate=self.gate, plan=spec.plan,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
                 on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id,
-                aggregator=self.aggregator)
+                aggregator=self.aggregator, min_sites=spec.min_nodes)
             strategy.attest_timeout = min(strategy.attest_timeout, spec.attest_timeout)
         elif spec.confidential:
             strategy: Any = ConfidentialStrategy(

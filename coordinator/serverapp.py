@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,8 @@ def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> di
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from cleanroom.attestation.validate.policy import load_policy
     from cleanroom.coordinator.config import load_coordinator_config
-    from cleanroom.coordinator.gate import SiteDirectory
-    from cleanroom.coordinator.run import Resume, RunSpec, Stores, run_federation, start_rounds
-    from cleanroom.pki import NodePublicKey, spki_der
+    from cleanroom.coordinator.run import Resume, run_federation, start_rounds
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     config = load_coordinator_config(coordinator_config_path(context))
@@ -136,41 +134,21 @@ def main(grid: Grid, context: Context) -> None:
     pause_after = options.pause_after
     out = config.runs_dir() / run_id
     out.mkdir(parents=True, exist_ok=True)
-    expected = {NodePublicKey.load(s.public_key).identity: s.name for s in config.sites}
-    nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
-    log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
-    policy = load_policy(config.policy)
+    sites = online_sites(config, grid, run_id)
     from cleanroom.task import load_task
 
     task_spec = training.task
     task = load_task(Path(task_spec) if Path(task_spec).is_dir() else task_spec)
-    central = config.aggregator.central_epsilon if config.aggregator else None
-    plan = training.plan(task, central_clip=config.aggregator.central_clip  # type: ignore[union-attr]
-                         if central else None)
     progress = out / "progress.jsonl"
 
     def on_round(entry: dict[str, Any]) -> None:
         with open(progress, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    spec = RunSpec(
-        label=run_id, out=out, policy=policy, plan=plan, task=task,
+    spec = deployment_spec(
+        config, training, task, sites, run_id,
         strategy=training.strategy, strategy_options=training.strategy_kwargs(),
-        stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
-                      watermarks=config.state_dir / "ledger_watermarks.json",
-                      checkpoints=out / "checkpoint"),
-        # node id -> the site whose registered key it authenticated with (never a claim)
-        directory=SiteDirectory(
-            names={nid: name for nid, (_, name) in nodes.items()},
-            keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
-        min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
-        attest_timeout=min(120.0, training.reply_timeout),
-        tdx_collateral=config.tdx_collateral,
-        aggregator=config.aggregator.launch() if config.aggregator else None,
-        central_dp=config.aggregator.central_dp(rounds=plan.rounds, delta=plan.dp.delta)
-        if config.aggregator else None,
-        run_name=f"run-{run_id}-{training.strategy}", coordinator_id=config.name,
-        sites=sorted(expected.values()), expected_nodes=max(1, len(nodes)),
+        run_name=f"run-{run_id}-{training.strategy}",
         params={"seed": seed, "deployment": config.name},
         report_extra={"config": {**training.model_dump(mode="json"), "seed": seed,
                                  "deployment": config.name},
@@ -182,10 +160,67 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def execute(strategy: Any) -> Any:
-        return start_rounds(strategy, _SitesOnly(grid, set(nodes)), spec, seed=seed,
+        return start_rounds(strategy, sites.grid(grid), spec, seed=seed,
                             pause_after=pause_after, timeout=training.reply_timeout)
 
     run_federation(spec, execute, on_round=on_round)
+
+
+@dataclass(frozen=True)
+class OnlineSites:
+    """The registered sites online when a run starts: node id -> (NodeInfo, site name)."""
+
+    nodes: dict[int, tuple[Any, str]]
+    registered: list[str]  # every configured site's name
+
+    def grid(self, grid: Grid) -> FastPollGrid:
+        """The run's grid: polls fast and asks only these nodes."""
+        return _SitesOnly(grid, set(self.nodes))
+
+
+def online_sites(config: Any, grid: Grid, run_id: str) -> OnlineSites:
+    """Wait (up to the configured ``site_wait_seconds``) for the registered sites."""
+    from cleanroom.pki import NodePublicKey
+
+    expected = {NodePublicKey.load(s.public_key).identity: s.name for s in config.sites}
+    nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
+    log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
+    return OnlineSites(nodes=nodes, registered=sorted(expected.values()))
+
+
+def deployment_spec(config: Any, training: Any, task: Any, sites: OnlineSites, run_id: str,
+                    *, strategy: str, run_name: str, **extra: Any) -> Any:
+    """The RunSpec of a run on this coordinator's deployment, whoever wrote the ServerApp
+    (ours, or a consortium's own app around ``ConfidentialStrategy``): its policy, stores and
+    sites; the operator's training settings (``min_sites``, ``reply_timeout``); its aggregator
+    enclave and central DP. ``extra``: further RunSpec fields (options, resume, report)."""
+    from cleanroom.attestation.validate.policy import load_policy
+    from cleanroom.coordinator.gate import SiteDirectory
+    from cleanroom.coordinator.run import RunSpec, Stores
+    from cleanroom.pki import spki_der
+
+    aggregator = config.aggregator
+    central = aggregator.central_epsilon if aggregator else None
+    plan = training.plan(task, central_clip=aggregator.central_clip if central else None)
+    out = config.runs_dir() / run_id
+    return RunSpec(
+        label=run_id, out=out, policy=load_policy(config.policy), plan=plan, task=task,
+        strategy=strategy,
+        stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
+                      watermarks=config.state_dir / "ledger_watermarks.json",
+                      checkpoints=out / "checkpoint"),
+        # node id -> the site whose registered key it authenticated with (never a claim)
+        directory=SiteDirectory(
+            names={nid: name for nid, (_, name) in sites.nodes.items()},
+            keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in sites.nodes.items()}),
+        min_nodes=training.min_sites, tracking_uri=config.tracking_uri,
+        attest_timeout=min(120.0, training.reply_timeout),
+        tdx_collateral=config.tdx_collateral,
+        aggregator=aggregator.launch() if aggregator else None,
+        central_dp=aggregator.central_dp(rounds=plan.rounds, delta=plan.dp.delta)
+        if aggregator else None,
+        run_name=run_name, coordinator_id=config.name, sites=sites.registered,
+        expected_nodes=max(1, len(sites.nodes)), **extra)
 
 
 class _SitesOnly(FastPollGrid):

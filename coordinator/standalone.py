@@ -84,6 +84,7 @@ def simulation_spec(loaded: LoadedTask, inner: Any, num_rounds: int, run_id: str
                                  watermarks=home / "coordinator" / "ledger_watermarks.json",
                                  checkpoints=out / "checkpoint"),
                    directory=SiteDirectory(strict=False), coordinator_id="local-simulation",
+                   min_nodes=1,  # the app's own strategy says how many nodes it needs
                    run_name=f"local-{loaded.name}-{run_id}",
                    aggregator=AggregatorLaunch(provider="simulated",
                                                state_dir=home / "coordinator" / "aggregator",
@@ -97,37 +98,23 @@ def _task_plan(loaded: LoadedTask, dp: bool) -> dict[str, Any]:
 
 
 def deployed_spec(config_path: Path, loaded: LoadedTask, inner: Any, num_rounds: int,
-                  run_id: str, grid: Grid, updates: dict[str, Any] | None = None) -> Any:
-    """The RunSpec of a run on this coordinator's deployment (its policy, stores, sites)."""
-    from cleanroom.attestation.validate.policy import load_policy
+                  run_id: str, grid: Grid) -> tuple[Any, Grid, float]:
+    """The RunSpec of a run on this coordinator's deployment (its policy, stores, sites, the
+    operator's training settings and aggregator: the same builder as the coordinator's own
+    ServerApp), the grid that asks only the registered sites online, and the operator's
+    reply timeout."""
     from cleanroom.coordinator.config import load_coordinator_config
-    from cleanroom.coordinator.gate import SiteDirectory
-    from cleanroom.coordinator.run import RunSpec, Stores
-    from cleanroom.coordinator.serverapp import wait_for_sites
-    from cleanroom.pki import NodePublicKey, spki_der
+    from cleanroom.coordinator.serverapp import deployment_spec, online_sites
 
     config = load_coordinator_config(config_path)
     training = config.training.model_validate({
-        **config.training.model_dump(), **(updates or {}), "task": str(loaded.folder),
-        "rounds": num_rounds})
-    expected = {NodePublicKey.load(s.public_key).identity: s.name for s in config.sites}
-    nodes = wait_for_sites(grid, expected, config.site_wait_seconds)
-    log.info("run %s: %d of %d sites online", run_id, len(nodes), len(expected))
-    out = config.runs_dir() / run_id
-    return RunSpec(
-        label=run_id, out=out, policy=load_policy(config.policy), plan=training.plan(loaded),
-        task=loaded, strategy=strategy_name(inner),
-        stores=Stores(audit_key=config.audit_key, nonces=config.state_dir / "nonces.jsonl",
-                      watermarks=config.state_dir / "ledger_watermarks.json",
-                      checkpoints=out / "checkpoint"),
-        directory=SiteDirectory(
-            names={nid: name for nid, (_, name) in nodes.items()},
-            keys={nid: spki_der(bytes(n.public_key)) for nid, (n, _) in nodes.items()}),
-        tracking_uri=config.tracking_uri, tdx_collateral=config.tdx_collateral,
-        aggregator=config.aggregator.launch() if config.aggregator else None,
-        run_name=f"run-{run_id}-{loaded.name}", coordinator_id=config.name,
-        sites=sorted(expected.values()), expected_nodes=max(1, len(nodes)),
-        params={"deployment": config.name}, report_extra={"deployment": config.name})
+        **config.training.model_dump(), "task": str(loaded.folder), "rounds": num_rounds})
+    sites = online_sites(config, grid, run_id)
+    spec = deployment_spec(config, training, loaded, sites, run_id,
+                           strategy=strategy_name(inner), run_name=f"run-{run_id}-{loaded.name}",
+                           params={"deployment": config.name},
+                           report_extra={"deployment": config.name})
+    return spec, sites.grid(grid), training.reply_timeout
 
 
 def run_standalone(strategy: Any, grid: Grid, initial_arrays: ArrayRecord, *, num_rounds: int,
@@ -143,8 +130,12 @@ def run_standalone(strategy: Any, grid: Grid, initial_arrays: ArrayRecord, *, nu
     loaded = resolve_task(strategy.task)
     run_id = str(grid.run.run_id)
     config_path = os.environ.get(CONFIG_ENV)
-    spec = deployed_spec(Path(config_path), loaded, strategy.inner, num_rounds, run_id, grid) \
-        if config_path else simulation_spec(loaded, strategy.inner, num_rounds, run_id)
+    if config_path:  # the operator's reply timeout bounds the app's
+        spec, grid, reply_timeout = deployed_spec(Path(config_path), loaded, strategy.inner,
+                                                  num_rounds, run_id, grid)
+        timeout = min(timeout, reply_timeout)
+    else:
+        spec = simulation_spec(loaded, strategy.inner, num_rounds, run_id)
     run = FederatedRun(spec, default_observers(spec), wrapper=strategy)
     holder: dict[str, Any] = {}
 

@@ -170,9 +170,11 @@ class ConfidentialStrategy(Strategy):
     def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
                on_round: Callable[[RoundRecord], None] | None,
                on_start: Callable[[str], None] | None, run_id: str | None,
-               aggregator: Any = None) -> ConfidentialStrategy:
-        """Give a public-API strategy the run machinery's gate, plan and callbacks."""
+               aggregator: Any = None, min_sites: int = 1) -> ConfidentialStrategy:
+        """Give a public-API strategy the run machinery's gate, plan and callbacks;
+        ``min_sites``: the operator's floor (the inner strategy's own minimum still holds)."""
         self.gate, self.plan, self.aggregator = gate, plan, aggregator
+        self.min_sites = max(required_nodes(self.inner), min_sites)
         self.expected_nodes = expected_nodes or self.min_sites
         self.on_round, self.on_start, self.protocol_run_id = on_round, on_start, run_id
         return self

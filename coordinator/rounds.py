@@ -75,6 +75,7 @@ class Session:
     public_key: bytes
     dataset_rows: int = 0  # the training rows its evidence bound
     update_signer: bytes | None = None  # the Ed25519 key its evidence bound
+    secagg_keys: tuple[bytes, bytes] | None = None  # its secure-aggregation keys (bound)
 
 
 class CoordinatorRound:
@@ -104,8 +105,6 @@ class CoordinatorRound:
         self._sessions: dict[int, Session] = {}
         self._site_nonces: dict[int, bytes] = {}
         self._aggregator_evidence: dict[int, tuple[bytes, bytes]] = {}
-        self._secagg_keys: dict[int, tuple[bytes, bytes]] = {}
-        self._masked_requests: dict[int, bytes] = {}
         self._eval_digest = ""
         self._reports: list[EvaluateReport] = []
 
@@ -167,8 +166,6 @@ class CoordinatorRound:
         self.record.verify_seconds += admission.verify_seconds
         if admission.admitted and response.aggregator_nonce is not None:
             self._site_nonces[node_id] = response.aggregator_nonce
-        if admission.admitted and admission.secagg_keys is not None:
-            self._secagg_keys[node_id] = admission.secagg_keys
         return self._apply(admission)
 
     def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
@@ -193,7 +190,8 @@ class CoordinatorRound:
         if admission.admitted:
             assert admission.site_public_key is not None
             self._sessions[node_id] = Session(node_id, label, admission.site_public_key,
-                                              admission.dataset_rows, admission.update_signer)
+                                              admission.dataset_rows, admission.update_signer,
+                                              admission.secagg_keys)
             if self.aggregator is not None:
                 from cleanroom.coordinator.aggregator import SiteSlot
 
@@ -245,6 +243,10 @@ class CoordinatorRound:
     @property
     def evaluating(self) -> bool:
         return self.phase is Phase.EVALUATING
+
+    def sessions(self) -> dict[int, Session]:
+        """The sites still in this round, by node id (a copy)."""
+        return dict(self._sessions)
 
     def site(self, node_id: int) -> str | None:
         session = self._sessions.get(node_id)
@@ -307,61 +309,6 @@ class CoordinatorRound:
         if report.privacy is not None:
             self.gate.ledger_grew(session.site, report.privacy.ledger_records)
         return update, report
-
-    # ------------------------------------------------------------------ secure aggregation
-    def secagg_start(self) -> dict[int, bytes]:
-        """Secure aggregation among the admitted sites (their attested keys): the share-keys
-        request for each node."""
-        self._expect(Phase.TRAINING)
-        if self.aggregator is None:
-            raise RoundStateError("secure aggregation runs inside the attested aggregator")
-        roster = {self._sessions[n].site: keys for n, keys in self._secagg_keys.items()
-                  if n in self._sessions}
-        for node_id in [n for n in self._sessions if n not in self._secagg_keys]:
-            self.reject(node_id, "protocol: no secure-aggregation keys this round")
-        if len(roster) < 2:
-            self.record.secure_aggregation = {"failure": "fewer than 2 sites with keys"}
-            return {}
-        request = self.aggregator.secagg_begin(self.round, roster)
-        self.record.secure_aggregation = {"sites": sorted(roster)}
-        return {n: request for n in self._sessions}
-
-    def secagg_receive(self, node_id: int, stage: str, message: bytes) -> None:
-        """A node's reply to a secure-aggregation stage; a bad one drops the site."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return
-        self.record.bytes_received += len(message)
-        verdict = self.aggregator.secagg_receive(self.round, session.site, stage, message)
-        if not verdict.accepted:
-            self.secagg_drop(node_id, verdict.reason)
-
-    def secagg_drop(self, node_id: int, reason: str) -> None:
-        """A site out of this round's secure aggregation (no answer, a refusal, a bad reply):
-        no model goes to it; masks it shared are removed from the sum by the others."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return
-        dropped = self.record.secure_aggregation.setdefault("dropped", {})  # type: ignore[union-attr]
-        dropped[session.site] = reason
-        self.reject(node_id, f"secure aggregation: {reason}")
-
-    def secagg_requests(self, stage: str) -> dict[int, bytes]:
-        """The aggregator's requests for ``stage`` (masked-input, consistency, unmask), by
-        node; for masked-input, admitted sites the protocol left out get no model."""
-        by_site = {s.site: n for n, s in self._sessions.items()}
-        requests = self.aggregator.secagg_requests(self.round, stage)
-        out = {by_site[site]: data for site, data in requests.items() if site in by_site}
-        if stage == "masked-input":
-            for node_id in set(self._sessions) - set(out):
-                self.secagg_drop(node_id, "left out after sharing keys (too few neighbours)")
-            self._masked_requests = out
-        for data in out.values():
-            self.record.bytes_sent += len(data)
-        return out
-
-    def masked_input_request(self, node_id: int) -> bytes | None:
-        return self._masked_requests.get(node_id)
 
     # ------------------------------------------------------------------ aggregator mode
     def submit_update(self, node_id: int, sealed: Sealed) -> TrainReport | None:

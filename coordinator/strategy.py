@@ -38,7 +38,6 @@ the app runs on a ``cleanroom coordinator``'s SuperLink, else as a local simulat
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -53,6 +52,7 @@ from cleanroom.coordinator.fastgrid import DelegatingGrid
 from cleanroom.coordinator.gate import AttestationGate
 from cleanroom.coordinator.records import RoundRecord
 from cleanroom.coordinator.rounds import CoordinatorRound
+from cleanroom.coordinator.secagg_round import SecAggExchange
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.flower import (
@@ -60,10 +60,9 @@ from cleanroom.protocol.flower import (
     ATTEST_RECORD,
     ENVELOPE_RECORD,
     REFUSAL_RECORD,
-    SECAGG_MESSAGE_TYPE,
-    SECAGG_RECORD,
     arrays_to_numpy,
     challenge_content,
+    error_reason,
     has_attest,
     instruction_content,
     numpy_to_arrays,
@@ -73,8 +72,6 @@ from cleanroom.protocol.flower import (
     read_envelope,
     read_refusal,
     read_reply,
-    read_secagg,
-    secagg_content,
     synthetic_reply,
 )
 from cleanroom.protocol.payload import encode_model
@@ -82,17 +79,6 @@ from cleanroom.protocol.reports import EvaluateReport, TrainReport
 from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
-
-_FLOWER_EXC = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.S)
-
-
-def error_reason(reply: Message) -> str:
-    """A site's error as 'ErrorType: message' (Flower's deployment runtime wraps it as
-    "<class 'pkg.ErrorType'>:<'message'>")."""
-    reason = str(reply.error.reason)
-    match = _FLOWER_EXC.match(reason.strip())
-    return f"{match.group(1)}: {match.group(2)}" if match else reason
-
 
 def required_nodes(inner: Strategy) -> int:
     """How many nodes the inner strategy insists on (it would wait forever for fewer)."""
@@ -165,7 +151,7 @@ class ConfidentialStrategy(Strategy):
         self._next: CoordinatorRound | None = None
         self._global: OrderedDict[str, np.ndarray] | None = None
         self._eval_digest = ""
-        self._grid: Grid | None = None  # this round's, for secure aggregation's stages
+        self._secagg: SecAggExchange | None = None  # this round's, with secure aggregation
 
     def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
                on_round: Callable[[RoundRecord], None] | None,
@@ -254,9 +240,11 @@ class ConfidentialStrategy(Strategy):
             if node_id not in sealed:
                 continue
             challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
+            masked = self._secagg.masked_input(node_id) if self._secagg is not None and \
+                direction == "model" else None
             msg.content = instruction_content(
                 sealed[node_id], msg.content, challenge, round_.aggregator_evidence(node_id),
-                round_.masked_input_request(node_id) if direction == "model" else None)
+                masked)
             if challenge is not None:
                 round_.record.bytes_sent += len(challenge.model_dump_json())
             out.append(msg)
@@ -281,11 +269,11 @@ class ConfidentialStrategy(Strategy):
             round_ = CoordinatorRound(gate=self.gate, plan=self.plan, run_id=run_id,
                                       round=server_round, model_digest=digest,
                                       aggregator=self.aggregator, model=self._global)
-        self._round = round_
-        self._grid = grid
+        self._round, self._secagg = round_, None
         attested = self._attest(round_, grid)
         if self.plan.secure_aggregation and len(attested) >= self.min_sites:
-            attested = self._share_keys(round_, grid)
+            self._secagg = SecAggExchange(round_, grid, self.attest_timeout)
+            attested = self._secagg.share_keys()
         if len(attested) < self.min_sites:
             round_.skip(f"only {len(attested)} site(s) attested, the strategy needs "
                         f"{self.min_sites}: no training this round")
@@ -313,8 +301,8 @@ class ConfidentialStrategy(Strategy):
                 reply.content = plain_train_reply(*opened)
                 plain.append(reply)
         round_.end_updates()
-        if self.plan.secure_aggregation:
-            self._unmask(round_)
+        if self._secagg is not None:
+            self._secagg.unmask()
         if round_.aggregator is not None:
             arrays, metrics = self._released(server_round, round_)
         else:
@@ -327,50 +315,6 @@ class ConfidentialStrategy(Strategy):
             arrays = numpy_to_arrays(aggregate)
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
-
-    # ------------------------------------------------------------------ secure aggregation
-    def _secagg_exchange(self, round_: CoordinatorRound, grid: Grid, stage: str,
-                         requests: dict[int, bytes]) -> None:
-        """One secure-aggregation stage: a query to each node, its reply to the aggregator;
-        a node that refuses, errs or stays silent drops out of the round's sum."""
-        messages = [Message(secagg_content(stage, data), node_id, SECAGG_MESSAGE_TYPE,
-                            group_id=str(round_.round)) for node_id, data in requests.items()]
-        answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.attest_timeout):
-            node_id = reply.metadata.src_node_id
-            if node_id not in requests or node_id in answered:
-                continue
-            answered.add(node_id)
-            if reply.has_error():
-                round_.secagg_drop(node_id, f"site error: {error_reason(reply)}")
-                continue
-            try:
-                refusal = read_refusal(reply.content)
-                if refusal is not None:
-                    round_.secagg_drop(node_id, f"refused: {refusal.code}: {refusal.detail}")
-                    continue
-                read_reply(reply.content, allowed={SECAGG_RECORD})
-                answer = read_secagg(reply.content)
-                if answer is None or answer[0] != stage:
-                    raise ProtocolError(f"no {stage} reply")
-            except ProtocolError as exc:
-                round_.secagg_drop(node_id, f"protocol: {exc}")
-                continue
-            round_.secagg_receive(node_id, stage, answer[1])
-        for node_id in set(requests) - answered:
-            round_.secagg_drop(node_id, f"no {stage} reply before the timeout")
-
-    def _share_keys(self, round_: CoordinatorRound, grid: Grid) -> list[int]:
-        """Share-keys among the attested sites; the nodes that get a masked-input request."""
-        self._secagg_exchange(round_, grid, "share-keys", round_.secagg_start())
-        return sorted(round_.secagg_requests("masked-input"))
-
-    def _unmask(self, round_: CoordinatorRound) -> None:
-        """After the masked inputs: the consistency and unmask stages (two more round trips),
-        then the aggregator can unmask the sum."""
-        assert self._grid is not None
-        for stage in ("consistency", "unmask"):
-            self._secagg_exchange(round_, self._grid, stage, round_.secagg_requests(stage))
 
     def _train_reply(self, round_: CoordinatorRound, reply: Message) -> Any:
         """The sealed update of one train reply, or None (the site is rejected or refused)."""

@@ -32,7 +32,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,31 @@ class Phase(enum.Enum):
 
 class RoundStateError(CleanroomError):
     """A round step called out of order (a bug in the adapter, not a site's fault)."""
+
+
+Answer = tuple[AttestResponse, bytes, bytes] | str  # (response, evidence, endorsement), or why none
+Reply = Sealed | Refusal | str  # a train reply: the sealed update, the site's refusal, or an error
+Opened = tuple[OrderedDict[str, np.ndarray], TrainReport]  # an update the operator opened
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What goes to one node with the model: the sealed model, next round's challenge (on an
+    evaluation), the aggregator's evidence for the site, a masked-input request."""
+
+    sealed: Sealed
+    challenge: AttestChallenge | None = None
+    aggregator: tuple[bytes, bytes] | None = None
+    masked_input: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Updates:
+    """A round's updates in: those the operator opened (in reply order, None where there is
+    nothing to aggregate) or, with an aggregator, what it released."""
+
+    opened: list[Opened | None]
+    aggregate: Any = None  # the aggregator's Aggregate (None without one, or not yet)
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,69 @@ class CoordinatorRound:
         if self.phase not in phases:
             raise RoundStateError(f"round {self.round} is {self.phase.value}, not "
                                   f"{' or '.join(p.value for p in phases)}")
+
+    # ------------------------------------------------------------------ steps
+    def challenges(self, node_ids: Iterable[int]) -> dict[int, AttestChallenge]:
+        """What to send to attest: a fresh challenge for every node of ``node_ids`` with no
+        decision yet (one whose answer rode on last round's evaluation needs none)."""
+        out = {n: self.challenge(n) for n in node_ids if self.needs_challenge(n)}
+        self.record.bytes_sent += sum(len(c.model_dump_json()) for c in out.values())
+        return out
+
+    def judge(self, answers: Iterable[tuple[int, Answer]]) -> None:
+        """Judge each node's answer (or the reason it has none), in the order received."""
+        for node_id, answer in answers:
+            if isinstance(answer, str):
+                self.fail(node_id, answer)
+            else:
+                self.admit(node_id, *answer)
+
+    def attest(self, answers: Iterable[tuple[int, Answer]]) -> list[int]:
+        """Judge ``answers`` and end the attestation phase (:meth:`end_attestation`): the
+        admitted node ids."""
+        self.judge(answers)
+        return self.end_attestation()
+
+    def instructions(self, node_ids: list[int],
+                     model: Mapping[str, np.ndarray] | EncodedArrays, *, direction: str,
+                     model_digest: str, look_ahead: CoordinatorRound | None = None,
+                     masked: Callable[[int], bytes | None] | None = None,
+                     ) -> dict[int, Instruction]:
+        """What to send with the model: for every admitted node of ``node_ids``, the sealed
+        model (:meth:`seal`), the challenge of the ``look_ahead`` round, the aggregator's
+        evidence and the ``masked`` input request. Unattested nodes get nothing."""
+        out = {}
+        for node_id, sealed in self.seal(node_ids, model, direction=direction,
+                                         model_digest=model_digest).items():
+            challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
+            if challenge is not None:
+                self.record.bytes_sent += len(challenge.model_dump_json())
+            out[node_id] = Instruction(sealed, challenge, self.aggregator_evidence(node_id),
+                                       masked(node_id) if masked is not None else None)
+        return out
+
+    def updates(self, replies: Iterable[tuple[int, Reply]],
+                reference: Mapping[str, np.ndarray], *, release: bool = True) -> Updates:
+        """Every train reply of the round, in order: rejected, refused, opened and validated
+        (or handed to the aggregator); sites that sent none are dropped
+        (:meth:`end_updates`); with an aggregator and ``release``, its release
+        (:meth:`aggregate`; secure aggregation releases after its unmask stages)."""
+        opened: list[Opened | None] = []
+        for node_id, reply in replies:
+            opened.append(None)
+            if node_id not in self._sessions:
+                continue  # not sent a model this round
+            if isinstance(reply, str):
+                self.reject(node_id, reply)
+            elif isinstance(reply, Refusal):
+                self.refused(node_id, reply)
+            elif self.aggregator is not None:
+                self.submit_update(node_id, reply)  # opened only inside the enclave
+            else:
+                opened[-1] = self.open_update(node_id, reply, reference)
+        self.end_updates()
+        released = self.aggregate() if release and self.aggregator is not None else None
+        return Updates(opened, released)
 
     # ------------------------------------------------------------------ attestation
     def challenge(self, node_id: int) -> AttestChallenge:

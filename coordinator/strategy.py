@@ -51,7 +51,7 @@ from flwr.serverapp.strategy import Strategy
 from cleanroom.coordinator.fastgrid import DelegatingGrid
 from cleanroom.coordinator.gate import AttestationGate
 from cleanroom.coordinator.records import RoundRecord
-from cleanroom.coordinator.rounds import CoordinatorRound
+from cleanroom.coordinator.rounds import Answer, CoordinatorRound, Reply
 from cleanroom.coordinator.secagg_round import SecAggExchange
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.arrays import arrays_digest
@@ -88,6 +88,32 @@ def required_nodes(inner: Strategy) -> int:
         if isinstance(value, int):
             need = max(need, value)
     return need
+
+
+def attest_answer(reply: Message) -> Answer:
+    """A node's answer to its challenge, or why there is none (an error, a bad reply)."""
+    if reply.has_error():
+        return f"site error: {error_reason(reply)}"
+    try:
+        return read_attest(reply.content)
+    except ProtocolError as exc:
+        return f"protocol: {exc}"
+
+
+def train_reply(reply: Message) -> Reply:
+    """A train reply's sealed update or the site's refusal; else why it is rejected (an
+    error, extra records, a bad envelope)."""
+    if reply.has_error():
+        return f"site error: {error_reason(reply)}"
+    try:
+        refusal = read_refusal(reply.content)
+        if refusal is not None:
+            read_reply(reply.content, allowed={REFUSAL_RECORD})
+            return refusal
+        read_reply(reply.content, allowed={ENVELOPE_RECORD})
+        return read_envelope(reply.content)
+    except ProtocolError as exc:
+        return f"update rejected: {exc}"
 
 
 class AttestedGrid(DelegatingGrid):
@@ -190,28 +216,12 @@ class ConfidentialStrategy(Strategy):
             time.sleep(0.2)
         return node_ids
 
-    def _judge_attestation(self, round_: CoordinatorRound, reply: Message) -> None:
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            round_.fail(node_id, f"site error: {error_reason(reply)}")
-            return
-        try:
-            response, evidence, endorsement = read_attest(reply.content)
-        except ProtocolError as exc:
-            round_.fail(node_id, f"protocol: {exc}")
-            return
-        round_.admit(node_id, response, evidence, endorsement)
-
     def _attest(self, round_: CoordinatorRound, grid: Grid) -> list[int]:
         """Admit this round's sites: answers that rode on last round's evaluation, and a
         fresh attestation query for every other connected node."""
-        messages = []
-        for node_id in self._connected(grid):
-            if round_.needs_challenge(node_id):
-                challenge = round_.challenge(node_id)
-                round_.record.bytes_sent += len(challenge.model_dump_json())
-                messages.append(Message(challenge_content(challenge), node_id,
-                                        ATTEST_MESSAGE_TYPE, group_id=str(round_.round)))
+        messages = [Message(challenge_content(challenge), node_id, ATTEST_MESSAGE_TYPE,
+                            group_id=str(round_.round))
+                    for node_id, challenge in round_.challenges(self._connected(grid)).items()]
         # The first attestation of a run (fresh or resumed) waits up to node_wait: after a
         # restart of the coordinator the SuperNodes are still reconnecting, and rounds that
         # time out at once would each be lost (seen in the coordinator-kill drill).
@@ -220,9 +230,7 @@ class ConfidentialStrategy(Strategy):
         start = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         round_.record.attestation_seconds = time.perf_counter() - start
-        for reply in replies:
-            self._judge_attestation(round_, reply)
-        admitted = round_.end_attestation()
+        admitted = round_.attest([(r.metadata.src_node_id, attest_answer(r)) for r in replies])
         self._answered_once = self._answered_once or bool(admitted)
         return admitted
 
@@ -232,22 +240,17 @@ class ConfidentialStrategy(Strategy):
         """The model encrypted once for every addressed, admitted node; each message keeps
         the strategy's config records and gets the shared ciphertext and its own key."""
         messages = list(messages)
-        sealed = round_.seal([m.metadata.dst_node_id for m in messages], model,
-                             direction=direction, model_digest=digest)
+        masked = self._secagg.masked_input if self._secagg and direction == "model" else None
+        sent = round_.instructions([m.metadata.dst_node_id for m in messages], model,
+                                   direction=direction, model_digest=digest,
+                                   look_ahead=look_ahead, masked=masked)
         out = []
         for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            if node_id not in sealed:
-                continue
-            challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
-            masked = self._secagg.masked_input(node_id) if self._secagg is not None and \
-                direction == "model" else None
-            msg.content = instruction_content(
-                sealed[node_id], msg.content, challenge, round_.aggregator_evidence(node_id),
-                masked)
-            if challenge is not None:
-                round_.record.bytes_sent += len(challenge.model_dump_json())
-            out.append(msg)
+            item = sent.get(msg.metadata.dst_node_id)
+            if item is not None:
+                msg.content = instruction_content(item.sealed, msg.content, item.challenge,
+                                                  item.aggregator, item.masked_input)
+                out.append(msg)
         return out
 
     # ------------------------------------------------------------------ Strategy API
@@ -287,25 +290,20 @@ class ConfidentialStrategy(Strategy):
         round_ = self._round
         if round_ is None or self._global is None or round_.record.skipped:
             return None, None
-        plain: list[Message] = []
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            sealed = self._train_reply(round_, reply)
-            if sealed is None:
-                continue
-            if round_.aggregator is not None:
-                round_.submit_update(node_id, sealed)  # opened only inside the enclave
-                continue
-            opened = round_.open_update(node_id, sealed, self._global)
-            if opened is not None:
-                reply.content = plain_train_reply(*opened)
-                plain.append(reply)
-        round_.end_updates()
+        replies = list(replies)
+        updates = round_.updates([(r.metadata.src_node_id, train_reply(r)) for r in replies],
+                                 self._global, release=self._secagg is None)
         if self._secagg is not None:
             self._secagg.unmask()
         if round_.aggregator is not None:
-            arrays, metrics = self._released(server_round, round_)
+            released = updates.aggregate if self._secagg is None else round_.aggregate()
+            arrays, metrics = self._released(server_round, released)
         else:
+            plain = []
+            for reply, opened in zip(replies, updates.opened, strict=True):
+                if opened is not None:
+                    reply.content = plain_train_reply(*opened)
+                    plain.append(reply)
             arrays, metrics = (self.inner.aggregate_train(server_round, plain) if plain
                                else (None, None))
         aggregate = None
@@ -316,32 +314,11 @@ class ConfidentialStrategy(Strategy):
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
 
-    def _train_reply(self, round_: CoordinatorRound, reply: Message) -> Any:
-        """The sealed update of one train reply, or None (the site is rejected or refused)."""
-        node_id = reply.metadata.src_node_id
-        if round_.site(node_id) is None:
-            return None  # not sent a model this round
-        if reply.has_error():
-            round_.reject(node_id, f"site error: {error_reason(reply)}")
-            return None
-        try:
-            refusal = read_refusal(reply.content)
-            if refusal is not None:
-                read_reply(reply.content, allowed={REFUSAL_RECORD})
-                round_.refused(node_id, refusal)
-                return None
-            read_reply(reply.content, allowed={ENVELOPE_RECORD})
-            return read_envelope(reply.content)
-        except ProtocolError as exc:
-            round_.reject(node_id, f"update rejected: {exc}")
-            return None
-
-    def _released(self, server_round: int, round_: CoordinatorRound,
+    def _released(self, server_round: int, result: Any,
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregator's release for the inner strategy: its robust output as is, or the
-        mean of the accepted updates as one reply the inner strategy aggregates (its server
-        step, e.g. FedAdam's, applies to it)."""
-        result = round_.aggregate()
+        """The aggregator's release (an ``Aggregate``) for the inner strategy: its robust
+        output as is, or the mean of the accepted updates as one reply the inner strategy
+        aggregates (its server step, e.g. FedAdam's, applies to it)."""
         if result.arrays is None:
             return None, None
         if self._inside:
@@ -385,12 +362,12 @@ class ConfidentialStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
         round_ = self._round
-        ok = []
+        ok, answers = [], {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if self._next is not None and self._next.awaiting(node_id) and (
                     reply.has_error() or has_attest(reply.content)):
-                self._judge_attestation(self._next, reply)
+                answers.setdefault(node_id, attest_answer(reply))  # next round's admission
             if round_ is None or round_.site(node_id) is None:
                 continue
             site = round_.site(node_id)
@@ -420,6 +397,8 @@ class ConfidentialStrategy(Strategy):
             if report is not None:
                 reply.content = plain_evaluate_reply(report)
                 ok.append(reply)
+        if self._next is not None:
+            self._next.judge(answers.items())
         result = self._evaluated(server_round, round_, ok)
         if round_ is not None:
             if self._next is not None:

@@ -12,7 +12,8 @@ changes nothing else:
   a bad report or a bad update rejects that one site), give the inner strategy the plaintext
   updates with the sample counts from the sites' authenticated reports;
 * ``configure_evaluate`` / ``aggregate_evaluate``: the same for evaluation, with next round's
-  challenges riding on it; ``on_round`` receives each closed :class:`RoundRecord`.
+  challenges riding on it; the run takes each finished round (:meth:`finished`) and
+  closes it.
 
 With an attested aggregator (``aggregator=``), this process never opens an update: replies go
 to the aggregator enclave, and the inner strategy receives what it releases: the mean of the
@@ -50,7 +51,6 @@ from flwr.serverapp.strategy import Strategy
 
 from cleanroom.coordinator.fastgrid import DelegatingGrid
 from cleanroom.coordinator.gate import AttestationGate
-from cleanroom.coordinator.records import RoundRecord
 from cleanroom.coordinator.rounds import Answer, CoordinatorRound, Reply
 from cleanroom.coordinator.secagg_round import SecAggExchange
 from cleanroom.errors import ProtocolError
@@ -137,8 +137,6 @@ class ConfidentialStrategy(Strategy):
                  gate: AttestationGate | None = None, plan: TrainPlan | None = None,
                  attest_timeout: float = 120.0, expected_nodes: int | None = None,
                  node_wait: float = 60.0, piggyback: bool = True,
-                 on_round: Callable[[RoundRecord], None] | None = None,
-                 on_start: Callable[[str], None] | None = None,
                  run_id: str | None = None, aggregator: Any = None) -> None:
         """``inner``: any ``flwr.serverapp.strategy`` strategy. ``task``: the task this run
         trains (a :class:`cleanroom.task.Task` or a task folder); with it alone,
@@ -162,8 +160,6 @@ class ConfidentialStrategy(Strategy):
         self.gate = gate  # type: ignore[assignment]
         self.plan = plan  # type: ignore[assignment]
         self.attest_timeout = attest_timeout
-        self.on_round = on_round
-        self.on_start = on_start
         self.min_sites = required_nodes(inner)
         self.expected_nodes = expected_nodes or self.min_sites
         self.node_wait = node_wait
@@ -171,22 +167,20 @@ class ConfidentialStrategy(Strategy):
         self.piggyback = piggyback
         self.protocol_run_id = run_id  # a resumed deployed run keeps its first run's id
         self.aggregator = aggregator
-        self.records: list[RoundRecord] = []
         self.model_after_round: OrderedDict[str, np.ndarray] | None = None
         self._round: CoordinatorRound | None = None
         self._next: CoordinatorRound | None = None
+        self._finished: CoordinatorRound | None = None  # for the run to take and close
         self._global: OrderedDict[str, np.ndarray] | None = None
         self._eval_digest = ""
         self._secagg: SecAggExchange | None = None  # this round's, with secure aggregation
 
     def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
-               on_round: Callable[[RoundRecord], None] | None,
-               on_start: Callable[[str], None] | None, run_id: str | None,
-               aggregator: Any = None) -> ConfidentialStrategy:
-        """Give a public-API strategy the run machinery's gate, plan and callbacks."""
+               run_id: str | None, aggregator: Any = None) -> ConfidentialStrategy:
+        """Give a public-API strategy the run machinery's gate, plan and aggregator."""
         self.gate, self.plan, self.aggregator = gate, plan, aggregator
         self.expected_nodes = expected_nodes or self.min_sites
-        self.on_round, self.on_start, self.protocol_run_id = on_round, on_start, run_id
+        self.protocol_run_id = run_id
         return self
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -261,8 +255,6 @@ class ConfidentialStrategy(Strategy):
         encoded = encode_model(self._global)  # encoded and hashed once for the round
         digest = encoded.digest
         run_id = self.protocol_run_id or str(grid.run.run_id)
-        if self.on_start is not None and not self.records:
-            self.on_start(run_id)
         ahead, self._next = self._next, None
         if ahead is not None and (ahead.round, ahead.model_digest) == (server_round, digest):
             round_ = ahead
@@ -403,8 +395,13 @@ class ConfidentialStrategy(Strategy):
         if round_ is not None:
             if self._next is not None:
                 self.gate.end_phase()  # the piggybacked admissions are durable now
-            self._close(round_)
+            self._round, self._finished = None, round_
         return result
+
+    def finished(self) -> CoordinatorRound | None:
+        """The round whose last Flower step just ran, for the run to close (handed out once)."""
+        round_, self._finished = self._finished, None
+        return round_
 
     def _evaluated(self, server_round: int, round_: CoordinatorRound | None,
                    ok: list[Message]) -> MetricRecord | None:
@@ -421,13 +418,6 @@ class ConfidentialStrategy(Strategy):
                                 metrics=dict(released.weighted))
         return self.inner.aggregate_evaluate(
             server_round, [synthetic_reply(plain_evaluate_reply(report), "evaluate")])
-
-    def _close(self, round_: CoordinatorRound) -> None:
-        record = round_.close()
-        self._round = None
-        self.records.append(record)
-        if self.on_round is not None:
-            self.on_round(record)
 
     def summary(self) -> None:
         log.info("ConfidentialStrategy: attested, HPKE-encrypted rounds around %s",

@@ -168,3 +168,13 @@ def test_secure_aggregation_needs_the_aggregator(tmp_path):
         run_simulation(SimulationConfig(out=tmp_path / "out", rounds=1, strategy="fedavg",
                                         secure_aggregation=True, aggregator=False,
                                         tracking=False, progress=False))
+
+
+def test_secure_aggregation_stages_need_the_rounds_aggregator(tmp_path, sim_root, model):
+    from cleanroom.coordinator.rounds import RoundStateError
+
+    round_ = CoordinatorRound(gate=fakes.gate(tmp_path, sim_root, {1: "alpha"}),
+                              plan=fakes.plan(secure_aggregation=True), run_id="run-1",
+                              round=1, model_digest=arrays_digest(model))
+    with pytest.raises(RoundStateError, match="inside the attested aggregator"):
+        SecAggStages(round_)

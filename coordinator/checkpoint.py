@@ -8,9 +8,6 @@ model, plus whatever the caller needs to rebuild the run, e.g. the report entrie
 Both are written with :func:`cleanroom.fsutil.atomic_write`, the npz first, so the json always
 names a complete npz; the digest is checked on load. Only the aggregated global model is
 written (the coordinator's product, as ``final_model.npz`` is): never a site's update.
-
-:class:`RoundOffset` replays a run's numbering on resume: Flower's ``Strategy.start`` counts
-rounds from 1; sites, nonces, ledgers and the audit must see the run's real round numbers.
 """
 
 from __future__ import annotations
@@ -21,14 +18,11 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from cleanroom.errors import CleanroomError
@@ -257,35 +251,3 @@ def load_resumable(directory: Path, audit_path: Path) -> Checkpoint:
         problem = problem or _not_named(ckpt, audit_path)
     assert problem is not None
     raise problem
-
-
-class RoundOffset(Strategy):
-    """Presents rounds ``offset+1..`` to ``strategy`` while Flower counts from 1."""
-
-    def __init__(self, strategy: Strategy, offset: int) -> None:
-        self.strategy = strategy
-        self.offset = offset
-
-    def __getattr__(self, name: str) -> Any:  # records, gate... of the wrapped strategy
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round + self.offset, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

@@ -7,7 +7,7 @@ confidential run (report.json, MLflow).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -49,15 +49,11 @@ def plain_evaluate_report(reply: Message) -> EvaluateReport | None:
 class ObservedStrategy(Strategy):
     """Pass-through wrapper that only records rounds."""
 
-    def __init__(self, inner: Strategy, *, node_sites: dict[int, str] | None = None,
-                 on_round: Callable[[RoundRecord], None] | None = None,
-                 on_start: Callable[[str], None] | None = None) -> None:
+    def __init__(self, inner: Strategy, *, node_sites: dict[int, str] | None = None) -> None:
         self.inner = inner
-        self.on_start = on_start
         self.node_sites = node_sites or {}
-        self.on_round = on_round
-        self.records: list[RoundRecord] = []
         self._current: RoundRecord | None = None
+        self._finished: RoundRecord | None = None
 
     def _site(self, node_id: int) -> str:
         return self.node_sites.get(node_id, f"node-{node_id}")
@@ -66,8 +62,6 @@ class ObservedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._current = RoundRecord(round=server_round, run_id=str(grid.run.run_id),
                                     model_digest=arrays_digest(arrays_to_numpy(arrays)))
-        if self.on_start is not None and not self.records:
-            self.on_start(self._current.run_id)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
@@ -101,10 +95,13 @@ class ObservedStrategy(Strategy):
         import time
 
         record.seconds = time.time() - record.started_at
-        self.records.append(record)
-        if self.on_round is not None:
-            self.on_round(record)
+        self._finished, self._current = record, None
         return result
+
+    def finished(self) -> RoundRecord | None:
+        """The round whose last Flower step just ran (handed out once)."""
+        record, self._finished = self._finished, None
+        return record
 
     def summary(self) -> None:
         self.inner.summary()

@@ -1,5 +1,9 @@
 """What the audit chain records: run start, one signed receipt per round, run end.
 
+:class:`AuditObserver` is the run's observer (:mod:`cleanroom.coordinator.run`) that appends
+them to the signed hash chain (:mod:`cleanroom.coordinator.audit`); it builds each round's
+receipt (:func:`round_receipt`) from the closed round's record.
+
 Bodies hold ids, digests, verdict reasons and epsilon, never payloads, evidence bytes or keys
 (other than the coordinator's public key, so a verifier knows whose signatures to expect).
 """
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanroom.coordinator.records import RoundRecord, SiteRound
+from cleanroom.coordinator.run import ClosedRun, FederatedRun, RoundEvent, RunObserver
 
 
 @lru_cache(maxsize=1)
@@ -81,3 +86,77 @@ def round_receipt(record: RoundRecord, *, policy_digest: str) -> dict[str, Any]:
         "policy_digest": policy_digest,
         "code_version": code_version(),
     }
+
+
+def open_audit(path: Path, key_path: Path) -> Any:
+    """The coordinator's audit log, with its signing key created on first use (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from cleanroom.coordinator.audit import AuditLog, load_signing_key
+    from cleanroom.fsutil import write_private
+
+    if not key_path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return AuditLog(path, load_signing_key(key_path))
+
+
+class AuditObserver(RunObserver):
+    """The signed hash chain: run start (or resume), one receipt per round, run end."""
+
+    def __init__(self) -> None:
+        self.audit: Any = None
+
+    def opened(self, run: FederatedRun) -> None:
+        from cleanroom.coordinator.audit import public_key_hex
+        from cleanroom.coordinator.checkpoint import check_against_audit
+        from cleanroom.protocol.arrays import arrays_digest
+
+        spec = run.spec
+        previous_head = ""
+        if spec.resume is not None:  # (load_resumable checked it; a bare checkpoint is checked)
+            ckpt = spec.resume.checkpoint
+            previous_head = ckpt.audit_head or check_against_audit(ckpt,
+                                                                   spec.resume.previous_audit)
+        self.audit = open_audit(run.out / "audit.jsonl", spec.stores.audit_key)
+        run.audit_path = self.audit.path
+        common = {"coordinator_public_key": public_key_hex(self.audit.key),
+                  "code_version": code_version(), "run_id": run.run_id,
+                  "policy_digest": run.gate.policy_digest}
+        if spec.resume is not None:
+            ckpt = spec.resume.checkpoint
+            self.audit.append("run-resume", {
+                **common, "from_round": ckpt.round, "rounds": ckpt.rounds,
+                "checkpoint_sha256": ckpt.sha256, "previous_audit_head": previous_head,
+                "checkpoint_model_sha256": arrays_digest(ckpt.model)})
+            return
+        self.audit.append("run-start", {
+            **common, "strategy": spec.strategy, "sites": spec.sites,
+            "policy_name": spec.policy.name,
+            "measurements": [m.hex() for m in spec.policy.measurements],
+            "plan": spec.plan.model_dump(mode="json"),
+            "aggregator": run.aggregator_summary()})
+
+    def round_closed(self, run: FederatedRun, event: RoundEvent) -> None:
+        receipt = round_receipt(event.record, policy_digest=run.gate.policy_digest)
+        if event.checkpoint_sha256 is not None:
+            receipt["checkpoint_sha256"] = event.checkpoint_sha256
+        self.audit.append("round-receipt", receipt)
+
+    def failed(self, run: FederatedRun) -> None:
+        if self.audit is not None:
+            self.audit.append("run-end", {"status": "failed", "rounds": len(run.records)})
+
+    def closed(self, run: FederatedRun, result: ClosedRun) -> None:
+        last = result.records[-1] if result.records else None
+        run.audit_head = self.audit.append("run-end", {
+            "status": "completed" if result.last_round >= run.spec.plan.rounds else "paused",
+            "last_round": result.last_round, "rounds": len(result.records),
+            "final_model_sha256": result.final_digest,
+            "attested_last_round": last.attested if last else [],
+            "epsilon": dict(run.epsilon)})
+        run.audit_entries = self.audit.seq
+        result.paths["audit"] = self.audit.path

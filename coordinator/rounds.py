@@ -32,7 +32,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,31 @@ class RoundStateError(CleanroomError):
     """A round step called out of order (a bug in the adapter, not a site's fault)."""
 
 
+Answer = tuple[AttestResponse, bytes, bytes] | str  # (response, evidence, endorsement), or why none
+Reply = Sealed | Refusal | str  # a train reply: the sealed update, the site's refusal, or an error
+Opened = tuple[OrderedDict[str, np.ndarray], TrainReport]  # an update the operator opened
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What goes to one node with the model: the sealed model, next round's challenge (on an
+    evaluation), the aggregator's evidence for the site, a masked-input request."""
+
+    sealed: Sealed
+    challenge: AttestChallenge | None = None
+    aggregator: tuple[bytes, bytes] | None = None
+    masked_input: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Updates:
+    """A round's updates in: those the operator opened (in reply order, None where there is
+    nothing to aggregate) or, with an aggregator, what it released."""
+
+    opened: list[Opened | None]
+    aggregate: Any = None  # the aggregator's Aggregate (None without one, or not yet)
+
+
 @dataclass(frozen=True)
 class Session:
     """An admitted site for this round: where its sealed model goes."""
@@ -75,6 +100,7 @@ class Session:
     public_key: bytes
     dataset_rows: int = 0  # the training rows its evidence bound
     update_signer: bytes | None = None  # the Ed25519 key its evidence bound
+    secagg_keys: tuple[bytes, bytes] | None = None  # its secure-aggregation keys (bound)
 
 
 class CoordinatorRound:
@@ -104,8 +130,6 @@ class CoordinatorRound:
         self._sessions: dict[int, Session] = {}
         self._site_nonces: dict[int, bytes] = {}
         self._aggregator_evidence: dict[int, tuple[bytes, bytes]] = {}
-        self._secagg_keys: dict[int, tuple[bytes, bytes]] = {}
-        self._masked_requests: dict[int, bytes] = {}
         self._eval_digest = ""
         self._reports: list[EvaluateReport] = []
 
@@ -125,6 +149,69 @@ class CoordinatorRound:
         if self.phase not in phases:
             raise RoundStateError(f"round {self.round} is {self.phase.value}, not "
                                   f"{' or '.join(p.value for p in phases)}")
+
+    # ------------------------------------------------------------------ steps
+    def challenges(self, node_ids: Iterable[int]) -> dict[int, AttestChallenge]:
+        """What to send to attest: a fresh challenge for every node of ``node_ids`` with no
+        decision yet (one whose answer rode on last round's evaluation needs none)."""
+        out = {n: self.challenge(n) for n in node_ids if self.needs_challenge(n)}
+        self.record.bytes_sent += sum(len(c.model_dump_json()) for c in out.values())
+        return out
+
+    def judge(self, answers: Iterable[tuple[int, Answer]]) -> None:
+        """Judge each node's answer (or the reason it has none), in the order received."""
+        for node_id, answer in answers:
+            if isinstance(answer, str):
+                self.fail(node_id, answer)
+            else:
+                self.admit(node_id, *answer)
+
+    def attest(self, answers: Iterable[tuple[int, Answer]]) -> list[int]:
+        """Judge ``answers`` and end the attestation phase (:meth:`end_attestation`): the
+        admitted node ids."""
+        self.judge(answers)
+        return self.end_attestation()
+
+    def instructions(self, node_ids: list[int],
+                     model: Mapping[str, np.ndarray] | EncodedArrays, *, direction: str,
+                     model_digest: str, look_ahead: CoordinatorRound | None = None,
+                     masked: Callable[[int], bytes | None] | None = None,
+                     ) -> dict[int, Instruction]:
+        """What to send with the model: for every admitted node of ``node_ids``, the sealed
+        model (:meth:`seal`), the challenge of the ``look_ahead`` round, the aggregator's
+        evidence and the ``masked`` input request. Unattested nodes get nothing."""
+        out = {}
+        for node_id, sealed in self.seal(node_ids, model, direction=direction,
+                                         model_digest=model_digest).items():
+            challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
+            if challenge is not None:
+                self.record.bytes_sent += len(challenge.model_dump_json())
+            out[node_id] = Instruction(sealed, challenge, self.aggregator_evidence(node_id),
+                                       masked(node_id) if masked is not None else None)
+        return out
+
+    def updates(self, replies: Iterable[tuple[int, Reply]],
+                reference: Mapping[str, np.ndarray], *, release: bool = True) -> Updates:
+        """Every train reply of the round, in order: rejected, refused, opened and validated
+        (or handed to the aggregator); sites that sent none are dropped
+        (:meth:`end_updates`); with an aggregator and ``release``, its release
+        (:meth:`aggregate`; secure aggregation releases after its unmask stages)."""
+        opened: list[Opened | None] = []
+        for node_id, reply in replies:
+            opened.append(None)
+            if node_id not in self._sessions:
+                continue  # not sent a model this round
+            if isinstance(reply, str):
+                self.reject(node_id, reply)
+            elif isinstance(reply, Refusal):
+                self.refused(node_id, reply)
+            elif self.aggregator is not None:
+                self.submit_update(node_id, reply)  # opened only inside the enclave
+            else:
+                opened[-1] = self.open_update(node_id, reply, reference)
+        self.end_updates()
+        released = self.aggregate() if release and self.aggregator is not None else None
+        return Updates(opened, released)
 
     # ------------------------------------------------------------------ attestation
     def challenge(self, node_id: int) -> AttestChallenge:
@@ -167,8 +254,6 @@ class CoordinatorRound:
         self.record.verify_seconds += admission.verify_seconds
         if admission.admitted and response.aggregator_nonce is not None:
             self._site_nonces[node_id] = response.aggregator_nonce
-        if admission.admitted and admission.secagg_keys is not None:
-            self._secagg_keys[node_id] = admission.secagg_keys
         return self._apply(admission)
 
     def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
@@ -193,7 +278,8 @@ class CoordinatorRound:
         if admission.admitted:
             assert admission.site_public_key is not None
             self._sessions[node_id] = Session(node_id, label, admission.site_public_key,
-                                              admission.dataset_rows, admission.update_signer)
+                                              admission.dataset_rows, admission.update_signer,
+                                              admission.secagg_keys)
             if self.aggregator is not None:
                 from cleanroom.coordinator.aggregator import SiteSlot
 
@@ -245,6 +331,10 @@ class CoordinatorRound:
     @property
     def evaluating(self) -> bool:
         return self.phase is Phase.EVALUATING
+
+    def sessions(self) -> dict[int, Session]:
+        """The sites still in this round, by node id (a copy)."""
+        return dict(self._sessions)
 
     def site(self, node_id: int) -> str | None:
         session = self._sessions.get(node_id)
@@ -307,61 +397,6 @@ class CoordinatorRound:
         if report.privacy is not None:
             self.gate.ledger_grew(session.site, report.privacy.ledger_records)
         return update, report
-
-    # ------------------------------------------------------------------ secure aggregation
-    def secagg_start(self) -> dict[int, bytes]:
-        """Secure aggregation among the admitted sites (their attested keys): the share-keys
-        request for each node."""
-        self._expect(Phase.TRAINING)
-        if self.aggregator is None:
-            raise RoundStateError("secure aggregation runs inside the attested aggregator")
-        roster = {self._sessions[n].site: keys for n, keys in self._secagg_keys.items()
-                  if n in self._sessions}
-        for node_id in [n for n in self._sessions if n not in self._secagg_keys]:
-            self.reject(node_id, "protocol: no secure-aggregation keys this round")
-        if len(roster) < 2:
-            self.record.secure_aggregation = {"failure": "fewer than 2 sites with keys"}
-            return {}
-        request = self.aggregator.secagg_begin(self.round, roster)
-        self.record.secure_aggregation = {"sites": sorted(roster)}
-        return {n: request for n in self._sessions}
-
-    def secagg_receive(self, node_id: int, stage: str, message: bytes) -> None:
-        """A node's reply to a secure-aggregation stage; a bad one drops the site."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return
-        self.record.bytes_received += len(message)
-        verdict = self.aggregator.secagg_receive(self.round, session.site, stage, message)
-        if not verdict.accepted:
-            self.secagg_drop(node_id, verdict.reason)
-
-    def secagg_drop(self, node_id: int, reason: str) -> None:
-        """A site out of this round's secure aggregation (no answer, a refusal, a bad reply):
-        no model goes to it; masks it shared are removed from the sum by the others."""
-        session = self._sessions.get(node_id)
-        if session is None:
-            return
-        dropped = self.record.secure_aggregation.setdefault("dropped", {})  # type: ignore[union-attr]
-        dropped[session.site] = reason
-        self.reject(node_id, f"secure aggregation: {reason}")
-
-    def secagg_requests(self, stage: str) -> dict[int, bytes]:
-        """The aggregator's requests for ``stage`` (masked-input, consistency, unmask), by
-        node; for masked-input, admitted sites the protocol left out get no model."""
-        by_site = {s.site: n for n, s in self._sessions.items()}
-        requests = self.aggregator.secagg_requests(self.round, stage)
-        out = {by_site[site]: data for site, data in requests.items() if site in by_site}
-        if stage == "masked-input":
-            for node_id in set(self._sessions) - set(out):
-                self.secagg_drop(node_id, "left out after sharing keys (too few neighbours)")
-            self._masked_requests = out
-        for data in out.values():
-            self.record.bytes_sent += len(data)
-        return out
-
-    def masked_input_request(self, node_id: int) -> bytes | None:
-        return self._masked_requests.get(node_id)
 
     # ------------------------------------------------------------------ aggregator mode
     def submit_update(self, node_id: int, sealed: Sealed) -> TrainReport | None:

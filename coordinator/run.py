@@ -1,14 +1,15 @@
 """One federated run on the coordinator side, wherever it executes.
 
 A run has explicit steps: :meth:`FederatedRun.open` (the protocol's run id is known, nothing
-sent yet), one :meth:`~FederatedRun.round_closed` per round, then :meth:`~FederatedRun.close`
-(or :meth:`~FederatedRun.fail`). What happens at each step is the business of
+sent yet), one :meth:`~FederatedRun.round_closed` per round (the run closes the round the
+strategy finished, :class:`RunRounds`), then :meth:`~FederatedRun.close` (or
+:meth:`~FederatedRun.fail`). What happens at each step is the business of
 :class:`RunObserver`\\ s, each with one concern, called in order:
 
 * :class:`CheckpointObserver`: the global model + server-optimiser state after each round
   (it names the checkpoint's digest in the round's receipt before the audit signs it);
-* :class:`AuditObserver`: the signed hash chain (run start or resume, a receipt per round,
-  run end);
+* :class:`~cleanroom.coordinator.receipts.AuditObserver`: the signed hash chain (run start or
+  resume, the receipt it builds for each round, run end);
 * :class:`ReportObserver`: report.json, report.png and the model card at the end;
 * :class:`TrackingObserver`: MLflow parameters, per-round metrics, artifacts, the registered
   model;
@@ -23,12 +24,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from cleanroom.attestation.validate.policy import Policy
 from cleanroom.coordinator.checkpoint import Checkpoint
@@ -109,13 +113,13 @@ class RunOutcome:
 
 @dataclass
 class RoundEvent:
-    """One closed round as observers see it; ``receipt`` is signed by the audit observer,
-    earlier observers may add to it (the checkpoint's digest)."""
+    """One closed round as observers see it; the audit observer signs its receipt, naming
+    the checkpoint an earlier observer wrote."""
 
     record: RoundRecord
     entry: dict[str, Any]  # the round's report entry
-    receipt: dict[str, Any]
     model: OrderedDict[str, np.ndarray] | None  # the global model after the round
+    checkpoint_sha256: str | None = None  # set by the checkpoint observer
 
 
 @dataclass
@@ -140,6 +144,49 @@ class RunObserver:
     def closed(self, run: FederatedRun, result: ClosedRun) -> None: ...
 
     def failed(self, run: FederatedRun) -> None: ...
+
+
+class RunRounds(Strategy):
+    """Flower's round loop as the run sees it: ``opened`` with the protocol's run id before
+    anything is sent, and after each round's last step (``aggregate_evaluate``) the round the
+    strategy finished handed to ``closed``. Rounds are numbered after ``offset`` (a resumed
+    checkpoint's round: Flower counts from 1; sites, nonces, ledgers and the audit must see
+    the run's real round numbers)."""
+
+    def __init__(self, strategy: Any, *, offset: int = 0, run_id: str | None = None,
+                 opened: Callable[[str], None] | None = None,
+                 closed: Callable[[Any], None] | None = None) -> None:
+        """``strategy``: a ConfidentialStrategy or ObservedStrategy (``finished()``);
+        ``run_id``: the protocol's run id (default: Flower's)."""
+        self.strategy = strategy
+        self.offset = offset
+        self.run_id = run_id
+        self.opened, self.closed = opened, closed
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.opened is not None:
+            self.opened(self.run_id or str(grid.run.run_id))
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        result = self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+        finished = self.strategy.finished()
+        if finished is not None and self.closed is not None:
+            self.closed(finished)
+        return result
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 class FederatedRun:
@@ -181,6 +228,7 @@ class FederatedRun:
         for entry in self.prior:
             self.epsilon.update(entry.get("epsilon", {}))
         self.run_id: str | None = None
+        self._records: list[RoundRecord] = []
         # facts observers hand on to later observers
         self.audit_path = self.out / "audit.jsonl"
         self.audit_head = ""
@@ -239,7 +287,6 @@ class FederatedRun:
             self.aggregator.close()
 
     def _wrap(self, wrapper: Any) -> Any:
-        from cleanroom.coordinator.checkpoint import RoundOffset
         from cleanroom.coordinator.observed import ObservedStrategy
         from cleanroom.coordinator.strategy import ConfidentialStrategy
 
@@ -248,26 +295,24 @@ class FederatedRun:
             strategy: Any = wrapper.attach(
                 gate=self.gate, plan=spec.plan,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
-                on_round=self.round_closed, on_start=self.open, run_id=spec.protocol_run_id,
-                aggregator=self.aggregator, min_sites=spec.min_nodes)
+                run_id=spec.protocol_run_id, aggregator=self.aggregator,
+                min_sites=spec.min_nodes)
             strategy.attest_timeout = min(strategy.attest_timeout, spec.attest_timeout)
         elif spec.confidential:
             strategy: Any = ConfidentialStrategy(
                 self.inner, gate=self.gate, plan=spec.plan, attest_timeout=spec.attest_timeout,
                 expected_nodes=spec.expected_nodes or len(spec.sites) or None,
-                on_round=self.round_closed, on_start=self.open,
                 run_id=spec.protocol_run_id, aggregator=self.aggregator)
         else:
-            strategy = ObservedStrategy(self.inner, on_round=self.round_closed,
-                                        node_sites=dict(spec.directory.names),
-                                        on_start=self.open)
+            strategy = ObservedStrategy(self.inner, node_sites=dict(spec.directory.names))
         self.wrapper = strategy
-        resume = spec.resume
-        return RoundOffset(strategy, resume.checkpoint.round) if resume else strategy
+        return RunRounds(strategy, offset=spec.resume.checkpoint.round if spec.resume else 0,
+                         run_id=spec.protocol_run_id, opened=self.open,
+                         closed=self.round_closed)
 
     @property
     def records(self) -> list[RoundRecord]:
-        return list(self.wrapper.records)
+        return list(self._records)
 
     # ------------------------------------------------------------------ steps
     def open(self, run_id: str) -> None:
@@ -278,12 +323,14 @@ class FederatedRun:
         for observer in self.observers:
             observer.opened(self)
 
-    def round_closed(self, record: RoundRecord) -> None:
-        from cleanroom.coordinator.receipts import round_receipt
+    def round_closed(self, finished: Any) -> None:
+        """Close the round the strategy finished (a CoordinatorRound; the plaintext baseline
+        hands its RoundRecord) and hand it to the observers."""
         from cleanroom.coordinator.report import round_entry
 
+        record = finished if isinstance(finished, RoundRecord) else finished.close()
+        self._records.append(record)
         event = RoundEvent(record=record, entry=round_entry(record, self.epsilon),
-                           receipt=round_receipt(record, policy_digest=self.gate.policy_digest),
                            model=getattr(self.wrapper, "model_after_round", None))
         for observer in self.observers:
             observer.round_closed(self, event)
@@ -340,12 +387,12 @@ def check_task(spec: RunSpec) -> None:
 def default_observers(spec: RunSpec, on_round: Callable[[dict[str, Any]], None] | None = None,
                       ) -> list[RunObserver]:
     from cleanroom.coordinator.observers import (
-        AuditObserver,
         CheckpointObserver,
         ProgressObserver,
         ReportObserver,
         TrackingObserver,
     )
+    from cleanroom.coordinator.receipts import AuditObserver
 
     observers: list[RunObserver] = []
     if spec.confidential:

@@ -12,7 +12,8 @@ changes nothing else:
   a bad report or a bad update rejects that one site), give the inner strategy the plaintext
   updates with the sample counts from the sites' authenticated reports;
 * ``configure_evaluate`` / ``aggregate_evaluate``: the same for evaluation, with next round's
-  challenges riding on it; ``on_round`` receives each closed :class:`RoundRecord`.
+  challenges riding on it; the run takes each finished round (:meth:`finished`) and
+  closes it.
 
 With an attested aggregator (``aggregator=``), this process never opens an update: replies go
 to the aggregator enclave, and the inner strategy receives what it releases: the mean of the
@@ -38,7 +39,6 @@ the app runs on a ``cleanroom coordinator``'s SuperLink, else as a local simulat
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -51,8 +51,8 @@ from flwr.serverapp.strategy import Strategy
 
 from cleanroom.coordinator.fastgrid import DelegatingGrid
 from cleanroom.coordinator.gate import AttestationGate
-from cleanroom.coordinator.records import RoundRecord
-from cleanroom.coordinator.rounds import CoordinatorRound
+from cleanroom.coordinator.rounds import Answer, CoordinatorRound, Reply
+from cleanroom.coordinator.secagg_round import SecAggExchange
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.flower import (
@@ -60,10 +60,9 @@ from cleanroom.protocol.flower import (
     ATTEST_RECORD,
     ENVELOPE_RECORD,
     REFUSAL_RECORD,
-    SECAGG_MESSAGE_TYPE,
-    SECAGG_RECORD,
     arrays_to_numpy,
     challenge_content,
+    error_reason,
     has_attest,
     instruction_content,
     numpy_to_arrays,
@@ -73,8 +72,6 @@ from cleanroom.protocol.flower import (
     read_envelope,
     read_refusal,
     read_reply,
-    read_secagg,
-    secagg_content,
     synthetic_reply,
 )
 from cleanroom.protocol.payload import encode_model
@@ -82,17 +79,6 @@ from cleanroom.protocol.reports import EvaluateReport, TrainReport
 from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
-
-_FLOWER_EXC = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.S)
-
-
-def error_reason(reply: Message) -> str:
-    """A site's error as 'ErrorType: message' (Flower's deployment runtime wraps it as
-    "<class 'pkg.ErrorType'>:<'message'>")."""
-    reason = str(reply.error.reason)
-    match = _FLOWER_EXC.match(reason.strip())
-    return f"{match.group(1)}: {match.group(2)}" if match else reason
-
 
 def required_nodes(inner: Strategy) -> int:
     """How many nodes the inner strategy insists on (it would wait forever for fewer)."""
@@ -102,6 +88,32 @@ def required_nodes(inner: Strategy) -> int:
         if isinstance(value, int):
             need = max(need, value)
     return need
+
+
+def attest_answer(reply: Message) -> Answer:
+    """A node's answer to its challenge, or why there is none (an error, a bad reply)."""
+    if reply.has_error():
+        return f"site error: {error_reason(reply)}"
+    try:
+        return read_attest(reply.content)
+    except ProtocolError as exc:
+        return f"protocol: {exc}"
+
+
+def train_reply(reply: Message) -> Reply:
+    """A train reply's sealed update or the site's refusal; else why it is rejected (an
+    error, extra records, a bad envelope)."""
+    if reply.has_error():
+        return f"site error: {error_reason(reply)}"
+    try:
+        refusal = read_refusal(reply.content)
+        if refusal is not None:
+            read_reply(reply.content, allowed={REFUSAL_RECORD})
+            return refusal
+        read_reply(reply.content, allowed={ENVELOPE_RECORD})
+        return read_envelope(reply.content)
+    except ProtocolError as exc:
+        return f"update rejected: {exc}"
 
 
 class AttestedGrid(DelegatingGrid):
@@ -125,8 +137,6 @@ class ConfidentialStrategy(Strategy):
                  gate: AttestationGate | None = None, plan: TrainPlan | None = None,
                  attest_timeout: float = 120.0, expected_nodes: int | None = None,
                  node_wait: float = 60.0, piggyback: bool = True,
-                 on_round: Callable[[RoundRecord], None] | None = None,
-                 on_start: Callable[[str], None] | None = None,
                  run_id: str | None = None, aggregator: Any = None) -> None:
         """``inner``: any ``flwr.serverapp.strategy`` strategy. ``task``: the task this run
         trains (a :class:`cleanroom.task.Task` or a task folder); with it alone,
@@ -150,8 +160,6 @@ class ConfidentialStrategy(Strategy):
         self.gate = gate  # type: ignore[assignment]
         self.plan = plan  # type: ignore[assignment]
         self.attest_timeout = attest_timeout
-        self.on_round = on_round
-        self.on_start = on_start
         self.min_sites = required_nodes(inner)
         self.expected_nodes = expected_nodes or self.min_sites
         self.node_wait = node_wait
@@ -159,24 +167,23 @@ class ConfidentialStrategy(Strategy):
         self.piggyback = piggyback
         self.protocol_run_id = run_id  # a resumed deployed run keeps its first run's id
         self.aggregator = aggregator
-        self.records: list[RoundRecord] = []
         self.model_after_round: OrderedDict[str, np.ndarray] | None = None
         self._round: CoordinatorRound | None = None
         self._next: CoordinatorRound | None = None
+        self._finished: CoordinatorRound | None = None  # for the run to take and close
         self._global: OrderedDict[str, np.ndarray] | None = None
         self._eval_digest = ""
-        self._grid: Grid | None = None  # this round's, for secure aggregation's stages
+        self._secagg: SecAggExchange | None = None  # this round's, with secure aggregation
 
     def attach(self, *, gate: AttestationGate, plan: TrainPlan, expected_nodes: int | None,
-               on_round: Callable[[RoundRecord], None] | None,
-               on_start: Callable[[str], None] | None, run_id: str | None,
-               aggregator: Any = None, min_sites: int = 1) -> ConfidentialStrategy:
-        """Give a public-API strategy the run machinery's gate, plan and callbacks;
+               run_id: str | None, aggregator: Any = None,
+               min_sites: int = 1) -> ConfidentialStrategy:
+        """Give a public-API strategy the run machinery's gate, plan and aggregator;
         ``min_sites``: the operator's floor (the inner strategy's own minimum still holds)."""
         self.gate, self.plan, self.aggregator = gate, plan, aggregator
         self.min_sites = max(required_nodes(self.inner), min_sites)
         self.expected_nodes = expected_nodes or self.min_sites
-        self.on_round, self.on_start, self.protocol_run_id = on_round, on_start, run_id
+        self.protocol_run_id = run_id
         return self
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -206,28 +213,12 @@ class ConfidentialStrategy(Strategy):
             time.sleep(0.2)
         return node_ids
 
-    def _judge_attestation(self, round_: CoordinatorRound, reply: Message) -> None:
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            round_.fail(node_id, f"site error: {error_reason(reply)}")
-            return
-        try:
-            response, evidence, endorsement = read_attest(reply.content)
-        except ProtocolError as exc:
-            round_.fail(node_id, f"protocol: {exc}")
-            return
-        round_.admit(node_id, response, evidence, endorsement)
-
     def _attest(self, round_: CoordinatorRound, grid: Grid) -> list[int]:
         """Admit this round's sites: answers that rode on last round's evaluation, and a
         fresh attestation query for every other connected node."""
-        messages = []
-        for node_id in self._connected(grid):
-            if round_.needs_challenge(node_id):
-                challenge = round_.challenge(node_id)
-                round_.record.bytes_sent += len(challenge.model_dump_json())
-                messages.append(Message(challenge_content(challenge), node_id,
-                                        ATTEST_MESSAGE_TYPE, group_id=str(round_.round)))
+        messages = [Message(challenge_content(challenge), node_id, ATTEST_MESSAGE_TYPE,
+                            group_id=str(round_.round))
+                    for node_id, challenge in round_.challenges(self._connected(grid)).items()]
         # The first attestation of a run (fresh or resumed) waits up to node_wait: after a
         # restart of the coordinator the SuperNodes are still reconnecting, and rounds that
         # time out at once would each be lost (seen in the coordinator-kill drill).
@@ -236,9 +227,7 @@ class ConfidentialStrategy(Strategy):
         start = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         round_.record.attestation_seconds = time.perf_counter() - start
-        for reply in replies:
-            self._judge_attestation(round_, reply)
-        admitted = round_.end_attestation()
+        admitted = round_.attest([(r.metadata.src_node_id, attest_answer(r)) for r in replies])
         self._answered_once = self._answered_once or bool(admitted)
         return admitted
 
@@ -248,20 +237,17 @@ class ConfidentialStrategy(Strategy):
         """The model encrypted once for every addressed, admitted node; each message keeps
         the strategy's config records and gets the shared ciphertext and its own key."""
         messages = list(messages)
-        sealed = round_.seal([m.metadata.dst_node_id for m in messages], model,
-                             direction=direction, model_digest=digest)
+        masked = self._secagg.masked_input if self._secagg and direction == "model" else None
+        sent = round_.instructions([m.metadata.dst_node_id for m in messages], model,
+                                   direction=direction, model_digest=digest,
+                                   look_ahead=look_ahead, masked=masked)
         out = []
         for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            if node_id not in sealed:
-                continue
-            challenge = look_ahead.challenge(node_id) if look_ahead is not None else None
-            msg.content = instruction_content(
-                sealed[node_id], msg.content, challenge, round_.aggregator_evidence(node_id),
-                round_.masked_input_request(node_id) if direction == "model" else None)
-            if challenge is not None:
-                round_.record.bytes_sent += len(challenge.model_dump_json())
-            out.append(msg)
+            item = sent.get(msg.metadata.dst_node_id)
+            if item is not None:
+                msg.content = instruction_content(item.sealed, msg.content, item.challenge,
+                                                  item.aggregator, item.masked_input)
+                out.append(msg)
         return out
 
     # ------------------------------------------------------------------ Strategy API
@@ -272,8 +258,6 @@ class ConfidentialStrategy(Strategy):
         encoded = encode_model(self._global)  # encoded and hashed once for the round
         digest = encoded.digest
         run_id = self.protocol_run_id or str(grid.run.run_id)
-        if self.on_start is not None and not self.records:
-            self.on_start(run_id)
         ahead, self._next = self._next, None
         if ahead is not None and (ahead.round, ahead.model_digest) == (server_round, digest):
             round_ = ahead
@@ -283,11 +267,11 @@ class ConfidentialStrategy(Strategy):
             round_ = CoordinatorRound(gate=self.gate, plan=self.plan, run_id=run_id,
                                       round=server_round, model_digest=digest,
                                       aggregator=self.aggregator, model=self._global)
-        self._round = round_
-        self._grid = grid
+        self._round, self._secagg = round_, None
         attested = self._attest(round_, grid)
         if self.plan.secure_aggregation and len(attested) >= self.min_sites:
-            attested = self._share_keys(round_, grid)
+            self._secagg = SecAggExchange(round_, grid, self.attest_timeout)
+            attested = self._secagg.share_keys()
         if len(attested) < self.min_sites:
             round_.skip(f"only {len(attested)} site(s) attested, the strategy needs "
                         f"{self.min_sites}: no training this round")
@@ -301,25 +285,20 @@ class ConfidentialStrategy(Strategy):
         round_ = self._round
         if round_ is None or self._global is None or round_.record.skipped:
             return None, None
-        plain: list[Message] = []
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            sealed = self._train_reply(round_, reply)
-            if sealed is None:
-                continue
-            if round_.aggregator is not None:
-                round_.submit_update(node_id, sealed)  # opened only inside the enclave
-                continue
-            opened = round_.open_update(node_id, sealed, self._global)
-            if opened is not None:
-                reply.content = plain_train_reply(*opened)
-                plain.append(reply)
-        round_.end_updates()
-        if self.plan.secure_aggregation:
-            self._unmask(round_)
+        replies = list(replies)
+        updates = round_.updates([(r.metadata.src_node_id, train_reply(r)) for r in replies],
+                                 self._global, release=self._secagg is None)
+        if self._secagg is not None:
+            self._secagg.unmask()
         if round_.aggregator is not None:
-            arrays, metrics = self._released(server_round, round_)
+            released = updates.aggregate if self._secagg is None else round_.aggregate()
+            arrays, metrics = self._released(server_round, released)
         else:
+            plain = []
+            for reply, opened in zip(replies, updates.opened, strict=True):
+                if opened is not None:
+                    reply.content = plain_train_reply(*opened)
+                    plain.append(reply)
             arrays, metrics = (self.inner.aggregate_train(server_round, plain) if plain
                                else (None, None))
         aggregate = None
@@ -330,76 +309,11 @@ class ConfidentialStrategy(Strategy):
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
 
-    # ------------------------------------------------------------------ secure aggregation
-    def _secagg_exchange(self, round_: CoordinatorRound, grid: Grid, stage: str,
-                         requests: dict[int, bytes]) -> None:
-        """One secure-aggregation stage: a query to each node, its reply to the aggregator;
-        a node that refuses, errs or stays silent drops out of the round's sum."""
-        messages = [Message(secagg_content(stage, data), node_id, SECAGG_MESSAGE_TYPE,
-                            group_id=str(round_.round)) for node_id, data in requests.items()]
-        answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.attest_timeout):
-            node_id = reply.metadata.src_node_id
-            if node_id not in requests or node_id in answered:
-                continue
-            answered.add(node_id)
-            if reply.has_error():
-                round_.secagg_drop(node_id, f"site error: {error_reason(reply)}")
-                continue
-            try:
-                refusal = read_refusal(reply.content)
-                if refusal is not None:
-                    round_.secagg_drop(node_id, f"refused: {refusal.code}: {refusal.detail}")
-                    continue
-                read_reply(reply.content, allowed={SECAGG_RECORD})
-                answer = read_secagg(reply.content)
-                if answer is None or answer[0] != stage:
-                    raise ProtocolError(f"no {stage} reply")
-            except ProtocolError as exc:
-                round_.secagg_drop(node_id, f"protocol: {exc}")
-                continue
-            round_.secagg_receive(node_id, stage, answer[1])
-        for node_id in set(requests) - answered:
-            round_.secagg_drop(node_id, f"no {stage} reply before the timeout")
-
-    def _share_keys(self, round_: CoordinatorRound, grid: Grid) -> list[int]:
-        """Share-keys among the attested sites; the nodes that get a masked-input request."""
-        self._secagg_exchange(round_, grid, "share-keys", round_.secagg_start())
-        return sorted(round_.secagg_requests("masked-input"))
-
-    def _unmask(self, round_: CoordinatorRound) -> None:
-        """After the masked inputs: the consistency and unmask stages (two more round trips),
-        then the aggregator can unmask the sum."""
-        assert self._grid is not None
-        for stage in ("consistency", "unmask"):
-            self._secagg_exchange(round_, self._grid, stage, round_.secagg_requests(stage))
-
-    def _train_reply(self, round_: CoordinatorRound, reply: Message) -> Any:
-        """The sealed update of one train reply, or None (the site is rejected or refused)."""
-        node_id = reply.metadata.src_node_id
-        if round_.site(node_id) is None:
-            return None  # not sent a model this round
-        if reply.has_error():
-            round_.reject(node_id, f"site error: {error_reason(reply)}")
-            return None
-        try:
-            refusal = read_refusal(reply.content)
-            if refusal is not None:
-                read_reply(reply.content, allowed={REFUSAL_RECORD})
-                round_.refused(node_id, refusal)
-                return None
-            read_reply(reply.content, allowed={ENVELOPE_RECORD})
-            return read_envelope(reply.content)
-        except ProtocolError as exc:
-            round_.reject(node_id, f"update rejected: {exc}")
-            return None
-
-    def _released(self, server_round: int, round_: CoordinatorRound,
+    def _released(self, server_round: int, result: Any,
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregator's release for the inner strategy: its robust output as is, or the
-        mean of the accepted updates as one reply the inner strategy aggregates (its server
-        step, e.g. FedAdam's, applies to it)."""
-        result = round_.aggregate()
+        """The aggregator's release (an ``Aggregate``) for the inner strategy: its robust
+        output as is, or the mean of the accepted updates as one reply the inner strategy
+        aggregates (its server step, e.g. FedAdam's, applies to it)."""
         if result.arrays is None:
             return None, None
         if self._inside:
@@ -443,12 +357,12 @@ class ConfidentialStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
         round_ = self._round
-        ok = []
+        ok, answers = [], {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if self._next is not None and self._next.awaiting(node_id) and (
                     reply.has_error() or has_attest(reply.content)):
-                self._judge_attestation(self._next, reply)
+                answers.setdefault(node_id, attest_answer(reply))  # next round's admission
             if round_ is None or round_.site(node_id) is None:
                 continue
             site = round_.site(node_id)
@@ -478,12 +392,19 @@ class ConfidentialStrategy(Strategy):
             if report is not None:
                 reply.content = plain_evaluate_reply(report)
                 ok.append(reply)
+        if self._next is not None:
+            self._next.judge(answers.items())
         result = self._evaluated(server_round, round_, ok)
         if round_ is not None:
             if self._next is not None:
                 self.gate.end_phase()  # the piggybacked admissions are durable now
-            self._close(round_)
+            self._round, self._finished = None, round_
         return result
+
+    def finished(self) -> CoordinatorRound | None:
+        """The round whose last Flower step just ran, for the run to close (handed out once)."""
+        round_, self._finished = self._finished, None
+        return round_
 
     def _evaluated(self, server_round: int, round_: CoordinatorRound | None,
                    ok: list[Message]) -> MetricRecord | None:
@@ -500,13 +421,6 @@ class ConfidentialStrategy(Strategy):
                                 metrics=dict(released.weighted))
         return self.inner.aggregate_evaluate(
             server_round, [synthetic_reply(plain_evaluate_reply(report), "evaluate")])
-
-    def _close(self, round_: CoordinatorRound) -> None:
-        record = round_.close()
-        self._round = None
-        self.records.append(record)
-        if self.on_round is not None:
-            self.on_round(record)
 
     def summary(self) -> None:
         log.info("ConfidentialStrategy: attested, HPKE-encrypted rounds around %s",

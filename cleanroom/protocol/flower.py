@@ -27,6 +27,7 @@ nothing. Layout of every message the protocol sends:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -61,6 +62,7 @@ ENVELOPE_RECORD = "cleanroom.envelope"
 AGGREGATOR_RECORD = "cleanroom.aggregator"
 REFUSAL_RECORD = "cleanroom.refusal"
 ARRAYS_RECORD = "arrays"  # the ArrayRecord key Flower's strategies use by default
+_FLOWER_EXC = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.S)
 METRICS_RECORD = "metrics"
 # Flower's own keys the protocol reads or writes (its strategies' config and metric records)
 SERVER_ROUND = "server-round"  # the round number in a strategy's per-round ConfigRecord
@@ -242,6 +244,14 @@ def read_secagg(content: RecordDict) -> tuple[str, bytes] | None:
 def refusal_content(refusal: Refusal) -> RecordDict:
     """A site's typed refusal of a train or evaluate instruction."""
     return RecordDict({REFUSAL_RECORD: ConfigRecord({"refusal": refusal.model_dump_json()})})
+
+
+def error_reason(reply: Message) -> str:
+    """A site's error as 'ErrorType: message' (Flower's deployment runtime wraps it as
+    "<class 'pkg.ErrorType'>:<'message'>")."""
+    reason = str(reply.error.reason)
+    match = _FLOWER_EXC.match(reason.strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else reason
 
 
 def read_refusal(content: RecordDict) -> Refusal | None:

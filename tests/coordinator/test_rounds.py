@@ -279,3 +279,54 @@ def test_a_site_that_sends_no_update_is_quarantined_with_a_timeout(tmp_path, sim
     assert round_.record.quarantined == {"beta": "no training reply before the timeout"}
     round_.end_updates()  # idempotent: alpha's update is in
     assert round_.admitted == [1]
+
+
+def test_one_call_per_step_returns_what_to_send(tmp_path, sim_root_dir, sim_root, two_sites,
+                                                model):
+    """The adapter's view: challenges to send, the answers judged in one call, instructions
+    only for admitted nodes, the train replies (an update, an error, a stranger) in one."""
+    round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "beta"})
+    challenges = round_.challenges([1, 2, 7])
+    assert sorted(challenges) == [1, 2, 7]
+    assert round_.record.bytes_sent == sum(len(c.model_dump_json())
+                                           for c in challenges.values())
+    answers = []
+    for node_id in (1, 2):
+        answer = SiteProtocol(two_sites[node_id], TaskTrainer()).answer(challenges[node_id])
+        answers.append((node_id, (answer.response, answer.evidence, answer.endorsement)))
+    answers.append((7, "site error: RuntimeError: boom"))
+    assert round_.attest(answers) == [1, 2]
+    assert round_.record.quarantined == {"node-7": "site error: RuntimeError: boom"}
+    with pytest.raises(RoundStateError):
+        round_.challenges([9])  # attestation is over
+
+
+def test_steps_send_models_only_to_admitted_nodes_and_take_updates_in_order(
+        tmp_path, sim_root_dir, sim_root, two_sites, model):
+    round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "beta"})
+    blobs = attest_all(round_, {1: two_sites[1]})
+    assert round_.attest([]) == [1]  # beta was never challenged: nothing to judge
+    sent = round_.instructions([1, 2], model, direction="model",
+                               model_digest=round_.model_digest,
+                               masked=lambda n: b"mask" if n == 1 else None)
+    assert list(sent) == [1] and sent[1].masked_input == b"mask"
+    assert sent[1].challenge is None and sent[1].aggregator is None
+    reply, _ = SiteProtocol(two_sites[1], TaskTrainer()).train(blobs[1], sent[1].sealed, {})
+    updates = round_.updates([(2, "site error: not asked"), (1, reply)], model)
+    assert updates.aggregate is None and updates.opened[0] is None
+    assert updates.opened[1] is not None and list(updates.opened[1][0]) == list(model)
+    assert round_.record.aggregated == ["alpha"] and "beta" not in round_.record.sites
+    assert round_.phase is Phase.TRAINING
+
+
+def test_a_reply_that_is_no_update_rejects_its_site(tmp_path, sim_root, two_sites, model):
+    from cleanroom.protocol.wire import Refusal
+
+    round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "beta"})
+    attest_all(round_, two_sites)
+    round_.end_attestation()
+    refusal = Refusal(code="aggregator-unattested", detail="no evidence")
+    updates = round_.updates([(1, "update rejected: garbled"), (2, refusal)], model)
+    assert updates.opened == [None, None] and round_.admitted == []
+    assert round_.record.quarantined == {"alpha": "update rejected: garbled"}
+    assert round_.record.site_refusals == {"beta": "aggregator-unattested: no evidence"}

@@ -12,6 +12,7 @@ import pytest
 
 from cleanroom.coordinator.aggregator_enclave import AggregatorHandle
 from cleanroom.coordinator.rounds import CoordinatorRound
+from cleanroom.coordinator.secagg_round import SecAggStages
 from cleanroom.errors import ConfigError, SecAggError
 from cleanroom.models import build_model, get_parameters
 from cleanroom.protocol.arrays import arrays_digest
@@ -42,32 +43,32 @@ def secagg_round(tmp_path, sim_root_dir, sim_root, model, n=4):
         round_.admit(node_id, answer.response, answer.evidence, answer.endorsement)
         blobs[node_id] = answer.session
     assert round_.end_attestation() == sorted(sites)
-    return round_, sites, blobs, handle
+    return round_, SecAggStages(round_), sites, blobs, handle
 
 
-def stage(round_, sites, blobs, name, requests):
+def stage(stages, sites, blobs, name, requests):
     for node_id, data in requests.items():
         reply, blobs[node_id] = SiteProtocol(sites[node_id], TaskTrainer()).secagg_step(
             blobs[node_id], name, data)
-        round_.secagg_receive(node_id, name, reply)
+        stages.receive(node_id, name, reply)
 
 
 def test_a_masked_round_with_a_dropout_after_sharing_keys(tmp_path, sim_root_dir, sim_root,
                                                            model):
-    round_, sites, blobs, _ = secagg_round(tmp_path, sim_root_dir, sim_root, model)
-    stage(round_, sites, blobs, "share-keys", round_.secagg_start())
-    requests = round_.secagg_requests("masked-input")
+    round_, stages, sites, blobs, _ = secagg_round(tmp_path, sim_root_dir, sim_root, model)
+    stage(stages, sites, blobs, "share-keys", stages.start())
+    requests = stages.requests("masked-input")
     assert sorted(requests) == [1, 2, 3, 4]
     for node_id in (1, 2, 3):  # node 4 goes offline after sharing its masks
         sealed = round_.seal([node_id], model, direction="model",
                              model_digest=round_.model_digest)[node_id]
         reply, blobs[node_id] = SiteProtocol(sites[node_id], TaskTrainer()).train(
             blobs[node_id], sealed, {}, round_.aggregator_evidence(node_id),
-            round_.masked_input_request(node_id))
+            stages.masked_input(node_id))
         assert round_.submit_update(node_id, reply) is not None
     round_.reject(4, "site error: offline")
     for name in ("consistency", "unmask"):
-        stage(round_, sites, blobs, name, round_.secagg_requests(name))
+        stage(stages, sites, blobs, name, stages.requests(name))
     result = round_.aggregate()
     assert result.sites == ("s0", "s1", "s2") and result.dropped == ("s3",)
     assert result.failure is None and list(result.arrays) == list(model)
@@ -80,17 +81,17 @@ def test_a_masked_round_with_a_dropout_after_sharing_keys(tmp_path, sim_root_dir
 
 
 def test_too_many_dropouts_release_nothing(tmp_path, sim_root_dir, sim_root, model):
-    round_, sites, blobs, _ = secagg_round(tmp_path, sim_root_dir, sim_root, model)
-    stage(round_, sites, blobs, "share-keys", round_.secagg_start())
-    round_.secagg_requests("masked-input")
+    round_, stages, sites, blobs, _ = secagg_round(tmp_path, sim_root_dir, sim_root, model)
+    stage(stages, sites, blobs, "share-keys", stages.start())
+    stages.requests("masked-input")
     for node_id in (1, 2):  # t = 3: two masked inputs are not enough
         sealed = round_.seal([node_id], model, direction="model",
                              model_digest=round_.model_digest)[node_id]
         reply, blobs[node_id] = SiteProtocol(sites[node_id], TaskTrainer()).train(
             blobs[node_id], sealed, {}, round_.aggregator_evidence(node_id),
-            round_.masked_input_request(node_id))
+            stages.masked_input(node_id))
         round_.submit_update(node_id, reply)
-    assert round_.secagg_requests("consistency") == {}
+    assert stages.requests("consistency") == {}
     result = round_.aggregate()
     assert result.arrays is None and "Threshold" in result.failure
 
@@ -98,15 +99,16 @@ def test_too_many_dropouts_release_nothing(tmp_path, sim_root_dir, sim_root, mod
 def test_the_aggregator_holds_masked_inputs_only(tmp_path, sim_root_dir, sim_root, model):
     """Inside the aggregator a site's input is masked: it differs from the site's quantized
     delta in (almost) every coordinate, and only the sum unmasks."""
-    round_, sites, blobs, handle = secagg_round(tmp_path, sim_root_dir, sim_root, model, n=3)
-    stage(round_, sites, blobs, "share-keys", round_.secagg_start())
-    round_.secagg_requests("masked-input")
+    round_, stages, sites, blobs, handle = secagg_round(tmp_path, sim_root_dir, sim_root, model,
+                                                        n=3)
+    stage(stages, sites, blobs, "share-keys", stages.start())
+    stages.requests("masked-input")
     for node_id in sites:
         sealed = round_.seal([node_id], model, direction="model",
                              model_digest=round_.model_digest)[node_id]
         reply, _ = SiteProtocol(sites[node_id], TaskTrainer()).train(
             blobs[node_id], sealed, {}, round_.aggregator_evidence(node_id),
-            round_.masked_input_request(node_id))
+            stages.masked_input(node_id))
         round_.submit_update(node_id, reply)
     state = handle._core._rounds[1]
     vectors = [state.secagg._inputs[s][1] for s in ("s0", "s1", "s2")]
@@ -166,3 +168,13 @@ def test_secure_aggregation_needs_the_aggregator(tmp_path):
         run_simulation(SimulationConfig(out=tmp_path / "out", rounds=1, strategy="fedavg",
                                         secure_aggregation=True, aggregator=False,
                                         tracking=False, progress=False))
+
+
+def test_secure_aggregation_stages_need_the_rounds_aggregator(tmp_path, sim_root, model):
+    from cleanroom.coordinator.rounds import RoundStateError
+
+    round_ = CoordinatorRound(gate=fakes.gate(tmp_path, sim_root, {1: "alpha"}),
+                              plan=fakes.plan(secure_aggregation=True), run_id="run-1",
+                              round=1, model_digest=arrays_digest(model))
+    with pytest.raises(RoundStateError, match="inside the attested aggregator"):
+        SecAggStages(round_)

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
+from cleanroom.coordinator.run import RunRounds
 from cleanroom.coordinator.strategy import ConfidentialStrategy
 from cleanroom.models import build_model, get_parameters
 from cleanroom.protocol.flower import ENVELOPE_RECORD, numpy_to_arrays
@@ -66,8 +67,9 @@ def test_one_bad_reply_rejects_one_site(tmp_path, sim_root_dir, sim_root, kind, 
     strategy = ConfidentialStrategy(
         FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
         gate=fakes.gate(tmp_path, sim_root, NAMES), plan=fakes.plan(rounds=2),
-        expected_nodes=3, on_round=records.append)
-    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(get_parameters(
+        expected_nodes=3)
+    rounds = RunRounds(strategy, closed=lambda round_: records.append(round_.close()))
+    rounds.start(grid=grid, initial_arrays=numpy_to_arrays(get_parameters(
         build_model("logreg", seed=0))), num_rounds=2)
     assert [r.round for r in records] == [1, 2]
     for record in records:

@@ -48,8 +48,9 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(task: str, sites: int, rounds: int, out: Path) -> dict[str, Any]:
-    """One case, in this process (the benchmark starts a fresh one per case)."""
+def one(task: str, sites: int, rounds: int, out: Path, heap: bool = False) -> dict[str, Any]:
+    """One case, in this process (the benchmark starts a fresh one per case). ``heap``:
+    trace the Python/numpy heap too (tracemalloc's own bookkeeping then adds to the RSS)."""
     import tracemalloc
 
     from cleanroom.simulations.defaults import training_defaults
@@ -67,11 +68,12 @@ def one(task: str, sites: int, rounds: int, out: Path) -> dict[str, Any]:
                   progress=False, out=out, sites_process=True)
     config = SimulationConfig(**values)
     baseline = _rss()
-    tracemalloc.start(1)
+    if heap:
+        tracemalloc.start(1)
     start = time.perf_counter()
     result = run_simulation(config)
     seconds = time.perf_counter() - start
-    heap_peak = tracemalloc.get_traced_memory()[1]
+    heap_peak = tracemalloc.get_traced_memory()[1] if heap else 0
     tracemalloc.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     attested = [len(r["attested"]) for r in result.report["rounds"]]

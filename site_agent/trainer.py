@@ -28,7 +28,8 @@ Under DP the trainer does not trust task code to keep examples apart:
   generator advanced by exactly one step's draws; that the noisy gradient equals an
   independent recomputation (own clipping, noise regenerated from the generator's saved state
   with ``torch._C`` primitives); that no parameter or buffer changed while task code ran;
-  and that the optimiser's update equals an independent float64 SGD/Adam step. Any difference
+  and that the optimiser's update equals an independent recomputation of the step (plain SGD
+  in the parameter's dtype within 4 roundings; momentum and Adam from float64 state). Any difference
   is refused (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise
   and clipping) are put back.
 

@@ -9,8 +9,9 @@ state, envelopes, aggregation, audit, report) plus the transport. Reported per c
 * coordinator peak RSS above its RSS just before the run (imports excluded), and that as a
   multiple of the model size; the issue's goal after streaming aggregation is
   <= 3 x model + 200 MB;
-* coordinator Python/numpy heap peak (``tracemalloc``: numpy buffers and bytes are traced,
-  torch's allocator is not, and the coordinator holds the model as numpy);
+* with ``--heap``, the coordinator's Python/numpy heap peak (``tracemalloc``: numpy buffers
+  and bytes are traced, torch's allocator is not; its own bookkeeping adds to the RSS, so the
+  RSS figures of a ``--heap`` run are higher);
 * the attested aggregator enclave (a process of its own, where the updates are opened and
   folded into a running sum): its peak RSS above its RSS once started; the goal is checked on
   the coordinator's growth plus the aggregator's;
@@ -20,7 +21,7 @@ Training is cheap on purpose (sampling rate 0.05: about 10 rows per site and ste
 coordinator's memory does not depend on it. 100 sites x 10M parameters (~4 GB of updates per
 round, several copies today) runs only when named: ``--cases 100x10m``.
 
-Run: ``python -m benchmarks memory [--cases 20x1m,100x1m,20x10m] [--rounds 2]``.
+Run: ``python -m benchmarks memory [--cases 20x1m,100x1m,20x10m] [--rounds 2] [--heap]``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(task: str, sites: int, rounds: int, out: Path) -> dict[str, Any]:
-    """One case, in this process (the benchmark starts a fresh one per case)."""
+def one(task: str, sites: int, rounds: int, out: Path, heap: bool = False) -> dict[str, Any]:
+    """One case, in this process (the benchmark starts a fresh one per case). ``heap``:
+    trace the Python/numpy heap too (tracemalloc's own bookkeeping then adds to the RSS)."""
     import tracemalloc
 
     from cleanroom.simulations.defaults import training_defaults
@@ -67,11 +69,12 @@ def one(task: str, sites: int, rounds: int, out: Path) -> dict[str, Any]:
                   progress=False, out=out, sites_process=True)
     config = SimulationConfig(**values)
     baseline = _rss()
-    tracemalloc.start(1)
+    if heap:
+        tracemalloc.start(1)
     start = time.perf_counter()
     result = run_simulation(config)
     seconds = time.perf_counter() - start
-    heap_peak = tracemalloc.get_traced_memory()[1]
+    heap_peak = tracemalloc.get_traced_memory()[1] if heap else 0
     tracemalloc.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     attested = [len(r["attested"]) for r in result.report["rounds"]]
@@ -89,10 +92,12 @@ def _row(name: str, r: dict[str, Any]) -> str:
     agg_grown = agg[1] - agg[0] if agg else 0
     total = grown + agg_grown
     goal = 3 * model + GOAL_FIXED
+    heap = (f"{r['heap_peak'] / MB:.0f} MB ({r['heap_peak'] / model:.1f}x)"
+            if r["heap_peak"] else "not traced (--heap)")
     agg_text = (f"{agg_grown / MB:.0f} MB ({agg_grown / model:.1f}x; peak {agg[1] / MB:.0f} MB)"
                 if agg else "none")
     return (f"| {name} | {model / MB:.0f} MB | {grown / MB:.0f} MB ({grown / model:.1f}x) | "
-            f"{r['heap_peak'] / MB:.0f} MB ({r['heap_peak'] / model:.1f}x) | {agg_text} | "
+            f"{heap} | {agg_text} | "
             f"{total / MB:.0f} MB ({total / model:.1f}x) | "
             f"{goal / MB:.0f} MB {'met' if total <= goal else 'NOT met'} | "
             f"{r['sites_peak'] / MB:.0f} MB | {r['seconds']:.0f} s |")
@@ -104,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES,
                         help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--heap", action="store_true",
+                        help="also trace the Python/numpy heap (tracemalloc: its bookkeeping "
+                        "then adds to the coordinator's RSS)")
     parser.add_argument("--one", nargs=3, metavar=("TASK", "SITES", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         task, sites, out = args.one
-        print(json.dumps(one(task, int(sites), args.rounds, Path(out))))
+        print(json.dumps(one(task, int(sites), args.rounds, Path(out), heap=args.heap)))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     print(f"confidential simulation, {args.rounds} rounds, sites in a separate process; "
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [c for c in args.cases.split(",") if c]:
         task, sites = CASES[name]
         proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--rounds",
-                               str(args.rounds), "--one", task, str(sites),
+                               str(args.rounds), *(["--heap"] if args.heap else []),
+                               "--one", task, str(sites),
                                str(tmp / name)], capture_output=True, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:

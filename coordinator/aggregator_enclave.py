@@ -173,6 +173,9 @@ class _Duplex:
 
 
 def _child_main() -> None:
+    from cleanroom.malloc import release_large_buffers
+
+    release_large_buffers()  # each site's update is model-sized: freed, it leaves at once
     read_fd, write_fd = os.dup(0), os.dup(1)
     os.dup2(2, 1)  # anything printed goes to stderr, never into the channel
     _serve(_Duplex(read_fd, write_fd))

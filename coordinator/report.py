@@ -108,6 +108,27 @@ def primary_metric(report: dict[str, Any]) -> str:
     return listed[0] if listed else "accuracy"
 
 
+LEGEND_SITES = 10  # more sites: grey lines and counts, not a legend entry per site
+
+
+def _mark_quarantines(ax: Any, rounds: list[dict[str, Any]], sites: list[str],
+                      colors: dict[str, Any], many: bool) -> None:
+    """A red band on each round with a quarantine; each site's x (few sites) or the count."""
+    first = True
+    for r in rounds:
+        if not r["quarantined"]:
+            continue
+        ax.axvline(r["round"], color="red", alpha=0.08, lw=6)
+        if many:
+            ax.annotate(f"{len(r['quarantined'])} x", (r["round"], 0.02), color="red",
+                        ha="center", fontsize=7)
+            continue
+        for site in r["quarantined"]:
+            ax.scatter([r["round"]], [0.02 + 0.04 * sites.index(site)], marker="x",
+                       color=colors[site], s=40, label="quarantined" if first else None)
+            first = False
+
+
 def plot_report(report: dict[str, Any], path: Path) -> Path:
     """The task's main metric and ε per round, per site, with quarantines marked."""
     import matplotlib
@@ -117,31 +138,30 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
 
     rounds = report["rounds"]
     sites = sorted({s for r in rounds for s in (*r["attested"], *r["quarantined"])})
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sites)}
+    many = len(sites) > LEGEND_SITES  # one grey line per site, no legend entry each
+    colors = {s: ("0.55" if many else plt.get_cmap("tab10")(i % 10))
+              for i, s in enumerate(sites)}
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = [r["round"] for r in rounds]
     metric = primary_metric(report)
-    for site in sites:
+    style = {"lw": 0.6, "alpha": 0.45} if many else {"marker": "o", "ms": 3, "lw": 1}
+    for i, site in enumerate(sites):
+        label = (f"one line per site ({len(sites)})" if i == 0 else None) if many else site
         acc = [r["metrics"].get(site, {}).get(metric, math.nan) for r in rounds]
-        ax_acc.plot(xs, acc, marker="o", ms=3, lw=1, color=colors[site], label=site)
+        ax_acc.plot(xs, acc, color=colors[site], label=label, **style)
         eps = [r["epsilon"].get(site) for r in rounds]
         eps_vals = [math.nan if e is None else e for e in eps]
-        ax_eps.plot(xs, eps_vals, marker="o", ms=3, lw=1, color=colors[site], label=site)
+        ax_eps.plot(xs, eps_vals, color=colors[site], label=label, **style)
     mean = [math.nan if (r.get("means") or {}).get(metric) is None else r["means"][metric]
             for r in rounds]
     ax_acc.plot(xs, mean, color="black", lw=2.5, label="client average")
-    first = True
-    for r in rounds:
-        for site in r["quarantined"]:
-            ax_acc.axvline(r["round"], color="red", alpha=0.08, lw=6)
-            ax_acc.scatter([r["round"]], [0.02 + 0.04 * sites.index(site)], marker="x",
-                           color=colors[site], s=40, label="quarantined" if first else None)
-            first = False
+    _mark_quarantines(ax_acc, rounds, sites, colors, many)
     if metric != "loss":
         ax_acc.set_ylim(0, 1)
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel(f"test {metric}")
-    ax_acc.set_title(f"{metric} per site (x = quarantined that round)")
+    ax_acc.set_title(f"{metric} per site (x = quarantined that round)" if len(sites) <=
+                     LEGEND_SITES else f"{metric} per site (n x = sites quarantined)")
     ax_acc.legend(fontsize=7, loc="lower right")
     ax_eps.set_xlabel("round")
     ax_eps.set_ylabel("cumulative ε (this run)")

@@ -110,8 +110,10 @@ def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> di
 def main(grid: Grid, context: Context) -> None:
     from cleanroom.coordinator.config import load_coordinator_config
     from cleanroom.coordinator.run import Resume, run_federation, start_rounds
+    from cleanroom.malloc import release_large_buffers
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    release_large_buffers()  # the coordinator holds model-sized buffers between phases
     config = load_coordinator_config(coordinator_config_path(context))
     options = RunOptions.from_run_config(context.run_config)
     training = config.training.model_validate({**config.training.model_dump(),

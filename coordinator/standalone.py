@@ -131,6 +131,9 @@ def run_standalone(strategy: Any, grid: Grid, initial_arrays: ArrayRecord, *, nu
     run_id = str(grid.run.run_id)
     config_path = os.environ.get(CONFIG_ENV)
     if config_path:  # the operator's reply timeout bounds the app's
+        from cleanroom.malloc import release_large_buffers
+
+        release_large_buffers()  # as the coordinator's own ServerApp does
         spec, grid, reply_timeout = deployed_spec(Path(config_path), loaded, strategy.inner,
                                                   num_rounds, run_id, grid)
         timeout = min(timeout, reply_timeout)

@@ -387,7 +387,10 @@ def _execute(config: SimulationConfig, spec: Any, strategy: Any, sites: Any,
 
         nodes = {NODE_ID_BASE + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
         factory = partial(make_client_app, sites, confidential=config.confidential, **plain)
-        if config.sites_process:
+        if config.sites_process:  # this process is the coordinator alone
+            from cleanroom.malloc import release_large_buffers
+
+            release_large_buffers()
             grid = InProcessGrid.in_subprocess(factory, nodes, run_id=run_id,
                                                on_reply=on_reply)
         else:

@@ -28,7 +28,8 @@ Under DP the trainer does not trust task code to keep examples apart:
   generator advanced by exactly one step's draws; that the noisy gradient equals an
   independent recomputation (own clipping, noise regenerated from the generator's saved state
   with ``torch._C`` primitives); that no parameter or buffer changed while task code ran;
-  and that the optimiser's update equals an independent float64 SGD/Adam step. Any difference
+  and that the optimiser's update equals an independent recomputation of the step (plain SGD
+  in the parameter's dtype within 4 roundings; momentum and Adam from float64 state). Any difference
   is refused (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise
   and clipping) are put back.
 
@@ -74,6 +75,8 @@ PROBE_RTOL, PROBE_ATOL = 1e-5, 1e-6
 CHECK_RTOL = 1e-4
 FLOAT32_ULP = 4 * 1.2e-7  # a few float32 roundings of a parameter's value
 """Relative tolerance of the per-step gradient and update re-computations (float32 rounding)."""
+SGD_ROUNDINGS = 4
+"""Plain SGD's step recomputed in the parameter's dtype may differ by this many roundings."""
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (what we construct)
 
 _NORMAL = torch._C._VariableFunctions.normal  # the C primitive, not the patchable torch.normal
@@ -391,8 +394,18 @@ class _Guard:
 
     def _update_ok(self, i: int, p: torch.Tensor, p0: torch.Tensor, g: torch.Tensor,
                    part: slice) -> bool:
-        """One slice of parameter ``i``: the step taken == the float64 recomputation."""
+        """One slice of parameter ``i``: the step taken == the recomputation. Plain SGD is
+        recomputed as the optimiser computes it, ``p0 - lr g`` in the parameter's own dtype,
+        and must match within a few roundings (tighter than the float64 check below, and a
+        third of its memory traffic); momentum and Adam keep float64 state, compared with
+        ``CHECK_RTOL``."""
         st = self.settings
+        if st.optimizer == "sgd" and not st.momentum:
+            expected = torch.add(p0, g, alpha=-st.lr)
+            err = p.sub(expected).abs_()
+            info = torch.finfo(p.dtype)
+            tol = p0.abs().add_(expected.abs()).mul_(SGD_ROUNDINGS * info.eps).add_(info.tiny)
+            return bool((err <= tol).all())
         if st.optimizer == "sgd":
             buf = self.sgd_buf[i]
             g64 = buf.reshape(-1)[part] if st.momentum and buf is not None else \

@@ -274,3 +274,45 @@ def test_noise_is_really_added_under_dp(heart: LoadedTask, cleveland: TaskData) 
     noisy = train_task(heart, start, cleveland, _settings(noise_multiplier=5.0, lr=1.0), seed=0)
     gap = max(float(np.abs(quiet.parameters[k] - noisy.parameters[k]).max()) for k in start)
     assert gap > 0.05
+
+
+# --------------------------------------------------------------------------- update check
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="sgd", momentum=0.0),
+                                dict(optimizer="sgd", momentum=0.9),
+                                dict(optimizer="adam", lr=0.01, momentum=0.0)])
+def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
+        heart: LoadedTask, kw: dict[str, object]) -> None:
+    """_Guard.check_update: the optimiser's own step passes (three steps, so momentum and
+    Adam state matter); the same step with one element moved by 0.1 % of its own step is
+    refused, and so is a step made with a 1 % larger learning rate."""
+    from cleanroom.site_agent.trainer import _Guard, _make_optimizer
+
+    settings = _settings(**kw)
+    for tamper in (None, "element", "lr"):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(300, 40)
+        params = list(model.parameters())
+        opt = _make_optimizer(params, settings)
+        guard = _Guard(heart.task, model, opt, None, None, settings, params)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+            start = [p.detach().clone() for p in params]
+            opt.step()
+            if step == 2 and tamper == "element":
+                with torch.no_grad():
+                    step_7 = float(params[0].view(-1)[7] - start[0].view(-1)[7])
+                    params[0].view(-1)[7] += 1e-3 * abs(step_7)
+            if step == 2 and tamper == "lr":
+                with torch.no_grad():
+                    for p, p0 in zip(params, start, strict=True):
+                        p.copy_(p0 + (p - p0) * 1.01)
+            if step == 2 and tamper is not None:
+                with pytest.raises(TaskError, match="update differs") as info:
+                    guard.check_update(start, grads)
+                assert info.value.code == "task-tampered"
+            else:
+                guard.check_update(start, grads)

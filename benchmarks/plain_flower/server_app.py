@@ -2,7 +2,9 @@
 
 Like the coordinator, it pulls replies every 50 ms instead of Flower's 3 s
 ``send_and_receive`` loop (plain Flower API: ``push_messages`` + ``pull_messages``), and
-writes when each round ended to the ``result`` file.
+writes when each round ended to the ``result`` file. Evaluation metrics are averaged over
+clients without weights (the coordinator's "client average"), not Flower's default weighting
+by ``num-examples``, so the two final accuracies are the same quantity.
 """
 
 import json
@@ -10,11 +12,22 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam
 
 app = ServerApp()
+
+
+def client_average(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Each metric's mean over the replying clients (unweighted, as the coordinator reports)."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        for metrics in record.metric_records.values():
+            for key, value in metrics.items():
+                if key != weighting_metric_name and isinstance(value, (int, float)):
+                    values.setdefault(key, []).append(float(value))
+    return MetricRecord({k: sum(v) / len(v) for k, v in values.items()})
 
 
 class FastGrid(Grid):
@@ -66,7 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     model = torch.nn.Linear(13, 1)
     strategy = FedAdam(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=nodes,
                        min_evaluate_nodes=nodes, min_available_nodes=nodes,
-                       eta=float(cfg["eta"]), eta_l=0.1, tau=1e-3)
+                       eta=float(cfg["eta"]), eta_l=0.1, tau=1e-3,
+                       evaluate_metrics_aggr_fn=client_average)
     fast = FastGrid(grid)
     result = strategy.start(grid=fast, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=int(cfg["rounds"]))

@@ -178,8 +178,10 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
 
     config_path = Path(config_path).resolve()
     config = load_site_config(config_path)
-    runtime = preflight(config)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(config.state_dir / "logs")
+    sup.take_over(config.state_dir / "daemon.json", "the site daemon")  # kill -9 leftovers
+    runtime = preflight(config)
     try:
         start_node(config, config_path, sup, lambda offset: wait_connected(sup, offset=offset))
         time.sleep(0.5)

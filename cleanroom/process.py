@@ -17,10 +17,12 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +114,23 @@ def stop_tagged(tag: str, grace: float = 5.0) -> list[int]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return found
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for the body (a daemon stopping its children: a second
+    signal, e.g. a service manager or a test that signals twice, would end it half-way and
+    leave them running; the stop is bounded by its own timeouts). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM,
+                                                                     signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def https_health(url: str, ca: Path, timeout: float = 3.0) -> int:

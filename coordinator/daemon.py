@@ -34,7 +34,14 @@ from cleanroom.coordinator.serverapp import CONFIG_ENV
 from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
-from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
+from cleanroom.process import (
+    DaemonError,
+    Supervisor,
+    https_health,
+    require_free_ports,
+    signals_ignored,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,5 +259,6 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     except DaemonError:
         raise
     finally:
-        sup.stop()
+        with signals_ignored():  # a second SIGTERM must not orphan the children
+            sup.stop()
     return 0

@@ -24,7 +24,7 @@ from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
-from cleanroom.process import DaemonError, Supervisor, require_free_ports
+from cleanroom.process import DaemonError, Supervisor, require_free_ports, signals_ignored
 from cleanroom.site_agent.config import SiteConfig, load_site_config
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
@@ -192,6 +192,7 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
             on_ready(config)
         asyncio.run(serve_until_signal(app, config.api.host, config.api.port, lambda: _check(sup)))
     finally:
-        sup.stop()  # the SuperNode deactivates its node on SIGTERM: a clean stop
+        with signals_ignored():  # a second SIGTERM must not orphan the children
+            sup.stop()  # the SuperNode deactivates its node on SIGTERM: a clean stop
         online_mark(config).unlink(missing_ok=True)
     return 0

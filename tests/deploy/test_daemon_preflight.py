@@ -207,3 +207,18 @@ def test_configured_tdx_collateral_loads_once_and_a_broken_folder_is_named(fed, 
                    tdx_collateral=REAL_DIR)
     gate: AttestationGate = FederatedRun(spec, []).gate
     assert gate.collateral is not None and gate.collateral.current().tcb_info is not None
+
+
+def test_a_stopping_daemon_ignores_a_second_sigterm():
+    """A second SIGTERM (a service manager, a test that signals twice) while the daemon
+    stops its children must not end it half-way: they would be left running."""
+    import os
+    import signal
+
+    from cleanroom.process import signals_ignored
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_ignored():
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the shield
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -186,7 +186,7 @@ class Supervisor:
                 _started(pid) is not None and _started(pid) == previous.get("started"):
             raise DaemonError(f"{what} is already running (pid {pid}, recorded in {marker}): "
                               "stop it first")
-        stopped = stop_tagged(tag) if isinstance(tag, str) and tag else []
+        stopped = stop_tagged(tag) if isinstance(tag, str) and tag and tag != self.tag else []
         if stopped:
             log.warning("stopped %d process(es) a previous %s left running: %s",
                         len(stopped), what, stopped)

@@ -10,16 +10,19 @@ tag.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +88,51 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
+def _started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None if no
+    such process runs: a pid with another start time was reused by an unrelated process."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def stop_tagged(tag: str, grace: float = 5.0) -> list[int]:
+    """SIGTERM every process carrying ``tag``, SIGKILL what is left after ``grace`` seconds;
+    returns the pids found."""
+    found = tagged_pids(tag)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (left := [p for p in tagged_pids(tag) if _started(p)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for the body (a daemon stopping its children: a second
+    signal, e.g. a service manager or a test that signals twice, would end it half-way and
+    leave them running; the stop is bounded by its own timeouts). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM,
+                                                                     signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def https_health(url: str, ca: Path, timeout: float = 3.0) -> int:
     context = ssl.create_default_context(cafile=str(ca))
     with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
@@ -121,6 +169,31 @@ class Supervisor:
         self.children.append((name, proc))
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args[:3]))
         return proc
+
+    def take_over(self, marker: Path, what: str) -> list[int]:
+        """Make this the one start of the daemon ``what`` whose state ``marker`` (a JSON
+        file: daemon pid, its start time, its supervisor tag) records, before it binds
+        anything: a previous start killed without its children (``kill -9`` of the daemon
+        alone) left them running, holding its ports and serving stale state; they are
+        stopped (by tag: they run in sessions of their own). A previous start that is still
+        alive is refused. Returns the pids stopped."""
+        previous: dict[str, object] = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(Path(marker).read_text())
+            previous = loaded if isinstance(loaded, dict) else {}
+        pid, tag = previous.get("pid"), previous.get("tag")
+        if isinstance(pid, int) and pid != os.getpid() and \
+                _started(pid) is not None and _started(pid) == previous.get("started"):
+            raise DaemonError(f"{what} is already running (pid {pid}, recorded in {marker}): "
+                              "stop it first")
+        stopped = stop_tagged(tag) if isinstance(tag, str) and tag and tag != self.tag else []
+        if stopped:
+            log.warning("stopped %d process(es) a previous %s left running: %s",
+                        len(stopped), what, stopped)
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(json.dumps({"pid": os.getpid(), "started":
+                                            _started(os.getpid()), "tag": self.tag}) + "\n")
+        return stopped
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"

@@ -34,7 +34,14 @@ from cleanroom.coordinator.serverapp import CONFIG_ENV
 from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
-from cleanroom.process import DaemonError, Supervisor, https_health, require_free_ports, wait_for
+from cleanroom.process import (
+    DaemonError,
+    Supervisor,
+    https_health,
+    require_free_ports,
+    signals_ignored,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +157,7 @@ def control_for(config_path: Path, env: dict[str, str] | None = None) -> RunCont
 
 
 SECRET_FILE = "superexec.secret"
+DAEMON_MARKER = "daemon.json"  # this start's pid and supervisor tag (Supervisor.take_over)
 SUPEREXEC_POLL = "0.2"  # s between the SuperExec's AcquireTask calls (Flower's default: 1.0)
 
 
@@ -179,6 +187,7 @@ def start_superlink(config: CoordinatorConfig, config_path: Path, sup: Superviso
     internal = f"https://{link.control_address}/health"
     wait_for(lambda: https_health(internal, link.ca_cert) == 200, 60,
              "the SuperLink to answer", sup)
+    stop_orphaned_runs(control_cli(config, sup.env()))  # before any SuperNode can connect
     sup.start("superexec", [
         "flower-superexec", "--runtime-api-address", link.control_address,
         "--root-certificates", str(link.ca_cert), "--superexec-auth-secret-file", str(secret),
@@ -189,6 +198,31 @@ def start_superlink(config: CoordinatorConfig, config_path: Path, sup: Superviso
         f"{link.port}/health"
     wait_for(lambda: https_health(public, link.ca_cert) == 200, 60,
              "the Fleet proxy to answer", sup)
+
+
+ORPHANED = ("starting", "running")  # a ServerApp was started: it died with the last start
+
+
+def stop_orphaned_runs(cli: FlowerCli) -> list[int]:
+    """Stop the runs a previous start of the daemon left starting or running (its ServerApps
+    died with it; a resumed run gets a new Flower run id). Before the Fleet proxy opens:
+    the SuperLink's database still holds their undelivered messages, and Flower stops a run
+    only when it notices its ServerApp's missed heartbeats, tens of seconds later. A
+    SuperNode handed such a message meanwhile stores it, then fails to fetch its content
+    once the run ends (flwr 1.42 raises ``RunNotRunningException``, a BaseException, past
+    its cleanup); the expired task's error reply then takes the slot of the next real reply
+    in its one-reply-per-pull loop, and from then on each reply of that site goes out one
+    message late: its rounds time out. Stopping the run deletes its messages and objects."""
+    stopped = []
+    for run in cli.list_runs():
+        if str(run.get("status", "")).split(":")[0] in ORPHANED:
+            run_id = int(run["run-id"])
+            cli.stop(run_id)
+            stopped.append(run_id)
+    if stopped:
+        log.warning("stopped run(s) %s left running by the previous start (their ServerApps "
+                    "died with it; resume them with 'cleanroom run --resume')", stopped)
+    return stopped
 
 
 def registered_nodes(config: CoordinatorConfig) -> dict[str, int]:
@@ -208,9 +242,10 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     from cleanroom.coordinator.api import build_coordinator_api
 
     config = load_coordinator_config(config_path)
-    preflight(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(config.state_dir / "logs")
+    sup.take_over(config.state_dir / DAEMON_MARKER, "the coordinator daemon")
+    preflight(config)
     try:
         start_superlink(config, config_path, sup)
         cli = control_cli(config, sup.env())
@@ -224,5 +259,6 @@ def serve_coordinator(config_path: Path, *, on_ready: Any = None) -> int:
     except DaemonError:
         raise
     finally:
-        sup.stop()
+        with signals_ignored():  # a second SIGTERM must not orphan the children
+            sup.stop()
     return 0

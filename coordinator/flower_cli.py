@@ -78,6 +78,11 @@ class FlowerCli:
         doc = self._json("run", str(app_dir), CONNECTION, "--run-config", overrides)
         return int(doc["run-id"])
 
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run the SuperLink knows ('run-id', 'status' such as 'running' or
+        'finished:completed', ...)."""
+        return [dict(r) for r in self._json("ls", CONNECTION).get("runs", [])]
+
     def status(self, run_id: int) -> dict[str, Any]:
         runs = self._json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
         if not runs:

@@ -80,10 +80,11 @@ from cleanroom.protocol.wire import TrainPlan
 
 log = logging.getLogger(__name__)
 
-def required_nodes(inner: Strategy) -> int:
-    """How many nodes the inner strategy insists on (it would wait forever for fewer)."""
+def required_nodes(inner: Strategy, phase: str = "train") -> int:
+    """How many nodes the inner strategy insists on for ``phase`` ('train' or 'evaluate'):
+    Flower's ``sample_nodes`` waits, with no timeout, until that many are listed."""
     need = 1
-    for attr in ("min_available_nodes", "min_train_nodes"):
+    for attr in ("min_available_nodes", f"min_{phase}_nodes"):
         value = getattr(inner, attr, None)
         if isinstance(value, int):
             need = max(need, value)
@@ -344,6 +345,17 @@ class ConfidentialStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         round_ = self._round
         if round_ is None or round_.record.skipped or not round_.admitted:
+            return []
+        need = required_nodes(self.inner, "evaluate")
+        if getattr(self.inner, "fraction_evaluate", 1.0) == 0.0:
+            need = 0  # the inner strategy evaluates nothing (and samples nothing)
+        if len(round_.admitted) < need:
+            # Sites rejected or silent in training leave too few for the inner strategy's
+            # sampling, which would wait for them forever: the round closes unevaluated
+            # (next round's challenges go out fresh).
+            log.warning("round %d: %d site(s) left after training, the strategy evaluates "
+                        "with %d: no evaluation this round", server_round,
+                        len(round_.admitted), need)
             return []
         inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
                                                    AttestedGrid(grid, round_.admitted))

@@ -24,7 +24,7 @@ from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
-from cleanroom.process import DaemonError, Supervisor, require_free_ports
+from cleanroom.process import DaemonError, Supervisor, require_free_ports, signals_ignored
 from cleanroom.site_agent.config import SiteConfig, load_site_config
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
@@ -178,8 +178,10 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
 
     config_path = Path(config_path).resolve()
     config = load_site_config(config_path)
-    runtime = preflight(config)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(config.state_dir / "logs")
+    sup.take_over(config.state_dir / "daemon.json", "the site daemon")  # kill -9 leftovers
+    runtime = preflight(config)
     try:
         start_node(config, config_path, sup, lambda offset: wait_connected(sup, offset=offset))
         time.sleep(0.5)
@@ -190,6 +192,7 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
             on_ready(config)
         asyncio.run(serve_until_signal(app, config.api.host, config.api.port, lambda: _check(sup)))
     finally:
-        sup.stop()  # the SuperNode deactivates its node on SIGTERM: a clean stop
+        with signals_ignored():  # a second SIGTERM must not orphan the children
+            sup.stop()  # the SuperNode deactivates its node on SIGTERM: a clean stop
         online_mark(config).unlink(missing_ok=True)
     return 0

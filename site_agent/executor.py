@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,39 @@ def _task_client(address: str, token: str) -> Any:
 
 
 OBJECT_BACKOFF = 0.05  # s, first retry of a message object the SuperNode is still fetching
+OBJECT_WAIT = 7200.0  # s: as long as the SuperNode itself fetches a message (flwr's PULL_MAX_TIME)
+KEEPALIVE_AFTER = 10.0  # s: a pull still waiting then starts heartbeats (none on a fast pull)
+KEEPALIVE_EVERY = 20.0  # s; Flower expires a task token after 60 s without a heartbeat
+
+
+@contextlib.contextmanager
+def kept_alive(client: Any) -> Iterator[None]:
+    """Task heartbeats while the body runs longer than :data:`KEEPALIVE_AFTER` (Flower's own
+    runner starts them before its pull; ours pulls first). A task whose token expires gets a
+    'ClientApp stopped responding' error reply from the SuperNode, which answers one reply
+    per message it pulled: that extra reply would go out in place of the next message's,
+    and every later reply of this site one message late."""
+    from flwr.supercore.heartbeat import make_task_heartbeat_fn_http
+
+    beat = make_task_heartbeat_fn_http(client)
+    stop = threading.Event()
+
+    def run() -> None:
+        wait = KEEPALIVE_AFTER
+        while not stop.wait(wait):
+            try:
+                beat()
+            except Exception as exc:  # noqa: BLE001 - the pull reports the real failure
+                log.debug("task heartbeat failed: %s", exc)
+            wait = KEEPALIVE_EVERY
+
+    thread = threading.Thread(target=run, name="task-keepalive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
@@ -165,7 +199,8 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
-        return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=1.0)
+        return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=1.0,
+        max_tries_per_object=None, max_time=OBJECT_WAIT)  # never give up before the SuperNode
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's runner sets it
     return message, context, run, fab
 
@@ -196,7 +231,19 @@ def run_task(runtime: Any, settings: ExecutorSettings, token: str, task_id: int,
         torch.set_num_threads(threads)
     address = settings.runtime_api_address
     client = _task_client(address, token)
-    message, context, run, fab = pull_task_input(client)
+    try:
+        with kept_alive(client):
+            message, context, run, fab = pull_task_input(client)
+    except Exception as exc:  # noqa: BLE001 - whatever broke the pull, the task ends here
+        # The SuperNode gave this message up (it could not fetch its content: its run ended
+        # mid-transfer, e.g. the coordinator was killed): no reply, only a failed task, so
+        # that nothing goes out in place of the next message's reply.
+        log.warning("task %s: its message never arrived whole, the task ends without a "
+                    "reply: %s", task_id, str(exc)[:300])
+        flower.push_task_output(client, None, SubStatus.FAILED,
+                                f"message content unavailable: {str(exc)[:300]}")
+        client.close()
+        return 1
     pulled = time.perf_counter()
     claim = RunClaim(run_id=int(run.run_id), fab_id=str(run.fab_id),
                      fab_version=str(run.fab_version), fab_hash=str(fab.hash_str),

@@ -180,3 +180,39 @@ def test_resume_without_the_site_ledgers_is_refused(tmp_path):
     shutil.rmtree(out / "state" / "sites")
     with pytest.raises(ConfigError, match="privacy ledgers of this run are missing"):
         run_simulation(SimulationConfig(resume=out, progress=False))
+
+
+def test_crash_after_the_sites_released_a_round_charges_it_once(tmp_path, monkeypatch):
+    """The worst moment: every site charged its ledger for round 2 and released its update,
+    then the coordinator died before receipting round 2. The resume asks for round 2 again
+    (same run id, same round): each site refuses it from its sealed ledger when challenged
+    (round-replayed: quarantined before any model is sent),
+    so round 2 is charged once, and the run ends with the epsilon of three charged rounds,
+    as an uninterrupted run does."""
+    import cleanroom.coordinator.checkpoint as checkpoint_module
+
+    real_write = checkpoint_module.write_checkpoint
+
+    def write_then_die(directory, ckpt):
+        if ckpt.round == 2:
+            raise Crash("died after the sites released round 2, before its checkpoint")
+        return real_write(directory, ckpt)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_then_die)
+    with pytest.raises(Crash):
+        run_simulation(SimulationConfig(out=out, **FAST))
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", real_write)
+    assert load_checkpoint(out / "checkpoint").round == 1
+    report = run_simulation(SimulationConfig(resume=out, progress=False)).report
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    replayed = rounds[1]
+    assert replayed["attested"] == [] and replayed["aggregated"] == [], replayed
+    assert sorted(replayed["quarantined"]) == sorted(rounds[0]["attested"]), replayed
+    assert all(reason.startswith("round replayed: ") and "already trained" in reason
+               for reason in replayed["quarantined"].values()), replayed
+    assert sorted(rounds[2]["aggregated"]) == sorted(rounds[0]["aggregated"])
+    whole = run_simulation(SimulationConfig(out=tmp_path / "whole", **FAST)).report
+    assert report["final"]["epsilon"] == pytest.approx(whole["final"]["epsilon"], rel=1e-9)
+    assert verify_chain(out / "audit.jsonl").ok

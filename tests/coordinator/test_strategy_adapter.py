@@ -106,3 +106,35 @@ def test_a_runs_first_attestation_waits_for_reconnecting_nodes(tmp_path, sim_roo
     strategy.start(grid=grid, initial_arrays=numpy_to_arrays(get_parameters(
         build_model("logreg", seed=0))), num_rounds=2)
     assert timeouts == [60.0, 12.0]
+
+
+def test_a_round_left_with_too_few_sites_closes_without_evaluation(tmp_path, sim_root_dir,
+                                                                   sim_root):
+    """Two of three sites fail in training: one site is left, the inner strategy evaluates
+    with two, and Flower's sampling would wait for a second one forever (seen after a
+    coordinator restart: the run hung). The round closes unevaluated, the run goes on."""
+    import threading
+
+    runtimes = {nid: fakes.site(tmp_path, sim_root_dir, sim_root, name, nid)
+                for nid, name in NAMES.items()}
+
+    def app_for(node_id: int) -> ClientApp:
+        return make_client_app(lambda ctx: runtimes[ctx.node_id],
+                               outer_mods=[hostile("raise")] if node_id != 1 else ())
+
+    grid = InProcessGrid.build(app_for, {nid: {} for nid in NAMES}, run_id=42)
+    records: list = []
+    strategy = ConfidentialStrategy(
+        FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
+        gate=fakes.gate(tmp_path, sim_root, NAMES), plan=fakes.plan(rounds=2),
+        expected_nodes=3, on_round=records.append)
+    runner = threading.Thread(target=strategy.start, daemon=True, kwargs={
+        "grid": grid, "num_rounds": 2,
+        "initial_arrays": numpy_to_arrays(get_parameters(build_model("logreg", seed=0)))})
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the run waits forever for a second site to evaluate"
+    assert [r.round for r in records] == [1, 2]
+    for record in records:
+        assert "site error" in record.quarantined["beta"], record.quarantined
+        assert record.sites["alpha"].evaluation is None  # not evaluated

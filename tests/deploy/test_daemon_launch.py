@@ -59,7 +59,11 @@ def test_superlink_only_on_loopback_with_its_own_superexec(fed, monkeypatch):
     assert config.superlink.control_port == 29702  # provision's default: API port + 1
     monkeypatch.setattr(coordinator_daemon, "https_health", lambda *_a, **_k: 200)
     sup = FakeSupervisor()
+    swept: list[list[str]] = []  # what was started when the orphaned runs were stopped
+    monkeypatch.setattr(coordinator_daemon, "stop_orphaned_runs",
+                        lambda cli: swept.append(sorted(sup.started)) or [])
     coordinator_daemon.start_superlink(config, config_path, sup)  # type: ignore[arg-type]
+    assert swept == [["superlink"]]  # before the SuperExec and before any SuperNode connects
     link, _ = sup.started["superlink"]
     assert flag(link, "--host") == "127.0.0.1" and flag(link, "--port") == "29702"
     assert flag(link, "--isolation") == "process"
@@ -210,3 +214,28 @@ def test_a_site_restarted_after_a_crash_waits_until_the_superlink_lets_its_node_
                                    lambda offset: site_daemon.wait_connected(
                                        never, timeout=2, offset=offset))  # type: ignore[arg-type]
         assert "executor" not in never.started
+
+
+class FakeCli:
+    def __init__(self, runs: list[dict[str, str]]) -> None:
+        self.runs, self.stopped = runs, []  # type: ignore[var-annotated]
+
+    def list_runs(self) -> list[dict[str, str]]:
+        return self.runs
+
+    def stop(self, run_id: int) -> None:
+        self.stopped.append(run_id)
+
+
+def test_a_restart_stops_the_runs_its_previous_start_left_running():
+    """Their ServerApps died with the daemon; their undelivered messages must not reach a
+    reconnecting SuperNode (it would store one and then stall on it): Flower's stop deletes
+    them. Finished and pending runs are left alone."""
+    cli = FakeCli([{"run-id": "11", "status": "running"},
+                   {"run-id": "12", "status": "starting"},
+                   {"run-id": "13", "status": "pending"},
+                   {"run-id": "14", "status": "finished:completed"},
+                   {"run-id": "15", "status": "finished:stopped"}])
+    assert coordinator_daemon.stop_orphaned_runs(cli) == [11, 12]  # type: ignore[arg-type]
+    assert cli.stopped == [11, 12]
+    assert coordinator_daemon.stop_orphaned_runs(FakeCli([])) == []  # type: ignore[arg-type]

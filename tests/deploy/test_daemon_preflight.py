@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,64 @@ def test_tag_scan_finds_only_tagged():
     assert tagged_pids("no-such-tag-" + "x" * 20) == []
 
 
+def test_a_restart_stops_what_its_killed_predecessor_left_running(tmp_path):
+    """kill -9 of a daemon alone leaves its children (SuperLink, SuperExec, proxy: sessions
+    of their own) holding its ports; the next start stops them by the tag the marker
+    recorded before it binds anything, and records its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cleanroom.process import TAG_VAR, Supervisor
+
+    marker = tmp_path / "daemon.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    env = {**os.environ, TAG_VAR: "previous-start-tag"}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
+                             start_new_session=True)
+    try:
+        marker.write_text(json.dumps({"pid": dead.pid, "started": "1", "tag":
+                                      "previous-start-tag"}))
+        sup = Supervisor(tmp_path / "logs")
+        assert sup.take_over(marker, "the test daemon") == [child.pid]
+        assert child.wait(timeout=10) is not None
+        recorded = json.loads(marker.read_text())
+        assert recorded["pid"] == os.getpid() and recorded["tag"] == sup.tag
+        assert sup.take_over(marker, "the test daemon") == []  # the same start: nothing
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_a_second_daemon_on_a_live_ones_state_is_refused(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cleanroom.process import Supervisor
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = (Path("/proc") / str(live.pid) / "stat").read_text().rsplit(")", 1)[1] \
+            .split()[19]
+        marker = tmp_path / "daemon.json"
+        marker.write_text(json.dumps({"pid": live.pid, "started": started, "tag": "t"}))
+        with pytest.raises(DaemonError, match=f"already running \\(pid {live.pid}"):
+            Supervisor(tmp_path / "logs").take_over(marker, "the test daemon")
+        assert live.poll() is None  # not touched
+        # the same pid number with another start time is a reused pid: taken over
+        marker.write_text(json.dumps({"pid": live.pid, "started": "1", "tag": "t"}))
+        assert Supervisor(tmp_path / "logs").take_over(marker, "the test daemon") == []
+        assert live.poll() is None
+        marker.write_text("{not json")  # a torn marker is no obstacle
+        Supervisor(tmp_path / "logs").take_over(marker, "the test daemon")
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_configured_tdx_collateral_loads_once_and_a_broken_folder_is_named(fed, tmp_path):
     """The coordinator passes its configured Intel collateral to the gate: the folder is loaded
     at start (a broken one stops the daemon, named) and handed to every verification."""
@@ -148,3 +207,18 @@ def test_configured_tdx_collateral_loads_once_and_a_broken_folder_is_named(fed, 
                    tdx_collateral=REAL_DIR)
     gate: AttestationGate = FederatedRun(spec, []).gate
     assert gate.collateral is not None and gate.collateral.current().tcb_info is not None
+
+
+def test_a_stopping_daemon_ignores_a_second_sigterm():
+    """A second SIGTERM (a service manager, a test that signals twice) while the daemon
+    stops its children must not end it half-way: they would be left running."""
+    import os
+    import signal
+
+    from cleanroom.process import signals_ignored
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_ignored():
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the shield
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -271,11 +271,6 @@ def test_partitioned_site_times_out_and_rejoins(faulty, tmp_path):
     assert all(0 < e <= 1.0 + 1e-6 for e in report["final"]["epsilon"].values())
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent (3 of the last 5 module runs failed): "
-                   "after the coordinator's restart a resumed round can lose every site "
-                   "('no attestation reply before the timeout') although the sites answered "
-                   "later; the run's first attestation now waits for reconnecting nodes, a "
-                   "later round still can. Issue 12 item 7, open")
 def test_coordinator_killed_mid_run_resumes(faulty, tmp_path):
     """kill -9 of the coordinator's whole tree after round 1's receipt: restarted, the run
     resumes from its checkpoint with its run id; the audit chain verifies and no site is

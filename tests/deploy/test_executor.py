@@ -186,3 +186,62 @@ def test_flower_seams_the_executor_relies_on():
     params = inspect.signature(flower.run_clientapp).parameters
     assert {"runtime_api_address", "token", "insecure", "certificates", "parent_pid",
             "runtime_dependency_install"} <= set(params)
+
+
+class BeatingClient:
+    """A Runtime API client that only counts task heartbeats."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+
+    def SendTaskHeartbeat(self, _request: Any) -> Any:  # Flower's method name
+        self.beats += 1
+
+        class Ok:
+            success = True
+        return Ok()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slow_pull_keeps_its_task_alive_and_a_fast_one_sends_nothing(monkeypatch):
+    """Flower expires a task token after 60 s without a heartbeat and then answers the
+    message with an error reply of its own, one reply too many for the SuperNode's
+    one-reply-per-pull loop: a pull that waits (the SuperNode still fetching the message)
+    sends heartbeats; a fast one sends none."""
+    import time
+
+    monkeypatch.setattr(executor, "KEEPALIVE_AFTER", 0.05)
+    monkeypatch.setattr(executor, "KEEPALIVE_EVERY", 0.05)
+    client = BeatingClient()
+    with executor.kept_alive(client):
+        time.sleep(0.5)
+    beats = client.beats
+    assert beats >= 3
+    time.sleep(0.2)
+    assert client.beats == beats  # stopped with the body
+    monkeypatch.setattr(executor, "KEEPALIVE_AFTER", 5.0)
+    fast = BeatingClient()
+    with executor.kept_alive(fast):
+        pass
+    assert fast.beats == 0
+
+
+def test_a_message_that_never_arrives_whole_ends_its_task_without_a_reply(site, task,
+                                                                           monkeypatch):
+    """The SuperNode stored a message, then could not fetch its content (its run ended when
+    the coordinator was killed) and gave it up: the task fails, and no reply is pushed (it
+    would go out in place of the next message's)."""
+    runtime = build_runtime(load_site_config(site))
+    rec, _ = task(b"fab", "cleanroom/x")
+
+    def unavailable(_client: Any) -> Any:
+        raise RuntimeError("object 3f2a... not available after 7200 s")
+
+    monkeypatch.setattr(executor, "pull_task_input", unavailable)
+    monkeypatch.setattr(executor, "_task_client", lambda *_a: BeatingClient())
+    assert executor.run_task(runtime, settings(site), "token", 13, 0.0) == 1
+    assert rec.pushed == []
+    [(status, details)] = rec.outputs
+    assert status == "failed" and details.startswith("message content unavailable: object")

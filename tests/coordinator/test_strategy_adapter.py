@@ -127,8 +127,9 @@ def test_a_round_left_with_too_few_sites_closes_without_evaluation(tmp_path, sim
     strategy = ConfidentialStrategy(
         FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2),
         gate=fakes.gate(tmp_path, sim_root, NAMES), plan=fakes.plan(rounds=2),
-        expected_nodes=3, on_round=records.append)
-    runner = threading.Thread(target=strategy.start, daemon=True, kwargs={
+        expected_nodes=3)
+    rounds = RunRounds(strategy, closed=lambda round_: records.append(round_.close()))
+    runner = threading.Thread(target=rounds.start, daemon=True, kwargs={
         "grid": grid, "num_rounds": 2,
         "initial_arrays": numpy_to_arrays(get_parameters(build_model("logreg", seed=0)))})
     runner.start()

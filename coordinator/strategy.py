@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -286,9 +286,15 @@ class ConfidentialStrategy(Strategy):
         round_ = self._round
         if round_ is None or self._global is None or round_.record.skipped:
             return None, None
-        replies = list(replies)
-        updates = round_.updates([(r.metadata.src_node_id, train_reply(r)) for r in replies],
-                                 self._global, release=self._secagg is None)
+        kept: list[Message] = []  # without the aggregator, the replies its opened updates replace
+
+        def parsed() -> Iterator[tuple[int, Any]]:
+            for reply in replies:  # one at a time: the aggregator folds each as it comes
+                if round_.aggregator is None:
+                    kept.append(reply)
+                yield reply.metadata.src_node_id, train_reply(reply)
+
+        updates = round_.updates(parsed(), self._global, release=self._secagg is None)
         if self._secagg is not None:
             self._secagg.unmask()
         if round_.aggregator is not None:
@@ -296,7 +302,7 @@ class ConfidentialStrategy(Strategy):
             arrays, metrics = self._released(server_round, released)
         else:
             plain = []
-            for reply, opened in zip(replies, updates.opened, strict=True):
+            for reply, opened in zip(kept, updates.opened, strict=True):
                 if opened is not None:
                     reply.content = plain_train_reply(*opened)
                     plain.append(reply)

@@ -139,3 +139,43 @@ def test_a_round_left_with_too_few_sites_closes_without_evaluation(tmp_path, sim
     for record in records:
         assert "site error" in record.quarantined["beta"], record.quarantined
         assert record.sites["alpha"].evaluation is None  # not evaluated
+
+
+def test_train_replies_reach_the_round_one_at_a_time(tmp_path, sim_root, monkeypatch):
+    """Streaming (issue 14): with the aggregator, each train reply is handed to the round (and
+    on to the enclave) before the next is pulled from the grid, so the coordinator holds one
+    model-sized reply at a time, not the whole phase's."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cleanroom.coordinator import strategy as strategy_mod
+    from cleanroom.coordinator.rounds import Updates
+
+    pulled: list[int] = []
+    seen: list[tuple[int, int]] = []  # (node, replies pulled when the round got it)
+
+    class Round:
+        aggregator = object()
+        record = SimpleNamespace(skipped=False)
+
+        def updates(self, items, reference, *, release):
+            for node_id, _reply in items:
+                seen.append((node_id, len(pulled)))
+            return Updates([], SimpleNamespace(arrays=None))
+
+        def end_training(self, digest):
+            assert digest is None
+
+    def replies():
+        for node_id in (1, 2, 3):
+            pulled.append(node_id)
+            yield SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id))
+
+    monkeypatch.setattr(strategy_mod, "train_reply", lambda reply: "parsed")
+    strategy = ConfidentialStrategy(FedAvg(), gate=fakes.gate(tmp_path, sim_root, NAMES),
+                                    plan=fakes.plan())
+    strategy._round = Round()  # type: ignore[assignment]
+    strategy._global = {"w": np.zeros(3, dtype=np.float32)}  # type: ignore[assignment]
+    assert strategy.aggregate_train(1, replies()) == (None, None)
+    assert seen == [(1, 1), (2, 2), (3, 3)]

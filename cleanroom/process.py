@@ -176,11 +176,20 @@ class Supervisor:
         anything: a previous start killed without its children (``kill -9`` of the daemon
         alone) left them running, holding its ports and serving stale state; they are
         stopped (by tag: they run in sessions of their own). A previous start that is still
-        alive is refused. Returns the pids stopped."""
+        alive is refused. A marker that records another path (the state folder was copied
+        from another daemon's) is ignored: that daemon is not this one's predecessor.
+        Returns the pids stopped."""
         previous: dict[str, object] = {}
         with contextlib.suppress(OSError, ValueError):
             loaded = json.loads(Path(marker).read_text())
             previous = loaded if isinstance(loaded, dict) else {}
+        here = str(Path(marker).resolve())
+        if previous.get("marker", here) != here:
+            # A copy of another daemon's state folder (a site cloned from a running one):
+            # that daemon and its children are not this one's to refuse or stop.
+            log.warning("%s: %s records a daemon of %s: ignored", what, marker,
+                        previous.get("marker"))
+            previous = {}
         pid, tag = previous.get("pid"), previous.get("tag")
         if isinstance(pid, int) and pid != os.getpid() and \
                 _started(pid) is not None and _started(pid) == previous.get("started"):
@@ -192,7 +201,8 @@ class Supervisor:
                         len(stopped), what, stopped)
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
         Path(marker).write_text(json.dumps({"pid": os.getpid(), "started":
-                                            _started(os.getpid()), "tag": self.tag}) + "\n")
+                                            _started(os.getpid()), "tag": self.tag,
+                                            "marker": here}) + "\n")
         return stopped
 
     def log_tail(self, name: str, lines: int = 30) -> str:

@@ -222,3 +222,41 @@ def test_a_stopping_daemon_ignores_a_second_sigterm():
         os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the shield
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_marker_copied_from_another_daemons_folder_is_ignored(tmp_path):
+    """A site folder cloned from a running site's carries that daemon's marker: the clone
+    neither refuses to start nor stops the other daemon's children (its tag)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cleanroom.process import TAG_VAR, Supervisor
+
+    env = {**os.environ, TAG_VAR: "the-other-daemons-tag"}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
+                            start_new_session=True)
+    try:
+        started = (Path("/proc") / str(live.pid) / "stat").read_text().rsplit(")", 1)[1] \
+            .split()[19]
+        original = tmp_path / "original" / "daemon.json"
+        copy = tmp_path / "clone" / "daemon.json"
+        copy.parent.mkdir()
+        copy.write_text(json.dumps({"pid": live.pid, "started": started,
+                                    "tag": "the-other-daemons-tag",
+                                    "marker": str(original.resolve())}))
+        sup = Supervisor(tmp_path / "logs")
+        assert sup.take_over(copy, "the clone") == []
+        assert live.poll() is None  # neither refused nor stopped
+        assert json.loads(copy.read_text())["marker"] == str(copy.resolve())
+        # the same marker in its own folder is the live daemon: refused
+        original.parent.mkdir()
+        original.write_text(json.dumps({"pid": live.pid, "started": started,
+                                        "tag": "the-other-daemons-tag",
+                                        "marker": str(original.resolve())}))
+        with pytest.raises(DaemonError, match="already running"):
+            Supervisor(tmp_path / "logs").take_over(original, "the original")
+    finally:
+        live.kill()
+        live.wait()

@@ -257,8 +257,11 @@ class CoordinatorRound:
         return self._apply(admission)
 
     def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
-        """A node that answered with an error or an unreadable reply."""
+        """A node that answered with an error or an unreadable reply (judged once, like
+        :meth:`admit`: a second reply neither overwrites the first verdict nor its reason)."""
         self._expect(Phase.ATTESTING)
+        if node_id in self._judged:
+            return refused(node_id, "protocol: answered twice", claimed)
         return self._apply(refused(node_id, reason, claimed))
 
     def _label_taken(self, label: str, node_id: int) -> bool:

@@ -155,6 +155,13 @@ def test_each_node_is_judged_once_and_only_for_its_own_challenge(
     assert not again.admitted and again.reason == "protocol: answered twice"
     unasked = round_.admit(2, answer.response, answer.evidence, answer.endorsement)
     assert not unasked.admitted and "never sent" in unasked.reason
+    # an error reply after the verdict (or a second one) changes neither verdict nor reason
+    late_error = round_.fail(1, "site error: RuntimeError: boom")
+    assert not late_error.admitted and late_error.reason == "protocol: answered twice"
+    assert round_.record.sites["alpha"].admitted
+    assert round_.fail(3, "site error: first").reason == "site error: first"
+    round_.fail(3, "site error: second")
+    assert round_.record.sites["node-3"].reason == "site error: first"
 
 
 def test_an_unanswered_look_ahead_challenge_is_replaced(tmp_path, sim_root_dir, sim_root,

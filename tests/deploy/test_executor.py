@@ -245,3 +245,44 @@ def test_a_message_that_never_arrives_whole_ends_its_task_without_a_reply(site, 
     assert rec.pushed == []
     [(status, details)] = rec.outputs
     assert status == "failed" and details.startswith("message content unavailable: object")
+
+
+def test_a_task_that_flower_interrupts_leaves_its_sibling_tasks_alone(monkeypatch):
+    """Flower's retry policy answers a 401 (an expired task token) by SIGINTing its own
+    process. In a forked task that signal must end that task only: with the warm parent's
+    handler inherited, it ran the parent's stop, which SIGTERMs every task alive at the
+    fork, a sibling still training included (or a process that reused its pid)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    warm = executor.Executor(executor.ExecutorSettings(Path("site.toml"), "127.0.0.1:1",
+                                                       b"s" * 32))
+    warm.children.add(sibling.pid)  # a task still running when the next one is forked
+
+    def interrupted(*_: Any) -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # what flwr's HTTP retry invoker does on a 401
+        time.sleep(1.0)
+        return 0
+
+    monkeypatch.setattr(executor, "run_task", interrupted)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGTERM, warm.stop)  # as executor.main installs them
+        signal.signal(signal.SIGINT, warm.stop)
+        warm._fork(None, "token", 13)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    [child] = warm.children - {sibling.pid}
+    try:
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 1  # the interrupted task failed
+        time.sleep(0.2)
+        assert sibling.poll() is None, "the interrupted task stopped its sibling"
+        assert not warm.stopping  # nor did the parent start stopping
+    finally:
+        sibling.kill()
+        sibling.wait()

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanroom.errors import CleanroomError
+from cleanroom.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,37 @@ def signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+MARKER_MAX = 64 * 1024  # bytes: a daemon marker is ~150
+
+
+def _read_marker(marker: Path, what: str) -> dict[str, object]:
+    """The start a daemon marker records, or {} (none yet; torn, oversized, not a JSON
+    object: no obstacle). A marker that is a symlink or not a regular file (a FIFO would
+    block the read forever) was not written by a daemon: refused, named."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        kind = "a symlink" if marker.is_symlink() else f"unreadable ({exc.strerror})"
+        raise DaemonError(f"{what}: its marker {marker} is {kind}: a daemon writes it as a "
+                          "plain file; remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DaemonError(f"{what}: its marker {marker} is not a regular file: a daemon "
+                          "writes it as a plain file; remove it")
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(MARKER_MAX + 1)
+    if len(data) > MARKER_MAX:
+        log.warning("%s: %s is over %d bytes: ignored", what, marker, MARKER_MAX)
+        return {}
+    try:
+        loaded = json.loads(data)
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def https_health(url: str, ca: Path, timeout: float = 3.0) -> int:
     context = ssl.create_default_context(cafile=str(ca))
     with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
@@ -179,10 +212,7 @@ class Supervisor:
         alive is refused. A marker that records another path (the state folder was copied
         from another daemon's) is ignored: that daemon is not this one's predecessor.
         Returns the pids stopped."""
-        previous: dict[str, object] = {}
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(Path(marker).read_text())
-            previous = loaded if isinstance(loaded, dict) else {}
+        previous = _read_marker(Path(marker), what)
         here = str(Path(marker).resolve())
         if previous.get("marker", here) != here:
             # A copy of another daemon's state folder (a site cloned from a running one):
@@ -195,14 +225,18 @@ class Supervisor:
                 _started(pid) is not None and _started(pid) == previous.get("started"):
             raise DaemonError(f"{what} is already running (pid {pid}, recorded in {marker}): "
                               "stop it first")
+        if tag == os.environ.get(TAG_VAR):
+            # The tag of whoever started this daemon (its siblings carry it too): never a
+            # predecessor's, whose tag only its own children carry.
+            log.warning("%s: %s records the tag this process inherited: ignored", what, marker)
+            tag = None
         stopped = stop_tagged(tag) if isinstance(tag, str) and tag and tag != self.tag else []
         if stopped:
             log.warning("stopped %d process(es) a previous %s left running: %s",
                         len(stopped), what, stopped)
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(json.dumps({"pid": os.getpid(), "started":
-                                            _started(os.getpid()), "tag": self.tag,
-                                            "marker": here}) + "\n")
+        atomic_write(Path(marker), (json.dumps({"pid": os.getpid(), "started":
+                                                _started(os.getpid()), "tag": self.tag,
+                                                "marker": here}) + "\n").encode(), mode=0o644)
         return stopped
 
     def log_tail(self, name: str, lines: int = 30) -> str:

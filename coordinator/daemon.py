@@ -219,6 +219,13 @@ def stop_orphaned_runs(cli: FlowerCli) -> list[int]:
             run_id = int(run["run-id"])
             cli.stop(run_id)
             stopped.append(run_id)
+    # ``flwr stop`` can fail (its outcome is not checked per call): the Fleet proxy must not
+    # open while one is still live, or its messages reach the SuperNodes after all.
+    left = [int(run["run-id"]) for run in (cli.list_runs() if stopped else [])
+            if str(run.get("status", "")).split(":")[0] in ORPHANED]
+    if left:
+        raise DaemonError(f"run(s) {left} left running by the previous start could not be "
+                          "stopped ('flwr stop' failed; see the SuperLink log)")
     if stopped:
         log.warning("stopped run(s) %s left running by the previous start (their ServerApps "
                     "died with it; resume them with 'cleanroom run --resume')", stopped)

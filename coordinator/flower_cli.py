@@ -10,6 +10,7 @@ the node id; ``flwr run --stream`` exits 0 even when the run fails, so the outco
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,11 @@ class FlowerCli:
 
     def _json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         code, out = self._run(*args, "--format", "json", timeout=timeout)
-        start = out.find("{")
-        try:
-            doc = json.loads(out[start:]) if start >= 0 else {}
-        except ValueError:
-            doc = {}
-        if code != 0 or not doc.get("success", True):
-            raise DaemonError(f"'flwr {' '.join(args[:2])}' failed (status {code}): "
-                              f"{doc.get('error-message') or out.strip()[-600:]}")
+        doc = _json_document(out)
+        if code != 0 or doc is None or doc.get("success", True) is not True:
+            reason = (doc or {}).get("error-message") or out.strip()[-600:]
+            raise DaemonError(f"'flwr {' '.join(args[:2])}' failed (status {code}"
+                              f"{'' if doc is not None else ', no JSON answer'}): {reason}")
         return doc
 
     def list_nodes(self) -> list[dict[str, Any]]:
@@ -61,11 +59,7 @@ class FlowerCli:
         nodes.json, the SuperLink's database persists registrations) keeps its node id."""
         code, out = self._run("supernode", "register", str(public_key), CONNECTION,
                               "--name", name, "--format", "json")
-        start = out.find("{")
-        try:
-            doc = json.loads(out[start:]) if start >= 0 else {}
-        except ValueError:
-            doc = {}
+        doc = _json_document(out) or {}
         if code == 0 and doc.get("success", True) and "node-id" in doc:
             return int(doc["node-id"])
         # flwr 1.42 exits 0 with {"success": false, ...} when the key is already registered
@@ -80,8 +74,14 @@ class FlowerCli:
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run the SuperLink knows ('run-id', 'status' such as 'running' or
-        'finished:completed', ...)."""
-        return [dict(r) for r in self._json("ls", CONNECTION).get("runs", [])]
+        'finished:completed', ...); an answer of another shape is refused, named."""
+        runs = self._json("ls", CONNECTION).get("runs")
+        if not isinstance(runs, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("status"), str)
+                and str(r.get("run-id", "")).isdigit() for r in runs):
+            raise DaemonError(f"'flwr ls' answered runs of an unexpected shape: "
+                              f"{str(runs)[:300]}")
+        return [dict(r) for r in runs]
 
     def status(self, run_id: int) -> dict[str, Any]:
         runs = self._json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
@@ -94,6 +94,22 @@ class FlowerCli:
 
     def logs(self, run_id: int) -> str:
         return self._run("log", str(run_id), CONNECTION, "--show", timeout=60)[1]
+
+
+def _json_document(out: str) -> dict[str, Any] | None:
+    """The JSON object ``flwr --format json`` printed on a line of its own (stdout comes
+    first; stderr may follow with warnings), or None."""
+    decoder = json.JSONDecoder()
+    starts = ([0] if out.startswith("{") else []) + [m.start() + 1
+                                                      for m in re.finditer(r"\n\{", out)]
+    for start in starts:
+        try:
+            doc, _ = decoder.raw_decode(out, start)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return None
 
 
 def _toml(value: Any) -> str:

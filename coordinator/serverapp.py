@@ -87,7 +87,8 @@ def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> di
     ignored: set[int] = set()
     while True:
         online: dict[int, Any] = {}
-        for node in grid.get_nodes():
+        holder: dict[bytes, int] = {}  # site key -> the node id standing for it
+        for node in sorted(grid.get_nodes(), key=lambda n: n.node_id):
             try:
                 key = spki_der(bytes(node.public_key))
             except ConfigError:
@@ -99,8 +100,17 @@ def wait_for_sites(grid: Grid, expected: dict[bytes, str], timeout: float) -> di
                                 "site's key: it takes no part in the run", node.node_id,
                                 str(getattr(node, "name", ""))[:64])
                 continue
-            if node.status in ("online", ""):
-                online[node.node_id] = (node, expected[key])
+            if node.status not in ("online", ""):
+                continue
+            if key in holder:  # one site, one node: a second would count (and weigh) twice
+                if node.node_id not in ignored:
+                    ignored.add(node.node_id)
+                    log.warning("node %d holds the key of site %s, already online as node "
+                                "%d: it takes no part in the run", node.node_id,
+                                expected[key], holder[key])
+                continue
+            holder[key] = node.node_id
+            online[node.node_id] = (node, expected[key])
         if len(online) >= len(expected) or time.monotonic() > deadline:
             return online
         time.sleep(0.5)

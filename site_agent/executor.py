@@ -340,6 +340,11 @@ class Executor:
         code = 1
         try:  # the child: one task, then exit without returning into the parent's loop
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # Not the parent's SIGINT handler (stop): Flower's retry policy SIGINTs its own
+            # process on a 401 (an expired task token), and the parent's stop would then
+            # SIGTERM every sibling task alive at the fork (or whatever reused their pids).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.children = set()
             code = run_task(runtime, self.settings, token, task_id, acquired)
         except BaseException:  # noqa: BLE001 - a child must never unwind into the loop
             log.error("task %s failed:\n%s", task_id, traceback.format_exc(limit=20))

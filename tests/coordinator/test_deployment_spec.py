@@ -4,6 +4,7 @@ timeout, aggregator enclave, central DP), its policy and its registered sites on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +86,31 @@ def test_both_app_kinds_get_the_operators_settings(fed: Path) -> None:
         assert spec.coordinator_id == config.name
     assert reply_timeout == 45.0
     assert sorted(their_grid.get_node_ids()) == [10, 11, 12]
+
+
+def test_nodes_without_a_registered_key_take_no_part(fed: Path) -> None:
+    """Garbage, empty, a site's key in another encoding it was not registered with, offline:
+    none of them is a site, and none of them stands in for one in the wait."""
+    config = load_coordinator_config(fed)
+    good = grid_of(fed).nodes[:1]  # site a only
+    pem = NodePublicKey.load(config.sites[1].public_key).spki_pem
+    hostile = [Node(20, b""), Node(21, b"\x00" * 10_000), Node(22, b"-----BEGIN PUBLIC KEY-----"),
+               Node(23, pem, status="offline"), Node(24, pem, status="unregistered")]
+    sites = online_sites(config, Grid([*good, *hostile]), "1")
+    assert {nid: name for nid, (_, name) in sites.nodes.items()} == {10: "a"}
+    assert sites.grid(Grid([*good, *hostile])).get_node_ids() == [10]
+
+
+def test_a_site_online_under_two_node_ids_counts_once(fed: Path) -> None:
+    """Two online nodes holding site a's key (the SuperLink refuses a second registration of
+    a key; a SuperLink that did not, or a stale entry) must not count as two sites: the
+    wait ended as soon as the node count reached the site count, c unwaited for, and a's
+    replies would weigh twice."""
+    config = load_coordinator_config(fed)
+    a, b, _c, _stranger = grid_of(fed).nodes
+    twin = Node(30, a.public_key)
+    started = time.monotonic()
+    sites = online_sites(config, Grid([twin, a, b]), "1")
+    assert time.monotonic() - started >= 0.9  # waited (site_wait_seconds = 1) for c
+    names = {nid: name for nid, (_, name) in sites.nodes.items()}
+    assert names == {10: "a", 11: "b"}  # the lower node id, whatever the order

@@ -225,6 +225,9 @@ class FakeCli:
 
     def stop(self, run_id: int) -> None:
         self.stopped.append(run_id)
+        for run in self.runs:  # as the SuperLink records a stopped run
+            if run["run-id"] == str(run_id):
+                run["status"] = "finished:stopped"
 
 
 def test_a_restart_stops_the_runs_its_previous_start_left_running():

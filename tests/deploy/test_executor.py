@@ -245,3 +245,120 @@ def test_a_message_that_never_arrives_whole_ends_its_task_without_a_reply(site, 
     assert rec.pushed == []
     [(status, details)] = rec.outputs
     assert status == "failed" and details.startswith("message content unavailable: object")
+
+
+def test_a_task_that_flower_interrupts_leaves_its_sibling_tasks_alone(monkeypatch):
+    """Flower's retry policy answers a 401 (an expired task token) by SIGINTing its own
+    process. In a forked task that signal must end that task only: with the warm parent's
+    handler inherited, it ran the parent's stop, which SIGTERMs every task alive at the
+    fork, a sibling still training included (or a process that reused its pid)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    warm = executor.Executor(executor.ExecutorSettings(Path("site.toml"), "127.0.0.1:1",
+                                                       b"s" * 32))
+    warm.children.add(sibling.pid)  # a task still running when the next one is forked
+
+    def interrupted(*_: Any) -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # what flwr's HTTP retry invoker does on a 401
+        time.sleep(1.0)
+        return 0
+
+    monkeypatch.setattr(executor, "run_task", interrupted)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGTERM, warm.stop)  # as executor.main installs them
+        signal.signal(signal.SIGINT, warm.stop)
+        warm._fork(None, "token", 13)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    [child] = warm.children - {sibling.pid}
+    try:
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 1  # the interrupted task failed
+        time.sleep(0.2)
+        assert sibling.poll() is None, "the interrupted task stopped its sibling"
+        assert not warm.stopping  # nor did the parent start stopping
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
+class HostileNode:
+    """The SuperNode's Runtime API as a task sees it, answering what the test says."""
+
+    def __init__(self, messages: list[Message], trees: int | None = None,
+                 objects: dict[str, bytes] | None = None) -> None:
+        from flwr.common.serde import message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+        self.messages = [message_to_proto(m) for m in messages]
+        self.trees = [get_object_tree(m) for m in messages][:trees]
+        self.objects = objects if objects is not None else {
+            oid: content for m in messages for oid, content in _deflated(m).items()}
+        self.confirmed: list[str] = []
+
+    def PullTaskInput(self, _request: Any) -> Any:  # Flower's method names
+        from flwr.proto.message_pb2 import Context as ContextProto
+        from flwr.proto.run_pb2 import Run as RunProto
+        from flwr.proto.runtime_pb2 import PullTaskInputResponse
+
+        return PullTaskInputResponse(task_id=11, run=RunProto(run_id=7),
+                                     context=ContextProto(run_id=7, node_id=5))
+
+    def PullMessages(self, _request: Any) -> Any:
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=self.messages,
+                                       message_object_trees=self.trees)
+
+    def PullObject(self, request: Any) -> Any:
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        content = self.objects.get(request.object_id)
+        return PullObjectResponse(object_found=content is not None, object_available=True,
+                                  object_content=content or b"")
+
+    def ConfirmMessageReceived(self, request: Any) -> Any:
+        from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse
+
+        self.confirmed.append(request.message_object_id)
+        return ConfirmMessageReceivedResponse()
+
+
+def _deflated(obj: Any) -> dict[str, bytes]:
+    out = {obj.object_id: obj.deflate()}
+    for child in (obj.children or {}).values():
+        out.update(_deflated(child))
+    return out
+
+
+def test_a_hostile_supernodes_message_list_is_refused_or_taken_as_flower_takes_it(
+        task, monkeypatch):
+    """No message, a message without its object tree, a tree whose objects are missing:
+    the pull fails (run_task then ends the task without a reply); two messages offered for
+    one task: only the first is this task's, confirmed once (as Flower's own runner)."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    first = Message(RecordDict({"c": ConfigRecord({"n": 1})}), dst_node_id=5,
+                    message_type="train")
+    second = Message(RecordDict({"c": ConfigRecord({"n": 2})}), dst_node_id=5,
+                     message_type="evaluate")
+    with pytest.raises(RuntimeError, match="without a message"):
+        executor.pull_task_input(HostileNode([]))
+    with pytest.raises(IndexError):
+        executor.pull_task_input(HostileNode([first], trees=0))
+    with pytest.raises(ObjectPullError):
+        executor.pull_task_input(HostileNode([first], objects={}))
+    node = HostileNode([first, second])
+    message, context, run, _ = executor.pull_task_input(node)
+    assert message.metadata.message_type == "train"
+    assert message.content["c"]["n"] == 1 and message.object_id == first.object_id
+    assert node.confirmed == [first.object_id]
+    assert (context.node_id, run.run_id) == (5, 7)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanroom.errors import CleanroomError
-from cleanroom.fsutil import atomic_write
+from cleanroom.fsutil import atomic_write, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,12 @@ class Supervisor:
         stopped (by tag: they run in sessions of their own). A previous start that is still
         alive is refused. A marker that records another path (the state folder was copied
         from another daemon's) is ignored: that daemon is not this one's predecessor.
-        Returns the pids stopped."""
+        Returns the pids stopped. Two starts at the same instant are serialised (a lock
+        beside the marker): the second finds the first's marker and is refused."""
+        with exclusive_lock(Path(marker)):
+            return self._take_over(Path(marker), what)
+
+    def _take_over(self, marker: Path, what: str) -> list[int]:
         previous = _read_marker(Path(marker), what)
         here = str(Path(marker).resolve())
         if previous.get("marker", here) != here:

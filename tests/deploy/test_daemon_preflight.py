@@ -260,3 +260,33 @@ def test_a_marker_copied_from_another_daemons_folder_is_ignored(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_two_starts_at_the_same_instant_are_serialised(tmp_path):
+    """Both starts read the marker before either writes (a 1 s pause after the read makes the
+    race certain): one start takes the state folder, the other is refused."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "state" / "daemon.json"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import cleanroom.process as p\n"
+        "read = p._read_marker\n"
+        "def slow(m, w):\n"
+        "    out = read(m, w)\n"
+        "    time.sleep(1.0)\n"
+        "    return out\n"
+        "p._read_marker = slow\n"
+        "try:\n"
+        "    p.Supervisor(Path(sys.argv[2])).take_over(Path(sys.argv[1]), 'the test daemon')\n"
+        "except p.DaemonError as exc:\n"
+        "    print('refused:', exc)\n"
+        "    sys.exit(3)\n"
+        "time.sleep(4)\n")
+    starts = [subprocess.Popen([sys.executable, "-c", script, str(marker),
+                                str(tmp_path / f"logs{i}")], stdout=subprocess.PIPE, text=True)
+              for i in range(2)]
+    codes = sorted(proc.wait(timeout=60) for proc in starts)
+    assert codes == [0, 3], [proc.stdout.read() for proc in starts]  # type: ignore[union-attr]

@@ -104,18 +104,26 @@ def _started(pid: int) -> str | None:
 def stop_tagged(tag: str, grace: float = 5.0) -> list[int]:
     """SIGTERM every process carrying ``tag``, SIGKILL what is left after ``grace`` seconds;
     returns the pids found."""
+    return _sweep(tag, grace)[0]
+
+
+def _sweep(tag: str, grace: float) -> tuple[list[int], list[int]]:
+    """SIGTERM the live processes carrying ``tag`` until none is left or ``grace`` seconds
+    passed, then SIGKILL the rest; returns (pids found, pids killed)."""
     found = tagged_pids(tag)
-    for pid in found:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while (left := [p for p in tagged_pids(tag) if _started(p)]) and \
             time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         time.sleep(0.2)
+    killed = []
     for pid in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    return found
+            killed.append(pid)
+    return found, killed
 
 
 @contextlib.contextmanager
@@ -136,6 +144,7 @@ def signals_ignored() -> Iterator[None]:
 
 
 MARKER_MAX = 64 * 1024  # bytes: a daemon marker is ~150
+DAEMON_MARKER = "daemon.json"  # in a daemon's state folder: its start (Supervisor.take_over)
 
 
 def _read_marker(marker: Path, what: str) -> dict[str, object]:
@@ -217,8 +226,8 @@ class Supervisor:
             return self._take_over(Path(marker), what)
 
     def _take_over(self, marker: Path, what: str) -> list[int]:
-        previous = _read_marker(Path(marker), what)
-        here = str(Path(marker).resolve())
+        previous = _read_marker(marker, what)
+        here = str(marker.resolve())
         if previous.get("marker", here) != here:
             # A copy of another daemon's state folder (a site cloned from a running one):
             # that daemon and its children are not this one's to refuse or stop.
@@ -226,8 +235,8 @@ class Supervisor:
                         previous.get("marker"))
             previous = {}
         pid, tag = previous.get("pid"), previous.get("tag")
-        if isinstance(pid, int) and pid != os.getpid() and \
-                _started(pid) is not None and _started(pid) == previous.get("started"):
+        started = _started(pid) if isinstance(pid, int) and pid != os.getpid() else None
+        if started is not None and started == previous.get("started"):
             raise DaemonError(f"{what} is already running (pid {pid}, recorded in {marker}): "
                               "stop it first")
         if tag == os.environ.get(TAG_VAR):
@@ -239,7 +248,7 @@ class Supervisor:
         if stopped:
             log.warning("stopped %d process(es) a previous %s left running: %s",
                         len(stopped), what, stopped)
-        atomic_write(Path(marker), (json.dumps({"pid": os.getpid(), "started":
+        atomic_write(marker, (json.dumps({"pid": os.getpid(), "started":
                                                 _started(os.getpid()), "tag": self.tag,
                                                 "marker": here}) + "\n").encode(), mode=0o644)
         return stopped
@@ -288,17 +297,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait(timeout=5)
-        killed = []
-        end = time.monotonic() + 5.0
-        while (left := tagged_pids(self.tag)) and time.monotonic() < end:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
-            time.sleep(0.3)
-        for pid in tagged_pids(self.tag):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+        killed = _sweep(self.tag, 5.0)[1]
         if killed:
             log.warning("killed leftover processes %s", killed)
         return killed

@@ -35,6 +35,7 @@ from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.process import (
+    DAEMON_MARKER,
     DaemonError,
     Supervisor,
     https_health,
@@ -157,7 +158,6 @@ def control_for(config_path: Path, env: dict[str, str] | None = None) -> RunCont
 
 
 SECRET_FILE = "superexec.secret"
-DAEMON_MARKER = "daemon.json"  # this start's pid and supervisor tag (Supervisor.take_over)
 SUPEREXEC_POLL = "0.2"  # s between the SuperExec's AcquireTask calls (Flower's default: 1.0)
 
 
@@ -213,16 +213,12 @@ def stop_orphaned_runs(cli: FlowerCli) -> list[int]:
     its cleanup); the expired task's error reply then takes the slot of the next real reply
     in its one-reply-per-pull loop, and from then on each reply of that site goes out one
     message late: its rounds time out. Stopping the run deletes its messages and objects."""
-    stopped = []
-    for run in cli.list_runs():
-        if str(run.get("status", "")).split(":")[0] in ORPHANED:
-            run_id = int(run["run-id"])
-            cli.stop(run_id)
-            stopped.append(run_id)
+    stopped = _orphaned(cli)
+    for run_id in stopped:
+        cli.stop(run_id)
     # ``flwr stop`` can fail (its outcome is not checked per call): the Fleet proxy must not
     # open while one is still live, or its messages reach the SuperNodes after all.
-    left = [int(run["run-id"]) for run in (cli.list_runs() if stopped else [])
-            if str(run.get("status", "")).split(":")[0] in ORPHANED]
+    left = _orphaned(cli) if stopped else []
     if left:
         raise DaemonError(f"run(s) {left} left running by the previous start could not be "
                           "stopped ('flwr stop' failed; see the SuperLink log)")
@@ -230,6 +226,12 @@ def stop_orphaned_runs(cli: FlowerCli) -> list[int]:
         log.warning("stopped run(s) %s left running by the previous start (their ServerApps "
                     "died with it; resume them with 'cleanroom run --resume')", stopped)
     return stopped
+
+
+def _orphaned(cli: FlowerCli) -> list[int]:
+    """The ids of the runs the SuperLink lists as starting or running."""
+    return [int(run["run-id"]) for run in cli.list_runs()
+            if run["status"].split(":")[0] in ORPHANED]
 
 
 def registered_nodes(config: CoordinatorConfig) -> dict[str, int]:

@@ -24,7 +24,13 @@ from cleanroom.errors import ConfigError
 from cleanroom.fsutil import write_private
 from cleanroom.http import load_tokens, serve_until_signal
 from cleanroom.pki import check_node_private_key
-from cleanroom.process import DaemonError, Supervisor, require_free_ports, signals_ignored
+from cleanroom.process import (
+    DAEMON_MARKER,
+    DaemonError,
+    Supervisor,
+    require_free_ports,
+    signals_ignored,
+)
 from cleanroom.site_agent.config import SiteConfig, load_site_config
 from cleanroom.site_agent.runtime import SiteRuntime, build_runtime
 
@@ -180,7 +186,7 @@ def serve_site(config_path: Path, *, on_ready: Any = None) -> int:
     config = load_site_config(config_path)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(config.state_dir / "logs")
-    sup.take_over(config.state_dir / "daemon.json", "the site daemon")  # kill -9 leftovers
+    sup.take_over(config.state_dir / DAEMON_MARKER, "the site daemon")  # kill -9 leftovers
     runtime = preflight(config)
     try:
         start_node(config, config_path, sup, lambda offset: wait_connected(sup, offset=offset))

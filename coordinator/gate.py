@@ -5,8 +5,8 @@ nonce the coordinator issued to that node for this run and round, the node is th
 claims to be (:class:`SiteDirectory`), its evidence verifies against the policy, the hardware
 REPORT_DATA equals the binding the coordinator computes itself, and its privacy ledger did not
 go backwards. Issued and consumed nonces are persisted (:class:`NonceStore`), so a replay is
-refused even after a restart; :meth:`AttestationGate.end_phase` makes a phase's decisions
-durable before any of them has an effect.
+refused even after a restart; :meth:`AttestationGate.admit_phase` judges a phase's answers and
+makes its decisions durable before any of them has an effect.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ class NonceStore:
     """Issued / consumed nonces, persisted as JSON lines when ``path`` is given.
 
     Appends are visible at once; :meth:`flush` makes them durable (the gate flushes at the end
-    of each attestation phase, before any model leaves).
+    of each attestation phase, :meth:`AttestationGate.admit_phase`, before any model leaves).
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -177,6 +177,10 @@ class Admission:
         return out
 
 
+# One answer for the gate to judge: (node id, its challenge, response, evidence, endorsement)
+Candidate = tuple[int, AttestChallenge, AttestResponse, bytes, bytes]
+
+
 def refused(node_id: int, reason: str, site: str | None = None) -> Admission:
     """An admission refused before the gate looked at any evidence."""
     return Admission(node_id=node_id, site=site, admitted=False, reason=reason)
@@ -218,8 +222,18 @@ class AttestationGate:
                                ledger_anchor=LedgerAnchor(records=anchor[0], head=anchor[1])
                                if anchor else None)
 
+    def admit_phase(self, candidates: Iterable[Candidate]) -> list[Admission]:
+        """Judge an attestation phase's answers (:meth:`admit`, in the order given), then
+        make the phase durable (:meth:`end_phase`: the nonces consumed, the ledger watermarks
+        advanced) before returning, so no admission takes effect before it is on disk. Every
+        phase ends here, also one with no answer (the nonces it issued)."""
+        admissions = [self.admit(*candidate) for candidate in candidates]
+        self.end_phase()
+        return admissions
+
     def admit(self, node_id: int, challenge: AttestChallenge, response: AttestResponse,
               evidence: bytes, endorsement: bytes) -> Admission:
+        """One answer's admission (not yet durable: :meth:`admit_phase` makes it so)."""
         site = response.site
         evidence_sha = evidence_digest(evidence) if evidence else None
         nonce_sha = hashlib.sha256(challenge.nonce).hexdigest()

@@ -3,9 +3,11 @@
 Flower-free and synchronous: the Flower adapter (:mod:`cleanroom.coordinator.strategy`) moves
 messages; everything a round decides happens here, in this order:
 
-1. ``challenge(node)`` for every connected node that has no admission yet, ``admit(node, ...)``
-   for every answer, ``end_attestation()`` (silent nodes quarantined, nonces and ledger
-   watermarks made durable by the gate before any model leaves);
+1. ``attest_nodes(nodes, exchange)``: a ``challenge`` for every connected node that has no
+   verdict yet, sent and answered through the adapter's ``exchange``; the answers judged in
+   one batch (``judge``: the round's own checks, then the gate's ``admit_phase``, which makes
+   nonces and ledger watermarks durable before any verdict takes effect); then
+   ``end_attestation()`` (silent nodes quarantined) before any model leaves;
 2. ``seal(node, ...)`` the global model for admitted nodes only (to the key each node's
    evidence bound, context = run, round, site, model digest);
 3. ``open_update(node, sealed)``: decrypt with this round's key, read the site's typed report
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from cleanroom.coordinator.gate import Admission, AttestationGate, refused
+from cleanroom.coordinator.gate import Admission, AttestationGate, Candidate, refused
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.coordinator.validation import (
     check_train_report,
@@ -50,7 +52,13 @@ from cleanroom.protocol.arrays import EncodedArrays
 from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
 from cleanroom.protocol.payload import Sealed, open_metrics, open_update, seal_model
 from cleanroom.protocol.reports import EvaluateReport, TrainReport, metric_means
-from cleanroom.protocol.wire import AttestChallenge, AttestResponse, Refusal, TrainPlan
+from cleanroom.protocol.wire import (
+    AttestAnswer,
+    AttestChallenge,
+    AttestResponse,
+    Refusal,
+    TrainPlan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,10 @@ class RoundStateError(CleanroomError):
     """A round step called out of order (a bug in the adapter, not a site's fault)."""
 
 
-Answer = tuple[AttestResponse, bytes, bytes] | str  # (response, evidence, endorsement), or why none
+Answer = AttestAnswer  # (response, evidence, endorsement), or why there is none
 Reply = Sealed | Refusal | str  # a train reply: the sealed update, the site's refusal, or an error
+# The adapter's attestation round trip: the challenges out, the answers (in the order received)
+Exchange = Callable[[Mapping[int, AttestChallenge]], list[tuple[int, Answer]]]
 Opened = tuple[OrderedDict[str, np.ndarray], TrainReport]  # an update the operator opened
 
 
@@ -158,19 +168,80 @@ class CoordinatorRound:
         self.record.bytes_sent += sum(len(c.model_dump_json()) for c in out.values())
         return out
 
-    def judge(self, answers: Iterable[tuple[int, Answer]]) -> None:
-        """Judge each node's answer (or the reason it has none), in the order received."""
+    def judge(self, answers: Iterable[tuple[int, Answer]]) -> list[Admission]:
+        """Judge each node's answer (or the reason it has none), in the order received: the
+        round's own checks first (an answer to a challenge it sent, one verdict per node, one
+        node per site name), then every answer left by the gate in one call
+        (:meth:`AttestationGate.admit_phase`, which makes them durable before it returns);
+        the verdicts, one per answer, are filed in the order received."""
+        self._expect(Phase.ATTESTING)
+        answers = list(answers)
+        judged = set(self._judged)
+        owners = {label: entry.node_id for label, entry in self.record.sites.items()}
+        screened: list[tuple[Admission | None, bool]] = []
+        candidates: list[Candidate] = []
         for node_id, answer in answers:
-            if isinstance(answer, str):
-                self.fail(node_id, answer)
-            else:
-                self.admit(node_id, *answer)
+            decided, filed = self._screen(node_id, answer, judged, owners)
+            screened.append((decided, filed))
+            if decided is None:
+                assert not isinstance(answer, str)
+                candidates.append((node_id, self._challenges[node_id], *answer))
+            if filed:
+                claimed = None if isinstance(answer, str) else answer[0].site
+                judged.add(node_id)
+                owners[self._file_label(node_id, claimed, owners)] = node_id
+        gated = iter(self.gate.admit_phase(candidates))
+        out = []
+        for (node_id, answer), (decided, filed) in zip(answers, screened, strict=True):
+            if decided is None:
+                assert not isinstance(answer, str)
+                response, evidence, endorsement = answer
+                admission = next(gated)
+                self.record.bytes_received += len(evidence) + len(endorsement)
+                self.record.verify_seconds += admission.verify_seconds
+                if admission.admitted and response.aggregator_nonce is not None:
+                    self._site_nonces[node_id] = response.aggregator_nonce
+                decided = admission
+            out.append(self._apply(decided) if filed else decided)
+        return out
+
+    def _screen(self, node_id: int, answer: Answer, judged: set[int],
+                owners: Mapping[str, int]) -> tuple[Admission | None, bool]:
+        """The round's own verdict on one answer, given the nodes judged and the site names
+        filed so far: (a refusal, or None when the gate decides; whether it is filed). A
+        second answer of a judged node is refused and not filed (the first verdict stays)."""
+        if isinstance(answer, str):
+            if node_id in judged:
+                return refused(node_id, "protocol: answered twice"), False
+            return refused(node_id, answer), True
+        site = answer[0].site
+        if node_id not in self._challenges:
+            return refused(node_id, "protocol: an answer to a challenge this round never "
+                           "sent", site), True
+        if node_id in judged:
+            return refused(node_id, "protocol: answered twice", site), False
+        label = self.gate.directory.label(node_id, site)
+        if owners.get(label, node_id) != node_id:
+            return refused(node_id, f"identity: site name {label!r} already answered this "
+                           "round", site), True
+        return None, True
 
     def attest(self, answers: Iterable[tuple[int, Answer]]) -> list[int]:
         """Judge ``answers`` and end the attestation phase (:meth:`end_attestation`): the
         admitted node ids."""
         self.judge(answers)
         return self.end_attestation()
+
+    def attest_nodes(self, node_ids: Iterable[int], exchange: Exchange) -> list[int]:
+        """The whole attestation phase in one call: challenge every node of ``node_ids``
+        with no decision yet (:meth:`challenges`), send the challenges with ``exchange``
+        (the adapter's round trip, returning the answers in the order received), judge them
+        and end the phase (:meth:`attest`); the admitted node ids."""
+        challenges = self.challenges(node_ids)
+        start = time.perf_counter()
+        answers = exchange(challenges) if challenges else []
+        self.record.attestation_seconds = time.perf_counter() - start
+        return self.attest(answers)
 
     def instructions(self, node_ids: list[int],
                      model: Mapping[str, np.ndarray] | EncodedArrays, *, direction: str,
@@ -238,42 +309,25 @@ class CoordinatorRound:
     def admit(self, node_id: int, response: AttestResponse, evidence: bytes,
               endorsement: bytes) -> Admission:
         """Judge ``node_id``'s answer to its challenge (once; later answers are ignored)."""
-        self._expect(Phase.ATTESTING)
-        challenge = self._challenges.get(node_id)
-        if challenge is None:
-            return self._apply(refused(node_id, "protocol: an answer to a challenge this "
-                                       "round never sent", response.site))
-        if node_id in self._judged:
-            return refused(node_id, "protocol: answered twice", response.site)
-        label = self.gate.directory.label(node_id, response.site)
-        if self._label_taken(label, node_id):
-            return self._apply(refused(node_id, f"identity: site name {label!r} already "
-                                       "answered this round", response.site))
-        admission = self.gate.admit(node_id, challenge, response, evidence, endorsement)
-        self.record.bytes_received += len(evidence) + len(endorsement)
-        self.record.verify_seconds += admission.verify_seconds
-        if admission.admitted and response.aggregator_nonce is not None:
-            self._site_nonces[node_id] = response.aggregator_nonce
-        return self._apply(admission)
+        return self.judge([(node_id, (response, evidence, endorsement))])[0]
 
-    def fail(self, node_id: int, reason: str, claimed: str | None = None) -> Admission:
+    def fail(self, node_id: int, reason: str) -> Admission:
         """A node that answered with an error or an unreadable reply (judged once, like
         :meth:`admit`: a second reply neither overwrites the first verdict nor its reason)."""
-        self._expect(Phase.ATTESTING)
-        if node_id in self._judged:
-            return refused(node_id, "protocol: answered twice", claimed)
-        return self._apply(refused(node_id, reason, claimed))
+        return self.judge([(node_id, reason)])[0]
 
-    def _label_taken(self, label: str, node_id: int) -> bool:
-        entry = self.record.sites.get(label)
-        return entry is not None and entry.node_id != node_id
+    def _file_label(self, node_id: int, claimed: str | None,
+                    owners: Mapping[str, int]) -> str:
+        """The name ``node_id``'s entry is filed under, given the names already filed (site
+        name -> node id): its identity's label, or ``node-<id>`` if another node has that."""
+        label = self.gate.directory.label(node_id, claimed)
+        return label if owners.get(label, node_id) == node_id else f"node-{node_id}"
 
     def _apply(self, admission: Admission) -> Admission:
         node_id = admission.node_id
         self._judged.add(node_id)
-        label = self.gate.directory.label(node_id, admission.site)
-        if self._label_taken(label, node_id):
-            label = f"node-{node_id}"  # never overwrite another node's entry
+        label = self._file_label(node_id, admission.site,
+                                 {name: e.node_id for name, e in self.record.sites.items()})
         self.record.sites[label] = SiteRound(
             site=label, node_id=node_id, admission=admission.summary(),
             admitted=admission.admitted, reason=admission.reason,
@@ -300,7 +354,6 @@ class CoordinatorRound:
         for node_id in self._challenges:
             if node_id not in self._judged:
                 self._apply(refused(node_id, timed_out))
-        self.gate.end_phase()
         self.phase = Phase.TRAINING
         self._attest_aggregator()
         return self.admitted

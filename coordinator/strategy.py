@@ -42,6 +42,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -51,27 +52,26 @@ from flwr.serverapp.strategy import Strategy
 
 from cleanroom.coordinator.fastgrid import DelegatingGrid
 from cleanroom.coordinator.gate import AttestationGate
-from cleanroom.coordinator.rounds import Answer, CoordinatorRound, Reply
+from cleanroom.coordinator.rounds import CoordinatorRound, Reply
 from cleanroom.coordinator.secagg_round import SecAggExchange
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.arrays import arrays_digest
 from cleanroom.protocol.flower import (
-    ATTEST_MESSAGE_TYPE,
     ATTEST_RECORD,
     ENVELOPE_RECORD,
     REFUSAL_RECORD,
     arrays_to_numpy,
-    challenge_content,
+    attest_answer,
     error_reason,
     has_attest,
     instruction_content,
     numpy_to_arrays,
     plain_evaluate_reply,
     plain_train_reply,
-    read_attest,
     read_envelope,
     read_refusal,
     read_reply,
+    send_challenges,
     synthetic_reply,
 )
 from cleanroom.protocol.payload import encode_model
@@ -89,16 +89,6 @@ def required_nodes(inner: Strategy, phase: str = "train") -> int:
         if isinstance(value, int):
             need = max(need, value)
     return need
-
-
-def attest_answer(reply: Message) -> Answer:
-    """A node's answer to its challenge, or why there is none (an error, a bad reply)."""
-    if reply.has_error():
-        return f"site error: {error_reason(reply)}"
-    try:
-        return read_attest(reply.content)
-    except ProtocolError as exc:
-        return f"protocol: {exc}"
 
 
 def train_reply(reply: Message) -> Reply:
@@ -216,19 +206,15 @@ class ConfidentialStrategy(Strategy):
 
     def _attest(self, round_: CoordinatorRound, grid: Grid) -> list[int]:
         """Admit this round's sites: answers that rode on last round's evaluation, and a
-        fresh attestation query for every other connected node."""
-        messages = [Message(challenge_content(challenge), node_id, ATTEST_MESSAGE_TYPE,
-                            group_id=str(round_.round))
-                    for node_id, challenge in round_.challenges(self._connected(grid)).items()]
+        fresh attestation query for every other connected node (the round sends them on the
+        Grid, :func:`~cleanroom.protocol.flower.send_challenges`, and judges the answers)."""
         # The first attestation of a run (fresh or resumed) waits up to node_wait: after a
         # restart of the coordinator the SuperNodes are still reconnecting, and rounds that
         # time out at once would each be lost (seen in the coordinator-kill drill).
         timeout = self.attest_timeout if self._answered_once else \
             max(self.attest_timeout, self.node_wait)
-        start = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-        round_.record.attestation_seconds = time.perf_counter() - start
-        admitted = round_.attest([(r.metadata.src_node_id, attest_answer(r)) for r in replies])
+        admitted = round_.attest_nodes(self._connected(grid), partial(
+            send_challenges, grid, group_id=str(round_.round), timeout=timeout))
         self._answered_once = self._answered_once or bool(admitted)
         return admitted
 
@@ -411,11 +397,9 @@ class ConfidentialStrategy(Strategy):
                 reply.content = plain_evaluate_reply(report)
                 ok.append(reply)
         if self._next is not None:
-            self._next.judge(answers.items())
+            self._next.judge(answers.items())  # durable once judged (the gate's phase end)
         result = self._evaluated(server_round, round_, ok)
         if round_ is not None:
-            if self._next is not None:
-                self.gate.end_phase()  # the piggybacked admissions are durable now
             self._round, self._finished = None, round_
         return result
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -47,7 +48,13 @@ from pydantic import BaseModel, ValidationError
 from cleanroom.errors import ProtocolError
 from cleanroom.protocol.payload import Sealed
 from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
-from cleanroom.protocol.wire import AttestChallenge, AttestResponse, EnvelopeHeader, Refusal
+from cleanroom.protocol.wire import (
+    AttestAnswer,
+    AttestChallenge,
+    AttestResponse,
+    EnvelopeHeader,
+    Refusal,
+)
 
 ATTEST_ACTION = "cleanroom_attest"
 ATTEST_MESSAGE_TYPE = f"query.{ATTEST_ACTION}"
@@ -158,6 +165,26 @@ def read_attest(content: RecordDict) -> tuple[AttestResponse, bytes, bytes]:
                             f"({len(endorsement)} B) exceeds the size limit")
     response = _parse(AttestResponse, record.get("response"), "attestation response")
     return response, evidence, endorsement  # type: ignore[return-value]
+
+
+def attest_answer(reply: Message) -> AttestAnswer:
+    """A node's answer to its challenge, or why there is none (an error, a bad reply)."""
+    if reply.has_error():
+        return f"site error: {error_reason(reply)}"
+    try:
+        return read_attest(reply.content)
+    except ProtocolError as exc:
+        return f"protocol: {exc}"
+
+
+def send_challenges(grid: Any, challenges: Mapping[int, AttestChallenge], *, group_id: str,
+                    timeout: float) -> list[tuple[int, AttestAnswer]]:
+    """One attestation round trip on a Flower Grid: each node's challenge as an attestation
+    query, the answers (:func:`attest_answer`) in the order the Grid returns them."""
+    messages = [Message(challenge_content(challenge), node_id, ATTEST_MESSAGE_TYPE,
+                        group_id=group_id) for node_id, challenge in challenges.items()]
+    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+    return [(reply.metadata.src_node_id, attest_answer(reply)) for reply in replies]
 
 
 # ----------------------------------------------------------------------------- envelopes

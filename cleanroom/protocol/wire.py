@@ -144,6 +144,11 @@ class AttestResponse(_Wire):
         "enclave: the aggregator's evidence must bind it before the site releases an update")
 
 
+# A node's answer to its challenge as the coordinator receives it: (response, evidence,
+# endorsement), or why there is none (an error, an unreadable reply)
+AttestAnswer = tuple[AttestResponse, bytes, bytes] | str
+
+
 class EnvelopeHeader(_Wire):
     """Describes a ciphertext (model to a site, update back); the bytes travel beside it.
     ``ciphertext_sha256``: envelope v2's ciphertext id (SHA-256 over its header digest and

@@ -41,3 +41,24 @@ def test_the_directory_names_nodes_never_the_claim():
     assert strict.problem(2, "beta") == "identity: node 2 is not a registered site"
     loose = SiteDirectory(strict=False)
     assert loose.label(2, "beta") == "beta" and loose.problem(2, "beta") is None
+
+
+def test_a_phase_is_judged_in_order_and_durable_before_any_admission_returns(
+        tmp_path, sim_root, monkeypatch):
+    """admit_phase: every answer of the phase by the gate in one call, then both stores
+    flushed, and only then the admissions handed back (an empty phase flushes too: the
+    nonces it issued, the watermarks the last round's reports advanced)."""
+    from cleanroom.coordinator.gate import refused
+    from tests import fakes
+
+    gate = fakes.gate(tmp_path, sim_root, {1: "alpha", 2: "beta"})
+    calls: list[object] = []
+    monkeypatch.setattr(gate, "admit", lambda node_id, *rest: calls.append(node_id)
+                        or refused(node_id, f"judged {node_id}"))
+    monkeypatch.setattr(gate.nonces, "flush", lambda: calls.append("nonces"))
+    monkeypatch.setattr(gate.watermarks, "flush", lambda: calls.append("watermarks"))
+    admissions = gate.admit_phase([(2, None, None, b"", b""), (1, None, None, b"", b"")])
+    assert [a.reason for a in admissions] == ["judged 2", "judged 1"]
+    assert calls == [2, 1, "nonces", "watermarks"]
+    calls.clear()
+    assert gate.admit_phase([]) == [] and calls == ["nonces", "watermarks"]

@@ -337,3 +337,54 @@ def test_a_reply_that_is_no_update_rejects_its_site(tmp_path, sim_root, two_site
     assert updates.opened == [None, None] and round_.admitted == []
     assert round_.record.quarantined == {"alpha": "update rejected: garbled"}
     assert round_.record.site_refusals == {"beta": "aggregator-unattested: no evidence"}
+
+
+def _answer(runtime, challenge):
+    answer = SiteProtocol(runtime, TaskTrainer()).answer(challenge)
+    return answer.response, answer.evidence, answer.endorsement
+
+
+def test_a_batch_of_answers_is_judged_as_one_by_one_with_one_gate_call(
+        tmp_path, sim_root, two_sites, model, monkeypatch):
+    """judge: the round's own checks see the answers before them in the same batch (a node
+    answering twice, a second node claiming a site name already answered), the gate gets the
+    rest in one call, and the verdicts are filed in the order received."""
+    round_ = new_round(tmp_path, sim_root, model, {}, strict=False)
+    phases: list[list[int]] = []
+    admit_phase = round_.gate.admit_phase
+    monkeypatch.setattr(round_.gate, "admit_phase", lambda candidates: phases.append(
+        [c[0] for c in candidates]) or admit_phase(candidates))
+    challenges = round_.challenges([1, 2, 3])
+    alpha = _answer(two_sites[1], challenges[1])
+    impostor = _answer(two_sites[1], challenges[2])  # node 2 answers as "alpha" too
+    verdicts = round_.judge([(1, alpha), (1, alpha), (2, impostor), (3, "site error: boom"),
+                             (3, "site error: again")])
+    assert phases == [[1]]
+    assert [v.admitted for v in verdicts] == [True, False, False, False, False]
+    assert verdicts[1].reason == verdicts[4].reason == "protocol: answered twice"
+    assert verdicts[2].reason == "identity: site name 'alpha' already answered this round"
+    assert list(round_.record.sites) == ["alpha", "node-2", "node-3"]
+    assert round_.record.quarantined["node-3"] == "site error: boom"
+    assert round_.record.sites["alpha"].nonce_sha256 == hashlib.sha256(
+        challenges[1].nonce).hexdigest()
+    assert round_.end_attestation() == [1]
+
+
+def test_the_attestation_phase_is_one_call_around_the_adapters_round_trip(
+        tmp_path, sim_root, two_sites, model):
+    """attest_nodes: challenges only for nodes with no verdict yet (an answer that rode on
+    the evaluation needs none), one exchange, the answers judged, the phase ended."""
+    round_ = new_round(tmp_path, sim_root, model, {1: "alpha", 2: "beta"})
+    attest_all(round_, {1: two_sites[1]})  # alpha's answer rode on last round's evaluation
+    sent: list[list[int]] = []
+
+    def exchange(challenges):
+        sent.append(sorted(challenges))
+        return [(n, _answer(two_sites[n], c)) for n, c in challenges.items()]
+
+    assert round_.attest_nodes([1, 2], exchange) == [1, 2]
+    assert sent == [[2]] and round_.phase is Phase.TRAINING
+    assert round_.record.attestation_seconds > 0
+    quiet = new_round(tmp_path / "quiet", sim_root, model, {1: "alpha"})
+    attest_all(quiet, {1: two_sites[1]})
+    assert quiet.attest_nodes([1], exchange) == [1] and sent == [[2]]  # nothing to send

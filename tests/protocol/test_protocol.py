@@ -139,3 +139,50 @@ def test_ledger_size_out_of_range_is_refused_at_the_wire():
     for bad in (2**63, 2**64, -1):
         with pytest.raises(ValidationError, match="ledger_records"):
             AttestResponse.model_validate({**base, "ledger_records": bad})
+
+
+def test_an_attestation_round_trip_maps_every_reply_to_an_answer_or_a_reason(monkeypatch):
+    """send_challenges: one attestation query per challenge, and for each reply (in the order
+    the Grid returns them) the typed answer, the site's error, or why it is unreadable."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from cleanroom.protocol.flower import (
+        ATTEST_MESSAGE_TYPE,
+        attest_content,
+        read_challenge,
+        send_challenges,
+    )
+    from cleanroom.protocol.wire import AttestChallenge, AttestResponse
+    from tests import fakes
+
+    plan = fakes.plan()
+    challenges = {n: AttestChallenge(run_id="run", round=3, nonce=bytes([n]) * 32,
+                                     coordinator_public_key=bytes(32), model_digest="0" * 64,
+                                     plan=plan, issued_at=1.0) for n in (1, 2, 3)}
+    response = AttestResponse(site="alpha", run_id="run", round=3, nonce=bytes([1]) * 32)
+
+    def reply(node_id, content=None, error=None):
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id),
+                               has_error=lambda: error is not None, content=content,
+                               error=SimpleNamespace(reason=error))
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            self.sent, self.timeout = list(messages), timeout
+            return iter([reply(3, RecordDict()), reply(1, attest_content(response, b"ev")),
+                         reply(2, error="<class 'x.RuntimeError'>:<'boom'>")])
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # the ServerApp's run, as on a Grid
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 11)
+    grid = Grid()
+    answers = send_challenges(grid, challenges, group_id="3", timeout=9.0)
+    assert [(m.metadata.dst_node_id, m.metadata.message_type, m.metadata.group_id)
+            for m in grid.sent] == [(n, ATTEST_MESSAGE_TYPE, "3") for n in (1, 2, 3)]
+    assert read_challenge(grid.sent[1].content) == challenges[2] and grid.timeout == 9.0
+    assert answers == [(3, "protocol: message has no cleanroom.attest record"),
+                       (1, (response, b"ev", b"")), (2, "site error: RuntimeError: boom")]
+    assert send_challenges(None, {}, group_id="3", timeout=9.0) == []  # nothing sent

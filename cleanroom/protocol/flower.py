@@ -27,6 +27,8 @@ nothing. Layout of every message the protocol sends:
 
 from __future__ import annotations
 
+import io
+import math
 import re
 import time
 from collections import OrderedDict
@@ -98,11 +100,57 @@ def _config(content: RecordDict, name: str) -> ConfigRecord:
 
 
 def arrays_to_numpy(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """Writable copies of a record's arrays (Flower's ``Array.numpy``)."""
     return OrderedDict((k, v.numpy()) for k, v in record.items())
 
 
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of a Flower ``Array``'s ``.npy`` bytes: no copy (``numpy()``
+    copies the whole array, a model-sized buffer each time the coordinator looks at a
+    record). A Fortran-order array is copied (``numpy()``); a header that disagrees with
+    the Array's own dtype and shape, or an object array, is refused."""
+    if array.stype != "numpy.ndarray":
+        raise ProtocolError(f"array of serialisation type {array.stype!r}, expect numpy")
+    try:
+        head = io.BytesIO(array.data)  # shares the bytes until written to
+        version = np.lib.format.read_magic(head)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(head)
+        if dtype.hasobject or str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+            raise ValueError(f"header {dtype}{tuple(shape)} (fortran {fortran}) for an "
+                             f"array of {array.dtype}{tuple(array.shape)}")
+        if fortran:
+            return array.numpy()
+        view = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape),
+                             offset=head.tell())
+    except ValueError as exc:
+        raise ProtocolError(f"malformed array: {exc}") from None
+    return view.reshape(shape)
+
+
+def arrays_view(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """:func:`array_view` of every array of ``record`` (read-only, no copies)."""
+    return OrderedDict((k, array_view(v)) for k, v in record.items())
+
+
+def to_array(value: np.ndarray) -> Array:
+    """A Flower ``Array`` holding exactly the bytes ``np.save`` would write, built with one
+    copy (``Array(ndarray)`` goes through a growing ``BytesIO``: up to three)."""
+    value = np.asarray(value)
+    value = value if value.flags.c_contiguous else np.ascontiguousarray(value).reshape(
+        value.shape)  # (ascontiguousarray alone makes a 0-d array 1-d)
+    if value.dtype.hasobject:
+        raise ProtocolError("object arrays are not model parameters")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(value))
+    data = b"".join((head.getvalue(), memoryview(value).cast("B") if value.size else b""))
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray",
+                 data=data)
+
+
 def numpy_to_arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+    return ArrayRecord(OrderedDict((k, to_array(v)) for k, v in arrays.items()))
 
 
 def single_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
@@ -313,9 +361,12 @@ def synthetic_reply(content: RecordDict, message_type: str, src_node_id: int = 0
     return Message(content=content, metadata=metadata)
 
 
-def plain_train_reply(arrays: OrderedDict[str, np.ndarray], report: TrainReport) -> RecordDict:
-    return RecordDict({ARRAYS_RECORD: numpy_to_arrays(arrays),
-                       METRICS_RECORD: train_metrics(report)})
+def plain_train_reply(arrays: OrderedDict[str, np.ndarray] | ArrayRecord,
+                      report: TrainReport) -> RecordDict:
+    """A train reply as a plain Flower ClientApp sends it (``arrays``: numpy, or a record
+    already built)."""
+    record = arrays if isinstance(arrays, ArrayRecord) else numpy_to_arrays(arrays)
+    return RecordDict({ARRAYS_RECORD: record, METRICS_RECORD: train_metrics(report)})
 
 
 def plain_evaluate_reply(report: EvaluateReport) -> RecordDict:

@@ -301,8 +301,11 @@ class ConfidentialStrategy(Strategy):
             self._secagg.unmask()
         if round_.aggregator is not None:
             released = updates.aggregate if self._secagg is None else round_.aggregate()
-            del updates  # the release's arrays are handed on below, not kept twice
-            arrays, metrics = self._released(server_round, released)
+            del updates
+            # the release's numpy arrays go into Flower's record and are dropped at once
+            record = numpy_to_arrays(released.arrays) if released.arrays is not None else None
+            released = replace(released, arrays=None)
+            arrays, metrics = self._released(server_round, record, released)
         else:
             plain = []
             for reply, opened in zip(kept, updates.opened, strict=True):
@@ -319,23 +322,19 @@ class ConfidentialStrategy(Strategy):
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
 
-    def _released(self, server_round: int, result: Any,
+    def _released(self, server_round: int, record: ArrayRecord | None, result: Any,
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregator's release (an ``Aggregate``) for the inner strategy: its robust
-        output as is, or the mean of the accepted updates as one reply the inner strategy
-        aggregates (its server step, e.g. FedAdam's, applies to it). The release's numpy
-        arrays are dropped as soon as they are in Flower's record (one model copy less)."""
-        if result.arrays is None:
+        """The aggregator's release (``record``, and the rest of its ``Aggregate``) for the
+        inner strategy: its robust output as is, or the mean of the accepted updates as one
+        reply the inner strategy aggregates (its server step, e.g. FedAdam's, applies)."""
+        if record is None:
             return None, None
-        record = numpy_to_arrays(result.arrays)
-        result = replace(result, arrays=None)
         if self._inside:
             return record, None
         report = TrainReport(num_examples=max(1, result.total_examples),
                              steps=self.plan.local_steps, train_loss=result.train_loss)
-        reply = synthetic_reply(plain_train_reply(record, report), "train")
-        del record
-        return self.inner.aggregate_train(server_round, [reply])
+        return self.inner.aggregate_train(
+            server_round, [synthetic_reply(plain_train_reply(record, report), "train")])
 
     @property
     def _inside(self) -> bool:

@@ -303,8 +303,10 @@ class ConfidentialStrategy(Strategy):
             released = updates.aggregate if self._secagg is None else round_.aggregate()
             del updates
             # the release's numpy arrays go into Flower's record and are dropped at once
-            record = numpy_to_arrays(released.arrays) if released.arrays is not None else None
-            released = replace(released, arrays=None)
+            record = None
+            if released.arrays is not None:
+                record = numpy_to_arrays(released.arrays)
+                released = replace(released, arrays=None)
             arrays, metrics = self._released(server_round, record, released)
         else:
             plain = []

@@ -60,13 +60,15 @@ def _rss() -> int:
 def flower_step(task: str, rounds: int, strategy: str | None) -> dict[str, Any]:
     """Peak RSS growth of the inner Flower strategy's server loop alone (this process):
     the global record, ``configure_train``, one averaged reply per round, ``aggregate_train``
-    (what the coordinator hands its inner strategy), with no cleanroom code in the loop."""
+    and the result cast back to the model's float32: what the coordinator hands its inner
+    strategy and keeps of it, with records built as the coordinator builds them (one copy)
+    and nothing else of the coordinator in the loop."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from cleanroom.coordinator.strategies import build_strategy
-    from cleanroom.protocol.flower import synthetic_reply
+    from cleanroom.protocol.flower import array_view, synthetic_reply, to_array
     from cleanroom.simulations.engine import load_simulation_task
     from cleanroom.task import build_task_model
 
@@ -90,18 +92,21 @@ def flower_step(task: str, rounds: int, strategy: str | None) -> dict[str, Any]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # a run context
     inner = build_strategy(name, min_nodes=1)
     baseline = _rss()
-    arrays = ArrayRecord({f"p{i}": Array(np.zeros(shape, np.float32))
+    arrays = ArrayRecord({f"p{i}": to_array(np.zeros(shape, np.float32))
                           for i, shape in enumerate(shapes)})
     for server_round in range(1, rounds + 1):
         list(inner.configure_train(server_round, arrays, ConfigRecord(), OneNode()))
-        mean = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
+        mean = ArrayRecord({k: to_array(array_view(v) + np.float32(0.01))
+                            for k, v in arrays.items()})
         reply = synthetic_reply(RecordDict({"arrays": mean, "metrics": MetricRecord(
             {"num-examples": 100})}), "train")
         del mean
         new, _ = inner.aggregate_train(server_round, [reply])
         del reply
-        if new is not None:
-            arrays = new
+        if new is not None:  # back to the model's float32, as the coordinator does
+            arrays = ArrayRecord({k: to_array(array_view(v).astype(np.float32))
+                                  for k, v in new.items()})
+            del new
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"strategy": name, "grown": peak - baseline}
 

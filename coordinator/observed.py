@@ -16,13 +16,13 @@ from pydantic import ValidationError
 
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.protocol.arrays import arrays_digest
-from cleanroom.protocol.flower import DP_STEPS, TRAIN_LOSS, arrays_view
+from cleanroom.protocol.flower import DP_STEPS, TRAIN_LOSS, arrays_view, records_of
 from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
 
 
 def _values(reply: Message) -> dict[str, float]:
     out: dict[str, float] = {}
-    for metrics in reply.content.metric_records.values():
+    for metrics in records_of(reply.content, MetricRecord).values():
         out.update({k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
                     if isinstance(v, (int, float))})
     return out

@@ -63,6 +63,7 @@ from cleanroom.protocol.flower import (
     REFUSAL_RECORD,
     arrays_view,
     challenge_content,
+    drop_content,
     error_reason,
     has_attest,
     instruction_content,
@@ -295,6 +296,8 @@ class ConfidentialStrategy(Strategy):
                 if round_.aggregator is None:
                     kept.append(reply)
                 yield reply.metadata.src_node_id, train_reply(reply)
+                if round_.aggregator is not None:
+                    drop_content(reply)  # handed on: its ciphertext must not wait for the GC
 
         updates = round_.updates(parsed(), self._global, release=self._secagg is None)
         if self._secagg is not None:
@@ -335,8 +338,10 @@ class ConfidentialStrategy(Strategy):
             return record, None
         report = TrainReport(num_examples=max(1, result.total_examples),
                              steps=self.plan.local_steps, train_loss=result.train_loss)
-        return self.inner.aggregate_train(
-            server_round, [synthetic_reply(plain_train_reply(record, report), "train")])
+        reply = synthetic_reply(plain_train_reply(record, report), "train")
+        arrays, metrics = self.inner.aggregate_train(server_round, [reply])
+        drop_content(reply, keep=arrays)  # Flower's views of it would keep it until a GC pass
+        return arrays, metrics
 
     @property
     def _inside(self) -> bool:

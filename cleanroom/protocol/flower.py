@@ -33,6 +33,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -93,10 +94,21 @@ def _parse(model: type[BaseModel], text: object, what: str) -> BaseModel:
 
 
 def _config(content: RecordDict, name: str) -> ConfigRecord:
-    record = content.config_records.get(name)
+    record = records_of(content, ConfigRecord).get(name)
     if record is None:
         raise ProtocolError(f"message has no {name} record")
     return record
+
+
+_R = TypeVar("_R", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def records_of(content: RecordDict, kind: type[_R]) -> dict[str, _R]:
+    """``content``'s records of type ``kind``, as a plain dict. Not Flower's
+    ``RecordDict.config_records`` (and ``array_records``, ``metric_records``): the view it
+    builds references itself, a reference cycle that keeps the message's every record, a
+    model-sized payload included, until a full pass of the cyclic garbage collector."""
+    return {key: value for key, value in content.items() if isinstance(value, kind)}
 
 
 def arrays_to_numpy(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
@@ -155,7 +167,7 @@ def numpy_to_arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
 
 def single_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
     """The parameters of a message that must carry exactly one ArrayRecord."""
-    records = list(content.array_records.values())
+    records = list(records_of(content, ArrayRecord).values())
     if len(records) != 1:
         raise ProtocolError(f"expected exactly one ArrayRecord, found {len(records)}")
     return arrays_to_numpy(records[0])
@@ -178,7 +190,7 @@ def read_challenge(content: RecordDict) -> AttestChallenge:
 
 
 def has_challenge(content: RecordDict) -> bool:
-    return CHALLENGE_RECORD in content.config_records
+    return CHALLENGE_RECORD in records_of(content, ConfigRecord)
 
 
 def attest_record(response: AttestResponse, evidence: bytes = b"",
@@ -193,7 +205,7 @@ def attest_content(response: AttestResponse, evidence: bytes = b"",
 
 
 def has_attest(content: RecordDict) -> bool:
-    return ATTEST_RECORD in content.config_records
+    return ATTEST_RECORD in records_of(content, ConfigRecord)
 
 
 def read_attest(content: RecordDict) -> tuple[AttestResponse, bytes, bytes]:
@@ -254,7 +266,7 @@ def instruction_content(sealed: Sealed, strategy_content: RecordDict,
 
 def read_aggregator(content: RecordDict) -> tuple[bytes, bytes] | None:
     """The aggregator enclave's (evidence, endorsement) of an instruction; None if absent."""
-    record = content.config_records.get(AGGREGATOR_RECORD)
+    record = records_of(content, ConfigRecord).get(AGGREGATOR_RECORD)
     if record is None:
         return None
     evidence, endorsement = record.get("evidence", b""), record.get("endorsement", b"")
@@ -276,7 +288,7 @@ def secagg_content(stage: str, message: bytes) -> RecordDict:
 
 def read_secagg(content: RecordDict) -> tuple[str, bytes] | None:
     """The secure-aggregation (stage, message) a message carries; None if none."""
-    record = content.config_records.get(SECAGG_RECORD)
+    record = records_of(content, ConfigRecord).get(SECAGG_RECORD)
     if record is None:
         return None
     stage, message = record.get("stage"), record.get("message")
@@ -304,7 +316,7 @@ def error_reason(reply: Message) -> str:
 
 def read_refusal(content: RecordDict) -> Refusal | None:
     """The typed refusal a reply carries (None if it carries none)."""
-    record = content.config_records.get(REFUSAL_RECORD)
+    record = records_of(content, ConfigRecord).get(REFUSAL_RECORD)
     if record is None:
         return None
     return _parse(Refusal, record.get("refusal"), "refusal")  # type: ignore[return-value]
@@ -312,7 +324,7 @@ def read_refusal(content: RecordDict) -> Refusal | None:
 
 def strategy_config(content: RecordDict) -> ConfigRecord:
     """The wrapped strategy's per-round ConfigRecord of an instruction (empty if none)."""
-    for key, record in content.config_records.items():
+    for key, record in records_of(content, ConfigRecord).items():
         if not key.startswith("cleanroom."):
             return record
     return ConfigRecord()
@@ -350,6 +362,22 @@ def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
     """Defined metrics only (a MetricRecord holds numbers), with the count Flower weights by."""
     return MetricRecord({NUM_EXAMPLES: report.num_examples,  # type: ignore[arg-type]
                          **{k: v for k, v in report.metrics.items() if v is not None}})
+
+
+def drop_content(message: Message, *, keep: object = None) -> None:
+    """Empty ``message``'s records once they have been handed on (``keep``: a record that
+    must survive, e.g. one a strategy returned as its result). A record that Flower's
+    ``RecordDict.config_records`` or ``array_records`` has viewed (Flower's strategies do)
+    is held by a reference cycle until a full pass of the cyclic garbage collector, which is
+    rare: emptied here, its model-sized payload is freed at once."""
+    if not message.has_content():
+        return
+    content = message.content
+    for key in list(content.keys()):
+        record = content[key]
+        del content[key]
+        if record is not keep:
+            record.clear()
 
 
 def synthetic_reply(content: RecordDict, message_type: str, src_node_id: int = 0) -> Message:

@@ -74,3 +74,67 @@ def test_an_object_array_is_never_written():
     with pytest.raises(ProtocolError, match="object arrays"):
         to_array(np.array([{"a": 1}], dtype=object))
     assert isinstance(numpy_to_arrays({"x": np.zeros(2)}), ArrayRecord)
+
+
+def test_a_handed_on_reply_frees_its_payload_without_the_garbage_collector():
+    """Reading a Flower RecordDict's ``config_records`` (Flower's strategies do) puts it in
+    a reference cycle: without ``drop_content`` the payload lives until a full GC pass (one
+    model per site per round); our own readers no longer make that cycle."""
+    import gc
+    import weakref
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from cleanroom.protocol.flower import drop_content
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    data = message_to_proto(Message(RecordDict({"r": ConfigRecord({"parts": [b"x" * 100]})}),
+                                    5, "train", group_id="1")).SerializeToString()
+
+    def received() -> tuple[Message, weakref.ref]:
+        proto = ProtoMessage()
+        proto.ParseFromString(data)
+        message = message_from_proto(proto)
+        assert message.content.config_records["r"]["parts"]  # Flower's own view
+        return message, weakref.ref(message.content["r"])
+
+    gc.disable()
+    try:
+        message, record = received()
+        del message
+        assert record() is not None  # the cycle keeps it (what drop_content is for)
+        message, record = received()
+        drop_content(message)
+        assert not message.content.keys() and (record() is None or not record().keys())
+    finally:
+        gc.enable()
+
+
+def test_our_readers_leave_no_reference_cycle():
+    """``records_of`` (every reader in protocol/flower.py) is a plain dict: the message is
+    freed by reference counting alone."""
+    import gc
+    import weakref
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from cleanroom.protocol.flower import records_of
+
+    gc.disable()
+    try:
+        content = RecordDict({"r": ConfigRecord({"parts": [b"x" * 100]})})
+        record = weakref.ref(content["r"])
+        assert list(records_of(content, ConfigRecord)) == ["r"]
+        del content
+        assert record() is None
+        content = RecordDict({"r": ConfigRecord({"parts": [b"x" * 100]})})
+        record = weakref.ref(content["r"])
+        assert "r" in content.config_records  # Flower's view: the cycle
+        del content
+        assert record() is not None
+    finally:
+        gc.enable()
+        gc.collect()

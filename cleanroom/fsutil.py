@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -20,20 +22,33 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write-to-temp, fsync, rename, fsync the folder: the file is old or new, never torn."""
+    atomic_write_with(path, lambda fh: fh.write(data), mode, digest=False)
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o600, *,
+                      digest: bool = True) -> str | None:
+    """:func:`atomic_write` of what ``write(fh)`` writes (seeking allowed), without the whole
+    content as one bytes object in memory; returns the written file's SHA-256 (read back
+    from the file, in chunks) when ``digest``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    sha256 = None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "w+b") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+            if digest:
+                fh.seek(0)
+                sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return sha256
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -39,8 +39,12 @@ import numpy as np
 
 from cleanroom.bounds import update_bound
 from cleanroom.coordinator.validation import (
+    CHUNK,
+    add_scaled,
     check_train_report,
+    scaled,
     site_update_bound,
+    update_norm,
     validate_update,
 )
 from cleanroom.errors import CleanroomError, UpdateRejected
@@ -159,6 +163,7 @@ class _RoundState:
     layout: Any = None  # how the flat secagg vector maps back to named arrays
     clip: float = 0.0
     failure: str | None = None
+    released: bool = False  # the running sums were consumed by the release
 
 
 class AggregatorCore:
@@ -223,6 +228,8 @@ class AggregatorCore:
             return Verdict(False, f"update rejected: {site} was not admitted this round")
         if site in state.accepted:
             return Verdict(False, f"update rejected: {site} already sent its update")
+        if state.released:
+            return Verdict(False, f"update rejected: round {round}'s aggregate was released")
         context = EnvelopeContext("update", state.run_id, state.round, site, state.model_digest)
         if state.mode == "secagg":
             return self._submit_masked(state, slot, sealed, context)
@@ -400,22 +407,18 @@ class AggregatorCore:
                                                       update.items()), report))
             return
         if self.central_dp is not None:  # clip the delta (user-level sensitivity)
-            deltas = {k: np.asarray(update[k], np.float64) - state.model[k] for k in state.model}
-            norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+            norm = update_norm(update, state.model)
             scale = min(1.0, self.central_dp.clip / norm) if norm > 0 else 1.0
-            for k, d in deltas.items():
-                acc = state.clipped.get(k)
-                state.clipped[k] = d * scale if acc is None else acc + d * scale
+            for k, base in state.model.items():
+                acc = state.clipped.setdefault(k, np.zeros(base.shape, np.float64))
+                add_scaled(acc, update[k], scale)
+                add_scaled(acc, base, -scale)
             state.weight += 1
             return
         weight = report.num_examples
-        for name, value in update.items():
-            term = np.asarray(value, np.float64) * weight
-            acc = state.total.get(name)
-            if acc is None:
-                state.total[name] = term
-            else:
-                acc += term
+        for name, value in update.items():  # chunked: no parameter-sized float64 temporary
+            acc = state.total.setdefault(name, np.zeros(np.shape(value), np.float64))
+            add_scaled(acc, value, weight)
         state.weight += weight
 
     def aggregate(self, round: int) -> Aggregate:
@@ -432,10 +435,13 @@ class AggregatorCore:
                 f"at least {MIN_RELEASE}") if sites else None)
         if state.mode == "collect":
             return self._robust(state)
+        if state.released:
+            raise CleanroomError(f"the aggregate of round {round} was already released")
+        state.released = True  # the sums are freed as the release is written
         if self.central_dp is not None:
             return self._central(state)
-        arrays = OrderedDict((k, (state.total[k] / max(1, state.weight)).astype(
-            state.model[k].dtype)) for k in state.model)
+        arrays = OrderedDict((k, scaled(state.total.pop(k), 1.0 / max(1, state.weight),
+                                        state.model[k].dtype)) for k in state.model)
         return Aggregate(arrays, state.examples, sites, train_loss=self._loss(state))
 
     @staticmethod
@@ -449,8 +455,14 @@ class AggregatorCore:
         rng = np.random.default_rng()  # OS entropy: the noise must be unpredictable
         arrays = OrderedDict()
         for k, base in state.model.items():
-            noise = rng.normal(0.0, dp.noise_multiplier * dp.clip, size=base.shape)
-            arrays[k] = (base + (state.clipped[k] + noise) / n).astype(base.dtype)
+            clipped = state.clipped.pop(k).reshape(-1)
+            out = np.empty(base.shape, base.dtype)
+            flat, src = out.reshape(-1), base.reshape(-1)
+            for lo in range(0, flat.size, CHUNK):  # chunked: no parameter-sized temporaries
+                part = clipped[lo:lo + CHUNK]
+                noise = rng.normal(0.0, dp.noise_multiplier * dp.clip, size=part.size)
+                flat[lo:lo + CHUNK] = src[lo:lo + CHUNK] + (part + noise) / n
+            arrays[k] = out
         self._central_steps += 1
         return Aggregate(arrays, state.examples, tuple(state.accepted),
                          central_epsilon=self.central_epsilon(), train_loss=self._loss(state))

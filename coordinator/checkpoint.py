@@ -26,7 +26,7 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from cleanroom.errors import CleanroomError
-from cleanroom.fsutil import atomic_write
+from cleanroom.fsutil import atomic_write, atomic_write_with
 from cleanroom.protocol.arrays import arrays_digest
 
 CHECKPOINT_NPZ = "checkpoint.npz"
@@ -85,16 +85,14 @@ def restore_strategy_state(inner: Strategy, state: dict[str, Any]) -> None:
         setattr(inner, name, _decode_state(value))
 
 
-def _npz_bytes(ckpt: Checkpoint) -> bytes:
+def _npz_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in ckpt.model.items()}
     for name, value in ckpt.state.items():
         if isinstance(value, dict):
             arrays.update({f"state/{name}/{k}": v for k, v in value.items()})
         else:
             arrays[f"state/{name}"] = value
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+    return arrays
 
 
 def append_round(directory: Path, entry: dict[str, Any]) -> None:
@@ -131,14 +129,15 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> str:
     """Write ``ckpt`` crash-safe into ``directory``; returns the npz's SHA-256. The report
     entries of the rounds so far are in ``rounds.jsonl`` (:func:`append_round`), of which
     the checkpoint names how many belong to it."""
-    data = _npz_bytes(ckpt)
-    digest = hashlib.sha256(data).hexdigest()
     directory = Path(directory)
     if (directory / CHECKPOINT_JSON).exists():  # keep the last one: a crash between this
         for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):  # write and the round's receipt
             if (directory / name).exists():  # leaves the receipted one to resume from
                 os.replace(directory / name, directory / (name + PREVIOUS))
-    atomic_write(Path(directory) / CHECKPOINT_NPZ, data)
+    # streamed into the file (a bytes object of it would be the model and the strategy's
+    # state again, up to three times while it grew)
+    digest = atomic_write_with(directory / CHECKPOINT_NPZ,
+                               lambda fh: np.savez(fh, **_npz_arrays(ckpt)))
     atomic_write(Path(directory) / CHECKPOINT_JSON, json.dumps({
         "format": "cleanroom-fl/checkpoint/v1", "run_id": ckpt.run_id, "round": ckpt.round,
         "rounds": ckpt.rounds, "npz_sha256": digest, "report_rounds": ckpt.round,

@@ -16,13 +16,13 @@ from pydantic import ValidationError
 
 from cleanroom.coordinator.records import RoundRecord, SiteRound
 from cleanroom.protocol.arrays import arrays_digest
-from cleanroom.protocol.flower import DP_STEPS, TRAIN_LOSS, arrays_to_numpy
+from cleanroom.protocol.flower import DP_STEPS, TRAIN_LOSS, arrays_view, records_of
 from cleanroom.protocol.reports import NUM_EXAMPLES, EvaluateReport, TrainReport
 
 
 def _values(reply: Message) -> dict[str, float]:
     out: dict[str, float] = {}
-    for metrics in reply.content.metric_records.values():
+    for metrics in records_of(reply.content, MetricRecord).values():
         out.update({k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
                     if isinstance(v, (int, float))})
     return out
@@ -61,7 +61,7 @@ class ObservedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._current = RoundRecord(round=server_round, run_id=str(grid.run.run_id),
-                                    model_digest=arrays_digest(arrays_to_numpy(arrays)))
+                                    model_digest=arrays_digest(arrays_view(arrays)))
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],

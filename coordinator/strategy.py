@@ -42,6 +42,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -60,8 +61,9 @@ from cleanroom.protocol.flower import (
     ATTEST_RECORD,
     ENVELOPE_RECORD,
     REFUSAL_RECORD,
-    arrays_to_numpy,
+    arrays_view,
     attest_answer,
+    drop_content,
     error_reason,
     has_attest,
     instruction_content,
@@ -73,6 +75,7 @@ from cleanroom.protocol.flower import (
     read_reply,
     send_challenges,
     synthetic_reply,
+    to_array,
 )
 from cleanroom.protocol.payload import encode_model
 from cleanroom.protocol.reports import EvaluateReport, TrainReport
@@ -240,7 +243,7 @@ class ConfidentialStrategy(Strategy):
     # ------------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = arrays_to_numpy(arrays)
+        self._global = arrays_view(arrays)  # read-only views of Flower's bytes: no copy
         self.model_after_round = self._global  # replaced by the aggregate, if any
         encoded = encode_model(self._global)  # encoded and hashed once for the round
         digest = encoded.digest
@@ -279,42 +282,52 @@ class ConfidentialStrategy(Strategy):
                 if round_.aggregator is None:
                     kept.append(reply)
                 yield reply.metadata.src_node_id, train_reply(reply)
+                if round_.aggregator is not None:
+                    drop_content(reply)  # handed on: its ciphertext must not wait for the GC
 
         updates = round_.updates(parsed(), self._global, release=self._secagg is None)
         if self._secagg is not None:
             self._secagg.unmask()
         if round_.aggregator is not None:
             released = updates.aggregate if self._secagg is None else round_.aggregate()
-            arrays, metrics = self._released(server_round, released)
+            del updates
+            # the release's numpy arrays go into Flower's record and are dropped at once
+            record = None
+            if released.arrays is not None:
+                record = numpy_to_arrays(released.arrays)
+                released = replace(released, arrays=None)
+            arrays, metrics = self._released(server_round, record, released)
         else:
             plain = []
             for reply, opened in zip(kept, updates.opened, strict=True):
                 if opened is not None:
                     reply.content = plain_train_reply(*opened)
                     plain.append(reply)
+            del updates, kept
             arrays, metrics = (self.inner.aggregate_train(server_round, plain) if plain
                                else (None, None))
         aggregate = None
         if arrays is not None:
-            aggregate = self._keep_schema(arrays)
+            aggregate, arrays = self._keep_schema(arrays)
             self.model_after_round = aggregate
-            arrays = numpy_to_arrays(aggregate)
         round_.end_training(arrays_digest(aggregate) if aggregate is not None else None)
         return arrays, metrics
 
-    def _released(self, server_round: int, result: Any,
+    def _released(self, server_round: int, record: ArrayRecord | None, result: Any,
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregator's release (an ``Aggregate``) for the inner strategy: its robust
-        output as is, or the mean of the accepted updates as one reply the inner strategy
-        aggregates (its server step, e.g. FedAdam's, applies to it)."""
-        if result.arrays is None:
+        """The aggregator's release (``record``, and the rest of its ``Aggregate``) for the
+        inner strategy: its robust output as is, or the mean of the accepted updates as one
+        reply the inner strategy aggregates (its server step, e.g. FedAdam's, applies)."""
+        if record is None:
             return None, None
         if self._inside:
-            return numpy_to_arrays(result.arrays), None
+            return record, None
         report = TrainReport(num_examples=max(1, result.total_examples),
                              steps=self.plan.local_steps, train_loss=result.train_loss)
-        return self.inner.aggregate_train(
-            server_round, [synthetic_reply(plain_train_reply(result.arrays, report), "train")])
+        reply = synthetic_reply(plain_train_reply(record, report), "train")
+        arrays, metrics = self.inner.aggregate_train(server_round, [reply])
+        drop_content(reply, keep=arrays)  # Flower's views of it would keep it until a GC pass
+        return arrays, metrics
 
     @property
     def _inside(self) -> bool:
@@ -323,15 +336,22 @@ class ConfidentialStrategy(Strategy):
 
         return not aggregates_by_sum(self.inner)
 
-    def _keep_schema(self, arrays: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    def _keep_schema(self, arrays: ArrayRecord,
+                     ) -> tuple[OrderedDict[str, np.ndarray], ArrayRecord]:
         """Keep the model's parameter dtypes: server optimisers (FedAdam...) compute in
-        float64, but the sites' model (and its digest) is defined in the original dtypes."""
+        float64, but the sites' model (and its digest) is defined in the original dtypes.
+        Returns the aggregate (numpy) and the record for Flower: ``arrays`` itself, viewed
+        without a copy, when its dtypes already match."""
         assert self._global is not None
-        aggregated = arrays_to_numpy(arrays)
+        aggregated = arrays_view(arrays)
         if list(aggregated) != list(self._global):
             raise ProtocolError("the inner strategy changed the model's parameter names")
-        return OrderedDict((name, np.asarray(value).astype(self._global[name].dtype, copy=False))
-                           for name, value in aggregated.items())
+        if all(value.dtype == self._global[name].dtype for name, value in aggregated.items()):
+            return aggregated, arrays
+        record = ArrayRecord(OrderedDict(  # one parameter cast at a time
+            (name, to_array(value.astype(self._global[name].dtype)))
+            for name, value in aggregated.items()))
+        return arrays_view(record), record
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -351,7 +371,7 @@ class ConfidentialStrategy(Strategy):
             return []
         inner_msgs = self.inner.configure_evaluate(server_round, arrays, config,
                                                    AttestedGrid(grid, round_.admitted))
-        numpy = arrays_to_numpy(arrays)
+        numpy = arrays_view(arrays)
         model = encode_model(numpy)
         self._eval_digest = model.digest
         if self.piggyback and server_round < self.plan.rounds:

@@ -10,13 +10,47 @@ from cleanroom.errors import UpdateRejected
 from cleanroom.protocol.reports import TrainReport
 from cleanroom.protocol.wire import TrainPlan
 
+CHUNK = 1 << 18  # elements per step of the float64 arithmetic below (2 MiB of float64)
+
+
+def _chunks(size: int) -> range:
+    return range(0, size, CHUNK)
+
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``update - reference`` in float64, a bounded chunk at a time: no temporary
+    the size of a parameter (a 10M-parameter layer would need three of 80 MB)."""
     total = 0.0
     for name, ref in reference.items():
-        diff = np.asarray(update[name], dtype=np.float64) - np.asarray(ref, dtype=np.float64)
-        total += float(np.sum(diff * diff))
+        a = np.asarray(update[name]).reshape(-1)
+        b = np.asarray(ref).reshape(-1)
+        for lo in _chunks(a.size):
+            diff = a[lo:lo + CHUNK].astype(np.float64) - b[lo:lo + CHUNK]
+            total += float(np.dot(diff, diff))
     return float(np.sqrt(total))
+
+
+def all_finite(value: np.ndarray) -> bool:
+    """No NaN or infinity in ``value`` (chunked: no parameter-sized boolean temporary)."""
+    flat = np.asarray(value).reshape(-1)
+    return all(bool(np.isfinite(flat[lo:lo + CHUNK]).all()) for lo in _chunks(flat.size))
+
+
+def add_scaled(total: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """``total += value * weight`` with ``total`` float64, chunked (in place)."""
+    acc = total.reshape(-1)
+    flat = np.asarray(value).reshape(-1)
+    for lo in _chunks(flat.size):
+        acc[lo:lo + CHUNK] += flat[lo:lo + CHUNK].astype(np.float64) * weight
+
+
+def scaled(total: np.ndarray, factor: float, dtype: np.dtype) -> np.ndarray:
+    """``(total * factor).astype(dtype)`` written chunk by chunk into one new array."""
+    out = np.empty(total.shape, dtype)
+    src, dst = total.reshape(-1), out.reshape(-1)
+    for lo in _chunks(src.size):
+        dst[lo:lo + CHUNK] = src[lo:lo + CHUNK] * factor
+    return out
 
 
 def validate_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *,
@@ -37,7 +71,7 @@ def validate_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np
         if value.dtype != np.asarray(ref).dtype:
             raise UpdateRejected(f"parameter {name}: dtype {value.dtype}, expect "
                                  f"{np.asarray(ref).dtype}")
-        if not np.all(np.isfinite(value)):
+        if not all_finite(value):
             raise UpdateRejected(f"parameter {name}: contains NaN or infinite values")
     norm = update_norm(update, reference)
     if norm > max_norm:

@@ -23,6 +23,7 @@ from cleanroom.protocol.flower import (
     TRAIN_LOSS,
     evaluate_metrics,
     numpy_to_arrays,
+    records_of,
     single_arrays,
 )
 from cleanroom.protocol.reports import NUM_EXAMPLES
@@ -59,7 +60,7 @@ def make_client_app(runtime_for: Callable[[Context], SiteRuntime], *, confidenti
     def train(msg: Message, ctx: Context) -> Message:
         plan, settings = plain()
         runtime = runtime_for(ctx)
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = records_of(msg.content, ConfigRecord).get("config", ConfigRecord())
         server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
         outcome = trainer.train(runtime, plan, single_arrays(msg.content), settings,
                                 round_seed(runtime.config.seed, server_round), dict(config))

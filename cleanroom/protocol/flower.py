@@ -27,11 +27,13 @@ nothing. Layout of every message the protocol sends:
 
 from __future__ import annotations
 
+import io
+import math
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -98,23 +100,80 @@ def _parse(model: type[BaseModel], text: object, what: str) -> BaseModel:
 
 
 def _config(content: RecordDict, name: str) -> ConfigRecord:
-    record = content.config_records.get(name)
+    record = records_of(content, ConfigRecord).get(name)
     if record is None:
         raise ProtocolError(f"message has no {name} record")
     return record
 
 
+_R = TypeVar("_R", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def records_of(content: RecordDict, kind: type[_R]) -> dict[str, _R]:
+    """``content``'s records of type ``kind``, as a plain dict. Not Flower's
+    ``RecordDict.config_records`` (and ``array_records``, ``metric_records``): the view it
+    builds references itself, a reference cycle that keeps the message's every record, a
+    model-sized payload included, until a full pass of the cyclic garbage collector."""
+    return {key: value for key, value in content.items() if isinstance(value, kind)}
+
+
 def arrays_to_numpy(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """Writable copies of a record's arrays (Flower's ``Array.numpy``)."""
     return OrderedDict((k, v.numpy()) for k, v in record.items())
 
 
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of a Flower ``Array``'s ``.npy`` bytes: no copy (``numpy()``
+    copies the whole array, a model-sized buffer each time the coordinator looks at a
+    record). A Fortran-order array is copied (``numpy()``); a header that disagrees with
+    the Array's own dtype and shape, or an object array, is refused."""
+    if array.stype != "numpy.ndarray":
+        raise ProtocolError(f"array of serialisation type {array.stype!r}, expect numpy")
+    try:
+        head = io.BytesIO(array.data)  # shares the bytes until written to
+        version = np.lib.format.read_magic(head)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(head)
+        if dtype.hasobject or str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+            raise ValueError(f"header {dtype}{tuple(shape)} (fortran {fortran}) for an "
+                             f"array of {array.dtype}{tuple(array.shape)}")
+        if fortran:
+            return array.numpy()
+        view = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape),
+                             offset=head.tell())
+    except ValueError as exc:
+        raise ProtocolError(f"malformed array: {exc}") from None
+    return view.reshape(shape)
+
+
+def arrays_view(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """:func:`array_view` of every array of ``record`` (read-only, no copies)."""
+    return OrderedDict((k, array_view(v)) for k, v in record.items())
+
+
+def to_array(value: np.ndarray) -> Array:
+    """A Flower ``Array`` holding exactly the bytes ``np.save`` would write, built with one
+    copy (``Array(ndarray)`` goes through a growing ``BytesIO``: up to three)."""
+    value = np.asarray(value)
+    value = value if value.flags.c_contiguous else np.ascontiguousarray(value).reshape(
+        value.shape)  # (ascontiguousarray alone makes a 0-d array 1-d)
+    if value.dtype.hasobject:
+        raise ProtocolError("object arrays are not model parameters")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(value))
+    data = b"".join((head.getvalue(), memoryview(value).cast("B") if value.size else b""))
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray",
+                 data=data)
+
+
 def numpy_to_arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+    return ArrayRecord(OrderedDict((k, to_array(v)) for k, v in arrays.items()))
 
 
 def single_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
     """The parameters of a message that must carry exactly one ArrayRecord."""
-    records = list(content.array_records.values())
+    records = list(records_of(content, ArrayRecord).values())
     if len(records) != 1:
         raise ProtocolError(f"expected exactly one ArrayRecord, found {len(records)}")
     return arrays_to_numpy(records[0])
@@ -137,7 +196,7 @@ def read_challenge(content: RecordDict) -> AttestChallenge:
 
 
 def has_challenge(content: RecordDict) -> bool:
-    return CHALLENGE_RECORD in content.config_records
+    return CHALLENGE_RECORD in records_of(content, ConfigRecord)
 
 
 def attest_record(response: AttestResponse, evidence: bytes = b"",
@@ -152,7 +211,7 @@ def attest_content(response: AttestResponse, evidence: bytes = b"",
 
 
 def has_attest(content: RecordDict) -> bool:
-    return ATTEST_RECORD in content.config_records
+    return ATTEST_RECORD in records_of(content, ConfigRecord)
 
 
 def read_attest(content: RecordDict) -> tuple[AttestResponse, bytes, bytes]:
@@ -233,7 +292,7 @@ def instruction_content(sealed: Sealed, strategy_content: RecordDict,
 
 def read_aggregator(content: RecordDict) -> tuple[bytes, bytes] | None:
     """The aggregator enclave's (evidence, endorsement) of an instruction; None if absent."""
-    record = content.config_records.get(AGGREGATOR_RECORD)
+    record = records_of(content, ConfigRecord).get(AGGREGATOR_RECORD)
     if record is None:
         return None
     evidence, endorsement = record.get("evidence", b""), record.get("endorsement", b"")
@@ -255,7 +314,7 @@ def secagg_content(stage: str, message: bytes) -> RecordDict:
 
 def read_secagg(content: RecordDict) -> tuple[str, bytes] | None:
     """The secure-aggregation (stage, message) a message carries; None if none."""
-    record = content.config_records.get(SECAGG_RECORD)
+    record = records_of(content, ConfigRecord).get(SECAGG_RECORD)
     if record is None:
         return None
     stage, message = record.get("stage"), record.get("message")
@@ -283,7 +342,7 @@ def error_reason(reply: Message) -> str:
 
 def read_refusal(content: RecordDict) -> Refusal | None:
     """The typed refusal a reply carries (None if it carries none)."""
-    record = content.config_records.get(REFUSAL_RECORD)
+    record = records_of(content, ConfigRecord).get(REFUSAL_RECORD)
     if record is None:
         return None
     return _parse(Refusal, record.get("refusal"), "refusal")  # type: ignore[return-value]
@@ -291,7 +350,7 @@ def read_refusal(content: RecordDict) -> Refusal | None:
 
 def strategy_config(content: RecordDict) -> ConfigRecord:
     """The wrapped strategy's per-round ConfigRecord of an instruction (empty if none)."""
-    for key, record in content.config_records.items():
+    for key, record in records_of(content, ConfigRecord).items():
         if not key.startswith("cleanroom."):
             return record
     return ConfigRecord()
@@ -331,6 +390,22 @@ def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
                          **{k: v for k, v in report.metrics.items() if v is not None}})
 
 
+def drop_content(message: Message, *, keep: object = None) -> None:
+    """Empty ``message``'s records once they have been handed on (``keep``: a record that
+    must survive, e.g. one a strategy returned as its result). A record that Flower's
+    ``RecordDict.config_records`` or ``array_records`` has viewed (Flower's strategies do)
+    is held by a reference cycle until a full pass of the cyclic garbage collector, which is
+    rare: emptied here, its model-sized payload is freed at once."""
+    if not message.has_content():
+        return
+    content = message.content
+    for key in list(content.keys()):
+        record = content[key]
+        del content[key]
+        if record is not keep:
+            record.clear()
+
+
 def synthetic_reply(content: RecordDict, message_type: str, src_node_id: int = 0) -> Message:
     """A reply no node sent: what an aggregator releases, handed to a Flower strategy's
     ``aggregate_*`` as if one node had answered (no run context needed)."""
@@ -340,9 +415,12 @@ def synthetic_reply(content: RecordDict, message_type: str, src_node_id: int = 0
     return Message(content=content, metadata=metadata)
 
 
-def plain_train_reply(arrays: OrderedDict[str, np.ndarray], report: TrainReport) -> RecordDict:
-    return RecordDict({ARRAYS_RECORD: numpy_to_arrays(arrays),
-                       METRICS_RECORD: train_metrics(report)})
+def plain_train_reply(arrays: OrderedDict[str, np.ndarray] | ArrayRecord,
+                      report: TrainReport) -> RecordDict:
+    """A train reply as a plain Flower ClientApp sends it (``arrays``: numpy, or a record
+    already built)."""
+    record = arrays if isinstance(arrays, ArrayRecord) else numpy_to_arrays(arrays)
+    return RecordDict({ARRAYS_RECORD: record, METRICS_RECORD: train_metrics(report)})
 
 
 def plain_evaluate_reply(report: EvaluateReport) -> RecordDict:

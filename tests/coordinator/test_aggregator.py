@@ -297,6 +297,31 @@ def test_the_core_releases_the_weighted_mean_only(tmp_path, sim_root_dir, model)
         core.aggregate(1)
 
 
+def test_the_weighted_mean_is_released_once_and_chunked(tmp_path, sim_root_dir, model,
+                                                        monkeypatch):
+    """The running sums are folded and released a few elements at a time (no parameter-sized
+    float64 temporaries; here 5-element chunks), freed by the release: a second release and
+    an update after it are refused."""
+    from cleanroom.coordinator import validation
+
+    monkeypatch.setattr(validation, "CHUNK", 5)
+    core = _core(tmp_path, sim_root_dir)
+    core.begin_round("run-1", 1, model, arrays_digest(model))
+    a = OrderedDict((k, v + 0.01) for k, v in model.items())
+    b = OrderedDict((k, v - 0.03) for k, v in model.items())
+    assert core.submit_update(1, "alpha", _sealed_update(core, a, 100, "alpha")).accepted
+    late = _sealed_update(core, b, 300, "gamma")
+    assert core.submit_update(1, "beta", _sealed_update(core, b, 300, "beta")).accepted
+    result = core.aggregate(1)
+    for k in model:
+        assert result.arrays[k].dtype == model[k].dtype
+        np.testing.assert_allclose(result.arrays[k], (a[k] * 100 + b[k] * 300) / 400,
+                                   rtol=1e-6)
+    with pytest.raises(CleanroomError, match="already released"):
+        core.aggregate(1)
+    assert "was released" in core.submit_update(1, "gamma", late).reason
+
+
 def test_the_core_refuses_unadmitted_duplicate_and_foreign_updates(tmp_path, sim_root_dir,
                                                                     model):
     core = _core(tmp_path, sim_root_dir)
@@ -336,9 +361,39 @@ def test_central_dp_adds_noise_and_accounts_for_it(tmp_path, sim_root_dir, model
         result = core.aggregate(rnd)
         delta = np.concatenate([(result.arrays[k] - model[k]).ravel() for k in model])
         assert not np.allclose(delta, 0.1 / np.sqrt(delta.size))  # noise, not just the clip
+
         epsilons.append(result.central_epsilon)
         core.end_round(rnd)
     assert 0 < epsilons[0] < epsilons[1]
+
+
+def test_central_dp_clips_each_delta_chunk_by_chunk(tmp_path, sim_root_dir, model,
+                                                    monkeypatch):
+    """With the noise drawn as zeros, the release is exactly the mean of the clipped deltas:
+    the clip is applied over the whole update although it is folded 3 elements at a time."""
+    from cleanroom.coordinator import aggregator as aggregator_module
+    from cleanroom.coordinator import validation
+
+    class ZeroNoise:
+        def normal(self, loc, scale, size):
+            assert scale == pytest.approx(0.1)  # multiplier x clip
+            return np.zeros(size)
+
+    monkeypatch.setattr(validation, "CHUNK", 3)
+    monkeypatch.setattr(aggregator_module, "CHUNK", 3)
+    monkeypatch.setattr(aggregator_module.np.random, "default_rng", lambda: ZeroNoise())
+    core = _core(tmp_path, sim_root_dir,
+                 central_dp=CentralDp(noise_multiplier=1.0, clip=0.1, delta=1e-5))
+    core.begin_round("run-1", 1, model, arrays_digest(model))
+    size = sum(v.size for v in model.values())
+    steps = {"alpha": 0.05, "beta": 0.001}  # alpha's delta is clipped, beta's is not
+    for site, step in steps.items():
+        moved = OrderedDict((k, v + np.float32(step)) for k, v in model.items())
+        assert core.submit_update(1, site, _sealed_update(core, moved, 100, site)).accepted
+    result = core.aggregate(1)
+    expect = (0.1 / np.sqrt(size) + 0.001) / 2
+    for k in model:
+        np.testing.assert_allclose(result.arrays[k] - model[k], expect, atol=2e-6)
 
 
 def test_robust_strategies_aggregate_inside(tmp_path, sim_root_dir, model):

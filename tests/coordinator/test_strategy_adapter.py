@@ -179,3 +179,27 @@ def test_train_replies_reach_the_round_one_at_a_time(tmp_path, sim_root, monkeyp
     strategy._global = {"w": np.zeros(3, dtype=np.float32)}  # type: ignore[assignment]
     assert strategy.aggregate_train(1, replies()) == (None, None)
     assert seen == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_the_aggregate_keeps_the_models_dtypes_without_extra_copies():
+    """The inner strategy's record is used as is (read as views, not copied) when its dtypes
+    are the model's; a float64 server step (FedAdam's) is cast back to float32; renamed
+    parameters are refused."""
+    import numpy as np
+
+    from cleanroom.errors import ProtocolError
+
+    strategy = ConfidentialStrategy(FedAvg(), gate=object(), plan=fakes.plan(rounds=1))
+    strategy._global = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    same = numpy_to_arrays({"w": np.ones((2, 3), np.float32), "b": np.full(3, 2, np.float32)})
+    aggregate, record = strategy._keep_schema(same)
+    assert record is same
+    assert np.shares_memory(aggregate["w"], np.frombuffer(same["w"].data, np.uint8))
+    wide = numpy_to_arrays({"w": np.full((2, 3), 0.5), "b": np.full(3, 1.5)})
+    aggregate, record = strategy._keep_schema(wide)
+    assert record is not wide
+    assert {k: (v.dtype, v.shape) for k, v in aggregate.items()} == \
+        {"w": (np.float32, (2, 3)), "b": (np.float32, (3,))}
+    assert record["w"].dtype == "float32" and float(aggregate["b"][0]) == 1.5
+    with pytest.raises(ProtocolError, match="parameter names"):
+        strategy._keep_schema(numpy_to_arrays({"x": np.zeros(3, np.float32)}))

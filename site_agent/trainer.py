@@ -12,11 +12,14 @@ Under DP the trainer does not trust task code to keep examples apart:
 * per-example gradients are computed by the trainer with ``torch.func``: ``vmap`` over
   ``grad`` of the task's loss on ONE example at a time (model and loss see a batch of one), so
   neither the model's forward nor the loss can couple examples (the structural property
-  DP-SGD's per-example clipping needs); Opacus's :class:`DPOptimizer` then clips, adds noise
-  and scales, exactly as with a :class:`GradSampleModule`. A batch is processed in chunks of
-  at most :data:`PER_EXAMPLE_BYTES` of per-example gradients (Opacus accumulates the clipped
-  sum across chunks, as with its ``BatchMemoryManager``), so memory does not grow with
-  batch size x model size;
+  DP-SGD's per-example clipping needs). The trainer clips them itself, once (Opacus's
+  formula, as its ``clip_and_accumulate`` would: each example's whole gradient scaled to
+  L2 norm at most the clip, summed), and hands a copy of the clipped sum to Opacus's
+  :class:`DPOptimizer`, which adds the noise and scales (its ``add_noise`` and
+  ``scale_grad``, as in ``pre_step``). A batch is processed in chunks of at most
+  :data:`PER_EXAMPLE_BYTES` of per-example gradients (the clipped sum accumulates across
+  chunks, as with Opacus's ``BatchMemoryManager``), so memory does not grow with batch size
+  x model size;
 * before training, the loss is checked on a probe batch of the site's rows: it must return
   per-example values of shape ``(n,)`` and be DECOMPOSABLE (each example's loss computed alone,
   and with one other example dropped, equals its value in the batch). A loss coupling the
@@ -25,13 +28,16 @@ Under DP the trainer does not trust task code to keep examples apart:
   names the module);
 * after every step the trainer re-checks what task code could reach: the optimiser's noise
   multiplier, clip, expected batch size, generator and hyper-parameters; that the noise
-  generator advanced by exactly one step's draws; that the noisy gradient equals an
-  independent recomputation (own clipping, noise regenerated from the generator's saved state
-  with ``torch._C`` primitives); that no parameter or buffer changed while task code ran;
-  and that the optimiser's update equals an independent recomputation of the step (plain SGD
-  in the parameter's dtype within 4 roundings; momentum and Adam from float64 state). Any difference
-  is refused (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise
-  and clipping) are put back.
+  generator advanced by exactly one step's draws; that the noisy gradient equals the
+  site's clipped sum plus the noise regenerated with ``torch._C`` primitives by the guard's
+  own generator, which follows the site's draw for draw from its seed (a generator
+  re-seeded or advanced by task code gives other noise: refused); that no parameter or buffer
+  changed while task code ran; and that the parameters after the optimiser's step equal an
+  independent recomputation of the step from the parameters at the START of the step (plain
+  SGD in the parameter's dtype within 4 roundings; momentum and Adam from float64 state), so
+  a parameter moved anywhere in the step is refused too. Any difference is refused
+  (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise and
+  clipping) are put back.
 
 Limits: task code runs in this process; these checks make the listed attacks fail loudly but
 do not sandbox arbitrary Python. What keeps unreviewed code out is approval of the task digest

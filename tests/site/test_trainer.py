@@ -288,12 +288,13 @@ def test_noise_is_really_added_under_dp(heart: LoadedTask, cleveland: TaskData) 
 def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
         heart: LoadedTask, kw: dict[str, object]) -> None:
     """_Guard.check_update: the optimiser's own step passes (three steps, so momentum and
-    Adam state matter); the same step with one element moved by 0.1 % of its own step is
-    refused, and so are a step made with a 1 % larger learning rate and a NaN element."""
+    Adam state matter), and so does one element a rounding away from it; the same step with
+    one element moved by 0.1 % of its own step is refused, and so are a step made with a 1 %
+    larger learning rate and a NaN element."""
     from cleanroom.site_agent.trainer import _Guard, _make_optimizer
 
     settings = _settings(**kw)
-    for tamper in (None, "element", "lr", "nan"):
+    for tamper in (None, "ulp", "element", "lr", "nan"):
         torch.manual_seed(1)
         model = torch.nn.Linear(300, 40)
         params = list(model.parameters())
@@ -309,6 +310,10 @@ def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
                 with torch.no_grad():
                     step_7 = float(params[0].view(-1)[7] - start[0].view(-1)[7])
                     params[0].view(-1)[7] += 1e-3 * abs(step_7)
+            if step == 2 and tamper == "ulp":  # one rounding off: not bitwise, accepted
+                with torch.no_grad():
+                    x = params[0].view(-1)[7]
+                    params[0].view(-1)[7] = torch.nextafter(x, x + 1)
             if step == 2 and tamper == "nan":
                 with torch.no_grad():
                     params[0].view(-1)[7] = float("nan")
@@ -316,7 +321,7 @@ def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
                 with torch.no_grad():
                     for p, p0 in zip(params, start, strict=True):
                         p.copy_(p0 + (p - p0) * 1.01)
-            if step == 2 and tamper is not None:
+            if step == 2 and tamper not in (None, "ulp"):
                 with pytest.raises(TaskError, match="update differs") as info:
                     guard.check_update(start, grads)
                 assert info.value.code == "task-tampered"

@@ -1,8 +1,8 @@
 """``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
 NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, trust, crypto, fuzz,
-codeshape, or all.
-``all`` runs the timing benchmarks; ``fuzz`` (minutes per target) and ``codeshape`` (function and
+codeshape, trainer, or all.
+``all`` runs the timing benchmarks; ``fuzz`` (minutes per target), ``codeshape`` (function and
 class sizes, no timing) run only when named.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 TIMING = ("attestation", "rounds", "memory", "scale", "accuracy", "deployment", "secagg",
           "trust", "crypto")
-ON_DEMAND = ("fuzz", "codeshape")
+ON_DEMAND = ("fuzz", "codeshape", "trainer")
 
 
 def main() -> int:

@@ -54,11 +54,41 @@ def _chunk_rows(model: torch.nn.Module) -> int:
     return max(1, CHUNK_BYTES // per_row)
 
 
-def client_app(task: Any, partitions: int, settings: PlainSettings) -> ClientApp:
-    """The plain ClientApp: Opacus DP-SGD on the site's rows, evaluation on its test rows."""
+def opacus_train(task: Any, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                 settings: PlainSettings, seed: int) -> None:
+    """One round of Opacus DP-SGD of ``model`` (in place) on the rows ``x, y``."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    net = GradSampleModule(model, loss_reduction="sum")
+    base = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    n = len(x)
+    opt = DPOptimizer(base, noise_multiplier=settings.noise_multiplier,
+                      max_grad_norm=settings.max_grad_norm,
+                      expected_batch_size=settings.sample_rate * n,  # type: ignore[arg-type]
+                      loss_reduction="mean", generator=torch.Generator().manual_seed(seed))
+    sampler = torch.Generator().manual_seed(seed ^ 0x5EED)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    chunk = _chunk_rows(model)
+    net.train()
+    for _ in range(settings.local_steps):
+        mask = torch.rand(n, generator=sampler) < settings.sample_rate
+        xb, yb = xt[mask], yt[mask]
+        opt.zero_grad(set_to_none=True)
+        starts = list(range(0, len(xb), chunk)) or [0]
+        for i, lo in enumerate(starts):
+            xc = xb[lo:lo + chunk].detach().requires_grad_(True)
+            task.loss(net(xc), yb[lo:lo + chunk]).sum().backward()
+            last = i == len(starts) - 1
+            opt.signal_skip_step(do_skip=not last)
+            opt.step()
+            if not last:
+                opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
+    net._close()
+
+
+def client_app(task: Any, partitions: int, settings: PlainSettings) -> ClientApp:
+    """The plain ClientApp: Opacus DP-SGD on the site's rows, evaluation on its test rows."""
     app = ClientApp()
     data: dict[int, tuple[np.ndarray, ...]] = {}
 
@@ -78,36 +108,12 @@ def client_app(task: Any, partitions: int, settings: PlainSettings) -> ClientApp
         x, y, _, _ = rows(ctx)
         rnd = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
         model = model_of(msg)
-        net = GradSampleModule(model, loss_reduction="sum")
         seed = int(ctx.node_config["partition-id"]) * 1_000_003 + rnd  # type: ignore[operator]
-        base = torch.optim.SGD(model.parameters(), lr=settings.lr)
-        n = len(x)
-        opt = DPOptimizer(base, noise_multiplier=settings.noise_multiplier,
-                          max_grad_norm=settings.max_grad_norm,
-                          expected_batch_size=settings.sample_rate * n,  # type: ignore[arg-type]
-                          loss_reduction="mean",
-                          generator=torch.Generator().manual_seed(seed))
-        sampler = torch.Generator().manual_seed(seed ^ 0x5EED)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        chunk = _chunk_rows(model)
-        net.train()
-        for _ in range(settings.local_steps):
-            mask = torch.rand(n, generator=sampler) < settings.sample_rate
-            xb, yb = xt[mask], yt[mask]
-            opt.zero_grad(set_to_none=True)
-            starts = list(range(0, len(xb), chunk)) or [0]
-            for i, lo in enumerate(starts):
-                xc = xb[lo:lo + chunk].detach().requires_grad_(True)
-                task.loss(net(xc), yb[lo:lo + chunk]).sum().backward()
-                last = i == len(starts) - 1
-                opt.signal_skip_step(do_skip=not last)
-                opt.step()
-                if not last:
-                    opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
-        net._close()
+        opacus_train(task, model, x, y, settings, seed)
         arrays = ArrayRecord(model.state_dict())
         return Message(RecordDict({"arrays": arrays,
-                                   "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
+                                   "metrics": MetricRecord({"num-examples": len(x)})}),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, ctx: Context) -> Message:

@@ -12,11 +12,14 @@ Under DP the trainer does not trust task code to keep examples apart:
 * per-example gradients are computed by the trainer with ``torch.func``: ``vmap`` over
   ``grad`` of the task's loss on ONE example at a time (model and loss see a batch of one), so
   neither the model's forward nor the loss can couple examples (the structural property
-  DP-SGD's per-example clipping needs); Opacus's :class:`DPOptimizer` then clips, adds noise
-  and scales, exactly as with a :class:`GradSampleModule`. A batch is processed in chunks of
-  at most :data:`PER_EXAMPLE_BYTES` of per-example gradients (Opacus accumulates the clipped
-  sum across chunks, as with its ``BatchMemoryManager``), so memory does not grow with
-  batch size x model size;
+  DP-SGD's per-example clipping needs). The trainer clips them itself, once (Opacus's
+  formula, as its ``clip_and_accumulate`` would: each example's whole gradient scaled to
+  L2 norm at most the clip, summed), and hands a copy of the clipped sum to Opacus's
+  :class:`DPOptimizer`, which adds the noise and scales (its ``add_noise`` and
+  ``scale_grad``, as in ``pre_step``). A batch is processed in chunks of at most
+  :data:`PER_EXAMPLE_BYTES` of per-example gradients (the clipped sum accumulates across
+  chunks, as with Opacus's ``BatchMemoryManager``), so memory does not grow with batch size
+  x model size;
 * before training, the loss is checked on a probe batch of the site's rows: it must return
   per-example values of shape ``(n,)`` and be DECOMPOSABLE (each example's loss computed alone,
   and with one other example dropped, equals its value in the batch). A loss coupling the
@@ -25,13 +28,16 @@ Under DP the trainer does not trust task code to keep examples apart:
   names the module);
 * after every step the trainer re-checks what task code could reach: the optimiser's noise
   multiplier, clip, expected batch size, generator and hyper-parameters; that the noise
-  generator advanced by exactly one step's draws; that the noisy gradient equals an
-  independent recomputation (own clipping, noise regenerated from the generator's saved state
-  with ``torch._C`` primitives); that no parameter or buffer changed while task code ran;
-  and that the optimiser's update equals an independent recomputation of the step (plain SGD
-  in the parameter's dtype within 4 roundings; momentum and Adam from float64 state). Any difference
-  is refused (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise
-  and clipping) are put back.
+  generator advanced by exactly one step's draws; that the noisy gradient equals the
+  site's clipped sum plus the noise regenerated with ``torch._C`` primitives by the guard's
+  own generator, which follows the site's draw for draw from its seed (a generator
+  re-seeded or advanced by task code gives other noise: refused); that no parameter or buffer
+  changed while task code ran; and that the parameters after the optimiser's step equal an
+  independent recomputation of the step from the parameters at the START of the step (plain
+  SGD in the parameter's dtype within 4 roundings; momentum and Adam from float64 state), so
+  a parameter moved anywhere in the step is refused too. Any difference is refused
+  (``task-tampered``); functions a task replaced (``torch.normal``, Opacus's noise and
+  clipping) are put back.
 
 Limits: task code runs in this process; these checks make the listed attacks fail loudly but
 do not sandbox arbitrary Python. What keeps unreviewed code out is approval of the task digest
@@ -274,6 +280,15 @@ class _Guard:
         self.adam_v = [torch.zeros_like(p, dtype=torch.float64) if adam else None
                        for p in params]
         self.clipped: list[torch.Tensor | None] = [None] * len(params)
+        self.replay: torch.Generator | None = None
+        if dp is not None:
+            self.replay = torch.Generator()
+            self.replay.set_state(dp.generator.get_state())
+        # where the trainable parameters sit in state() (parameters first, then buffers)
+        everything = list(model.parameters())
+        self.trainable_at = [next(j for j, q in enumerate(everything) if q is p) for p in params]
+        self.fixed_at = [j for j in range(len(everything) + len(list(model.buffers())))
+                         if j not in self.trainable_at]
 
     def refuse(self, detail: str) -> TaskError:
         for hooks, keep in zip(self.global_hooks, self.global_hook_keys, strict=True):
@@ -287,12 +302,21 @@ class _Guard:
     def state(self) -> list[torch.Tensor]:
         return [t.detach().clone() for t in (*self.model.parameters(), *self.model.buffers())]
 
-    def unchanged(self, before: list[torch.Tensor], what: str) -> None:
+    def unchanged(self, before: list[torch.Tensor], what: str, *,
+                  fixed_only: bool = False) -> None:
+        """The model's parameters and buffers are still ``before`` (a :meth:`state`);
+        ``fixed_only``: only the ones the optimiser does not train."""
         after = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
-        if len(after) != len(before) or any(
-                a.shape != b.shape or not torch.equal(a, b) for a, b in zip(after, before,
-                                                                            strict=True)):
+        if len(after) != len(before):
             raise self.refuse(f"{what} changed the model's parameters or buffers")
+        pairs = zip(after, before, strict=True) if not fixed_only else \
+            ((after[j], before[j]) for j in self.fixed_at)
+        if any(a.shape != b.shape or not torch.equal(a, b) for a, b in pairs):
+            raise self.refuse(f"{what} changed the model's parameters or buffers")
+
+    def trainable(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The trainable parameters' entries of a :meth:`state`."""
+        return [state[j] for j in self.trainable_at]
 
     def check_setup(self) -> None:
         """Functions, optimiser hyper-parameters and DP settings are still the site's."""
@@ -332,8 +356,13 @@ class _Guard:
             raise self.refuse(f"the DP optimiser's {', '.join(bad)} changed")
 
     def accumulate(self, per_example: list[torch.Tensor]) -> None:
-        """Add one chunk's clipped per-example gradients to the site's own clipped sum (the
-        recomputation :meth:`check_noisy_grad` compares Opacus's result with)."""
+        """Clip one chunk's per-example gradients and add them to the site's clipped sum.
+
+        This is the step's only clipping (Opacus's formula: factor ``min(1, C / (norm +
+        1e-6))`` of each example's whole-gradient L2 norm, sum by ``einsum``): Opacus's
+        ``clip_and_accumulate`` is not called, it gets a copy of this sum to add noise to
+        (:meth:`hand_to_opacus`), and :meth:`check_noisy_grad` compares its result with this
+        sum plus the regenerated noise."""
         assert self.dp is not None
         n = int(per_example[0].shape[0]) if per_example else 0
         if not n:
@@ -346,28 +375,37 @@ class _Guard:
             self.clipped[i] = summed if self.clipped[i] is None else \
                 self.clipped[i].add_(summed)  # type: ignore[union-attr]
 
-    def check_noisy_grad(self, gen_state: torch.Tensor) -> None:
-        """p.grad after Opacus's pre_step == (sum of clipped per-example grads + noise) / (q n),
-        recomputed here (the clipped sum from :meth:`accumulate`) with the noise regenerated
-        from the generator's saved state."""
-        assert self.dp is not None
+    def hand_to_opacus(self) -> None:
+        """Give Opacus a COPY of the site's clipped sum as ``summed_grad`` (a copy: its noise
+        step, or code replacing it, must not reach the sum the check compares with)."""
+        for i, p in enumerate(self.params):
+            summed = self.clipped[i]
+            p.summed_grad = torch.zeros_like(p) if summed is None else summed.clone()
+            # scale_grad reads the number of accumulated batches off grad_sample (a tensor:
+            # one batch); the per-example gradients themselves are no longer needed
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+
+    def check_noisy_grad(self) -> None:
+        """p.grad after Opacus's noise and scaling == (the site's clipped sum + noise) / (q n),
+        the noise regenerated by the guard's own generator, which follows the site's noise
+        generator draw for draw from its seed (a generator re-seeded or advanced by task
+        code between steps gives other noise than the guard's: refused)."""
+        assert self.dp is not None and self.replay is not None
         s = self.dp
-        replay = torch.Generator()
-        replay.set_state(gen_state)
         std = s.noise_multiplier * s.max_grad_norm
         for i, p in enumerate(self.params):
             summed = self.clipped[i]
             self.clipped[i] = None
             if summed is None:
                 summed = torch.zeros_like(p)
-            noise = _NORMAL(0.0, std, p.shape, generator=replay) if std > 0 else \
+            noise = _NORMAL(0.0, std, p.shape, generator=self.replay) if std > 0 else \
                 torch.zeros_like(p)
             expected = summed.add_(noise).div_(s.expected_batch)
             del noise
             if p.grad is None or not _within(p.grad, expected):
                 raise self.refuse("the noisy gradient differs from the site's recomputation "
                                   "(noise or clipping was altered)")
-        if not torch.equal(replay.get_state(), s.generator.get_state()):
+        if not torch.equal(self.replay.get_state(), s.generator.get_state()):
             raise self.refuse("the noise generator was used outside the site's noise step")
 
     def check_update(self, before: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -402,10 +440,15 @@ class _Guard:
         st = self.settings
         if st.optimizer == "sgd" and not st.momentum:
             expected = torch.add(p0, g, alpha=-st.lr)
-            err = p.sub(expected).abs_()
+            if torch.equal(p, expected):  # torch's CPU SGD step is this very kernel call
+                return True
+            # else |p - e| <= k eps (|p0| + |e|) + tiny, elementwise, in three temporaries;
+            # max(err - tol) <= 0 is all(err <= tol) (float subtraction keeps the sign; a NaN
+            # anywhere makes the max NaN: refused)
             info = torch.finfo(p.dtype)
-            tol = p0.abs().add_(expected.abs()).mul_(SGD_ROUNDINGS * info.eps).add_(info.tiny)
-            return bool((err <= tol).all())
+            err = torch.sub(p, expected).abs_()
+            tol = expected.abs_().add_(p0.abs()).mul_(SGD_ROUNDINGS * info.eps).add_(info.tiny)
+            return bool(err.sub_(tol).amax() <= 0)
         if st.optimizer == "sgd":
             buf = self.sgd_buf[i]
             g64 = buf.reshape(-1)[part] if st.momentum and buf is not None else \
@@ -429,10 +472,17 @@ def _same(a: object, b: object) -> bool:
 
 
 def _within(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Every element of ``actual`` within ``CHECK_RTOL * max(max |expected|, 1e-3)`` of
+    ``expected`` (a NaN or infinity on either side fails: its difference is NaN). One
+    temporary and two reductions: ``max |d| <= tol`` is ``all(|d| <= tol)``."""
     if actual.shape != expected.shape:
         return False
-    tol = CHECK_RTOL * expected.abs().max().clamp(min=1e-3)
-    return bool(((actual.detach() - expected).abs() <= tol).all())
+    if not expected.numel():
+        return True
+    low, high = torch.aminmax(expected)
+    tol = CHECK_RTOL * torch.maximum(low.abs(), high.abs()).clamp(min=1e-3)
+    diff = torch.sub(actual.detach(), expected).abs_()
+    return bool(diff.amax() <= tol)
 
 
 # --------------------------------------------------------------------------- training
@@ -468,15 +518,13 @@ def _per_example_grads(task: Task, model: nn.Module, xb: torch.Tensor, yb: torch
 
 
 def _dp_grads(task: Task, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
-              params: list[nn.Parameter], dp_opt: DPOptimizer, guard: _Guard,
-              before: list[torch.Tensor], chunk: int) -> torch.Tensor:
-    """One DP step's per-example gradients, ``chunk`` rows at a time: every chunk but the
-    last is clipped and summed by Opacus here (and by the guard, independently), the last is
-    left in ``grad_sample`` for ``pre_step``. Returns the per-example losses."""
+              params: list[nn.Parameter], guard: _Guard, before: list[torch.Tensor],
+              chunk: int) -> torch.Tensor:
+    """One DP step's per-example gradients, ``chunk`` rows at a time, each chunk clipped and
+    summed by the guard as soon as it is computed (the per-example gradients of one chunk
+    at a time in memory). Returns the per-example losses."""
     b = int(xb.shape[0])
     if not b:
-        for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         guard.check_setup()
         return torch.zeros(0)
     losses = []
@@ -486,14 +534,8 @@ def _dp_grads(task: Task, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
         losses.append(chunk_losses.detach())
         guard.unchanged(before, "the model or loss")
         guard.check_setup()
-        guard.accumulate(grads)
-        for p, g in zip(params, grads, strict=True):
-            p.grad_sample = g.detach()
+        guard.accumulate([g.detach() for g in grads])
         del grads
-        if lo + chunk < b:
-            dp_opt.clip_and_accumulate()
-            for p in params:
-                p.grad_sample = None
     return torch.cat(losses)
 
 
@@ -573,11 +615,13 @@ def _train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], dat
             (dp_opt or base_opt).zero_grad(set_to_none=True)
             before = guard.state()
             if dp_opt is not None:
-                losses = _dp_grads(task, model, xb, yb, params, dp_opt, guard, before, chunk)
-                gen_state = dp_state.generator.get_state()  # type: ignore[union-attr]
-                if not dp_opt.pre_step():  # clips and adds the last chunk, noise, scale
-                    raise RuntimeError("Opacus skipped a step")
-                guard.check_noisy_grad(gen_state)
+                losses = _dp_grads(task, model, xb, yb, params, guard, before, chunk)
+                # Opacus's pre_step without its clipping (the guard's sum is the clipped
+                # one; no skipped step and no step hook: check_setup): noise, then scale
+                guard.hand_to_opacus()
+                dp_opt.add_noise()
+                dp_opt.scale_grad()
+                guard.check_noisy_grad()
             else:
                 if b:
                     out = _task_call(task, "model forward", lambda xb=xb: model(xb))
@@ -602,9 +646,12 @@ def _train_task(loaded: LoadedTask, global_params: Mapping[str, np.ndarray], dat
                 for p, p0 in zip(params, anchor, strict=True):
                     p.grad.add_(p.detach() - p0, alpha=settings.proximal_mu)  # type: ignore[union-attr]
             grads_used = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
-            start = [p.detach().clone() for p in params]
+            guard.check_setup()  # nothing but torch's own step runs from here
             base_opt.step()
-            guard.check_update(start, grads_used)
+            # the step is checked from the parameters at the START of the step (``before``):
+            # a parameter moved anywhere in the step, not only by the optimiser, is refused
+            guard.check_update(guard.trainable(before), grads_used)
+            guard.unchanged(before, "the step", fixed_only=True)
         guard.check_setup()
 
     steps = guard.steps

@@ -227,6 +227,9 @@ def _after_refusal_torch_is_sane() -> None:
     ("patch_at_import", True, "torch.normal"),
     ("swap_generator", True, "generator changed"),
     ("instance_add_noise", True, "noisy gradient differs"),
+    ("reseed_generator", True, "noisy gradient differs"),
+    ("noise_moves_param", True, "update differs"),
+    ("shrink_clipped_sum", True, "noisy gradient differs"),
     ("raise_lr", True, "lr was changed"),
     ("raise_lr", False, "lr was changed"),
     ("optimizer_hook", True, "hooks were added"),
@@ -285,12 +288,13 @@ def test_noise_is_really_added_under_dp(heart: LoadedTask, cleveland: TaskData) 
 def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
         heart: LoadedTask, kw: dict[str, object]) -> None:
     """_Guard.check_update: the optimiser's own step passes (three steps, so momentum and
-    Adam state matter); the same step with one element moved by 0.1 % of its own step is
-    refused, and so is a step made with a 1 % larger learning rate."""
+    Adam state matter), and so does one element a rounding away from it; the same step with
+    one element moved by 0.1 % of its own step is refused, and so are a step made with a 1 %
+    larger learning rate and a NaN element."""
     from cleanroom.site_agent.trainer import _Guard, _make_optimizer
 
     settings = _settings(**kw)
-    for tamper in (None, "element", "lr"):
+    for tamper in (None, "ulp", "element", "lr", "nan"):
         torch.manual_seed(1)
         model = torch.nn.Linear(300, 40)
         params = list(model.parameters())
@@ -306,13 +310,49 @@ def test_the_update_check_takes_the_honest_step_and_refuses_an_altered_one(
                 with torch.no_grad():
                     step_7 = float(params[0].view(-1)[7] - start[0].view(-1)[7])
                     params[0].view(-1)[7] += 1e-3 * abs(step_7)
+            if step == 2 and tamper == "ulp":  # one rounding off: not bitwise, accepted
+                with torch.no_grad():
+                    x = params[0].view(-1)[7]
+                    params[0].view(-1)[7] = torch.nextafter(x, x + 1)
+            if step == 2 and tamper == "nan":
+                with torch.no_grad():
+                    params[0].view(-1)[7] = float("nan")
             if step == 2 and tamper == "lr":
                 with torch.no_grad():
                     for p, p0 in zip(params, start, strict=True):
                         p.copy_(p0 + (p - p0) * 1.01)
-            if step == 2 and tamper is not None:
+            if step == 2 and tamper not in (None, "ulp"):
                 with pytest.raises(TaskError, match="update differs") as info:
                     guard.check_update(start, grads)
                 assert info.value.code == "task-tampered"
             else:
                 guard.check_update(start, grads)
+
+
+def test_the_noisy_gradient_comparison_refuses_any_element_off() -> None:
+    """_within (the noisy-gradient check's comparison, max |a - e| <= tol in one temporary):
+    equal and within-tolerance pass; one element past the tolerance, a NaN or an infinity on
+    either side, or another shape, are refused."""
+    from cleanroom.site_agent.trainer import CHECK_RTOL, _within
+
+    torch.manual_seed(0)
+    e = torch.randn(1000)
+    tol = CHECK_RTOL * float(e.abs().max())
+    assert _within(e.clone(), e)
+    near = e.clone()
+    near[3] += 0.5 * tol
+    assert _within(near, e)
+    assert _within(torch.zeros(0), torch.zeros(0))
+    for bad in ("far", "nan", "inf", "expected-nan", "shape"):
+        a, x = e.clone(), e.clone()
+        if bad == "far":
+            a[500] += 2 * tol
+        elif bad == "nan":
+            a[10] = float("nan")
+        elif bad == "inf":
+            a[10] = float("inf")
+        elif bad == "expected-nan":
+            x[10] = float("nan")
+        else:
+            a = a[:-1]
+        assert not _within(a, x), bad

@@ -167,10 +167,17 @@ def test_train_replies_reach_the_round_one_at_a_time(tmp_path, sim_root, monkeyp
         def end_training(self, digest):
             assert digest is None
 
+    sent = []
+
     def replies():
+        from flwr.app import RecordDict
+
         for node_id in (1, 2, 3):
             pulled.append(node_id)
-            yield SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id))
+            content = RecordDict({"cleanroom.envelope": ConfigRecord({"parts": [b"x" * 64]})})
+            sent.append(content)
+            yield SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id),
+                                  content=content, has_content=lambda: True)
 
     monkeypatch.setattr(strategy_mod, "train_reply", lambda reply: "parsed")
     strategy = ConfidentialStrategy(FedAvg(), gate=fakes.gate(tmp_path, sim_root, NAMES),
@@ -178,6 +185,8 @@ def test_train_replies_reach_the_round_one_at_a_time(tmp_path, sim_root, monkeyp
     strategy._round = Round()  # type: ignore[assignment]
     strategy._global = {"w": np.zeros(3, dtype=np.float32)}  # type: ignore[assignment]
     assert strategy.aggregate_train(1, replies()) == (None, None)
+    # each reply emptied once handed on (its payload must not wait for a GC pass)
+    assert [len(content.keys()) for content in sent] == [0, 0, 0]
     assert seen == [(1, 1), (2, 2), (3, 3)]
 
 

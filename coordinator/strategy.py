@@ -326,7 +326,9 @@ class ConfidentialStrategy(Strategy):
                              steps=self.plan.local_steps, train_loss=result.train_loss)
         reply = synthetic_reply(plain_train_reply(record, report), "train")
         arrays, metrics = self.inner.aggregate_train(server_round, [reply])
-        drop_content(reply, keep=arrays)  # Flower's views of it would keep it until a GC pass
+        # what the inner strategy returned is kept; the rest would wait for a GC pass (a
+        # Flower strategy views the reply through its self-referencing record views)
+        drop_content(reply, keep=(arrays, metrics))
         return arrays, metrics
 
     @property

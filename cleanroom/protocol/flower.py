@@ -390,19 +390,20 @@ def evaluate_metrics(report: EvaluateReport) -> MetricRecord:
                          **{k: v for k, v in report.metrics.items() if v is not None}})
 
 
-def drop_content(message: Message, *, keep: object = None) -> None:
-    """Empty ``message``'s records once they have been handed on (``keep``: a record that
-    must survive, e.g. one a strategy returned as its result). A record that Flower's
+def drop_content(message: Message, *, keep: Iterable[object] = ()) -> None:
+    """Empty ``message``'s records once they have been handed on (``keep``: records that
+    must survive, e.g. what a strategy returned as its result). A record that Flower's
     ``RecordDict.config_records`` or ``array_records`` has viewed (Flower's strategies do)
     is held by a reference cycle until a full pass of the cyclic garbage collector, which is
     rare: emptied here, its model-sized payload is freed at once."""
     if not message.has_content():
         return
     content = message.content
+    kept = [record for record in keep if record is not None]
     for key in list(content.keys()):
         record = content[key]
         del content[key]
-        if record is not keep:
+        if not any(record is other for other in kept):
             record.clear()
 
 

@@ -138,3 +138,15 @@ def test_our_readers_leave_no_reference_cycle():
     finally:
         gc.enable()
         gc.collect()
+
+
+def test_records_a_strategy_returned_are_kept():
+    from flwr.app import MetricRecord, RecordDict
+
+    from cleanroom.protocol.flower import drop_content, synthetic_reply
+
+    arrays = numpy_to_arrays({"w": np.ones(3, np.float32)})
+    metrics = MetricRecord({"loss": 0.5})
+    reply = synthetic_reply(RecordDict({"arrays": arrays, "metrics": metrics}), "train")
+    drop_content(reply, keep=(None, metrics))
+    assert not reply.content.keys() and not arrays.keys() and metrics["loss"] == 0.5

@@ -128,8 +128,9 @@ def _read_report(path: Path) -> dict[str, Any] | None:
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Status (the chain's signed ``run-end`` says completed, paused or failed; before it,
-    running or starting), rounds done and planned, the task's primary metric and its value."""
+    """Status (the chain's signed ``run-end`` says completed, paused or failed, once the
+    report is written: finishing until then; before it, running or starting), rounds done
+    and planned, the task's primary metric and its value."""
     from cleanroom.coordinator.report import primary_metric
 
     rounds = read_progress(run_dir)
@@ -141,7 +142,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
                                "rounds_planned": _planned_rounds(report, entries),
                                "protocol_run_id": _start_body(entries).get("run_id")}
     if end is not None and end.get("status") in ("completed", "paused", "failed"):
-        summary["status"] = end["status"]
+        # the chain's run-end is signed before the report (which names the chain's head) is
+        # written: until the report is there the run is finishing, so a client that sees
+        # "completed" always finds its report
+        summary["status"] = end["status"] if report is not None or \
+            end["status"] == "failed" else "finishing"
     else:
         summary["status"] = "running" if rounds else "starting"
     if report is not None:

@@ -275,10 +275,16 @@ async def test_receipts_and_sites(aiohttp_client, coordinator, fed):
     assert (await (await client.get("/runs/7", headers=auditor)).json())["status"] == "running"
     AuditLog(run / "audit.jsonl", load_signing_key(config.audit_key)).append(
         "run-end", {"status": "paused", "last_round": 2})
-    assert (await (await client.get("/runs/7", headers=auditor)).json())["status"] == "paused"
+    # the run-end is signed before the report is written: finishing until it is there
+    assert (await (await client.get("/runs/7", headers=auditor)).json())["status"] == \
+        "finishing"
     # a report being written (not JSON yet) does not break the listing
     (run / "report.json").write_text('{"rounds": [')
     assert (await client.get("/runs", headers=auditor)).status == 200
+    (run / "report.json").write_text(json.dumps({"rounds": [], "final": {}, "run_id": "7"}))
+    detail = await (await client.get("/runs/7", headers=auditor)).json()
+    assert detail["status"] == "paused" and detail["report"]["run_id"] == "7"
+    (run / "report.json").unlink()  # (the listing below reads the chain alone)
 
     # a torn or garbage tail is left out of the listing (the audit endpoint names it)
     with open(run / "audit.jsonl", "ab") as fh:

@@ -50,7 +50,7 @@
 
   function runRow(run, current) {
     const planned = run.rounds_planned || run.rounds_done || 1;
-    const statusKind = { completed: "ok", running: "info", paused: "warn", failed: "bad" };
+    const statusKind = { completed: "ok", running: "info", finishing: "info", paused: "warn", failed: "bad" };
     const last = run.last_round || {};
     const quarantined = Object.keys(last.quarantined || {});
     return h("tr", { "data-run": run.run_id, class: run.run_id === current ? "selected" : null },

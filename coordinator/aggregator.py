@@ -39,9 +39,9 @@ import numpy as np
 
 from cleanroom.bounds import update_bound
 from cleanroom.coordinator.validation import (
-    CHUNK,
     add_scaled,
     check_train_report,
+    chunks,
     scaled,
     site_update_bound,
     update_norm,
@@ -458,10 +458,10 @@ class AggregatorCore:
             clipped = state.clipped.pop(k).reshape(-1)
             out = np.empty(base.shape, base.dtype)
             flat, src = out.reshape(-1), base.reshape(-1)
-            for lo in range(0, flat.size, CHUNK):  # chunked: no parameter-sized temporaries
-                part = clipped[lo:lo + CHUNK]
-                noise = rng.normal(0.0, dp.noise_multiplier * dp.clip, size=part.size)
-                flat[lo:lo + CHUNK] = src[lo:lo + CHUNK] + (part + noise) / n
+            for part in chunks(flat.size):  # chunked: no parameter-sized temporaries
+                noise = rng.normal(0.0, dp.noise_multiplier * dp.clip,
+                                   size=part.stop - part.start)
+                flat[part] = src[part] + (clipped[part] + noise) / n
             arrays[k] = out
         self._central_steps += 1
         return Aggregate(arrays, state.examples, tuple(state.accepted),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -13,8 +13,10 @@ from cleanroom.protocol.wire import TrainPlan
 CHUNK = 1 << 18  # elements per step of the float64 arithmetic below (2 MiB of float64)
 
 
-def _chunks(size: int) -> range:
-    return range(0, size, CHUNK)
+def chunks(size: int) -> Iterator[slice]:
+    """Consecutive slices of at most :data:`CHUNK` elements covering ``range(size)``."""
+    for lo in range(0, size, CHUNK):
+        yield slice(lo, min(lo + CHUNK, size))
 
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
@@ -24,8 +26,8 @@ def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     for name, ref in reference.items():
         a = np.asarray(update[name]).reshape(-1)
         b = np.asarray(ref).reshape(-1)
-        for lo in _chunks(a.size):
-            diff = a[lo:lo + CHUNK].astype(np.float64) - b[lo:lo + CHUNK]
+        for part in chunks(a.size):
+            diff = a[part].astype(np.float64) - b[part]
             total += float(np.dot(diff, diff))
     return float(np.sqrt(total))
 
@@ -33,23 +35,23 @@ def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
 def all_finite(value: np.ndarray) -> bool:
     """No NaN or infinity in ``value`` (chunked: no parameter-sized boolean temporary)."""
     flat = np.asarray(value).reshape(-1)
-    return all(bool(np.isfinite(flat[lo:lo + CHUNK]).all()) for lo in _chunks(flat.size))
+    return all(bool(np.isfinite(flat[part]).all()) for part in chunks(flat.size))
 
 
 def add_scaled(total: np.ndarray, value: np.ndarray, weight: float) -> None:
     """``total += value * weight`` with ``total`` float64, chunked (in place)."""
     acc = total.reshape(-1)
     flat = np.asarray(value).reshape(-1)
-    for lo in _chunks(flat.size):
-        acc[lo:lo + CHUNK] += flat[lo:lo + CHUNK].astype(np.float64) * weight
+    for part in chunks(flat.size):
+        acc[part] += flat[part].astype(np.float64) * weight
 
 
 def scaled(total: np.ndarray, factor: float, dtype: np.dtype) -> np.ndarray:
     """``(total * factor).astype(dtype)`` written chunk by chunk into one new array."""
     out = np.empty(total.shape, dtype)
     src, dst = total.reshape(-1), out.reshape(-1)
-    for lo in _chunks(src.size):
-        dst[lo:lo + CHUNK] = src[lo:lo + CHUNK] * factor
+    for part in chunks(src.size):
+        dst[part] = src[part] * factor
     return out
 
 

@@ -380,7 +380,6 @@ def test_central_dp_clips_each_delta_chunk_by_chunk(tmp_path, sim_root_dir, mode
             return np.zeros(size)
 
     monkeypatch.setattr(validation, "CHUNK", 3)
-    monkeypatch.setattr(aggregator_module, "CHUNK", 3)
     monkeypatch.setattr(aggregator_module.np.random, "default_rng", lambda: ZeroNoise())
     core = _core(tmp_path, sim_root_dir,
                  central_dp=CentralDp(noise_multiplier=1.0, clip=0.1, delta=1e-5))

@@ -1,7 +1,7 @@
 """``python -m benchmarks NAME [options]``: the benchmarks, each printing a table.
 
 NAME: attestation, rounds, memory, scale, accuracy, deployment, secagg, trust, crypto, fuzz,
-codeshape, trainer, or all.
+codeshape, trainer, aggregator, or all.
 ``all`` runs the timing benchmarks; ``fuzz`` (minutes per target), ``codeshape`` (function and
 class sizes, no timing) run only when named.
 """
@@ -14,7 +14,7 @@ import sys
 
 TIMING = ("attestation", "rounds", "memory", "scale", "accuracy", "deployment", "secagg",
           "trust", "crypto")
-ON_DEMAND = ("fuzz", "codeshape", "trainer")
+ON_DEMAND = ("fuzz", "codeshape", "trainer", "aggregator")
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0
 CALL_TIMEOUT = 600.0
+MAX_HEAD = 64 << 20  # bytes of a call's head message (its pickle without the large buffers)
+
+
+class ChannelError(EnclaveInputError):
+    """The pipe's framing broke (the enclave answers once, then ends the channel)."""
 
 
 @dataclass(frozen=True)
@@ -139,30 +145,63 @@ def _serve(conn: Any) -> None:
             conn.send(("ok", getattr(core, name)(*args, **kwargs)))
         except (EOFError, OSError):
             return
+        except ChannelError as exc:
+            conn.send(("error", type(exc).__name__, str(exc)))
+            return
         except Exception as exc:  # noqa: BLE001 - every failure goes back typed as text
             conn.send(("error", type(exc).__name__, str(exc)))
 
 
 class _Duplex:
-    """A connection over the child's stdin/stdout pipes: calls go in as data-only pickles
-    (:func:`enclave_wire.dumps`, read by :meth:`recv_call`), answers come out pickled."""
+    """A connection over the child's stdin/stdout pipes. Calls go in as data-only pickles
+    (:func:`enclave_wire.dumps`, read by :meth:`recv_call`), answers come out pickled; both
+    framed as a head message and the out-of-band buffers it announces
+    (:func:`enclave_wire.frame`), each buffer written from the sender's own memory and read
+    into the object the receiver keeps."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.reader = Connection(read_fd, writable=False)
         self.writer = Connection(write_fd, readable=False)
 
+    def _send_framed(self, head: bytes, buffers: list[memoryview]) -> None:
+        self.writer.send_bytes(head)
+        for buffer in buffers:
+            self.writer.send_bytes(buffer)
+
     def send(self, obj: Any) -> None:
-        self.writer.send(obj)
+        self._send_framed(*enclave_wire.pickled(obj))
 
     def send_call(self, obj: Any) -> None:
-        self.writer.send_bytes(enclave_wire.dumps(obj))
+        self._send_framed(*enclave_wire.dumps(obj))
 
     def recv(self) -> Any:
-        return self.reader.recv()
+        """The operator side: an answer, its arrays built over buffers read in place
+        (writable, as from a plain pickle)."""
+        sizes, data = enclave_wire.unframe(self.reader.recv_bytes())
+        buffers = []
+        for size in sizes:
+            buffer = bytearray(size)
+            if self.reader.recv_bytes_into(buffer) != size:
+                raise CleanroomError("the aggregator enclave's answer is framed wrongly")
+            buffers.append(buffer)
+        return pickle.loads(data, buffers=buffers)
 
     def recv_call(self) -> Any:
-        """The enclave side: one call, data only, our types rebuilt with validation."""
-        return enclave_wire.decode(enclave_wire.loads(self.reader.recv_bytes()))
+        """The enclave side: one call, data only, our types rebuilt with validation. A head
+        that cannot be framed (a count or size beyond the limits) ends the channel
+        (:class:`ChannelError`): what follows it in the pipe could not be told apart."""
+        try:
+            sizes, data = enclave_wire.unframe(self.reader.recv_bytes(MAX_HEAD))
+        except EnclaveInputError as exc:
+            raise ChannelError(str(exc)) from None
+        buffers = []
+        for size in sizes:
+            buffer = self.reader.recv_bytes(max(size, 1))
+            if len(buffer) != size:
+                raise ChannelError(f"a call's buffer holds {len(buffer)} bytes, its head "
+                                   f"announced {size}")
+            buffers.append(buffer)
+        return enclave_wire.decode(enclave_wire.loads(data, buffers))
 
     def poll(self, timeout: float) -> bool:
         return self.reader.poll(timeout)
@@ -193,7 +232,7 @@ class AggregatorHandle:
         # The enclave process's resident memory once started and its peak (once closed).
         self.start_rss_bytes: int | None = None
         self.peak_rss_bytes: int | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _result may close while a call holds it
         self._core: AggregatorCore | None = None
         self._conn: Any = None
         self._process: Any = None
@@ -218,7 +257,12 @@ class AggregatorHandle:
             self.close()
             raise CleanroomError(f"the aggregator enclave did not answer {what} within "
                                  f"{timeout:.0f}s")
-        reply = self._conn.recv()
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            self.close()
+            raise CleanroomError(f"the aggregator enclave stopped (no answer to {what})") \
+                from None
         if reply[0] == "error":
             raise CleanroomError(f"aggregator enclave: {reply[1]}: {reply[2]}")
         return reply[1]
@@ -233,7 +277,12 @@ class AggregatorHandle:
             with self._lock:
                 if self._conn is None:
                     raise CleanroomError("the aggregator enclave is closed")
-                self._conn.send_call((name, args, kwargs))
+                try:
+                    self._conn.send_call((name, args, kwargs))
+                except OSError:  # the enclave process is gone (its pipe is closed)
+                    self.close()
+                    raise CleanroomError(f"the aggregator enclave stopped (cannot send "
+                                         f"{name})") from None
                 return self._result(CALL_TIMEOUT, name)
         return call
 

@@ -13,6 +13,14 @@ there. Anything else is refused with :class:`EnclaveInputError`.
 
 What comes back from the enclave (verdicts, evidence, aggregates) is the enclave's own output
 and is read with the standard unpickler by the operator's side.
+
+Framing (both directions): a call or an answer is one *head* message (the number of
+out-of-band buffers, their sizes, then the pickle) followed by that many buffer messages.
+Large values (a sealed update's ciphertext chunks, numpy arrays' data) cross as pickle
+protocol 5 out-of-band buffers: written from where they are and read straight into the
+objects the receiver uses, never copied into or out of a pickle (a model-sized copy fewer on
+each side, per update). :func:`frame` / :func:`unframe` are the head's codec; the pipe's I/O
+is in :mod:`.aggregator_enclave`.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import functools
 import inspect
 import io
 import pickle
+import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,10 @@ from pydantic import BaseModel
 from cleanroom.errors import CleanroomError
 
 MAX_CALL_BYTES = 2**33  # 8 GiB: larger than any model this process could hold anyway
+MAX_BUFFERS = 1 << 16  # out-of-band buffers in one call (a sealed update: one per MiB chunk)
+OOB_BYTES = 1 << 16  # bytes values at least this large cross out of band
+_COUNT = struct.Struct("<I")
+_SIZE = struct.Struct("<Q")
 
 # (module, name) the enclave's unpickler may resolve: containers and numpy arrays, nothing
 # that calls code of the sender's choosing.
@@ -61,21 +74,60 @@ class _DataOnly(pickle.Unpickler):
         raise EnclaveInputError(f"{module}.{name} may not cross into the aggregator enclave")
 
 
-def loads(data: bytes) -> Any:
-    """Unpickle data only (containers, numbers, bytes, strings, numpy arrays)."""
+def loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:
+    """Unpickle data only (containers, numbers, bytes, strings, numpy arrays); ``buffers``:
+    the call's out-of-band buffers, each referenced exactly once."""
     if len(data) > MAX_CALL_BYTES:
         raise EnclaveInputError(f"a call of {len(data)} bytes is larger than "
                                 f"{MAX_CALL_BYTES}")
+    remaining = iter(buffers)
     try:
-        return _DataOnly(io.BytesIO(data)).load()
+        obj = _DataOnly(io.BytesIO(data), buffers=remaining).load()
     except EnclaveInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is one typed refusal
         raise EnclaveInputError(f"malformed call: {type(exc).__name__}: {exc}") from None
+    if next(remaining, None) is not None:
+        raise EnclaveInputError("malformed call: it carries buffers its pickle does not use")
+    return obj
 
 
-def dumps(obj: Any) -> bytes:
-    return pickle.dumps(encode(obj), protocol=5)
+def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """A call as its head (:func:`frame`) and its out-of-band buffers (views of the caller's
+    own bytes and arrays: nothing large is copied)."""
+    return pickled(encode(obj))
+
+
+def pickled(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` (protocol 5) with its large values out of band: (head, buffers)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    return frame(data, [v.nbytes for v in views]), views
+
+
+def frame(data: bytes, sizes: list[int]) -> bytes:
+    """The head message: buffer count, each buffer's size, then the pickle."""
+    return _COUNT.pack(len(sizes)) + b"".join(_SIZE.pack(n) for n in sizes) + data
+
+
+def unframe(head: bytes) -> tuple[list[int], memoryview]:
+    """(buffer sizes, pickle) of a head message; refuses a count or a total size beyond the
+    limits before anything is allocated for the buffers."""
+    view = memoryview(head)
+    if len(view) < _COUNT.size:
+        raise EnclaveInputError("malformed call: no frame header")
+    (count,) = _COUNT.unpack_from(view)
+    if count > MAX_BUFFERS:
+        raise EnclaveInputError(f"a call with {count} buffers (at most {MAX_BUFFERS})")
+    start = _COUNT.size + count * _SIZE.size
+    if len(view) < start:
+        raise EnclaveInputError("malformed call: its frame header is cut short")
+    sizes = [_SIZE.unpack_from(view, _COUNT.size + i * _SIZE.size)[0] for i in range(count)]
+    if sum(sizes) + len(view) > MAX_CALL_BYTES:
+        raise EnclaveInputError(f"a call of {sum(sizes) + len(view)} bytes is larger than "
+                                f"{MAX_CALL_BYTES}")
+    return sizes, view[start:]
 
 
 @functools.cache
@@ -109,7 +161,10 @@ def _strategy_args(strategy: Any) -> dict[str, Any]:
 
 
 def encode(obj: Any) -> Any:
-    """``obj`` as tagged plain data (see :func:`decode`)."""
+    """``obj`` as tagged plain data (see :func:`decode`); large ``bytes`` are marked to
+    cross out of band (they arrive as ``bytes``)."""
+    if isinstance(obj, bytes):
+        return pickle.PickleBuffer(obj) if len(obj) >= OOB_BYTES else obj
     types = _types()
     if isinstance(obj, BaseModel) and type(obj).__name__ in types:
         return {"$type": type(obj).__name__, "json": obj.model_dump_json()}

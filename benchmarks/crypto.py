@@ -10,8 +10,10 @@ In one run, ``--repeats`` times, interleaved so every path sees the same machine
   code calls it today (``protocol.flower.seal_arrays`` / ``open_arrays``) and v1 at library
   level (``encode_arrays`` + ``seal``, ``open_sealed`` + ``decode_arrays``);
 * the same payload as a model (the digest is part of the work: hashed on seal, checked on
-  open), and the cost of joining v2's per-chunk parts into one ``bytes`` (not needed when
-  the parts travel as a list of bytes);
+  open), and the cost of joining v2's per-chunk parts into one ``bytes``;
+* the envelope record through Flower's protobuf encoding, as every message carries it: the
+  chunks as a list of ``bytes`` (before 2026-12-02) and joined into one ``bytes`` (now; the
+  join included);
 * one global model to ``--sites`` sites per round: v1 encodes and encrypts it per site; v2
   encodes and hashes it once, encrypts it once and wraps a 32-byte key per site.
 
@@ -99,6 +101,14 @@ def make_update(nbytes: int) -> OrderedDict[str, np.ndarray]:
 Times = dict[str, list[tuple[float, float]]]  # path -> [(wall s, CPU s)] per repeat
 
 
+def _encoded(record: object) -> bytes:
+    """A record as Flower's protobuf encodes it in a message (what the wire carries)."""
+    from flwr.app import RecordDict
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(RecordDict({"cleanroom.envelope": record})).SerializeToString()
+
+
 def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -136,7 +146,8 @@ def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
             cold = {name: pairs.pop() for name, pairs in times.items()}
             times.clear()
             times["_cold"] = [cold["v2 seal update"], cold["v2 open update"],
-                              cold["v1 flower.seal_arrays"], cold["v1 flower.open_arrays"]]
+                              cold["v1 encode_arrays + seal"],
+                              cold["v1 open_sealed + decode_arrays"]]
         cpu_rate, wall_rate = openssl_aes_gcm(False), openssl_aes_gcm(True)
         chunks_wall, chunks_cpu = aesgcm_chunks(size)
         times.setdefault("openssl aes-256-gcm", []).append(
@@ -159,6 +170,11 @@ def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
                 env.open_arrays_envelope(s.parts, s.wrapped_keys[0], coordinator, upd_ctx,
                                          expected_signer=site_key.public_key(), out=o))
         measure("v2 join parts into one bytes", lambda s=sealed: s.to_bytes())
+        # --- the envelope record through Flower's protobuf encoding (every message pays it)
+        measure("wire: record as a chunk list", lambda s=sealed: _encoded(
+            ConfigRecord({"parts": list(s.parts)})))
+        measure("wire: record as one bytes (+ join)", lambda s=sealed: _encoded(
+            ConfigRecord({"payload": b"".join(s.parts)})))
         del sealed
         # --- v2 as a model: the digest is part of the work (hashed on seal, checked on open)
         sealed = measure("v2 seal model (+ SHA-256)", lambda: env.seal_arrays_envelope(
@@ -167,14 +183,7 @@ def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
         measure("v2 open model (+ SHA-256)", lambda s=sealed: env.open_arrays_envelope(
             s.parts, s.wrapped_keys[0], site_keys[0], model_ctx))
         del sealed
-        # --- v1 today: the Flower adapter, and the library calls under it
-        content = RecordDict({"arrays": flower.numpy_to_arrays(update),
-                              "metrics": ConfigRecord({"num-examples": 1000})})
-        sealed_content, _ = measure("v1 flower.seal_arrays", lambda c=content:
-                                    flower.seal_arrays(c, coordinator.public_bytes, upd_ctx))
-        measure("v1 flower.open_arrays", lambda c=sealed_content:
-                flower.open_arrays(c, coordinator, upd_ctx))
-        del content, sealed_content
+        # --- v1: the library calls the first envelope made (its Flower adapter is gone)
         ct = measure("v1 encode_arrays + seal", lambda: env.seal(
             encode_arrays(update), coordinator.public_bytes, upd_ctx))
         measure("v1 open_sealed + decode_arrays", lambda c=ct: decode_arrays(
@@ -188,7 +197,7 @@ def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
             d = arrays_digest(model)
             for kp, c in zip(site_keys, site_ctx, strict=True):
                 ctx = env.EnvelopeContext("model", c.run_id, c.round, c.site, d)
-                flower.seal_arrays(RecordDict({"arrays": rec}), kp.public_bytes, ctx)
+                env.seal(encode_arrays(model), kp.public_bytes, ctx)  # per site, as v1 did
 
         def v2_round(rec: ArrayRecord = record_in) -> None:
             encoded = encode_arrays_view(flower.arrays_to_numpy(rec))
@@ -252,13 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios("v2 update", "v2 seal update", "v2 open update")
     ratios("v2 update, 1 thread", "v2 seal update, 1 thread", "v2 open update, 1 thread")
     ratios("v2 model (+ SHA-256)", "v2 seal model (+ SHA-256)", "v2 open model (+ SHA-256)")
-    ratios("v1 flower", "v1 flower.seal_arrays", "v1 flower.open_arrays")
     ratios("v1 library", "v1 encode_arrays + seal", "v1 open_sealed + decode_arrays")
     print("\nspeed-up of v2 (median time of v1 / v2)   CPU: seal  open     wall: seal  open")
-    for label, v1s, v1o in (("against v1 flower", "v1 flower.seal_arrays",
-                             "v1 flower.open_arrays"),
-                            ("against v1 library", "v1 encode_arrays + seal",
-                             "v1 open_sealed + decode_arrays")):
+    for label, v1s, v1o in (("against v1 library", "v1 encode_arrays + seal",
+                             "v1 open_sealed + decode_arrays"),):
         cells = [f"{med(v1s, w) / med('v2 seal update', w):6.2f} "
                  f"{med(v1o, w) / med('v2 open update', w):6.2f}" for w in (1, 0)]
         print(f"{label:42s} {cells[0]:>13s}   {cells[1]:>13s}")
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one model to {args.sites} sites: v2 takes {med(v1r, 1) / med(v2r, 1):.1f}x less "
           f"CPU and {med(v1r, 0) / med(v2r, 0):.1f}x less wall time than v1 per round")
     print(f"warm-up pass (a fresh process's first calls, not in the figures above), GB/s "
-          f"wall/CPU: v2 seal {cold[0]}, open {cold[1]}; v1 flower seal {cold[2]}, "
+          f"wall/CPU: v2 seal {cold[0]}, open {cold[1]}; v1 library seal {cold[2]}, "
           f"open {cold[3]}")
     return 0
 

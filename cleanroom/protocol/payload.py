@@ -66,6 +66,18 @@ class Sealed:
     def nbytes(self) -> int:
         return sum(len(p) for p in self.parts) + len(self.wrapped_key)
 
+    @property
+    def payload(self) -> bytes:
+        """The sealed payload as one ``bytes`` (what a message carries; the sealers below
+        join the stream's chunks once, so this is not a copy)."""
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+
+def _joined(parts: tuple[bytes, ...]) -> tuple[bytes]:
+    """The stream's header and chunks as one ``bytes``: one copy here, shared by every
+    recipient's message, instead of a slower list of chunks in each message's protobuf."""
+    return (b"".join(parts),)
+
 
 def _header(context: EnvelopeContext, sealed: SealedEnvelope) -> EnvelopeHeader:
     return EnvelopeHeader(direction=context.direction, run_id=context.run_id,
@@ -102,7 +114,8 @@ def seal_model(model: Mapping[str, np.ndarray] | EncodedArrays,
     if not recipients:
         return []
     sealed = seal_arrays_envelope(model, [Recipient(key, ctx) for key, ctx in recipients])
-    return [Sealed(_header(ctx, sealed), sealed.parts, wrapped)
+    payload = _joined(sealed.parts)
+    return [Sealed(_header(ctx, sealed), payload, wrapped)
             for (_, ctx), wrapped in zip(recipients, sealed.wrapped_keys, strict=True)]
 
 
@@ -110,7 +123,7 @@ def open_model(sealed: Sealed, recipient: KeyPair,
                context: EnvelopeContext) -> OrderedDict[str, np.ndarray]:
     """The model, checked to hash to ``context.model_digest``."""
     _check_header(sealed, context)
-    return open_arrays_envelope(sealed.parts, sealed.wrapped_key, recipient, context).arrays
+    return open_arrays_envelope(sealed.payload, sealed.wrapped_key, recipient, context).arrays
 
 
 # ----------------------------------------------------------------------------- update
@@ -120,7 +133,7 @@ def seal_update(arrays: Mapping[str, np.ndarray], report: TrainReport, recipient
                 context: EnvelopeContext, signer: ed25519.Ed25519PrivateKey) -> Sealed:
     sealed = seal_arrays_envelope(arrays, [Recipient(recipient, context)],
                                   metadata=report.model_dump(mode="json"), signer=signer)
-    return Sealed(_header(context, sealed), sealed.parts, sealed.wrapped_keys[0])
+    return Sealed(_header(context, sealed), _joined(sealed.parts), sealed.wrapped_keys[0])
 
 
 def open_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
@@ -128,7 +141,7 @@ def open_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
     """The update (arrays viewing one buffer) and the report from inside the envelope;
     ``signer``: the site's attested update-signing key (required when given)."""
     _check_header(sealed, context)
-    opened = open_arrays_envelope(sealed.parts, sealed.wrapped_key, recipient, context,
+    opened = open_arrays_envelope(sealed.payload, sealed.wrapped_key, recipient, context,
                                   expected_signer=_signer(signer))
     report = _report(TrainReport, opened.metadata, "train report")
     return opened.arrays, report  # type: ignore[return-value]
@@ -148,7 +161,7 @@ def seal_masked_update(masked: Any, report: TrainReport, recipient: bytes,
     sealed = seal_envelope(vector, [Recipient(recipient, context)],
                            metadata={"report": report.model_dump(mode="json"),
                                      "masked": header.decode()}, signer=signer)
-    return Sealed(_header(context, sealed), sealed.parts, sealed.wrapped_keys[0])
+    return Sealed(_header(context, sealed), _joined(sealed.parts), sealed.wrapped_keys[0])
 
 
 def open_masked_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
@@ -157,7 +170,7 @@ def open_masked_update(sealed: Sealed, recipient: KeyPair, context: EnvelopeCont
     from cleanroom.protocol.secagg_wire import masked_input_from_parts
 
     _check_header(sealed, context)
-    opened = open_envelope(sealed.parts, sealed.wrapped_key, recipient, context,
+    opened = open_envelope(sealed.payload, sealed.wrapped_key, recipient, context,
                            expected_signer=_signer(signer))
     meta = opened.metadata
     if not isinstance(meta, dict) or not isinstance(meta.get("masked"), str):
@@ -174,13 +187,13 @@ def seal_metrics(report: EvaluateReport, recipient: bytes, context: EnvelopeCont
                  signer: ed25519.Ed25519PrivateKey) -> Sealed:
     sealed = seal_envelope(b"", [Recipient(recipient, context)],
                            metadata=report.model_dump(mode="json"), signer=signer)
-    return Sealed(_header(context, sealed), sealed.parts, sealed.wrapped_keys[0])
+    return Sealed(_header(context, sealed), _joined(sealed.parts), sealed.wrapped_keys[0])
 
 
 def open_metrics(sealed: Sealed, recipient: KeyPair, context: EnvelopeContext,
                  signer: bytes | None) -> EvaluateReport:
     _check_header(sealed, context)
-    opened = open_envelope(sealed.parts, sealed.wrapped_key, recipient, context,
+    opened = open_envelope(sealed.payload, sealed.wrapped_key, recipient, context,
                            expected_signer=_signer(signer), max_payload=0)
     return _report(EvaluateReport, opened.metadata, "evaluation report")  # type: ignore[return-value]
 

@@ -29,15 +29,15 @@ def hostile(kind: str):
             reply.content["metrics"] = MetricRecord({"num-examples": 10**9})
         elif kind == "garbled":
             record = reply.content.config_records[ENVELOPE_RECORD]
-            parts = list(record["parts"])
-            parts[-1] = bytes(len(parts[-1]))  # the last chunk zeroed
+            payload = record["payload"]
+            payload = payload[:-64] + bytes(64)  # the last chunk's end and its tag zeroed
             reply.content[ENVELOPE_RECORD] = ConfigRecord(
-                {"header": record["header"], "parts": parts,
+                {"header": record["header"], "payload": payload,
                  "wrapped_key": record["wrapped_key"]})
         elif kind == "overflow":  # a forged header whose array shape overflows
             record = reply.content.config_records[ENVELOPE_RECORD]
             reply.content[ENVELOPE_RECORD] = ConfigRecord(
-                {"header": record["header"], "parts": [b"\xff" * 88],
+                {"header": record["header"], "payload": b"\xff" * 88,
                  "wrapped_key": record["wrapped_key"]})
         elif kind == "no-envelope":
             del reply.content[ENVELOPE_RECORD]
@@ -174,7 +174,7 @@ def test_train_replies_reach_the_round_one_at_a_time(tmp_path, sim_root, monkeyp
 
         for node_id in (1, 2, 3):
             pulled.append(node_id)
-            content = RecordDict({"cleanroom.envelope": ConfigRecord({"parts": [b"x" * 64]})})
+            content = RecordDict({"cleanroom.envelope": ConfigRecord({"payload": b"x" * 64})})
             sent.append(content)
             yield SimpleNamespace(metadata=SimpleNamespace(src_node_id=node_id),
                                   content=content, has_content=lambda: True)

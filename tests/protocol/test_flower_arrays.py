@@ -150,3 +150,68 @@ def test_records_a_strategy_returned_are_kept():
     reply = synthetic_reply(RecordDict({"arrays": arrays, "metrics": metrics}), "train")
     drop_content(reply, keep=(None, metrics))
     assert not reply.content.keys() and not arrays.keys() and metrics["loss"] == 0.5
+
+
+# ------------------------------------------------------------- the envelope on the wire
+def _sealed_for(n: int):
+    from collections import OrderedDict
+
+    from cleanroom.protocol.arrays import arrays_digest
+    from cleanroom.protocol.envelope import EnvelopeContext, KeyPair
+    from cleanroom.protocol.payload import seal_model
+
+    model = OrderedDict(w=np.linspace(-1, 1, 600_000, dtype=np.float32))  # 3 chunks
+    keys = [KeyPair.generate() for _ in range(n)]
+    contexts = [EnvelopeContext("model", "run-1", 1, f"site-{i}", arrays_digest(model))
+                for i in range(n)]
+    return model, keys, contexts, seal_model(model, [(k.public_bytes, c)
+                                                      for k, c in zip(keys, contexts, strict=True)])
+
+
+def test_a_model_sealed_for_many_sites_is_one_shared_bytes_that_crosses_flower_and_opens():
+    from flwr.app import Message, RecordDict
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from cleanroom.protocol.flower import ENVELOPE_RECORD, envelope_record, read_envelope
+    from cleanroom.protocol.payload import open_model
+
+    model, keys, contexts, sealed = _sealed_for(3)
+    records = [envelope_record(s) for s in sealed]
+    assert all(type(r["payload"]) is bytes for r in records)
+    assert records[0]["payload"] is records[1]["payload"] is records[2]["payload"]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    data = message_to_proto(Message(RecordDict({ENVELOPE_RECORD: records[2]}), 5, "train",
+                                    group_id="1")).SerializeToString()
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    received = read_envelope(message_from_proto(proto).content)
+    opened = open_model(received, keys[2], contexts[2])
+    np.testing.assert_array_equal(opened["w"], model["w"])
+
+
+@pytest.mark.parametrize("payload", [[b"x" * 100], b"", "text", None])
+def test_an_envelope_payload_that_is_not_one_bytes_value_is_refused(payload):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from cleanroom.protocol.flower import ENVELOPE_RECORD, envelope_record, read_envelope
+
+    record = envelope_record(_sealed_for(1)[3][0])
+    values = {"header": record["header"], "wrapped_key": record["wrapped_key"]}
+    if payload is not None:
+        values["payload"] = payload
+    with pytest.raises(ProtocolError, match="envelope payload must be"):
+        read_envelope(RecordDict({ENVELOPE_RECORD: ConfigRecord(values)}))
+
+
+def test_an_envelope_payload_over_the_limit_is_refused_before_it_is_parsed(monkeypatch):
+    from flwr.app import RecordDict
+
+    from cleanroom.protocol import flower
+    from cleanroom.protocol.flower import ENVELOPE_RECORD, envelope_record, read_envelope
+
+    record = envelope_record(_sealed_for(1)[3][0])
+    monkeypatch.setattr(flower, "MAX_ENVELOPE_BYTES", len(record["payload"]) - 1)
+    with pytest.raises(ProtocolError, match="envelope payload must be"):
+        read_envelope(RecordDict({ENVELOPE_RECORD: record}))

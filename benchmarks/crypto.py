@@ -13,7 +13,8 @@ In one run, ``--repeats`` times, interleaved so every path sees the same machine
   open), and the cost of joining v2's per-chunk parts into one ``bytes``;
 * the envelope record through Flower's protobuf encoding, as every message carries it: the
   chunks as a list of ``bytes`` (before 2026-12-02) and joined into one ``bytes`` (now; the
-  join included);
+  join included), and for reference the plaintext update as the ``ArrayRecord`` plain Flower
+  sends;
 * one global model to ``--sites`` sites per round: v1 encodes and encrypts it per site; v2
   encodes and hashes it once, encrypts it once and wraps a 32-byte key per site.
 
@@ -111,7 +112,7 @@ def _encoded(record: object) -> bytes:
 
 def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord
 
     from cleanroom.protocol import envelope as env
     from cleanroom.protocol import flower
@@ -175,6 +176,9 @@ def run(mb: int, sites: int, repeats: int) -> tuple[int, Times]:
             ConfigRecord({"parts": list(s.parts)})))
         measure("wire: record as one bytes (+ join)", lambda s=sealed: _encoded(
             ConfigRecord({"payload": b"".join(s.parts)})))
+        plain_record = flower.numpy_to_arrays(update)
+        measure("wire: plain ArrayRecord (reference)", lambda r=plain_record: _encoded(r))
+        del plain_record
         del sealed
         # --- v2 as a model: the digest is part of the work (hashed on seal, checked on open)
         sealed = measure("v2 seal model (+ SHA-256)", lambda: env.seal_arrays_envelope(

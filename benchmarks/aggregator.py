@@ -16,11 +16,12 @@ Run: ``python -m benchmarks aggregator [--params 1000000,10000000] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import OrderedDict
 
 import numpy as np
+
+from benchmarks import spread
 
 STEPS = (1 << 18, 1 << 15, 1 << 14, 1 << 13, 1 << 12)  # 1 << 18: the step before 2026-12-02
 
@@ -69,11 +70,6 @@ def measure(params: int, repeats: int, updates: int = 4) -> dict[int, list[float
     return out
 
 
-def _spread(values: list[float]) -> str:
-    return " / ".join(f"{v:.2f}" for v in (min(values), statistics.median(values),
-                                            max(values)))
-
-
 def main(argv: list[str] | None = None) -> int:
     from cleanroom.coordinator import validation
     from cleanroom.malloc import release_large_buffers
@@ -99,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 if current in times else []
             mark = " (current)" if step == current else ""
             print(f"| {params:,} | {step}{mark} | {step * 8 // 1024} KiB | "
-                  f"{_spread(times[step])} | {_spread(ratios) if ratios else '-'} |")
+                  f"{spread(times[step], '{:.2f}')} | "
+                  f"{spread(ratios, '{:.2f}') if ratios else '-'} |")
     return 0
 
 

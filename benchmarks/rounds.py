@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import spread
+
 
 @dataclass(frozen=True)
 class Case:
@@ -117,11 +119,6 @@ def run_plain(case: Case, rounds: int, threads: int | None, out: Path) -> list[f
     return clock.rounds()
 
 
-def _spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values),
-                                              max(values)))
-
-
 def measure(case: Case, rounds: int, repeats: int, workers: int, threads: int | None,
             tmp: Path) -> dict[str, list[float]]:
     """Per repeat: median plain round, median confidential round, their ratio."""
@@ -171,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         r = measure(case, args.rounds, args.repeats, args.workers, args.threads, tmp)
         goal = GOALS.get(case.name)
-        print(f"| {case.name} ({case.task}) | {_spread(r['plain'])} | "
-              f"{_spread(r['confidential'])} | {_spread(r['ratio'], '{:.2f}')} | "
+        print(f"| {case.name} ({case.task}) | {spread(r['plain'])} | "
+              f"{spread(r['confidential'])} | {spread(r['ratio'], '{:.2f}')} | "
               f"{f'<= {goal}' if goal else '-'} |", flush=True)
     return 0
 

@@ -14,10 +14,11 @@ Run: ``python -m benchmarks trainer [--task synthetic-1m] [--sites 20] [--sample
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from functools import partial
 from typing import Any
+
+from benchmarks import spread
 
 
 def _timed(fn: Any) -> tuple[float, float]:
@@ -86,10 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         out["guarded"].append(tot["guarded"][0] / args.sites)
         out["wall"].append(tot["guarded"][0] / tot["plain"][0])
         out["cpu"].append(tot["guarded"][1] / tot["plain"][1])
-
-    def spread(values: list[float], fmt: str) -> str:
-        return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values),
-                                                  max(values)))
 
     print(f"{args.task}, {args.sites} sites, sampling {args.sample_rate}, {args.local_steps} "
           f"local step(s), {args.repeats} repeats; min / median / max over repeats")

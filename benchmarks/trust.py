@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import spread
+
 PROTOCOLS = ("base", "mutual", "secagg", "central")
 LABELS = {"base": "(a) before issue 13", "mutual": "(b) + mutual attestation",
           "secagg": "(c) + secure aggregation", "central": "(d) + central DP"}
@@ -72,10 +74,6 @@ def run_once(protocol: str, sites: int, rounds: int, seed: int, central_epsilon:
             "aggregated": statistics.mean(len(e["aggregated"]) for e in entries)}
 
 
-def _mmm(values: list[float]) -> str:
-    return f"{min(values):.3g} / {statistics.median(values):.3g} / {max(values):.3g}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks trust",
                                      description=__doc__.split("\n\n")[0])
@@ -113,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             wire = statistics.median(r["bytes"] for r in rows)
             metric = [r["metric"] for r in rows]
             central = statistics.median(r["central_epsilon"] for r in rows)
-            print(f"{n:>5} {LABELS[protocol]:<26} {_mmm(secs):>24} "
+            print(f"{n:>5} {LABELS[protocol]:<26} {spread(secs, '{:.3g}'):>24} "
                   f"{statistics.median(secs) / base_s:>6.2f} {wire / 1e3:>10.1f}kB "
-                  f"{wire / base_b:>6.2f} {_mmm(metric):>18} "
+                  f"{wire / base_b:>6.2f} {spread(metric, '{:.3g}'):>18} "
                   f"{statistics.median(metric) - base_m:>+7.3f} "
                   f"{'-' if central != central else f'{central:.2f}':>11}")
     print(f"metric = final client-average of the task's first metric; site DP epsilon 1.0 "

@@ -64,11 +64,11 @@ def flower_step(task: str, rounds: int, strategy: str | None) -> dict[str, Any]:
     strategy and keeps of it, with records built as the coordinator builds them (one copy)
     and nothing else of the coordinator in the loop."""
     import numpy as np
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from cleanroom.coordinator.strategies import build_strategy
-    from cleanroom.protocol.flower import array_view, synthetic_reply, to_array
+    from cleanroom.protocol.flower import array_view, numpy_to_arrays, synthetic_reply
     from cleanroom.simulations.engine import load_simulation_task
     from cleanroom.task import build_task_model
 
@@ -92,20 +92,20 @@ def flower_step(task: str, rounds: int, strategy: str | None) -> dict[str, Any]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # a run context
     inner = build_strategy(name, min_nodes=1)
     baseline = _rss()
-    arrays = ArrayRecord({f"p{i}": to_array(np.zeros(shape, np.float32))
-                          for i, shape in enumerate(shapes)})
+    arrays = numpy_to_arrays((f"p{i}", np.zeros(shape, np.float32))
+                             for i, shape in enumerate(shapes))
     for server_round in range(1, rounds + 1):
         list(inner.configure_train(server_round, arrays, ConfigRecord(), OneNode()))
-        mean = ArrayRecord({k: to_array(array_view(v) + np.float32(0.01))
-                            for k, v in arrays.items()})
+        mean = numpy_to_arrays((k, array_view(v) + np.float32(0.01))
+                               for k, v in arrays.items())
         reply = synthetic_reply(RecordDict({"arrays": mean, "metrics": MetricRecord(
             {"num-examples": 100})}), "train")
         del mean
         new, _ = inner.aggregate_train(server_round, [reply])
         del reply
         if new is not None:  # back to the model's float32, as the coordinator does
-            arrays = ArrayRecord({k: to_array(array_view(v).astype(np.float32))
-                                  for k, v in new.items()})
+            arrays = numpy_to_arrays((k, array_view(v).astype(np.float32))
+                                     for k, v in new.items())
             del new
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"strategy": name, "grown": peak - baseline}

@@ -75,7 +75,6 @@ from cleanroom.protocol.flower import (
     read_reply,
     send_challenges,
     synthetic_reply,
-    to_array,
 )
 from cleanroom.protocol.payload import encode_model
 from cleanroom.protocol.reports import EvaluateReport, TrainReport
@@ -350,9 +349,8 @@ class ConfidentialStrategy(Strategy):
             raise ProtocolError("the inner strategy changed the model's parameter names")
         if all(value.dtype == self._global[name].dtype for name, value in aggregated.items()):
             return aggregated, arrays
-        record = ArrayRecord(OrderedDict(  # one parameter cast at a time
-            (name, to_array(value.astype(self._global[name].dtype)))
-            for name, value in aggregated.items()))
+        record = numpy_to_arrays(  # one parameter cast at a time
+            (name, value.astype(self._global[name].dtype)) for name, value in aggregated.items())
         return arrays_view(record), record
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

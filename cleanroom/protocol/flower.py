@@ -171,8 +171,12 @@ def to_array(value: np.ndarray) -> Array:
                  data=data)
 
 
-def numpy_to_arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, to_array(v)) for k, v in arrays.items()))
+def numpy_to_arrays(arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                    ) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``arrays`` (:func:`to_array` each); given (name, array) pairs,
+    each array is made and turned into bytes one at a time (e.g. a cast per parameter)."""
+    pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
+    return ArrayRecord(OrderedDict((k, to_array(v)) for k, v in pairs))
 
 
 def single_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
